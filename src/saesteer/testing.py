@@ -34,7 +34,7 @@ def tiny_tokenizer(vocab_size: int = 384) -> Any:
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=vocab_size, special_tokens=specials, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tk.train_from_iterator(_CORPUS * 4, trainer=trainer)
     tok = PreTrainedTokenizerFast(

@@ -9,7 +9,7 @@ from ..utils import SaesteerError
 from ._app import app, eval_app  # noqa: F401
 
 # One module per pipeline stage adds its commands; a stage not installed yet is skipped.
-_STAGES = ("foundation", "sae", "steer", "evals", "policy", "serve")
+_STAGES = ("foundation", "sae", "steer", "features", "evals", "sweep", "policy", "serve", "demo")
 for _stage in _STAGES:
     try:
         importlib.import_module(f"{__name__}.{_stage}")
