@@ -1,0 +1,208 @@
+"""Capability evals: log-likelihood math against a brute-force forward, harness prompt formats, extraction, runner."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from saesteer.evals import capability as cap
+from saesteer.utils import SaesteerError
+
+
+def brute_ll(model, tok, context, cont):
+    """Sum log p(cont | context) from ONE unbatched full forward (the reference)."""
+    ctx, c = cap.encode_pair(tok, context, cont)
+    ids = torch.tensor([ctx + c])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0].float(), -1)
+    return sum(float(logp[len(ctx) - 1 + k, t]) for k, t in enumerate(c))
+
+
+def test_encode_pair_moves_trailing_space_into_continuation(tiny):
+    _, tok = tiny
+    ctx, cont = cap.encode_pair(tok, "the quick brown ", "fox")
+    assert tok.decode(ctx) == "the quick brown"
+    assert tok.decode(cont) == " fox"
+    whole = tok.encode("the quick brown fox", add_special_tokens=False)
+    assert ctx + cont == whole
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_loglikelihoods_equal_brute_force(tiny, batch_size):
+    model, tok = tiny
+    reqs = [
+        ("the quick brown fox jumps over", [" the", " a", " is", " here"]),  # single-token choices → one shared forward
+        ("what is the capital of france?", [" paris", " the capital is paris.", " i'm sorry"]),  # multi-token
+        ("how do i make a cake?", [" here is a simple recipe"]),
+        ("hi", [" the"]),
+    ]
+    got = cap.loglikelihoods(model, tok, reqs, batch_size=batch_size)
+    for (context, conts), res in zip(reqs, got):
+        assert len(res) == len(conts)
+        for c, (ll, greedy) in zip(conts, res):
+            assert ll == pytest.approx(brute_ll(model, tok, context, c), abs=1e-4)
+            assert ll < 0 and isinstance(greedy, bool)
+    # a single-token request shares one sequence; multi-token ones cost one sequence per choice
+    assert cap.count_sequences(tok, reqs) == 1 + 3 + 1 + 1
+
+
+def test_is_greedy_true_for_the_argmax_token(tiny):
+    model, tok = tiny
+    ctx = "the quick brown fox"
+    ids = tok.encode(ctx, add_special_tokens=False)
+    with torch.no_grad():
+        top = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+    word = tok.decode([top])
+    ctx_ids, cont_ids = cap.encode_pair(tok, ctx, word)
+    if cont_ids != [top]:
+        pytest.skip("argmax token does not round-trip through the tokenizer")
+    (res,) = cap.loglikelihoods(model, tok, [(ctx, [word])])
+    assert res[0][1] is True
+
+
+def test_mmlu_prompt_is_the_harness_format():
+    row = {"subject": "high_school_physics", "question": " What moves? ", "choices": ["a", "b", "c", "d"], "answer": 2}
+    shot = {"subject": "high_school_physics", "question": "Q1", "choices": ["w", "x", "y", "z"], "answer": 1}
+    assert cap.mmlu_prompt(row, [shot]) == (
+        "The following are multiple choice questions (with answers) about high school physics.\n\n"
+        "Q1\nA. w\nB. x\nC. y\nD. z\nAnswer: B\n\n"
+        "What moves?\nA. a\nB. b\nC. c\nD. d\nAnswer:"
+    )
+
+
+def test_stratified_sample_balanced_and_seeded():
+    rows = [{"s": s, "i": i} for s in "abcd" for i in range(10 if s != "d" else 2)]
+    a = cap.stratified_sample(rows, "s", 12, seed=1)
+    assert a == cap.stratified_sample(rows, "s", 12, seed=1)
+    assert a != cap.stratified_sample(rows, "s", 12, seed=2)
+    counts = {s: sum(r["s"] == s for r in a) for s in "abcd"}
+    assert counts["d"] == 2 and sorted(counts[s] for s in "abc") == [3, 3, 4]  # d has only 2 rows
+    eight = cap.stratified_sample(rows, "s", 8, seed=3)
+    assert {s: sum(r["s"] == s for r in eight) for s in "abcd"} == {"a": 2, "b": 2, "c": 2, "d": 2}
+    b = cap.stratified_sample(rows, "s", 30, seed=0)  # d runs out after 2: the others fill up
+    assert len(b) == 30 and sum(r["s"] == "d" for r in b) == 2 and len({id(r) for r in b}) == 30
+    assert cap.stratified_sample(rows, "s", None, 0) == rows
+
+
+@pytest.mark.parametrize(
+    "answer,target,expect",
+    [
+        ("She pays 3*4=12.\n#### 12", "blah\n#### 12", (True, True)),
+        ("The total is $1,200.", "x #### 1200", (False, True)),
+        ("#### 5\nso maybe 7", "#### 5", (True, False)),
+        ("no number here", "#### 3", (False, False)),
+        ("It is 3.", "#### 3", (False, True)),
+        ("-4 degrees", "#### -4", (False, True)),
+    ],
+)
+def test_gsm8k_extraction(answer, target, expect):
+    assert cap.gsm8k_correct(answer, target) == expect
+
+
+def test_mean_summary_interval():
+    s = cap.mean_summary([0.2, 0.4, 0.6])
+    assert s["rate"] == pytest.approx(0.4) and s["n"] == 3 and s["k"] is None
+    half = 1.959964 * 0.2 / math.sqrt(3)
+    assert s["ci_low"] == pytest.approx(0.4 - half) and s["ci_high"] == pytest.approx(0.4 + half)
+
+
+def write_jsonl(path: Path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture()
+def small_data(tmp_path):
+    subj = ["anatomy", "virology"]
+    test = [{"id": f"{s}-{i}", "subject": s, "question": f"the quick brown fox number {i}?",
+             "choices": ["the", "a lazy dog", "paris", "cake"], "answer": i % 4} for s in subj for i in range(6)]
+    dev = [{"id": f"{s}-dev-{i}", "subject": s, "question": "what is the capital of france?",
+            "choices": ["paris", "the", "dog", "fox"], "answer": 0} for s in subj for i in range(5)]
+    write_jsonl(tmp_path / "mmlu/mmlu_test.jsonl", test)
+    write_jsonl(tmp_path / "mmlu/mmlu_dev.jsonl", dev)
+    tqa = [{"id": i, "question": f"what is the capital of france {i}?",
+            "mc1_targets": {"choices": ["paris", "the dog", "a cake"], "labels": [1, 0, 0]},
+            "mc2_targets": {"choices": ["paris", "the capital is paris", "a cake"], "labels": [1, 1, 0]}} for i in range(4)]
+    write_jsonl(tmp_path / "truthfulqa/truthfulqa_mc.jsonl", tqa)
+    return tmp_path
+
+
+def test_run_capability_matches_brute_force_and_harness_formulas(tiny, small_data):
+    model, tok = tiny
+    cfg = cap.CapabilityConfig(tasks=("mmlu", "truthfulqa_mc1", "truthfulqa_mc2"), limit=8, mmlu_shots=2,
+                               batch_size=4, data_root=str(small_data), progress=False)
+    summ, items = cap.run_capability(model, tok, cfg)
+    mm = [i for i in items if i["task"] == "mmlu"]
+    assert len(mm) == 8 and {i["subject"] for i in mm} == {"anatomy", "virology"}
+    qs = {q["id"]: q for q in cap.load_mmlu(8, 2, 0, str(small_data))}
+    for it in mm:
+        ref = [brute_ll(model, tok, qs[it["id"]]["context"], f" {L}") for L in "ABCD"]
+        assert it["loglik"] == pytest.approx(ref, abs=1e-4)
+        assert it["pred"] == max(range(4), key=lambda j: ref[j])
+    assert summ["mmlu"]["n"] == 8 and summ["mmlu"]["k"] == sum(i["correct"] for i in mm)
+    assert summ["mmlu/anatomy"]["n"] + summ["mmlu/virology"]["n"] == 8
+    tq = [i for i in items if i["task"] == "truthfulqa"]
+    assert len(tq) == 4 and summ["truthfulqa_mc1"]["n"] == 4
+    q0 = cap.load_truthfulqa(4, 0, str(small_data))[0]
+    p = [math.exp(brute_ll(model, tok, q0["context"], c)) for c in q0["mc2"]]
+    it0 = next(i for i in tq if i["id"] == q0["id"])
+    assert it0["mc2"] == pytest.approx((p[0] + p[1]) / sum(p), rel=1e-3)
+    assert summ["truthfulqa_mc2"]["rate"] == pytest.approx(sum(i["mc2"] for i in tq) / 4)
+
+
+def test_steering_context_is_active_during_scoring(tiny, small_data):
+    model, tok = tiny
+    cfg = cap.CapabilityConfig(tasks=("mmlu",), limit=4, data_root=str(small_data), progress=False)
+    calls = []
+
+    @contextlib.contextmanager
+    def push():
+        def hook(_m, _i, out):
+            calls.append(1)
+            return out + 5.0 * torch.ones_like(out)
+
+        h = model.model.layers[0].register_forward_hook(hook)
+        try:
+            yield
+        finally:
+            h.remove()
+
+    _, plain = cap.run_capability(model, tok, cfg)
+    _, steered = cap.run_capability(model, tok, cfg, steering=push)
+    assert calls, "steering hook never ran"
+    assert [i["loglik"] for i in plain] != [i["loglik"] for i in steered]
+    _, again = cap.run_capability(model, tok, cfg)  # hook removed afterwards
+    assert [i["loglik"] for i in again] == [i["loglik"] for i in plain]
+
+
+def test_write_capability(tmp_path):
+    cfg = cap.CapabilityConfig(tasks=("mmlu",))
+    cap.write_capability(tmp_path / "o", cfg, {"mmlu": {"rate": 0.5}}, [{"a": 1}, {"a": 2}])
+    assert json.loads((tmp_path / "o/summary.json").read_text())["metrics"]["mmlu"]["rate"] == 0.5
+    assert len((tmp_path / "o/items.jsonl").read_text().splitlines()) == 2
+
+
+def test_errors(tiny, tmp_path, small_data):
+    model, tok = tiny
+    with pytest.raises(SaesteerError, match="unknown capability task"):
+        cap.run_capability(model, tok, cap.CapabilityConfig(tasks=("hellaswag",), data_root=str(small_data)))
+    with pytest.raises(SaesteerError, match="not found"):
+        cap.load_mmlu(3, 0, 0, str(tmp_path / "nowhere"))
+    bad = tmp_path / "bad/mmlu/mmlu_test.jsonl"
+    bad.parent.mkdir(parents=True)
+    bad.write_text('{"subject": "a", "question": "q", "choices": ["1","2","3","4"], "answer": 0}\n{oops\n')
+    with pytest.raises(SaesteerError, match="line 2 is not valid JSON"):
+        cap.load_mmlu(3, 0, 0, str(tmp_path / "bad"))
+    bad.write_text('{"subject": "a", "question": "q"}\n')
+    with pytest.raises(SaesteerError, match="lacks field"):
+        cap.load_mmlu(3, 0, 0, str(tmp_path / "bad"))
+    bad.write_text("\n")
+    with pytest.raises(SaesteerError, match="no rows"):
+        cap.load_mmlu(3, 0, 0, str(tmp_path / "bad"))
+    with pytest.raises(SaesteerError, match="no continuations"):
+        cap.loglikelihoods(model, tok, [("ctx", [])])
