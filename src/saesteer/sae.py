@@ -1,0 +1,293 @@
+"""Top-k sparse autoencoder (Gao et al. 2024, "Scaling and evaluating sparse autoencoders").
+
+Architecture: ``z = TopK(ReLU(W_enc (x̃ - b_dec) + b_enc))``, ``x̂̃ = Σ_i z_i W_dec[i] + b_dec`` with unit-norm decoder
+rows, where ``x̃ = input_scale · x`` is the input rescaled so that E‖x̃‖² = d_in (the scale is measured once on a
+sample and stored in the config).
+
+**Unit convention (the one used everywhere, including for clamping).** Parameters live in the *scaled* space, but
+every public method works in the model's *raw* residual units: ``encode`` returns latent values divided by
+``input_scale``, so a latent with value ``a`` contributes exactly ``a * W_dec[f]`` (a unit-norm row, see
+:meth:`TopKSAE.decoder_direction`) to the raw-unit reconstruction, and ``decode`` / ``forward`` return raw units.
+Hence ``latent_scale == 1.0`` always: a clamp ``x + (value - a_f(x)) * W_dec[f]`` is correct in raw units with the
+values :meth:`encode` reports. Exports to SAELens / sparsify fold the scale into the biases (``b_enc / s``,
+``b_dec / s``), which gives the very same raw-unit latents.
+
+The training path (:meth:`TopKSAE.train_forward`) works in scaled units; its encoder is a custom autograd function
+whose backward only touches the k (+ k_aux) selected latents per row (a sparse CSR product instead of a dense
+matmul), and the decoder is an ``embedding_bag`` over the selected rows.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .utils import SaesteerError, ensure
+
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class SAEConfig:
+    """Shape and provenance of a Top-k SAE (saved as JSON next to the weights)."""
+
+    d_in: int
+    """Width of the residual stream the SAE reads (the model's d_model)."""
+    num_latents: int
+    """Number of latents (dictionary size), e.g. 8 × d_in."""
+    k: int = 32
+    """Number of active latents per token."""
+    model: str = ""
+    """Name of the model whose activations the SAE was trained on (empty: unknown)."""
+    layer: int = -1
+    """Decoder layer whose output (residual stream after that layer) the SAE reads; -1: unknown."""
+    hook_name: str = ""
+    """Hook name of that layer (``model.layers.L``)."""
+    input_scale: float = 1.0
+    """Raw inputs are multiplied by this before encoding so that E‖x‖² = d_in; folded back by the public API."""
+    dtype: str = "float32"
+    """Parameter dtype: float32, float16 or bfloat16."""
+
+    def __post_init__(self) -> None:
+        ensure(int(self.d_in) > 0, f"d_in must be positive, got {self.d_in}")
+        ensure(int(self.num_latents) > 0, f"num_latents must be positive, got {self.num_latents}")
+        ensure(0 < int(self.k) < int(self.num_latents), f"k must be in 1..num_latents-1, got k={self.k} "
+               f"with {self.num_latents} latents")
+        ensure(math.isfinite(float(self.input_scale)) and float(self.input_scale) > 0,
+               f"input_scale must be a positive finite number, got {self.input_scale}")
+        ensure(self.dtype in _DTYPES, f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SAEConfig:
+        names = {f.name for f in fields(cls)}
+        missing = [n for n in ("d_in", "num_latents") if n not in d]
+        ensure(not missing, f"SAE config lacks {', '.join(missing)}")
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def _csr_rows(idx: torch.Tensor, val: torch.Tensor, n_latents: int) -> torch.Tensor:
+    """Sparse [n_latents, N] CSR matrix with val[n, j] at (idx[n, j], n)."""
+    n, kk = idx.shape
+    rows = torch.arange(n, device=idx.device).repeat_interleave(kk)
+    flat = idx.reshape(-1)
+    order = torch.argsort(flat * n + rows)
+    counts = torch.bincount(flat, minlength=n_latents)
+    crow = torch.zeros(n_latents + 1, dtype=torch.int64, device=idx.device)
+    crow[1:] = torch.cumsum(counts, 0)
+    return torch.sparse_csr_tensor(crow, rows[order], val.reshape(-1)[order], (n_latents, n), check_invariants=False)
+
+
+class _SparseTopKEncode(torch.autograd.Function):
+    """ReLU → top-k (and top-k_aux among dead latents) with a backward over the selected entries only."""
+
+    @staticmethod
+    def forward(ctx, xc, W, b, k, k_aux, dead, mm_dtype):  # type: ignore[override]
+        if mm_dtype == W.dtype:
+            pre = torch.addmm(b, xc, W.t())
+        else:  # low-precision selection; the selected values are recomputed exactly below
+            pre = (xc.to(mm_dtype) @ W.to(mm_dtype).t()).to(W.dtype).add_(b)
+        pre.relu_()
+        vals, idx = pre.topk(k, dim=-1, sorted=False)
+        if mm_dtype != W.dtype:
+            vals = torch.cat([torch.bmm(W[i], c.unsqueeze(-1)).squeeze(-1)
+                              for i, c in zip(idx.split(1024), xc.split(1024))]).add_(b[idx]).relu_()
+        if k_aux > 0 and dead is not None:
+            aux_vals, aux_idx = pre.masked_fill_(~dead, float("-inf")).topk(k_aux, dim=-1, sorted=False)
+            aux_vals = aux_vals.clamp_min(0)
+        else:
+            aux_vals = xc.new_zeros(xc.shape[0], 0)
+            aux_idx = idx.new_zeros(xc.shape[0], 0)
+        del pre
+        ctx.save_for_backward(xc, W, torch.cat([idx, aux_idx], 1), torch.cat([vals, aux_vals], 1) > 0)
+        ctx.mark_non_differentiable(idx, aux_idx)
+        return vals, idx, aux_vals, aux_idx
+
+    @staticmethod
+    def backward(ctx, g_vals, _g_idx, g_aux, _g_aux_idx):  # type: ignore[override]
+        xc, W, idx_all, active = ctx.saved_tensors
+        g = torch.cat([g_vals, g_aux], 1) * active  # ReLU gate
+        grad_x = grad_W = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.embedding_bag(idx_all, W, per_sample_weights=g.to(W.dtype), mode="sum")
+        if ctx.needs_input_grad[1]:
+            grad_W = _csr_rows(idx_all, g.to(W.dtype), W.shape[0]) @ xc
+        if ctx.needs_input_grad[2]:
+            grad_b = torch.zeros(W.shape[0], dtype=W.dtype, device=W.device).index_add_(
+                0, idx_all.reshape(-1), g.reshape(-1).to(W.dtype))
+        return grad_x, grad_W, grad_b, None, None, None, None
+
+
+class TopKSAE(nn.Module):
+    """Top-k SAE. Public methods take and return raw residual-stream units (see the module docstring)."""
+
+    def __init__(self, cfg: SAEConfig, device: str | torch.device = "cpu", seed: int | None = 0):
+        super().__init__()
+        self.cfg = cfg
+        dt = _DTYPES[cfg.dtype]
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        w = torch.randn(cfg.num_latents, cfg.d_in, generator=gen)
+        w /= w.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(w.to(device=device, dtype=dt))
+        self.W_enc = nn.Parameter(w.clone().to(device=device, dtype=dt))  # encoder = decoder transpose at init
+        self.b_enc = nn.Parameter(torch.zeros(cfg.num_latents, device=device, dtype=dt))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, device=device, dtype=dt))
+
+    # ----------------------------------------------------------------------------------------------- properties
+    @property
+    def d_in(self) -> int:
+        return self.cfg.d_in
+
+    @property
+    def num_latents(self) -> int:
+        return self.cfg.num_latents
+
+    @property
+    def k(self) -> int:
+        return self.cfg.k
+
+    @property
+    def input_scale(self) -> float:
+        return float(self.cfg.input_scale)
+
+    @property
+    def latent_scale(self) -> float:
+        """Raw-unit contribution of a latent value of 1 along its unit decoder row: always 1.0 (see module doc)."""
+        return 1.0
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_dec.device
+
+    def decoder_direction(self, f: int) -> torch.Tensor:
+        """Unit-norm decoder row of latent ``f`` (a direction in raw residual space)."""
+        ensure(isinstance(f, int) and 0 <= f < self.num_latents,
+               f"feature index {f} is out of range: the SAE has {self.num_latents} latents (0..{self.num_latents - 1})")
+        return self.W_dec[f]
+
+    # ----------------------------------------------------------------------------------------------- raw-unit API
+    def _flat(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+        if x.shape[-1] != self.d_in:
+            raise SaesteerError(f"input width {x.shape[-1]} does not match the SAE's d_in {self.d_in}")
+        return x.reshape(-1, self.d_in).to(self.W_enc.dtype), tuple(x.shape[:-1])
+
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        """ReLU pre-activations of every latent, in raw units, shape ``[..., num_latents]``."""
+        flat, lead = self._flat(x)
+        pre = F.relu(F.linear(flat * self.input_scale - self.b_dec, self.W_enc, self.b_enc)) / self.input_scale
+        return pre.reshape(*lead, self.num_latents)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k latents ``(values [..., k], indices [..., k])``, sorted by value, in raw units."""
+        flat, lead = self._flat(x)
+        pre = F.relu(F.linear(flat * self.input_scale - self.b_dec, self.W_enc, self.b_enc))
+        vals, idx = pre.topk(self.k, dim=-1)
+        return (vals / self.input_scale).reshape(*lead, self.k), idx.reshape(*lead, self.k)
+
+    def encode_dense(self, x: torch.Tensor) -> torch.Tensor:
+        """Top-k latents scattered into a dense ``[..., num_latents]`` tensor (zeros elsewhere)."""
+        vals, idx = self.encode(x)
+        return torch.zeros(*vals.shape[:-1], self.num_latents, dtype=vals.dtype, device=vals.device).scatter_(
+            -1, idx, vals)
+
+    def decode(self, top_acts: torch.Tensor, top_indices: torch.Tensor) -> torch.Tensor:
+        """Reconstruction in raw units from top-k values/indices of any leading shape (sparse gather)."""
+        if top_acts.shape != top_indices.shape:
+            raise SaesteerError(f"top_acts {tuple(top_acts.shape)} and top_indices {tuple(top_indices.shape)} differ")
+        lead, kk = top_acts.shape[:-1], top_acts.shape[-1]
+        idx = top_indices.reshape(-1, kk).long()
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.num_latents):
+            raise SaesteerError(f"latent index out of range 0..{self.num_latents - 1}")
+        out = F.embedding_bag(idx, self.W_dec, per_sample_weights=top_acts.reshape(-1, kk).to(self.W_dec.dtype),
+                              mode="sum")
+        return (out + self.b_dec / self.input_scale).reshape(*lead, self.d_in)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Reconstruction of ``x`` (raw units, same shape)."""
+        return self.decode(*self.encode(x)).to(x.dtype)
+
+    # ----------------------------------------------------------------------------------------------- training
+    def train_forward(
+        self,
+        xs: torch.Tensor,
+        dead: torch.Tensor | None = None,
+        k_aux: int = 0,
+        total_variance: torch.Tensor | None = None,
+        mm_dtype: torch.dtype | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """One training pass on *scaled* inputs ``xs [N, d_in]``.
+
+        Returns ``fvu`` (Σ‖x - x̂‖² / total_variance), ``auxk`` (AuxK loss: the top ``k_aux`` dead latents, decoded
+        without bias, predicting the detached residual, normalised the same way and scaled by min(n_dead/k_aux, 1)),
+        ``l2`` (Σ‖x - x̂‖²) and ``indices`` (the top-k indices). ``total_variance`` defaults to Σ‖x - mean(x)‖² of
+        this batch (data-parallel callers pass the global batch's).
+        """
+        if total_variance is None:
+            total_variance = (xs - xs.mean(0)).pow(2).sum()
+        n_dead = int(dead.sum()) if dead is not None else 0
+        ka = min(k_aux, n_dead)
+        vals, idx, aux_vals, aux_idx = _SparseTopKEncode.apply(
+            xs - self.b_dec, self.W_enc, self.b_enc, self.k, ka, dead if ka > 0 else None,
+            mm_dtype or self.W_enc.dtype)
+        recon = F.embedding_bag(idx, self.W_dec, per_sample_weights=vals, mode="sum") + self.b_dec
+        err = xs - recon
+        l2 = err.pow(2).sum()
+        out = {"l2": l2, "fvu": l2 / total_variance, "indices": idx}
+        if ka > 0:
+            e_hat = F.embedding_bag(aux_idx, self.W_dec, per_sample_weights=aux_vals, mode="sum")
+            out["auxk"] = min(n_dead / k_aux, 1.0) * (e_hat - err.detach()).pow(2).sum() / total_variance
+        else:
+            out["auxk"] = l2.new_zeros(())
+        return out
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        """Rescale decoder rows to unit norm."""
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(torch.finfo(self.W_dec.dtype).eps))
+
+    @torch.no_grad()
+    def remove_parallel_grads(self) -> None:
+        """Remove from each decoder row's gradient its component along that row (rows are unit norm)."""
+        if self.W_dec.grad is None:
+            return
+        along = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
+        self.W_dec.grad.sub_(along * self.W_dec)
+
+    @torch.no_grad()
+    def init_from_sample(self, x: torch.Tensor, median_iters: int = 30) -> None:
+        """Set ``input_scale`` so that E‖s·x‖² = d_in and ``b_dec`` to the geometric median of the scaled sample."""
+        x = x.reshape(-1, self.d_in).float()
+        ensure(x.shape[0] > 0, "cannot initialise an SAE from an empty sample")
+        ensure(bool(torch.isfinite(x).all()), "the activation sample contains NaN or Inf")
+        mean_sq = float(x.pow(2).sum(1).mean())
+        ensure(mean_sq > 0, "the activation sample is all zeros")
+        self.cfg.input_scale = math.sqrt(self.d_in / mean_sq)
+        self.b_dec.copy_(geometric_median(x * self.cfg.input_scale, median_iters).to(self.b_dec.dtype))
+
+
+@torch.no_grad()
+def geometric_median(points: torch.Tensor, iters: int = 30, eps: float = 1e-6) -> torch.Tensor:
+    """Geometric median of the rows of ``points`` (Weiszfeld's algorithm, starting at the mean)."""
+    y = points.mean(0)
+    for _ in range(iters):
+        w = 1.0 / (points - y).norm(dim=1).clamp_min(eps)
+        y_new = (w[:, None] * points).sum(0) / w.sum()
+        if float((y_new - y).norm()) < eps * max(1.0, float(y.norm())):
+            return y_new
+        y = y_new
+    return y
+
+
+def lr_for(num_latents: int) -> float:
+    """Default Adam learning rate, scaled ∝ 1/√(num_latents / 2^14) as in Gao et al. 2024."""
+    return 2e-4 / math.sqrt(num_latents / 2**14)
