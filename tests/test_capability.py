@@ -199,10 +199,29 @@ def test_errors(tiny, tmp_path, small_data):
     with pytest.raises(SaesteerError, match="line 2 is not valid JSON"):
         cap.load_mmlu(3, 0, 0, str(tmp_path / "bad"))
     bad.write_text('{"subject": "a", "question": "q"}\n')
-    with pytest.raises(SaesteerError, match="lacks field"):
+    with pytest.raises(SaesteerError, match="row 1 lacks field"):
         cap.load_mmlu(3, 0, 0, str(tmp_path / "bad"))
     bad.write_text("\n")
-    with pytest.raises(SaesteerError, match="no rows"):
+    with pytest.raises(SaesteerError, match="empty"):
         cap.load_mmlu(3, 0, 0, str(tmp_path / "bad"))
     with pytest.raises(SaesteerError, match="no continuations"):
         cap.loglikelihoods(model, tok, [("ctx", [])])
+
+
+def test_gsm8k_runner_generates_raw_and_scores(tiny, tmp_path):
+    from saesteer.generation import GenerationConfig, generate
+
+    model, tok = tiny
+    rows = [{"question": f"what is {i} plus {i}?", "answer": f"{i}+{i}={2 * i}\n#### {2 * i}"} for i in range(5)]
+    write_jsonl(tmp_path / "gsm8k/test.jsonl", rows)
+    write_jsonl(tmp_path / "gsm8k/train.jsonl", rows)
+    cfg = cap.CapabilityConfig(tasks=("gsm8k",), limit=3, gsm8k_shots=2, gsm8k_max_new_tokens=6,
+                               data_root=str(tmp_path), progress=False)
+    summ, items = cap.run_capability(model, tok, cfg)
+    assert summ["gsm8k_strict"]["n"] == 3 and summ["gsm8k_flexible"]["n"] == 3
+    qs = cap.load_gsm8k(3, 2, 0, str(tmp_path))
+    assert qs[0]["prompt"].count("Question:") == 3 and qs[0]["prompt"].endswith("\nAnswer:")
+    ref = generate(model, tok, [q["prompt"] for q in qs], GenerationConfig(max_new_tokens=6, raw=True, stop=["Question:"]))
+    for it, r, q in zip(items, ref, qs):
+        assert it["answer"] == r
+        assert (it["strict"], it["flexible"]) == cap.gsm8k_correct(r, q["target"])

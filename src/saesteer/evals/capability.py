@@ -14,9 +14,11 @@ Prompts follow lm-eval 0.4.13's task YAMLs so that numbers are comparable with `
   ``Question:`` (via :func:`saesteer.generation.generate`, raw text, no chat template), exact match after the
   harness's strict (``#### N``) and flexible (last number) extraction.
 
-Log-likelihoods are computed like the harness's HFLM: right padding, the continuation split off the end of
+Log-likelihoods are computed like the harness's HFLM: the continuation split off the end of
 ``encode(context + continuation)``, trailing context whitespace moved into the continuation, float32 log-softmax.
-Only the positions that are scored go through the LM head (the full ``[batch, seq, vocab]`` logits never exist).
+Batches are LEFT-padded with position ids from the attention mask (the harness right-pads; the values agree to
+float rounding), so that gates reading the last prompt positions (``policy.apply``) see real tokens. Only the
+positions that are scored go through the LM head (the full ``[batch, seq, vocab]`` logits never exist).
 """
 
 from __future__ import annotations
@@ -84,35 +86,19 @@ class CapabilityConfig:
 def _root(data_root: str | None) -> Path:
     if data_root:
         return Path(data_root)
-    try:
-        from ..data import data_root as _dr
+    from ..data import _root as default_root
 
-        root = _dr()
-    except ImportError:  # data.py not installed: same rule as its contract
-        import os
-
-        root = os.environ.get("SAESTEER_DATA") or next(
-            (p for p in (Path.cwd() / "../shared/data", Path(__file__).parents[4] / "shared/data") if p.exists()), None
-        )
-    ensure(root is not None, "no data root: set SAESTEER_DATA or pass --data-root")
-    return Path(root)
+    return default_root()
 
 
 def read_jsonl(path: Path, required: Sequence[str] = ()) -> list[dict]:
-    """Rows of a JSONL file; clear errors for a missing file, a malformed line or missing fields."""
-    ensure(path.exists(), f"data file not found: {path}")
-    rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SaesteerError(f"{path}: line {i} is not valid JSON ({e.msg})") from None
+    """Rows of a JSONL file (``data.read_rows``: clear errors for missing / malformed files) with required fields."""
+    from ..data import read_rows
+
+    rows = read_rows(path)
+    for i, row in enumerate(rows, 1):
         missing = [c for c in required if c not in row]
-        ensure(not missing, f"{path}: line {i} lacks field(s) {', '.join(missing)} (found {', '.join(row)})")
-        rows.append(row)
-    ensure(rows, f"{path} holds no rows")
+        ensure(not missing, f"{path}: row {i} lacks field(s) {', '.join(missing)} (found {', '.join(row)})")
     return rows
 
 
@@ -220,7 +206,7 @@ def loglikelihoods(
 
     A request whose continuations are all single tokens (after the harness's split) costs one sequence: the context,
     read at its last position. Otherwise each continuation is one sequence ``(ctx + cont)[:-1]``. Sequences are
-    sorted by length, right-padded and batched; only scored positions reach the LM head.
+    sorted by length, left-padded and batched; only scored positions reach the LM head.
     """
     seqs: list[tuple[list[int], list[tuple[int, int, list[int]]]]] = []  # (input ids, [(req, choice, cont ids)])
     for r, (context, conts) in enumerate(requests):
@@ -245,18 +231,20 @@ def loglikelihoods(
         T = max(len(ids) for ids, _ in batch)
         inp = torch.full((len(batch), T), pad, dtype=torch.long)
         mask = torch.zeros((len(batch), T), dtype=torch.long)
-        for i, (ids, _) in enumerate(batch):
-            inp[i, : len(ids)] = torch.tensor(ids)
-            mask[i, : len(ids)] = 1
-        hidden = body(input_ids=inp.to(device), attention_mask=mask.to(device), use_cache=False).last_hidden_state
+        for i, (ids, _) in enumerate(batch):  # left padding: the scored positions are the last ones of every row
+            inp[i, T - len(ids):] = torch.tensor(ids)
+            mask[i, T - len(ids):] = 1
+        pos_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        hidden = body(input_ids=inp.to(device), attention_mask=mask.to(device), position_ids=pos_ids.to(device),
+                      use_cache=False).last_hidden_state
         rows, cols, owners = [], [], []
         for i, (ids, targets) in enumerate(batch):
             if len(targets) > 1 or len(targets[0][2]) == 1:  # one position, one or several candidate tokens
-                rows.append(i), cols.append(len(ids) - 1), owners.append((i, None))
+                rows.append(i), cols.append(T - 1), owners.append((i, None))
             else:
                 n = len(targets[0][2])
                 for k in range(n):
-                    rows.append(i), cols.append(len(ids) - n + k), owners.append((i, k))
+                    rows.append(i), cols.append(T - n + k), owners.append((i, k))
         logp = torch.log_softmax(_lm_logits(model, hidden[rows, cols]), dim=-1)
         if not torch.isfinite(logp).all():
             raise SaesteerError("the model produced NaN/inf log-probabilities (check the steering strength)")
@@ -410,10 +398,8 @@ def _run_gsm8k(model: Any, tok: Any, cfg: CapabilityConfig):
     from ..generation import GenerationConfig, generate
 
     qs = load_gsm8k(cfg.limit, cfg.gsm8k_shots, cfg.seed, cfg.data_root)
-    gcfg = GenerationConfig(max_new_tokens=cfg.gsm8k_max_new_tokens, batch_size=cfg.batch_size, stop=list(GSM8K_STOP))
-    gkw = {"chat": False} if "chat" in getattr(GenerationConfig, "__dataclass_fields__", {}) else {}
-    for k, v in gkw.items():
-        setattr(gcfg, k, v)
+    gcfg = GenerationConfig(max_new_tokens=cfg.gsm8k_max_new_tokens, batch_size=cfg.batch_size,
+                            stop=list(GSM8K_STOP), raw=True, progress=cfg.progress)
     answers = generate(model, tok, [q["prompt"] for q in qs], gcfg)
     items = []
     for q, a in zip(qs, answers):
