@@ -1,0 +1,358 @@
+"""Steering policies: a gate + its threshold + a steering config, saved as ONE JSON file, applied as ONE hook.
+
+File format (``saesteer-policy``, version 1), a single JSON object written atomically::
+
+    {"format": "saesteer-policy", "version": 1, "name": str, "model": str | null,
+     "gate": {kind, layer, positions, reduce, threshold, strength, ramp, ...},
+     "steer": [SteeringSpec.to_dict(), ...],          # what to do when the gate fires
+     "meta": {...},                                   # how it was fitted: data, val FPR/TPR, ...
+     "tensors": "<base64 of a safetensors blob>", "tensors_sha256": "<hex>"}
+
+The gate's tensors travel as a safetensors blob (no pickle) inside the JSON, so the policy is one self-describing file.
+The key is ``steer`` (not ``steering``) on purpose: passing a gated policy where a plain spec file is expected fails
+loudly instead of steering every prompt.
+
+``with policy.apply(model) as run:`` installs the steering interventions (``steering.steer``) and ONE extra forward hook
+at the gate layer (registered first, so it reads the residual before any edit at that layer). On every prefill (a
+forward whose KV cache is empty) it scores each row from the residual at its last ``gate.positions`` tokens (left
+padding makes them real tokens), sets every intervention's per-row strength (0 = the row is left bit-identical to
+the unsteered model) and logs the decision; decode steps reuse the strengths. Rows dropped by fast generation are
+followed through ``select_rows``. ``run.decisions`` (also ``policy.last_run``) holds one dict per prefilled row:
+``{"key", "n_tokens", "score", "fired", "strength"}`` where ``key`` hashes the row's token ids (see
+:func:`prompt_key`). A gate of kind ``always`` gives the unconditional steering of the paper in the same form.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from . import models
+from .gates import AlwaysGate, Gate, SAEFeatureGate, gate_from_header
+from .steering import Intervention, SteeringSpec, _body, _load_sae_cached, steer
+from .utils import SaesteerError, atomic_write_json, ensure, read_json
+
+FORMAT = "saesteer-policy"
+VERSION = 1
+
+
+def prompt_key(token_ids: Sequence[int]) -> str:
+    """Short stable hash of a row's real (unpadded) token ids; matches ``generation.encode_prompts`` output."""
+    return hashlib.sha1(torch.as_tensor(list(token_ids), dtype=torch.int64).numpy().tobytes()).hexdigest()[:16]
+
+
+class PolicyRun:
+    """State of one ``policy.apply(model)``: the live row map and the gate decisions logged so far."""
+
+    def __init__(self, gate: Gate, interventions: list[Intervention]) -> None:
+        self.gate, self.interventions = gate, interventions
+        self.decisions: list[dict[str, Any]] = []
+        self.last: list[dict[str, Any]] = []
+        self._prefill = True
+        self._ids: torch.Tensor | None = None
+        self._mask: torch.Tensor | None = None
+        self.live: torch.Tensor | None = None  # indices (into ``last``) of the rows still in the batch
+
+    # the body pre-hook: tells prefill from decode and keeps the prompt ids ------------------------------------------
+    def pre_hook(self, _mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        cache = kwargs.get("past_key_values")
+        past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+        self._prefill = past == 0
+        if self._prefill:
+            self._ids = kwargs.get("input_ids", args[0] if args else None)
+            self._mask = kwargs.get("attention_mask")
+
+    # the gate hook ---------------------------------------------------------------------------------------------------
+    def gate_hook(self, _mod: nn.Module, _inp: Any, out: Any) -> None:
+        if not self._prefill:
+            return None
+        h = models.layer_output(out)
+        h = h.unsqueeze(0) if h.ndim == 2 else h
+        P = self.gate.positions
+        ensure(h.shape[1] >= P, f"policy gate reads the last {P} prompt tokens but the prompt has {h.shape[1]}")
+        mask = self._mask if isinstance(self._mask, torch.Tensor) and self._mask.ndim == 2 else None
+        if mask is not None:
+            ensure(bool(mask[:, -P:].bool().all()),
+                   "policy gates need left padding (the last prompt tokens of some row are padding)")
+        with torch.no_grad():
+            scores, fired, strength = self.gate.decide(h[:, -P:].detach())
+        for iv in self.interventions:
+            iv.set_row_scale(strength.to(h.device))
+        self._log(scores, fired, strength, mask)
+        return None
+
+    def _log(self, scores: torch.Tensor, fired: torch.Tensor, strength: torch.Tensor, mask: torch.Tensor | None) -> None:
+        ids = self._ids if isinstance(self._ids, torch.Tensor) and self._ids.ndim == 2 else None
+        rows = []
+        for i in range(scores.shape[0]):
+            d: dict[str, Any] = {"score": float(scores[i]), "fired": bool(fired[i]), "strength": float(strength[i])}
+            if ids is not None and ids.shape[0] == scores.shape[0]:
+                real = ids[i] if mask is None else ids[i][mask[i].bool()]
+                d.update(key=prompt_key(real.tolist()), n_tokens=int(real.numel()))
+            rows.append(d)
+        self.last = rows
+        self.decisions.extend(rows)
+        self.live = torch.arange(len(rows))
+
+    # row bookkeeping, called by steering.select_rows ----------------------------------------------------------------
+    def select_rows(self, index: torch.Tensor) -> None:
+        if self.live is not None:
+            self.live = self.live[torch.as_tensor(index, dtype=torch.long).cpu()]
+
+    def set_row_scale(self, scale: Any) -> None:  # steering.set_row_scale(model, ...) iterates us too: nothing to do
+        return None
+
+    # summaries -------------------------------------------------------------------------------------------------------
+    def fire_rate(self) -> float:
+        return sum(d["fired"] for d in self.decisions) / len(self.decisions) if self.decisions else float("nan")
+
+    def by_key(self) -> dict[str, dict[str, Any]]:
+        """Latest decision per prompt key (map prompts with ``prompt_key(encode_prompts(tok, [p])[0])``)."""
+        return {d["key"]: d for d in self.decisions if "key" in d}
+
+
+@dataclass
+class Policy:
+    """A gate, its threshold (inside the gate) and the steering applied to the rows it lets through."""
+
+    gate: Gate
+    """The gate (``gates.make_gate`` / ``gate_from_header``); kind ``always`` = unconditional steering."""
+    steering: list[SteeringSpec]
+    """What to apply when the gate fires (``steering.SteeringSpec``: clamp an SAE latent, add a direction, ...)."""
+    name: str = ""
+    """Label in comparison tables (default: the file stem)."""
+    model: str | None = None
+    """Model the policy was fitted on (checked loosely: a warning-free mismatch is an error only for gates)."""
+    meta: dict[str, Any] = field(default_factory=dict)
+    """How it was fitted (data specs, sizes, validation FPR/TPR, held-out stats)."""
+    last_run: PolicyRun | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        ensure(isinstance(self.gate, Gate), "policy gate must be a saesteer.gates.Gate")
+        ensure(len(self.steering) > 0, "a policy needs at least one steering spec")
+
+    # ------------------------------------------------------------------------------------------------- (de)serialise
+    def to_json(self) -> dict[str, Any]:
+        from safetensors.torch import save
+
+        blob = save(self.gate.tensors()) if self.gate.tensors() else b""
+        return {"format": FORMAT, "version": VERSION, "name": self.name, "model": self.model,
+                "gate": self.gate.header(), "steer": [s.to_dict() for s in self.steering], "meta": self.meta,
+                "tensors": base64.b64encode(blob).decode("ascii"), "tensors_sha256": hashlib.sha256(blob).hexdigest()}
+
+    def save(self, path: str | Path) -> Path:
+        return atomic_write_json(path, self.to_json())
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str = "policy") -> "Policy":
+        ensure(isinstance(obj, dict), f"{where}: a policy file holds a JSON object")
+        ensure(obj.get("format") == FORMAT, f"{where}: not a saesteer policy (format {obj.get('format')!r})")
+        ensure(obj.get("version") == VERSION, f"{where}: unsupported policy version {obj.get('version')!r} (this saesteer reads {VERSION})")
+        for k in ("gate", "steer", "tensors"):
+            ensure(k in obj, f"{where}: missing field {k!r}")
+        try:
+            blob = base64.b64decode(obj["tensors"], validate=True)
+        except (ValueError, TypeError):
+            raise SaesteerError(f"{where}: the tensors field is not valid base64") from None
+        if "tensors_sha256" in obj:
+            ensure(hashlib.sha256(blob).hexdigest() == obj["tensors_sha256"], f"{where}: tensor checksum mismatch (file corrupted?)")
+        tensors: dict[str, torch.Tensor] = {}
+        if blob:
+            from safetensors.torch import load
+
+            try:
+                tensors = load(blob)
+            except Exception as e:  # safetensors raises its own error types for corrupt blobs
+                raise SaesteerError(f"{where}: corrupt tensor blob: {e}") from None
+        ensure(isinstance(obj["gate"], dict), f"{where}: gate must be a JSON object")
+        gate = gate_from_header(obj["gate"], tensors)
+        ensure(isinstance(obj["steer"], list) and obj["steer"], f"{where}: steer must be a non-empty list of specs")
+        specs = [SteeringSpec.from_dict(s) for s in obj["steer"]]
+        return cls(gate=gate, steering=specs, name=str(obj.get("name") or ""), model=obj.get("model"),
+                   meta=dict(obj.get("meta") or {}))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Policy":
+        p = Path(path)
+        pol = cls.from_json(read_json(p, "policy file"), where=str(p))
+        pol.name = pol.name or p.stem
+        return pol
+
+    # ------------------------------------------------------------------------------------------------- apply
+    def build(self, model: nn.Module, sae_cache: dict[str, Any] | None = None) -> list[Intervention]:
+        """The steering interventions (SAEs loaded once; an SAE gate gets its SAE from the same cache)."""
+        cache = {} if sae_cache is None else sae_cache
+        ivs = [iv for s in self.steering for iv in s.build(model, cache)]
+        if isinstance(self.gate, SAEFeatureGate) and self.gate.sae is None:
+            ensure(self.gate.sae_path is not None, "sae gate has neither an SAE nor an sae_path")
+            self.gate.attach(_load_sae_cached(self.gate.sae_path, cache))
+        return ivs
+
+    def check(self, model: nn.Module, interventions: Sequence[Intervention]) -> int:
+        """Validate the gate against ``model`` and the steering layers; returns the gate layer."""
+        g = models.check_layer(model, self.gate.layer)
+        if not isinstance(self.gate, AlwaysGate):
+            d = self.gate.d_in
+            dm = models.d_model(model)
+            ensure(d is None or d == dm, f"policy gate reads width {d}, the model's residual is {dm}")
+            for iv in interventions:
+                if (iv.positions or "all") == "generated":
+                    continue
+                first = min(iv.layers(model))
+                ensure(g <= first, f"gate layer {g} comes after steering layer {first}: the prompt would be steered "
+                       "before the gate decides (fit the gate at or before the steering layer)")
+        return g
+
+    @contextlib.contextmanager
+    def apply(self, model: nn.Module, interventions: Sequence[Intervention] | None = None) -> Iterator[PolicyRun]:
+        """Install the policy on ``model`` for the ``with`` block (hooks always removed); yields a :class:`PolicyRun`."""
+        ivs = list(interventions) if interventions is not None else self.build(model)
+        if isinstance(self.gate, SAEFeatureGate) and self.gate.sae is not None:
+            self.gate.sae.to(next(model.parameters()).device)
+        layer = self.check(model, ivs)
+        run = PolicyRun(self.gate, ivs)
+        self.last_run = run
+        handles = []
+        with steer(model, ivs):
+            try:
+                handles.append(_body(model).register_forward_pre_hook(run.pre_hook, with_kwargs=True, prepend=True))
+                handles.append(models.hook_module(model, layer).register_forward_hook(run.gate_hook, prepend=True))
+                model._saesteer_interventions = list(getattr(model, "_saesteer_interventions", None) or []) + [run]
+                yield run
+            finally:
+                for hd in handles:
+                    hd.remove()
+                model._saesteer_interventions = [x for x in getattr(model, "_saesteer_interventions", []) if x is not run]
+                for iv in ivs:
+                    iv.set_row_scale(None)
+
+
+def load_policy(path: str | Path) -> Policy:
+    """Read and validate a policy file."""
+    return Policy.load(path)
+
+
+def policy_summary(p: Policy) -> dict[str, Any]:
+    """What ``saesteer policy show`` prints."""
+    g = p.gate
+    thr = g.threshold
+    out = {"name": p.name, "model": p.model, "gate": g.kind, "layer": g.layer, "positions": g.positions,
+           "reduce": g.reduce, "threshold": thr if math.isfinite(thr) else str(thr), "strength": g.strength,
+           "steer": [s.to_dict() for s in p.steering]}
+    if isinstance(g, SAEFeatureGate) and g.fitted:
+        out["gate_features"] = g.features.tolist()
+        out["gate_feature_auroc"] = [round(float(a), 4) for a in g.auroc]
+    out.update({k: v for k, v in p.meta.items() if k in ("val", "heldout", "train", "fpr")})
+    return out
+
+
+# --------------------------------------------------------------------------------------------- fitting
+@dataclass
+class PolicyFitConfig:
+    """Settings of :func:`fit_policy` (and ``saesteer policy fit``)."""
+
+    steering: list[SteeringSpec] = field(default_factory=list)
+    """What the policy applies when the gate fires (e.g. the clamp chosen by ``saesteer features``)."""
+    gate: str = "probe"
+    """Gate kind: sae, probe, cast or always (unconditional)."""
+    layer: int | None = None
+    """Layer the gate reads (default: the first steering layer; must not come after it)."""
+    positions: int | None = None
+    """Trailing prompt tokens the gate reads (default: the chat template's post-instruction tokens)."""
+    reduce: str = "mean"
+    """Pool the positions by ``mean`` or take the ``last``."""
+    fpr: float = 0.02
+    """Largest false-positive rate allowed on the benign validation prompts (sets the threshold)."""
+    strength: str = "hard"
+    """hard / linear / sigmoid: how steering strength grows with the gate score above the threshold."""
+    train: list[str] = field(default_factory=lambda: ["arditi-harmful:train", "arditi-harmless:train"])
+    """Prompt sets to fit the gate on; each item's label (harmful / harmless) decides its side."""
+    val: list[str] = field(default_factory=lambda: ["arditi-harmful:val", "arditi-harmless:val"])
+    """Prompt sets to choose the threshold on (benign ones set the FPR cap; harmful ones give the TPR)."""
+    heldout: list[str] = field(default_factory=list)
+    """Optional held-out sets to report the gate's fire rate on (never used for fitting)."""
+    limit: int | None = 256
+    """Seeded sample size per prompt set (None = all)."""
+    top_m: int = 16
+    """SAE gate: number of latents it combines."""
+    C: float | None = None
+    """Inverse L2 strength of the logistic regressions (default 0.1 probe, 1.0 sae)."""
+    sae: str | None = None
+    """SAE path for an ``sae`` gate (default: the steering spec's SAE)."""
+    batch_size: int = 16
+    """Prompts per forward when reading residuals."""
+    name: str = ""
+    """Policy name for comparison tables."""
+    seed: int = 0
+    """Seed of the per-set subsamples."""
+
+
+def _labelled(specs: Sequence[str], limit: int | None, seed: int, what: str) -> tuple[list[Any], list[Any], list[dict]]:
+    from .data import load_prompts
+
+    harm, safe, used = [], [], []
+    for spec in specs:
+        items = load_prompts(spec, limit=limit, seed=seed)
+        ensure(len(items) > 0, f"{what} set {spec!r} is empty")
+        for it in items:
+            ensure(it.label in ("harmful", "harmless"), f"{what} set {spec!r}: item {it.id} has no harmful/harmless label")
+            (harm if it.label == "harmful" else safe).append(it.messages if it.messages is not None else it.prompt)
+        used.append({"spec": spec, "n": len(items)})
+    return harm, safe, used
+
+
+def fit_policy(model: nn.Module, tok: Any, cfg: PolicyFitConfig, progress: bool = True) -> Policy:
+    """Fit the gate on ``cfg.train``, set its threshold on ``cfg.val`` (FPR cap), report ``cfg.heldout`` fire rates."""
+    from .gates import collect_gate_inputs, make_gate, post_instruction_positions
+
+    ensure(len(cfg.steering) > 0, "fit_policy needs a steering spec (e.g. --sae/--feature/--clamp)")
+    cache: dict[str, Any] = {}
+    ivs = [iv for s in cfg.steering for iv in s.build(model, cache)]
+    first = min(L for iv in ivs for L in iv.layers(model))
+    layer = models.check_layer(model, cfg.layer if cfg.layer is not None else first)
+    P = cfg.positions or post_instruction_positions(tok)
+    kw: dict[str, Any] = dict(reduce=cfg.reduce, strength=cfg.strength)
+    if cfg.gate in ("probe", "sae") and cfg.C is not None:
+        kw["C"] = cfg.C
+    if cfg.gate == "sae":
+        sae_path = cfg.sae or next((s.sae for s in cfg.steering if s.sae), None)
+        ensure(sae_path is not None, "an sae gate needs an SAE (--gate-sae or an SAE in the steering spec)")
+        sae = _load_sae_cached(sae_path, cache)
+        kw.update(sae=sae, sae_path=str(Path(sae_path).expanduser().resolve()), top_m=cfg.top_m)
+    gate = make_gate(cfg.gate, layer, P, **kw)
+    meta: dict[str, Any] = {"fpr": cfg.fpr, "positions": P}
+    pol = Policy(gate=gate, steering=list(cfg.steering), name=cfg.name or cfg.gate, model=models.model_name(model), meta=meta)
+    pol.check(model, ivs)
+    if cfg.gate == "always":
+        return pol
+
+    def inputs(prompts: list[Any], desc: str) -> torch.Tensor:
+        return collect_gate_inputs(model, tok, prompts, layer, P, cfg.batch_size, progress, desc)
+
+    th, ts, used = _labelled(cfg.train, cfg.limit, cfg.seed, "train")
+    ensure(len(th) >= 2 and len(ts) >= 2, "train sets need >= 2 harmful and >= 2 harmless prompts")
+    gate.fit(inputs(th, "gate train harmful"), inputs(ts, "gate train harmless"))
+    meta["train"] = {"sets": used, "n_harmful": len(th), "n_harmless": len(ts)}
+    vh, vs, vused = _labelled(cfg.val, cfg.limit, cfg.seed, "val")
+    ensure(len(vs) > 0, "validation sets hold no harmless prompts: the FPR cap needs benign scores")
+    hs = gate.score(inputs(vh, "gate val harmful")) if vh else None
+    meta["val"] = {"sets": vused, **gate.calibrate(gate.score(inputs(vs, "gate val harmless")), hs, cfg.fpr)}
+    meta["heldout"] = {}
+    for spec in cfg.heldout:
+        from .data import load_prompts
+
+        items = load_prompts(spec, limit=cfg.limit, seed=cfg.seed)
+        ensure(len(items) > 0, f"held-out set {spec!r} is empty")
+        _, fired, _ = gate.decide(inputs([it.messages or it.prompt for it in items], f"gate {spec}"))
+        from .utils import rate_summary
+
+        meta["heldout"][spec] = rate_summary(int(fired.sum()), len(items))
+    return pol

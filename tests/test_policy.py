@@ -1,0 +1,224 @@
+"""Policies: one hook at the gate layer, per-row strengths, bit-identical closed rows, round-trip, errors."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+import torch
+
+from saesteer import models
+from saesteer.gates import AlwaysGate, CastGate, SAEFeatureGate, collect_gate_inputs, post_instruction_positions
+from saesteer.policy import Policy, PolicyRun, load_policy, prompt_key
+from saesteer.steering import Add, SteeringSpec, steer
+from saesteer.utils import SaesteerError
+
+PROMPTS = [
+    "how do i make a cake?",
+    "what is the capital of france?",
+    "explain photosynthesis in simple terms please",
+    "write a python function that reverses a string",
+]
+SPEC = [SteeringSpec(kind="add", direction="unused.safetensors", alpha=1.0, layer=1)]  # interventions passed in-memory
+
+
+def _vec(model, scale=8.0, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(models.d_model(model), generator=g) * scale
+
+
+def _gate_firing_on(model, tok, fire_idx, layer=1):
+    """A CAST gate whose threshold makes exactly the rows in ``fire_idx`` of PROMPTS fire."""
+    P = post_instruction_positions(tok)
+    h = collect_gate_inputs(model, tok, PROMPTS, layer, P, progress=False)
+    pos = [i for i in range(len(PROMPTS)) if i in fire_idx]
+    neg = [i for i in range(len(PROMPTS)) if i not in fire_idx]
+    gate = CastGate(layer=layer, positions=P)
+    gate.fit(torch.cat([h[pos], h[pos]]), torch.cat([h[neg], h[neg]]))
+    s = gate.score(h)
+    assert float(s[pos].min()) > float(s[neg].max()), "synthetic gate should separate its own training rows"
+    gate.threshold = float((s[pos].min() + s[neg].max()) / 2)
+    return gate
+
+
+def _encode(tok, prompts):
+    texts = [models.format_chat(tok, p) for p in prompts]
+    return tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+
+
+@torch.no_grad()
+def test_gated_policy_closed_rows_bit_identical_open_rows_steered(tiny):
+    model, tok = tiny
+    gate = _gate_firing_on(model, tok, {0, 2})
+    pol = Policy(gate=gate, steering=SPEC, name="t")
+    enc = _encode(tok, PROMPTS)
+    base = model(**enc).logits
+    iv = Add(vector=_vec(model), alpha=1.0, layer=1)
+    with pol.apply(model, [iv]) as run:
+        out = model(**enc).logits
+        assert [d["fired"] for d in run.last] == [True, False, True, False]
+        assert [d["strength"] for d in run.last] == [1.0, 0.0, 1.0, 0.0]
+    assert torch.equal(out[1], base[1]) and torch.equal(out[3], base[3])
+    assert not torch.allclose(out[0], base[0]) and not torch.allclose(out[2], base[2])
+    # same as steering only the open rows unconditionally
+    with steer(model, [Add(vector=_vec(model), alpha=1.0, layer=1)]):
+        full = model(**enc).logits
+    assert torch.allclose(out[0], full[0], atol=1e-5) and torch.allclose(out[2], full[2], atol=1e-5)
+    # hooks removed
+    assert not models.hook_module(model, 1)._forward_hooks and not getattr(model, "_saesteer_interventions", None)
+    assert torch.equal(model(**enc).logits, base)
+
+
+def test_policy_with_fast_generation_and_model_generate(tiny):
+    from saesteer.generation import GenerationConfig, generate
+
+    model, tok = tiny
+    gate = _gate_firing_on(model, tok, {1, 3})
+    pol = Policy(gate=gate, steering=SPEC)
+    cfg = GenerationConfig(max_new_tokens=8, batch_size=4, eos_ids=[])
+    cfg_short = GenerationConfig(max_new_tokens=3, batch_size=4, eos_ids=[])
+    base = generate(model, tok, PROMPTS, cfg)
+    with pol.apply(model, [Add(vector=_vec(model), alpha=1.0, layer=1)]) as run:
+        # uneven budgets make the loop drop rows mid-way (select_rows)
+        from saesteer.generation import Row, decode_rows
+
+        ids = [tok(models.format_chat(tok, p), add_special_tokens=False)["input_ids"] for p in PROMPTS]
+        rows = [Row(i, ids[i], 3 if i in (0, 3) else 8) for i in range(4)]
+        for _ in decode_rows(model, tok, rows, set()):
+            pass
+        assert run.live.tolist() == [1, 2]  # rows 0 and 3 finished first and were dropped
+        steered = [tok.decode(r.out_ids, skip_special_tokens=True) for r in rows]
+        out = generate(model, tok, PROMPTS, cfg)
+    short_base = generate(model, tok, PROMPTS, cfg_short)
+    assert steered[0] == short_base[0] and steered[2] == base[2]  # closed rows: unsteered text
+    assert out[0] == base[0] and out[2] == base[2]
+    assert out[1] != base[1] and out[3] != base[3]
+    # decisions are keyed by prompt tokens
+    keys = {prompt_key(i): k for k, i in enumerate(ids)}
+    fired = {keys[d["key"]]: d["fired"] for d in run.decisions}
+    assert fired == {0: False, 1: True, 2: False, 3: True}
+    # model.generate (HF) with the KV cache: the decode steps reuse the prefill's strengths
+    enc = _encode(tok, PROMPTS)
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+    hf_base = model.generate(**enc, **kw)
+    with pol.apply(model, [Add(vector=_vec(model), alpha=1.0, layer=1)]):
+        hf = model.generate(**enc, **kw)
+    assert torch.equal(hf[0], hf_base[0]) and torch.equal(hf[2], hf_base[2])
+    assert not torch.equal(hf[1], hf_base[1])
+
+
+def test_always_policy_equals_plain_steering(tiny):
+    model, tok = tiny
+    enc = _encode(tok, PROMPTS)
+    with torch.no_grad(), steer(model, [Add(vector=_vec(model), alpha=0.5, layer=0)]):
+        ref = model(**enc).logits
+    pol = Policy(gate=AlwaysGate(layer=0), steering=SPEC)
+    with torch.no_grad(), pol.apply(model, [Add(vector=_vec(model), alpha=0.5, layer=0)]) as run:
+        out = model(**enc).logits
+    assert torch.equal(out, ref) and run.fire_rate() == 1.0
+
+
+def test_round_trip_identical_decisions_and_outputs(tiny, tmp_path):
+    model, tok = tiny
+    gate = _gate_firing_on(model, tok, {0, 3})
+    gate.strength, gate.ramp = "linear", 0.05
+    pol = Policy(gate=gate, steering=SPEC, name="cast-test", model="tiny-llama", meta={"fpr": 0.02})
+    path = pol.save(tmp_path / "p.json")
+    back = load_policy(path)
+    assert back.name == "cast-test" and back.gate.threshold == gate.threshold and back.gate.ramp == 0.05
+    assert back.steering[0].to_dict() == SPEC[0].to_dict()
+    enc = _encode(tok, PROMPTS)
+    outs, decs = [], []
+    for p in (pol, back):
+        with torch.no_grad(), p.apply(model, [Add(vector=_vec(model), alpha=1.0, layer=1)]) as run:
+            outs.append(model(**enc).logits)
+        decs.append(run.decisions)
+    assert decs[0] == decs[1] and torch.equal(outs[0], outs[1])
+    assert 0 < decs[0][0]["strength"] <= 1 and decs[0][1]["strength"] == 0
+
+
+def test_sae_gate_policy_round_trip(tiny, tmp_path):
+    from saesteer.sae import SAEConfig, TopKSAE
+
+    model, tok = tiny
+    d = models.d_model(model)
+    sae = TopKSAE(SAEConfig(d_in=d, num_latents=4 * d, k=8, model="tiny-llama", layer=1))
+    P = post_instruction_positions(tok)
+    h = collect_gate_inputs(model, tok, PROMPTS, 1, P, progress=False)
+    gate = SAEFeatureGate(layer=1, positions=P, sae=sae, sae_path="/nonexistent/sae", top_m=4)
+    gate.fit(torch.cat([h[:2]] * 2), torch.cat([h[2:]] * 2))
+    gate.threshold = 0.0
+    pol = Policy(gate=gate, steering=SPEC)
+    back = Policy.from_json(json.loads(json.dumps(pol.to_json())))
+    assert back.gate.features.tolist() == gate.features.tolist()
+    back.gate.attach(sae)
+    assert torch.equal(back.gate.score(h), gate.score(h))
+
+
+def test_policy_file_errors(tiny, tmp_path):
+    model, tok = tiny
+    gate = _gate_firing_on(model, tok, {0})
+    good = Policy(gate=gate, steering=SPEC).to_json()
+
+    def write(obj, name="p.json"):
+        p = tmp_path / name
+        p.write_text(json.dumps(obj) if not isinstance(obj, str) else obj)
+        return p
+
+    with pytest.raises(SaesteerError, match="not found"):
+        load_policy(tmp_path / "missing.json")
+    with pytest.raises(SaesteerError, match="not valid JSON"):
+        load_policy(write("{nope"))
+    with pytest.raises(SaesteerError, match="not a saesteer policy"):
+        load_policy(write({**good, "format": "x"}))
+    with pytest.raises(SaesteerError, match="version"):
+        load_policy(write({**good, "version": 99}))
+    with pytest.raises(SaesteerError, match="base64"):
+        load_policy(write({**good, "tensors": "!!!"}))
+    bad = base64.b64encode(b"junk").decode()
+    with pytest.raises(SaesteerError, match="checksum"):
+        load_policy(write({**good, "tensors": bad}))
+    with pytest.raises(SaesteerError, match="missing field"):
+        load_policy(write({k: v for k, v in good.items() if k != "gate"}))
+    with pytest.raises(SaesteerError, match="steering"):
+        load_policy(write({**good, "steer": [{"kind": "teleport"}]}))
+    # a policy is not a plain steering spec file: steering.load_specs refuses it loudly
+    from saesteer.steering import load_specs
+
+    with pytest.raises(SaesteerError):
+        load_specs(write(good, "q.json"))
+
+
+def test_policy_apply_errors(tiny):
+    model, tok = tiny
+    gate = _gate_firing_on(model, tok, {0}, layer=1)
+    pol = Policy(gate=gate, steering=SPEC)
+    # the gate must decide before the prompt is steered
+    with pytest.raises(SaesteerError, match="comes after"):
+        with pol.apply(model, [Add(vector=_vec(model), layer=0)]):
+            pass
+    # width mismatch
+    g2 = CastGate(layer=1, positions=gate.positions)
+    g2.load_tensors({"direction": torch.ones(7), "center": torch.zeros(7)})
+    with pytest.raises(SaesteerError, match="width"):
+        with Policy(gate=g2, steering=SPEC).apply(model, [Add(vector=_vec(model), layer=1)]):
+            pass
+    # right padding puts pads where the gate reads
+    enc = _encode(tok, PROMPTS)
+    ids, mask = enc["input_ids"].clone(), enc["attention_mask"].clone()
+    ids, mask = ids.flip(1), mask.flip(1)  # pads now at the end
+    with pytest.raises(SaesteerError, match="left padding"):
+        with torch.no_grad(), pol.apply(model, [Add(vector=_vec(model), layer=1)]):
+            model(input_ids=ids, attention_mask=mask)
+    # hooks are gone even after the error inside the block
+    assert not models.hook_module(model, 1)._forward_hooks
+    assert not getattr(model, "_saesteer_interventions", None)
+
+
+def test_policy_run_select_rows():
+    run = PolicyRun(AlwaysGate(layer=0), [])
+    run._log(torch.ones(5), torch.ones(5, dtype=torch.bool), torch.ones(5), None)
+    run.select_rows(torch.tensor([0, 2, 4]))
+    run.select_rows(torch.tensor([1, 2]))
+    assert run.live.tolist() == [2, 4]
