@@ -1,0 +1,153 @@
+"""``saesteer features`` (refusal feature discovery + clamp grid + cards) and ``saesteer inspect`` (feature cards)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from ..utils import SaesteerError, ensure
+from ._app import DEVICE_HELP, MODEL_HELP, THREADS_HELP, app
+
+
+def _floats(s: str, what: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in s.split(",") if x.strip())
+    except ValueError:
+        raise SaesteerError(f"{what} must be comma-separated numbers, got {s!r}") from None
+
+
+def _ints(s: str, what: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in s.split(",") if x.strip())
+    except ValueError:
+        raise SaesteerError(f"{what} must be comma-separated integers, got {s!r}") from None
+
+
+def load_model_and_sae(model: str, sae: Path, device: str, threads: Optional[int], layer: Optional[int]) -> tuple:
+    """Load the model and the SAE and check that they belong together; returns ``(model, tok, sae, layer)``."""
+    from ..inspect_features import sae_layer
+    from ..models import check_layer, load_model
+    from ..steering import check_sae_compatible
+    from ..utils import resolve_device, set_threads
+
+    set_threads(threads)
+    ensure(Path(sae).exists(), f"SAE not found: {sae}")
+    try:
+        from ..formats import load_sae
+    except ImportError:
+        raise SaesteerError("loading an SAE needs saesteer.formats, which is not installed in this version") from None
+    s = load_sae(sae)
+    m, tok = load_model(model, device=resolve_device(device))
+    layer = check_layer(m, layer if layer is not None else sae_layer(s))
+    check_sae_compatible(s, m, layer)
+    s.to(next(m.parameters()).device)
+    return m, tok, s, layer
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+@app.command("features")
+def features_cmd(
+    model: str = typer.Option("qwen2.5-coder-0.5b-instruct", help=MODEL_HELP),
+    sae: Path = typer.Option(..., help="SAE folder (our format, SAELens or sparsify)"),
+    out: Path = typer.Option(..., help="output folder (candidates/ranking/grid/selection JSON, cards)"),
+    harmful: str = typer.Option("arditi-harmful", help="harmful prompt set (data spec)"),
+    harmless: str = typer.Option("arditi-harmless", help="harmless prompt set (data spec)"),
+    discovery_split: str = typer.Option("train", help="split for discovery ('' = whole set)"),
+    val_split: str = typer.Option("val", help="split for the grid ('' = whole set; same as discovery: disjoint rows)"),
+    n_archetypes: int = typer.Option(6, help="archetypal harmful prompts whose refusals give candidates"),
+    n_contrast: int = typer.Option(24, help="harmful and harmless discovery prompts each (contrastive ranking)"),
+    n_grid: int = typer.Option(6, help="top candidates entering the clamp grid"),
+    features: str = typer.Option("", help="extra latents for the grid, comma-separated"),
+    clamps: str = typer.Option("", help="absolute clamp values, comma-separated"),
+    clamp_multiples: str = typer.Option("1,2,4", help="clamp values as multiples of each latent's max activation"),
+    val_limit: int = typer.Option(24, help="harmful and harmless validation prompts each"),
+    max_new_tokens: int = typer.Option(20, help="new tokens per grid answer (prefix judge)"),
+    discovery_tokens: int = typer.Option(24, help="new tokens per discovery answer"),
+    layer: Optional[int] = typer.Option(None, help="layer to hook (default: the SAE's)"),
+    batch_size: int = typer.Option(16, help="generation / encoding batch size"),
+    n_cards: int = typer.Option(6, help="feature cards: the chosen latent, the control and the top candidates"),
+    seed: int = typer.Option(0, help="seed of the shuffle when discovery and validation share a split"),
+    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
+) -> None:
+    """Find refusal latents (the paper's method + a contrastive ranking), pick one by a clamp grid, write cards."""
+    from ..features import DiscoveryConfig, discover
+    from ..inspect_features import feature_cards, write_cards
+    from ..utils import atomic_dir, atomic_write_json, atomic_write_text
+
+    cfg = DiscoveryConfig(
+        harmful=harmful, harmless=harmless, discovery_split=discovery_split or None, val_split=val_split or None,
+        n_archetypes=n_archetypes, n_contrast=n_contrast, discovery_tokens=discovery_tokens, n_grid=n_grid,
+        features=_ints(features, "--features"), clamps=_floats(clamps, "--clamps"),
+        clamp_multiples=_floats(clamp_multiples, "--clamp-multiples"), val_limit=val_limit,
+        max_new_tokens=max_new_tokens, batch_size=batch_size, layer=layer, seed=seed)
+    con = _console()
+    m, tok, s, cfg.layer = load_model_and_sae(model, sae, device, threads, layer)
+    res = discover(m, tok, s, cfg, grid=True, progress=lambda msg: con.print(f"[saesteer] {msg}"))
+    sel = res.selection
+    chosen = [sel["feature"]] + ([sel["control"]] if sel.get("control") is not None else [])
+    feats = list(dict.fromkeys(chosen + sel["grid_features"]))[: max(n_cards, len(chosen))]
+    cards = feature_cards(m, tok, s, feats, res.seqs)
+    for c in cards["cards"]:
+        c["label"] = ("chosen" if c["feature"] == sel["feature"] else
+                      "control" if c["feature"] == sel.get("control") else "candidate")
+    with atomic_dir(out) as tmp:
+        for name, obj in res.files().items():
+            atomic_write_json(tmp / name, obj, indent=None if name == "ranking.json" else 2)
+        atomic_write_text(tmp / "answers.jsonl", "".join(json.dumps(a) + "\n" for a in res.answers + res.grid_answers))
+        write_cards(cards, tmp, title=f"refusal feature candidates — {model}, layer {cfg.layer}")
+    b, base = sel["best"], sel["baseline"]
+    con.print(f"[saesteer] chosen latent {sel['feature']} clamp {sel['clamp']:g} ({sel['clamp_from']}): harmful "
+              f"{b['harmful_refusal']['k']}/{b['harmful_refusal']['n']} (baseline {base['harmful_refusal']['k']}), "
+              f"harmless {b['harmless_refusal']['k']}/{b['harmless_refusal']['n']} (baseline "
+              f"{base['harmless_refusal']['k']}); control latent {sel.get('control')} → {out}")
+
+
+@app.command("inspect")
+def inspect_cmd(
+    model: str = typer.Option("qwen2.5-coder-0.5b-instruct", help=MODEL_HELP),
+    sae: Path = typer.Option(..., help="SAE folder (our format, SAELens or sparsify)"),
+    features: str = typer.Option(..., help="latent indices, comma-separated"),
+    data: str = typer.Option(..., help="texts or prompts (data spec); prompts are chat-formatted"),
+    out: Path = typer.Option(..., help="output folder (cards.html, cards.json, hist_<f>.png)"),
+    limit: int = typer.Option(200, help="at most this many texts (seeded sample)"),
+    raw: bool = typer.Option(False, help="feed prompts as plain text, without the chat template"),
+    max_tokens: int = typer.Option(256, help="cut texts to this many tokens"),
+    n_contexts: int = typer.Option(8, help="top-activating contexts per feature"),
+    layer: Optional[int] = typer.Option(None, help="layer to hook (default: the SAE's)"),
+    batch_size: int = typer.Option(8, help="encoding batch size"),
+    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
+) -> None:
+    """Feature cards: top contexts with token highlighting, activation histogram, promoted / suppressed tokens."""
+    from ..data import item_text, load_prompts
+    from ..inspect_features import CardConfig, check_features, encode_sequences, feature_cards, write_cards
+    from ..utils import atomic_dir
+
+    feats = _ints(features, "--features")
+    items = load_prompts(data, limit=limit)
+    ensure(len(items) > 0, f"{data}: no texts")
+    m, tok, s, layer = load_model_and_sae(model, sae, device, threads, layer)
+    check_features(s, feats)
+    texts: list[Any] = []
+    for it in items:  # conversations as formatted text; prompts as a chat turn (or plain text with --raw)
+        t = item_text(it, tok)
+        if t.strip():
+            texts.append(t if raw or it.messages is not None else (t, None))
+    ensure(len(texts) > 0, f"{data}: no non-empty texts")
+    cfg = CardConfig(n_contexts=n_contexts, max_tokens=max_tokens, batch_size=batch_size)
+    con = _console()
+    con.print(f"[saesteer] encoding {len(texts)} texts at layer {layer}")
+    seqs = encode_sequences(m, tok, s, layer, texts, batch_size=batch_size, max_tokens=max_tokens)
+    cards = feature_cards(m, tok, s, feats, seqs, cfg)
+    with atomic_dir(out) as tmp:
+        write_cards(cards, tmp, title=f"feature cards — {model}, layer {layer}, {data}")
+    con.print(f"[saesteer] {len(feats)} feature cards → {out / 'cards.html'}")
