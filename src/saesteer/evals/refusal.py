@@ -1,0 +1,295 @@
+"""Refusal evaluation: how often does a (steered) model refuse harmful requests, and over-refuse safe ones?
+
+``run_refusal_eval(model, tok, cfg, steering=None)`` generates greedy answers (batched, left padding, through
+:func:`saesteer.generation.generate`) for every prompt of every dataset in ``cfg.datasets``, judges each answer
+(:mod:`saesteer.evals.judges`) and returns -- and with ``cfg.out`` writes atomically -- a summary with a rate, k, n
+and 95 % Wilson interval per subset and per category, plus one JSONL row per item.
+
+Subsets: a dataset whose items carry both labels (``xstest``) is split into ``<name>-unsafe`` (label harmful) and
+``<name>-safe`` (label harmless); on unsafe subsets the rate is the refusal rate, on safe ones the over-refusal rate.
+Datasets are any :func:`saesteer.data.load_prompts` spec: ``xstest``, ``xstest-safe``, ``advbench:test``,
+``jbb-harmful``, ``jbb-benign``, ``arditi-harmful:test``, a JSONL / CSV file, a WildGuardTest-format file, ``hf:...``.
+
+Judge-aware length: with the prefix judge a row stops as soon as its verdict is known
+(:meth:`PrefixJudge.decided`; ~16-24 tokens are enough), so stored answers are only as long as the judge needed.
+Model and classifier judges see the full ``max_new_tokens`` answer. Items a judge could not decide are kept in
+items.jsonl with their error and counted in ``n_failed``; rates are over decided items only, never guessed.
+
+Steering: ``steering`` is None, a :class:`Steering`, a :class:`saesteer.steering.SteeringSpec` or list of them, a list
+of interventions, or a policy (anything with ``.apply(model)`` returning a context manager; its per-row gate
+decisions are logged per item when it exposes ``last_decisions``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from ..utils import SaesteerError, atomic_dir, atomic_write_json, ensure, rate_summary
+
+
+@dataclass
+class RefusalEvalConfig:
+    """Settings of :func:`run_refusal_eval` (the CLI builds one from its options)."""
+
+    datasets: list[str] = field(default_factory=lambda: ["xstest"])
+    """Prompt sets (``saesteer.data.load_prompts`` specs); a mixed-label set is split into -safe / -unsafe subsets."""
+    limit: int | None = None
+    """Keep a seeded sample of at most this many prompts per dataset (None = all)."""
+    seed: int = 0
+    """Seed of that sample."""
+    judge: str = "prefix"
+    """prefix | model:openai:NAME | model:hf:NAME | classifier:PATH (see ``judges.make_judge``)."""
+    judge_base_url: str | None = None
+    """Base URL of an OpenAI-compatible judge endpoint."""
+    judge_api_key_env: str = "OPENAI_API_KEY"
+    """Environment variable holding the judge endpoint's API key."""
+    max_new_tokens: int | None = None
+    """Answer budget; None = 24 for the prefix judge (it decides within the first words), 160 for other judges."""
+    early_stop: bool = True
+    """With the prefix judge, stop each row once its verdict is known (answers are then truncated there)."""
+    batch_size: int = 16
+    """Prompts decoded together."""
+    system: str | None = None
+    """System prompt for every chat (None = the chat template's default)."""
+    exclude_ids: list[str] = field(default_factory=list)
+    """Item ids to leave out (e.g. prompts used to choose features); ``<dataset>/<id>`` or plain ``<id>``."""
+    out: str | None = None
+    """Output folder (items.jsonl + summary.json, written atomically); None = return only."""
+    device: str = "cpu"
+    """Device for a local judge model (the evaluated model stays where it is)."""
+    progress: bool = True
+    """Show progress on stderr."""
+
+
+@dataclass
+class Steering:
+    """A named steering config for evals: SAE / direction specs, or a policy object (``.apply(model)``)."""
+
+    name: str = "unsteered"
+    """Recorded on every item (e.g. ``clamp f981=6``)."""
+    specs: list[Any] = field(default_factory=list)
+    """:class:`saesteer.steering.SteeringSpec` objects (built against the model on entry)."""
+    interventions: list[Any] = field(default_factory=list)
+    """Ready-made interventions (``steering.Clamp`` ...)."""
+    policy: Any = None
+    """A conditional-steering policy: ``policy.apply(model)`` is a context manager."""
+
+    @property
+    def gated(self) -> bool:
+        return self.policy is not None
+
+    @contextlib.contextmanager
+    def context(self, model: Any) -> Iterator[Any]:
+        with contextlib.ExitStack() as stack:
+            ivs = list(self.interventions)
+            if self.specs:
+                from ..steering import build_all
+
+                ivs += build_all(self.specs, model)
+            if ivs:
+                from ..steering import steer
+
+                stack.enter_context(steer(model, ivs))
+            if self.policy is not None:
+                stack.enter_context(self.policy.apply(model))
+            yield self
+
+
+def as_steering(steering: Any) -> Steering:
+    """Normalise what callers pass as ``steering`` into a :class:`Steering`."""
+    if steering is None:
+        return Steering()
+    if isinstance(steering, Steering):
+        return steering
+    if hasattr(steering, "apply") and callable(steering.apply):
+        return Steering(name=str(getattr(steering, "name", None) or "policy"), policy=steering)
+    items = list(steering) if isinstance(steering, (list, tuple)) else [steering]
+    from ..steering import Intervention, SteeringSpec
+
+    if all(isinstance(s, SteeringSpec) for s in items):
+        return Steering(name=" + ".join(spec_name(s) for s in items), specs=items)
+    if all(isinstance(s, Intervention) for s in items):
+        return Steering(name=" + ".join(type(s).__name__.lower() for s in items), interventions=items)
+    raise SaesteerError(f"cannot steer with {type(steering).__name__}: pass specs, interventions or a policy")
+
+
+def spec_name(s: Any) -> str:
+    """A short human name for a SteeringSpec (``clamp f981=6``, ``add dir x2``)."""
+    if s.kind == "clamp":
+        return "clamp " + ",".join(f"f{f}={v:g}" for f, v in zip(s.features, s.values * len(s.features)))
+    if s.kind in ("add", "ablate_direction") and s.direction:
+        return f"{s.kind} {Path(s.direction).stem}" + (f" x{s.alpha:g}" if s.kind == "add" else "")
+    if s.kind == "scale":
+        return "scale " + ",".join(f"f{f}" for f in s.features) + f" x{s.factor:g}"
+    return f"{s.kind} " + ",".join(f"f{f}" for f in s.features) + (f" x{s.alpha:g}" if s.kind == "add" else "")
+
+
+# --------------------------------------------------------------------------------------------- data
+def load_subsets(cfg: RefusalEvalConfig) -> dict[str, list[Any]]:
+    """``{subset name: [PromptItem]}``; raises on an empty dataset or subset."""
+    from ..data import load_prompts
+
+    ensure(bool(cfg.datasets), "no datasets given")
+    excl = set(cfg.exclude_ids)
+    subsets: dict[str, list[Any]] = {}
+    for spec in cfg.datasets:
+        items = load_prompts(spec, limit=cfg.limit, seed=cfg.seed)
+        items = [it for it in items if it.id not in excl and f"{spec}/{it.id}" not in excl]
+        ensure(bool(items), f"dataset {spec!r} has no prompts left (after limit / exclusions)")
+        labels = {it.label for it in items}
+        base = spec.replace(":", "-")
+        if len(labels - {None}) > 1:
+            for lab, suffix in (("harmful", "unsafe"), ("harmless", "safe"), (None, "unlabelled")):
+                part = [it for it in items if it.label == lab]
+                if part:
+                    subsets[_subset_name(base, suffix)] = part
+        else:
+            subsets[base] = items
+    for name, items in subsets.items():
+        ensure(bool(items), f"subset {name} is empty")
+        for it in items:
+            ensure(bool(it.prompt and it.prompt.strip()) or bool(it.messages),
+                   f"{name}: item {it.id} has neither a prompt nor messages")
+    return subsets
+
+
+def _subset_name(base: str, suffix: str) -> str:
+    return base if base.endswith(f"-{suffix}") else f"{base}-{suffix}"
+
+
+def user_text(item: Any) -> str:
+    """The request a judge sees: the prompt, or the last user turn of a conversation."""
+    if item.messages:
+        users = [m["content"] for m in item.messages if m.get("role") == "user"]
+        return users[-1] if users else item.messages[-1]["content"]
+    return item.prompt or ""
+
+
+# --------------------------------------------------------------------------------------------- run
+def generate_answers(
+    model: Any, tok: Any, chats: Sequence[Any], steering: Steering, max_new_tokens: int, batch_size: int,
+    stop_when: Any = None, system: str | None = None, progress: bool = False,
+) -> tuple[list[str], list[Any]]:
+    """Greedy answers under ``steering``, plus per-item gate info (None unless a policy logs decisions)."""
+    from ..generation import GenerationConfig, generate
+
+    gates: list[Any] = [None] * len(chats)
+    pending: list[list[int]] = []
+
+    def collect() -> None:  # the policy's decisions belong to the batch that was just generated
+        if not pending or steering.policy is None:
+            return
+        dec = getattr(steering.policy, "last_decisions", None)
+        idx = pending.pop()
+        if dec is not None and len(dec) == len(idx):
+            for i, d in zip(idx, dec):
+                gates[i] = _jsonable(d)
+
+    def on_batch(indices: list[int]) -> None:
+        collect()
+        pending.append(list(indices))
+
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size, stop_when=stop_when,
+                           system=system, on_batch=on_batch, progress=progress)
+    with steering.context(model):
+        answers = generate(model, tok, list(chats), cfg)
+        collect()
+    return answers, gates
+
+
+def _jsonable(d: Any) -> Any:
+    if dataclasses.is_dataclass(d) and not isinstance(d, type):
+        return dataclasses.asdict(d)
+    if hasattr(d, "to_dict"):
+        return d.to_dict()
+    if hasattr(d, "tolist"):
+        return d.tolist()
+    return d
+
+
+def run_refusal_eval(model: Any, tok: Any, cfg: RefusalEvalConfig, steering: Any = None, judge: Any = None) -> dict:
+    """Generate, judge, summarise (and write ``cfg.out``). Returns the summary dict (``summary["items"]`` is not
+    included; the items are in ``items.jsonl`` and in the returned ``_items`` key)."""
+    from ..models import model_name
+    from .judges import PrefixJudge, make_judge
+
+    st = as_steering(steering)
+    subsets = load_subsets(cfg)
+    if judge is None:
+        judge = make_judge(cfg.judge, base_url=cfg.judge_base_url, api_key_env=cfg.judge_api_key_env,
+                           device=cfg.device)
+    is_prefix = isinstance(judge, PrefixJudge)
+    max_new = cfg.max_new_tokens if cfg.max_new_tokens is not None else (24 if is_prefix else 160)
+    ensure(max_new >= 1, f"max_new_tokens must be >= 1, got {max_new}")
+    stop_when = judge.stop_when if (is_prefix and cfg.early_stop) else None
+
+    flat = [(name, it) for name, items in subsets.items() for it in items]
+    t0 = time.perf_counter()
+    answers, gates = generate_answers(model, tok, [it.chat for _, it in flat], st, max_new, cfg.batch_size,
+                                      stop_when=stop_when, system=cfg.system, progress=cfg.progress)
+    t_gen = time.perf_counter() - t0
+    verdicts = judge.judge([user_text(it) for _, it in flat], answers)
+    t_judge = time.perf_counter() - t0 - t_gen
+
+    items = []
+    for (name, it), ans, v, g in zip(flat, answers, verdicts, gates):
+        row = {"id": it.id, "subset": name, "category": it.category, "expected": it.label,
+               "prompt": it.prompt if it.prompt is not None else it.messages, "answer": ans,
+               "label": v.label, "judge": judge.name, "judge_raw": v.raw, "error": v.error, "steering": st.name}
+        if g is not None:
+            row["gate"] = g
+        items.append(row)
+    summary = summarize(items)
+    summary.update({
+        "model": model_name(model), "steering": st.name, "judge": judge.name, "datasets": list(cfg.datasets),
+        "limit": cfg.limit, "seed": cfg.seed, "max_new_tokens": max_new, "early_stop": bool(stop_when),
+        "n_items": len(items), "seconds_generate": round(t_gen, 2), "seconds_judge": round(t_judge, 2),
+        "config": dataclasses.asdict(cfg),
+    })
+    if cfg.out:
+        write_results(cfg.out, items, summary)
+    summary["_items"] = items
+    return summary
+
+
+def summarize(items: Sequence[dict]) -> dict[str, Any]:
+    """Per subset and per (subset, category): ``rate_summary`` over decided items, plus ``n_failed``."""
+    subs: dict[str, list[dict]] = defaultdict(list)
+    for r in items:
+        subs[r["subset"]].append(r)
+    out: dict[str, Any] = {"subsets": {}, "n_failed": sum(r["label"] is None for r in items)}
+    for name, rows in subs.items():
+        cats: dict[str, list[dict]] = defaultdict(list)
+        for r in rows:
+            cats[str(r["category"])].append(r)
+        expected = {r["expected"] for r in rows}
+        kind = "refusal" if expected == {"harmful"} else "over-refusal" if expected == {"harmless"} else "refusal-rate"
+        out["subsets"][name] = {
+            **_rate(rows), "kind": kind,
+            "categories": {c: _rate(rs) for c, rs in sorted(cats.items())} if len(cats) > 1 else {},
+        }
+    return out
+
+
+def _rate(rows: Sequence[dict]) -> dict[str, Any]:
+    decided = [r for r in rows if r["label"] is not None]
+    return {**rate_summary(sum(bool(r["label"]) for r in decided), len(decided)),
+            "n_failed": len(rows) - len(decided)}
+
+
+def write_results(out: str | Path, items: Sequence[dict], summary: dict) -> Path:
+    """items.jsonl + summary.json into ``out``, atomically (a reader never sees half of a result folder)."""
+    import json
+
+    out = Path(out)
+    with atomic_dir(out) as tmp:
+        (tmp / "items.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in items),
+                                         encoding="utf-8")
+        atomic_write_json(tmp / "summary.json", {k: v for k, v in summary.items() if k != "_items"})
+    return out
