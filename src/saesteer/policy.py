@@ -137,7 +137,13 @@ class Policy:
 
     def __post_init__(self) -> None:
         ensure(isinstance(self.gate, Gate), "policy gate must be a saesteer.gates.Gate")
+        ensure(isinstance(self.steering, list), "policy steering must be a list of SteeringSpec")
         ensure(len(self.steering) > 0, "a policy needs at least one steering spec")
+
+    @property
+    def last_decisions(self) -> list[dict[str, Any]] | None:
+        """Gate decisions of the latest prefill (one dict per row, batch order); read by ``evals.refusal``."""
+        return self.last_run.last if self.last_run is not None else None
 
     # ------------------------------------------------------------------------------------------------- (de)serialise
     def to_json(self) -> dict[str, Any]:

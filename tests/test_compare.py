@@ -1,0 +1,132 @@
+"""compare: table, goals, Pareto front and plot, resumability — on synthetic per-condition results."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from saesteer.compare import (
+    CompareConfig,
+    goals,
+    markdown_table,
+    pareto_front,
+    pooled,
+    read_results,
+    run_compare,
+    write_report,
+)
+from saesteer.gates import AlwaysGate, ProbeGate
+from saesteer.policy import Policy
+from saesteer.steering import SteeringSpec
+from saesteer.utils import SaesteerError, rate_summary
+
+# (condition, gate) -> {metric: (k, n)}
+SYN = {
+    ("unsteered", "none"): {"xstest-unsafe": (60, 100), "advbench:test": (70, 100), "xstest-safe": (10, 100),
+                            "jbb-benign": (5, 100), "mmlu": (40, 100), "truthfulqa_mc1": (30, 100)},
+    ("paper", "always"): {"xstest-unsafe": (95, 100), "advbench:test": (99, 100), "xstest-safe": (60, 100),
+                          "jbb-benign": (50, 100), "mmlu": (20, 100), "truthfulqa_mc1": (25, 100)},
+    ("gated", "probe"): {"xstest-unsafe": (92, 100), "advbench:test": (98, 100), "xstest-safe": (12, 100),
+                         "jbb-benign": (6, 100), "mmlu": (40, 100), "truthfulqa_mc1": (30, 100)},
+    ("bad", "cast"): {"xstest-unsafe": (70, 100), "advbench:test": (75, 100), "xstest-safe": (30, 100),
+                      "jbb-benign": (5, 100), "mmlu": (35, 100), "truthfulqa_mc1": (30, 100)},
+}
+GROUP = {"xstest-unsafe": "unsafe", "advbench:test": "unsafe", "xstest-safe": "safe", "jbb-benign": "safe",
+         "mmlu": "capability", "truthfulqa_mc1": "capability"}
+
+
+def syn_rows():
+    rows = []
+    for (c, g), ms in SYN.items():
+        for m, (k, n) in ms.items():
+            rows.append({"condition": c, "gate": g, "steer": "clamp f1=5" if g != "none" else "", "group": GROUP[m],
+                         "metric": m, **rate_summary(k, n)})
+    return rows
+
+
+def test_pooled_and_table():
+    rows = syn_rows()
+    p = pooled(rows, "gated", "unsafe")
+    assert (p["k"], p["n"]) == (190, 200) and p["ci_low"] < 0.95 < p["ci_high"]
+    md = markdown_table(rows)
+    lines = md.strip().splitlines()
+    assert lines[0].startswith("| condition | gate | steering | xstest-unsafe | advbench:test | unsafe (pooled)")
+    assert len(lines) == 2 + 4
+    assert "| gated | probe | clamp f1=5 | 92.0 [" in md and "n=100" in md and "95.0 [" in md
+
+
+def test_goals_hand_computed():
+    g = goals(syn_rows())
+    assert g["baseline"] == "unsteered" and g["unconditional"] == "paper"
+    good = g["conditions"]["gated"]
+    # unsafe pooled: base 130/200, paper 194/200, gated 190/200 -> kept (0.95-0.65)/(0.97-0.65)
+    assert good["unsafe_gain_kept"]["value"] == pytest.approx((0.95 - 0.65) / (0.97 - 0.65))
+    assert good["xstest-safe_increase_pp"]["value"] == pytest.approx(2.0)
+    assert good["mmlu_change_pp"]["value"] == pytest.approx(0.0) and good["all_ok"]
+    bad = g["conditions"]["bad"]
+    assert not bad["unsafe_gain_kept"]["ok"] and not bad["xstest-safe_increase_pp"]["ok"]
+    assert not bad["mmlu_change_pp"]["ok"] and not bad["all_ok"]
+    assert "paper" not in g["conditions"] and "unsteered" not in g["conditions"]
+
+
+def test_pareto_front():
+    pts = [("a", 0.1, 0.6), ("b", 0.5, 0.97), ("c", 0.12, 0.95), ("d", 0.3, 0.7), ("e", 0.1, 0.6)]
+    # d is dominated by c; a and e tie (neither strictly dominates the other)
+    assert pareto_front(pts) == {"a", "b", "c", "e"}
+
+
+def test_write_report(tmp_path):
+    rows = syn_rows()
+    paths = write_report(rows, tmp_path)
+    assert set(paths) == {"table.md", "goals.json", "pareto.png", "table.html"}
+    from PIL import Image
+
+    im = Image.open(paths["pareto.png"]).convert("L")
+    assert im.size[0] > 400 and len(set(im.tobytes())) > 10  # a real plot, not a blank canvas
+    page = paths["table.html"].read_text()
+    assert "data:image/png;base64," in page and "<td>gated</td>" in page and "src=\"http" not in page
+    assert json.loads(paths["goals.json"].read_text())["conditions"]["gated"]["all_ok"] is True
+    with pytest.raises(SaesteerError):
+        write_report([], tmp_path)
+
+
+def _policy_file(tmp_path, name, kind):
+    spec = SteeringSpec(kind="add", direction="d.safetensors", alpha=1.0, layer=0)
+    gate = AlwaysGate(layer=0) if kind == "always" else ProbeGate(layer=0, positions=2)
+    if kind != "always":
+        gate.load_tensors({"mean": torch.zeros(4), "std": torch.ones(4), "coef": torch.ones(4), "intercept": torch.tensor(0.0)})
+    p = tmp_path / f"{name}.json"
+    Policy(gate=gate, steering=[spec], name=name).save(p)
+    return str(p)
+
+
+def test_run_compare_resumes_per_condition_and_group(tmp_path):
+    calls = []
+    boom = {"on": True}
+
+    def runner(model, tok, cfg, cond, group, out):
+        calls.append((cond["condition"], group))
+        if boom["on"] and cond["condition"] == "gated" and group == "safe":
+            raise RuntimeError("interrupted")
+        ms = [m for m, g in GROUP.items() if g == group]
+        return [{"condition": cond["condition"], "gate": cond["gate"], "steer": cond["steer"], "group": group,
+                 "metric": m, **rate_summary(*SYN[(cond["condition"], cond["gate"])][m])} for m in ms]
+
+    pols = [_policy_file(tmp_path, "paper", "always"), _policy_file(tmp_path, "gated", "probe")]
+    cfg = CompareConfig(policies=pols, out=str(tmp_path / "cmp"), multiturn=False, capability=["mmlu"])
+    with pytest.raises(RuntimeError):
+        run_compare(None, None, cfg, runner=runner, say=lambda s: None)
+    done = {(r["condition"], r["group"]) for r in read_results(cfg.out)}
+    assert done == {("unsteered", "unsafe"), ("unsteered", "safe"), ("unsteered", "capability"),
+                    ("paper", "unsafe"), ("paper", "safe"), ("paper", "capability"), ("gated", "unsafe")}
+    calls.clear()
+    boom["on"] = False
+    rows = run_compare(None, None, cfg, runner=runner, say=lambda s: None)
+    assert calls == [("gated", "safe"), ("gated", "capability")]
+    assert len(rows) == 3 * 6
+    assert (tmp_path / "cmp" / "table.md").exists() and (tmp_path / "cmp" / "pareto.png").exists()
+    # duplicate names are refused
+    with pytest.raises(SaesteerError, match="duplicate"):
+        run_compare(None, None, CompareConfig(policies=[pols[0], pols[0]], out=str(tmp_path / "c2")), runner=runner)
