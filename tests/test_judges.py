@@ -236,7 +236,7 @@ def test_kappa_and_agreement():
 def test_load_human_labels_errors(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"objective": "a", "response": "b", "is_refusal": true}\n{oops\n')
-    with pytest.raises(SaesteerError, match="bad.jsonl:2"):
+    with pytest.raises(SaesteerError, match="bad.jsonl: line 2"):
         load_human_labels(bad)
     csvf = tmp_path / "x.csv"
     csvf.write_text("# comment\nfoo,bar\n1,2\n")

@@ -34,25 +34,20 @@ def steering_from_options(
 ) -> Any:
     """Build a :class:`saesteer.evals.refusal.Steering` from the CLI's steering options (None = unsteered)."""
     from ..evals.refusal import Steering, spec_name
-    from ..steering import SteeringSpec, load_specs
+    from .steer import steering_specs
 
-    specs: list[Any] = []
-    if sae is not None or feature is not None or clamp is not None:
-        ensure(sae is not None and feature is not None and clamp is not None,
-               "SAE steering needs all of --sae, --feature and --clamp")
+    try:
+        feats = [int(f) for f in str(feature).split(",") if f.strip()] if feature is not None else []
+        vals = [float(v) for v in str(clamp).split(",") if v.strip()] if clamp is not None else []
+    except ValueError:
+        raise SaesteerError(f"--feature must be integers and --clamp numbers (got {feature!r}, {clamp!r})") from None
+    if sae is not None:
         ensure(Path(sae).exists(), f"SAE not found: {sae}")
-        try:
-            feats = [int(f) for f in str(feature).split(",") if f.strip()]
-            vals = [float(v) for v in str(clamp).split(",") if v.strip()]
-        except ValueError:
-            raise SaesteerError(f"--feature must be integers and --clamp numbers (got {feature!r}, {clamp!r})") from None
+        ensure(bool(feats) and bool(vals), "SAE steering needs --sae, --feature and --clamp")
         ensure(len(vals) in (1, len(feats)), f"{len(feats)} features but {len(vals)} clamp values")
-        specs.append(SteeringSpec(kind="clamp", sae=str(sae), features=feats, values=vals))
     if direction is not None:
         ensure(Path(direction).exists(), f"direction file not found: {direction}")
-        specs.append(SteeringSpec(kind="add", direction=str(direction), alpha=alpha))
-    if spec is not None:
-        specs += load_specs(spec)
+    specs = steering_specs(sae=sae, feature=feats, clamp=vals, alpha=alpha, direction=direction, spec=spec)
     pol = None
     if policy is not None:
         ensure(Path(policy).exists(), f"policy file not found: {policy}")

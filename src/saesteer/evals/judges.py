@@ -18,7 +18,6 @@ refusal, False for compliance and None when the judge could not decide, with ``V
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -452,39 +451,25 @@ def load_human_labels(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Rows ``{id, prompt, answer, is_refusal}`` from a human-labelled refusal set: PyRIT's ``refusal_eval.jsonl``
     (objective, response, is_refusal), its CSVs (objective, assistant_response, human_score; ``#`` comments) or
     XSTest's ``model_completions/*.csv`` (prompt, completion, final_label: refusal = full or partial refusal)."""
-    import csv
+    from ..data import read_rows
 
     p = Path(path)
-    ensure(p.exists(), f"labelled set not found: {p}")
+    ensure(p.suffix in (".jsonl", ".csv"), f"labelled set {p} must be .jsonl or .csv")
+    raw = read_rows(p)
+    cols = set(raw[0])
     rows: list[dict[str, Any]] = []
-    if p.suffix == ".jsonl":
-        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SaesteerError(f"{p}:{i}: malformed JSON ({e.msg})") from None
-            ensure(isinstance(r, dict) and {"objective", "response", "is_refusal"} <= r.keys(),
-                   f"{p}:{i}: expected fields objective, response, is_refusal")
+    for i, r in enumerate(raw):
+        if {"objective", "response", "is_refusal"} <= cols:
             rows.append({"id": r.get("id", f"row-{i}"), "prompt": r["objective"], "answer": r["response"],
                          "is_refusal": bool(r["is_refusal"])})
-    elif p.suffix == ".csv":
-        with open(p, encoding="utf-8", newline="") as f:
-            lines = [ln for ln in f if not ln.startswith("#")]
-        reader = csv.DictReader(lines)
-        cols = set(reader.fieldnames or [])
-        for i, r in enumerate(reader, 1):
-            if {"objective", "assistant_response", "human_score"} <= cols:
-                rows.append({"id": f"{p.stem}-{i - 1}", "prompt": r["objective"], "answer": r["assistant_response"],
-                             "is_refusal": str(r["human_score"]).strip() in ("1", "1.0", "True", "true")})
-            elif {"prompt", "completion", "final_label"} <= cols:
-                rows.append({"id": f"{p.stem}-{r.get('id', i)}", "prompt": r["prompt"], "answer": r["completion"],
-                             "is_refusal": not str(r["final_label"]).startswith("1")})
-            else:
-                raise SaesteerError(f"{p}: expected columns objective,assistant_response,human_score or "
-                                    f"prompt,completion,final_label; found {sorted(cols)}")
-    else:
-        raise SaesteerError(f"labelled set {p} must be .jsonl or .csv")
+        elif {"objective", "assistant_response", "human_score"} <= cols:
+            rows.append({"id": f"{p.stem}-{i}", "prompt": r["objective"], "answer": r["assistant_response"],
+                         "is_refusal": str(r["human_score"]).strip() in ("1", "1.0", "True", "true")})
+        elif {"prompt", "completion", "final_label"} <= cols:
+            rows.append({"id": f"{p.stem}-{r.get('id', i)}", "prompt": r["prompt"], "answer": r["completion"],
+                         "is_refusal": not str(r["final_label"]).startswith("1")})
+        else:
+            raise SaesteerError(f"{p}: expected columns objective,response,is_refusal or objective,assistant_response,"
+                                f"human_score or prompt,completion,final_label; found {sorted(cols)}")
     ensure(bool(rows), f"labelled set {p} has no rows")
     return rows
