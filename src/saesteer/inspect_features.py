@@ -196,15 +196,27 @@ def logit_effects(model: Any, tok: Any, sae: Any, f: int, n: int = 12) -> dict[s
     return {"promotes": rows(top.values, top.indices), "suppresses": rows(-bot.values, bot.indices)}
 
 
-def _hist_png(values: torch.Tensor, bins: int, title: str) -> bytes:
+def histogram(values: torch.Tensor, bins: int) -> tuple[list[float], list[float]]:
+    """``(counts, edges)`` of the values (a unit-wide range around a single repeated value; empty for no values)."""
+    if not values.numel():
+        return [], []
+    v = values.double()
+    lo, hi = float(v.min()), float(v.max())
+    if hi - lo < 1e-6 * max(1.0, abs(hi)):
+        lo, hi = lo - 0.5, hi + 0.5
+    counts, edges = torch.histogram(v, bins=bins, range=(lo, hi))
+    return counts.tolist(), edges.tolist()
+
+
+def _hist_png(counts: list[float], edges: list[float], title: str) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(4.2, 2.4), dpi=90)
-    if values.numel():
-        ax.hist(values.numpy(), bins=bins, color="#c0392b")
+    if counts:
+        ax.stairs(counts, edges, fill=True, color="#c0392b")
         ax.set_yscale("log")
     ax.set_title(title, fontsize=9)
     ax.set_xlabel("activation (non-zero)", fontsize=8)
@@ -238,12 +250,12 @@ def feature_cards(
             ctx.append({"text_index": i, "max_act": mx, "peak": j - lo,
                         "tokens": [[tok.decode([t]), round(float(a), 4)]
                                    for t, a in zip(seqs[i].token_ids[lo:hi], per[i][lo:hi].tolist())]})
-        counts, edges = (torch.histogram(nz, bins=cfg.bins) if nz.numel() else (torch.zeros(0), torch.zeros(0)))
+        counts, edges = histogram(nz, cfg.bins)
         cards.append({
             "feature": f, "n_tokens": n_tok, "n_firing": int(nz.numel()), "freq": nz.numel() / max(n_tok, 1),
             "max_act": float(nz.max()) if nz.numel() else 0.0, "mean_when_firing": float(nz.mean()) if nz.numel()
-            else 0.0, "histogram": {"counts": counts.tolist(), "edges": edges.tolist()}, "contexts": ctx,
-            **logit_effects(model, tok, sae, f, cfg.n_tokens), "_nz": nz,
+            else 0.0, "histogram": {"counts": counts, "edges": edges}, "contexts": ctx,
+            **logit_effects(model, tok, sae, f, cfg.n_tokens),
         })
     return {"model": getattr(model, "saesteer_name", None), "layer": sae_layer_or_none(sae),
             "n_texts": len(seqs), "config": asdict(cfg), "cards": cards}
@@ -254,10 +266,6 @@ def sae_layer_or_none(sae: Any) -> int | None:
         return sae_layer(sae)
     except SaesteerError:
         return None
-
-
-def cards_json(result: dict[str, Any]) -> dict[str, Any]:
-    return {**result, "cards": [{k: v for k, v in c.items() if not k.startswith("_")} for c in result["cards"]]}
 
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}.card{border:1px solid #ccc;border-radius:8px;
@@ -280,7 +288,7 @@ def render_html(result: dict[str, Any], title: str = "saesteer feature cards") -
              f"<p>model {html.escape(str(result.get('model')))}, layer {result.get('layer')}, "
              f"{result.get('n_texts')} texts</p>"]
     for c in result["cards"]:
-        png = base64.b64encode(_hist_png(c.get("_nz", torch.zeros(0)), result["config"]["bins"],
+        png = base64.b64encode(_hist_png(c["histogram"]["counts"], c["histogram"]["edges"],
                                          f"latent {c['feature']}")).decode()
         label = f" — {html.escape(c['label'])}" if c.get("label") else ""
         parts.append(f"<div class='card' id='f{c['feature']}'><h2>latent {c['feature']}{label}</h2>"
@@ -309,8 +317,8 @@ def write_cards(result: dict[str, Any], out_dir: Any, title: str = "saesteer fea
     from .utils import atomic_write_bytes, atomic_write_json, atomic_write_text
 
     out = Path(out_dir)
-    atomic_write_json(out / "cards.json", cards_json(result))
+    atomic_write_json(out / "cards.json", result)
     atomic_write_text(out / "cards.html", render_html(result, title))
     for c in result["cards"]:
         atomic_write_bytes(out / f"hist_{c['feature']}.png",
-                           _hist_png(c.get("_nz", torch.zeros(0)), result["config"]["bins"], f"latent {c['feature']}"))
+                           _hist_png(c["histogram"]["counts"], c["histogram"]["edges"], f"latent {c['feature']}"))
