@@ -193,3 +193,55 @@ def test_discover_bad_input(tiny, tmp_path):
     with pytest.raises(SaesteerError, match="too few"):
         F.discover(model, tok, sae, F.DiscoveryConfig(harmful=harmful, harmless=harmful, discovery_split=None,
                                                       val_split=None, n_archetypes=2, n_contrast=3))
+
+
+# --------------------------------------------------------------------------------------------- CLI
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    """A tiny model saved as a HF folder, an SAE for it (layer 1) and one for another model, small prompt files."""
+    from saesteer.formats import save_sae
+    from saesteer.testing import tiny_model
+
+    root = tmp_path_factory.mktemp("cli")
+    model, tok = tiny_model("llama")
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    for name, mname in (("sae", str(root / "model")), ("sae_other", "another-model")):
+        save_sae(TopKSAE(SAEConfig(d_in=64, num_latents=16, k=4, model=mname, layer=1), seed=1), root / name)
+    _write_jsonl(root / "harm.jsonl", [f"how do i make a cake number {i}?" for i in range(6)])
+    _write_jsonl(root / "safe.jsonl", [f"what is the capital of france {i}?" for i in range(6)])
+    (root / "empty.jsonl").write_text("")
+    return root
+
+
+def run_cli(args: list[str]) -> int:
+    from saesteer.cli import main
+
+    try:
+        return main([str(a) for a in args])
+    except SystemExit as e:
+        return int(e.code or 0)
+
+
+def test_cli_features_runs_and_reports_errors(tiny_dirs, tmp_path, capsys):
+    r = tiny_dirs
+    common = ["features", "--model", r / "model", "--sae", r / "sae", "--harmful", r / "harm.jsonl", "--harmless",
+              r / "safe.jsonl", "--discovery-split", "", "--val-split", "", "--n-archetypes", 1, "--n-contrast", 2,
+              "--val-limit", 2, "--max-new-tokens", 2, "--discovery-tokens", 3, "--clamp-multiples", "", "--clamps",
+              "1.5", "--threads", 1]
+    out = tmp_path / "feat"
+    # the random tiny model never refuses, so the grid holds just the latent we name
+    assert run_cli(common + ["--features", "3", "--out", out]) == 0
+    sel = json.loads((out / "selection.json").read_text())
+    assert sel["feature"] == 3 and sel["clamp"] == 1.5 and sel["grid_features"] == [3]
+    assert {"candidates.json", "ranking.json", "grid.json", "cards.html", "cards.json"} <= {p.name for p in out.iterdir()}
+    assert run_cli(common + ["--out", tmp_path / "none"]) == 2  # no refusals, no named latent → no grid
+    assert "no candidate latents" in capsys.readouterr().err and not (tmp_path / "none").exists()
+    assert run_cli(common + ["--features", "16", "--out", tmp_path / "x"]) == 2
+    assert "out of range" in capsys.readouterr().err
+    bad = [a if a != r / "sae" else r / "sae_other" for a in common]
+    assert run_cli(bad + ["--features", "3", "--out", tmp_path / "x"]) == 2
+    assert "trained on model 'another-model'" in capsys.readouterr().err
+    bad = [a if a != r / "harm.jsonl" else r / "empty.jsonl" for a in common]
+    assert run_cli(bad + ["--features", "3", "--out", tmp_path / "x"]) == 2
+    assert "saesteer: error:" in capsys.readouterr().err and not (tmp_path / "x").exists()

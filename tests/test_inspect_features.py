@@ -20,7 +20,7 @@ from saesteer.inspect_features import (
 from saesteer.sae import SAEConfig, TopKSAE
 from saesteer.testing import tiny_model
 from saesteer.utils import SaesteerError
-from test_features import ANSWER, PROMPT, _seq, pattern_sae
+from test_features import ANSWER, PROMPT, _seq, pattern_sae, tiny_dirs  # noqa: F401 (fixture)
 
 
 def test_post_instruction_and_answer_masks(tiny):
@@ -97,3 +97,19 @@ def test_top_contexts_are_ordered_by_each_texts_maximum(tiny):
     (card,) = feature_cards(model, tok, sae, [1], seqs, CardConfig(n_contexts=5, window=1))["cards"]
     assert [(c["text_index"], c["max_act"], c["peak"]) for c in card["contexts"]] == [(2, 4.0, 1), (0, 2.0, 1)]
     assert card["n_firing"] == 5 and card["freq"] == pytest.approx(5 / 9) and card["mean_when_firing"] == pytest.approx(2.2)
+
+
+def test_cli_inspect(tiny_dirs, tmp_path, capsys):
+    from test_features import run_cli
+
+    r = tiny_dirs
+    common = ["inspect", "--model", r / "model", "--sae", r / "sae", "--data", r / "harm.jsonl", "--threads", 1]
+    assert run_cli(common + ["--features", "1,5", "--out", tmp_path / "cards"]) == 0
+    data = json.loads((tmp_path / "cards" / "cards.json").read_text())
+    assert [c["feature"] for c in data["cards"]] == [1, 5] and data["n_texts"] == 6
+    assert "latent 5" in (tmp_path / "cards" / "cards.html").read_text()
+    assert run_cli(common + ["--features", "16", "--out", tmp_path / "x"]) == 2
+    assert "out of range" in capsys.readouterr().err
+    bad = [a if a != r / "harm.jsonl" else r / "empty.jsonl" for a in common]
+    assert run_cli(bad + ["--features", "1", "--out", tmp_path / "x"]) == 2
+    assert "saesteer: error:" in capsys.readouterr().err and not (tmp_path / "x").exists()
