@@ -488,6 +488,9 @@ class SteeringSpec:
             from .direction import load_direction
 
             dvec = load_direction(self.direction)
+            mm = models.model_name(model)
+            ensure(not dvec.model or dvec.model == mm,
+                   f"the direction {self.direction} was fitted on model {dvec.model!r}, not on {mm!r}")
             if self.kind == "add":
                 layer = self.layer if self.layer is not None else dvec.layer
                 return [Add(vector=dvec.vector, alpha=self.alpha, layer=layer, positions=pos)]

@@ -1,0 +1,282 @@
+"""``saesteer generate``, ``saesteer chat`` (steered, optionally side by side with unsteered) and ``saesteer direction``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, List, Optional
+
+import typer
+
+from ..utils import SaesteerError, ensure
+from ._app import DEVICE_HELP, MODEL_HELP, THREADS_HELP, app
+
+_DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
+
+
+def steering_specs(sae: Optional[Path] = None, feature: Optional[List[int]] = None,
+                   clamp: Optional[List[float]] = None, alpha: Optional[float] = None,
+                   direction: Optional[Path] = None, ablate_direction: bool = False, layer: Optional[int] = None,
+                   positions: str = "all", spec: Optional[Path] = None) -> list:
+    """The steering the CLI options describe, as :class:`~saesteer.steering.SteeringSpec` objects."""
+    from ..steering import SteeringSpec, load_specs
+
+    feature, clamp = list(feature or []), list(clamp or [])
+    specs = list(load_specs(spec)) if spec is not None else []
+    if sae is not None:
+        ensure(bool(feature), "--sae needs at least one --feature")
+        if clamp:
+            specs.append(SteeringSpec(kind="clamp", sae=str(sae), features=feature, values=clamp, layer=layer,
+                                      positions=positions))
+        else:
+            ensure(alpha is not None and len(feature) == 1,
+                   "with --sae give --clamp C (per feature) or --alpha A with one --feature")
+            specs.append(SteeringSpec(kind="add", sae=str(sae), features=feature, alpha=alpha, layer=layer,
+                                      positions=positions))
+    else:
+        ensure(not feature and not clamp, "--feature / --clamp need --sae")
+    if direction is not None:
+        if ablate_direction:
+            specs.append(SteeringSpec(kind="ablate_direction", direction=str(direction), layer=layer,
+                                      positions=positions))
+        else:
+            specs.append(SteeringSpec(kind="add", direction=str(direction), alpha=1.0 if alpha is None else alpha,
+                                      layer=layer, positions=positions))
+    else:
+        ensure(not ablate_direction, "--ablate-direction needs --direction")
+    return specs
+
+
+def steering_context(model: Any, interventions: list, policy: Optional[Path]) -> Any:
+    """``steer(model, interventions)``, or the gated policy's ``apply`` when ``--policy`` is given."""
+    from ..steering import steer
+
+    if policy is None:
+        return steer(model, interventions)
+    ensure(not interventions, "--policy carries its own steering: drop the other steering options")
+    from ..policy import Policy
+
+    return Policy.load(policy).apply(model)
+
+
+def _load(model: str, device: str, threads: Optional[int]) -> tuple[Any, Any]:
+    from ..models import load_model
+    from ..utils import resolve_device, set_threads
+
+    set_threads(threads)
+    return load_model(model, device=resolve_device(device))
+
+
+def run_generation(model: Any, tok: Any, prompts: list, max_new_tokens: int, system: Optional[str] = None,
+                   batch_size: int = 8) -> list[str]:
+    """Greedy completions with whatever hooks are on the model (``saesteer.generation`` when installed)."""
+    try:
+        from ..generation import GenerationConfig, generate
+    except ModuleNotFoundError as e:
+        if e.name != "saesteer.generation":
+            raise
+        return _hf_generate(model, tok, prompts, max_new_tokens, system)
+    return generate(model, tok, prompts, GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                                          system=system))
+
+
+def _hf_generate(model: Any, tok: Any, prompts: list, max_new_tokens: int, system: Optional[str]) -> list[str]:
+    import torch
+
+    from ..models import format_chat
+
+    texts = [format_chat(tok, p, system=system) for p in prompts]
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(next(model.parameters()).device)
+    with torch.inference_mode():
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    return tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+_STEER_OPTS = dict(
+    sae=typer.Option(None, help="SAE folder (our format, SAELens or sparsify)"),
+    feature=typer.Option(None, "--feature", "-f", help="SAE latent index (repeat for several)"),
+    clamp=typer.Option(None, "--clamp", "-c", help="clamp value in latent units (one, or one per --feature)"),
+    alpha=typer.Option(None, help="activation-addition coefficient (for --direction, or one --feature without --clamp)"),
+    direction=typer.Option(None, help="refusal direction file from `saesteer direction`"),
+    ablate_direction=typer.Option(False, "--ablate-direction", help="project --direction out at every layer"),
+    layer=typer.Option(None, help="layer to steer (default: the SAE's / direction's layer)"),
+    positions=typer.Option("all", help="all / prompt / generated"),
+    spec=typer.Option(None, help="steering spec JSON (one spec, a list, or {\"steering\": [...]})"),
+    policy=typer.Option(None, help="steering policy file (gate + steering, from `saesteer policy`)"),
+)
+
+
+@app.command("generate")
+def generate_cmd(
+    prompts: List[str] = typer.Argument(..., help="prompt(s) to answer"),
+    model: str = typer.Option(_DEFAULT_MODEL, help=MODEL_HELP),
+    sae: Optional[Path] = _STEER_OPTS["sae"],
+    feature: Optional[List[int]] = _STEER_OPTS["feature"],
+    clamp: Optional[List[float]] = _STEER_OPTS["clamp"],
+    alpha: Optional[float] = _STEER_OPTS["alpha"],
+    direction: Optional[Path] = _STEER_OPTS["direction"],
+    ablate_direction: bool = _STEER_OPTS["ablate_direction"],
+    layer: Optional[int] = _STEER_OPTS["layer"],
+    positions: str = _STEER_OPTS["positions"],
+    spec: Optional[Path] = _STEER_OPTS["spec"],
+    policy: Optional[Path] = _STEER_OPTS["policy"],
+    compare: bool = typer.Option(False, "--compare", help="also print the unsteered answer"),
+    max_new_tokens: int = typer.Option(64, help="tokens to generate per answer"),
+    system: Optional[str] = typer.Option(None, help="system prompt"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object per prompt"),
+    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
+) -> None:
+    """Answer prompts greedily with SAE-feature or refusal-direction steering (no steering options: plain model)."""
+    from ..steering import build_all
+
+    ensure(max_new_tokens > 0, "--max-new-tokens must be positive")
+    specs = steering_specs(sae, feature, clamp, alpha, direction, ablate_direction, layer, positions, spec)
+    m, tok = _load(model, device, threads)
+    ivs = build_all(specs, m)
+    with steering_context(m, ivs, policy):
+        steered = run_generation(m, tok, list(prompts), max_new_tokens, system)
+    plain = run_generation(m, tok, list(prompts), max_new_tokens, system) if compare else None
+    for i, p in enumerate(prompts):
+        if as_json:
+            rec = {"prompt": p, "steering": [s.to_dict() for s in specs], "answer": steered[i]}
+            if plain is not None:
+                rec["unsteered"] = plain[i]
+            typer.echo(json.dumps(rec))
+        elif plain is None:
+            typer.echo(steered[i] if len(prompts) == 1 else f"### {p}\n{steered[i]}\n")
+        else:
+            typer.echo(f"### {p}\n--- steered ---\n{steered[i]}\n--- unsteered ---\n{plain[i]}\n")
+
+
+@app.command("chat")
+def chat_cmd(
+    model: str = typer.Option(_DEFAULT_MODEL, help=MODEL_HELP),
+    sae: Optional[Path] = _STEER_OPTS["sae"],
+    feature: Optional[List[int]] = _STEER_OPTS["feature"],
+    clamp: Optional[List[float]] = _STEER_OPTS["clamp"],
+    alpha: Optional[float] = _STEER_OPTS["alpha"],
+    direction: Optional[Path] = _STEER_OPTS["direction"],
+    ablate_direction: bool = _STEER_OPTS["ablate_direction"],
+    layer: Optional[int] = _STEER_OPTS["layer"],
+    positions: str = _STEER_OPTS["positions"],
+    spec: Optional[Path] = _STEER_OPTS["spec"],
+    policy: Optional[Path] = _STEER_OPTS["policy"],
+    side_by_side: bool = typer.Option(False, "--side-by-side", help="show steered and unsteered answers together"),
+    max_new_tokens: int = typer.Option(128, help="tokens per answer"),
+    system: Optional[str] = typer.Option(None, help="system prompt"),
+    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
+) -> None:
+    """Interactive chat with the steered model (``/reset`` clears the history, ``/exit`` or EOF quits)."""
+    from rich.console import Console
+    from rich.panel import Panel
+    from rich.table import Table
+
+    from ..steering import build_all
+
+    ensure(max_new_tokens > 0, "--max-new-tokens must be positive")
+    specs = steering_specs(sae, feature, clamp, alpha, direction, ablate_direction, layer, positions, spec)
+    m, tok = _load(model, device, threads)
+    ivs = build_all(specs, m)
+    con = Console()
+    label = ", ".join(f"{s.kind}" + (f" {s.features}" if s.features else "") for s in specs) or (
+        f"policy {policy}" if policy else "none")
+    con.print(f"[bold]saesteer chat[/] · {model} · steering: {label} · /reset, /exit")
+    hist_s: list[dict[str, str]] = []
+    hist_u: list[dict[str, str]] = []
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            hist_s, hist_u = [], []
+            con.print("[dim]history cleared[/]")
+            continue
+        hist_s.append({"role": "user", "content": text})
+        with steering_context(m, ivs, policy):
+            ans_s = run_generation(m, tok, [hist_s], max_new_tokens, system, batch_size=1)[0]
+        hist_s.append({"role": "assistant", "content": ans_s})
+        if not side_by_side:
+            con.print(Panel(ans_s, title="steered" if ivs or policy else "model", title_align="left"))
+            continue
+        hist_u.append({"role": "user", "content": text})
+        ans_u = run_generation(m, tok, [hist_u], max_new_tokens, system, batch_size=1)[0]
+        hist_u.append({"role": "assistant", "content": ans_u})
+        table = Table(show_lines=True, expand=True)
+        table.add_column("steered")
+        table.add_column("unsteered")
+        table.add_row(ans_s, ans_u)
+        con.print(table)
+
+
+def _split_prompts(spec: str, n_train: int, n_val: int, seed: int) -> tuple[list, list]:
+    """Disjoint train / val prompts: the set's own train / val splits when it has them, else a seeded split."""
+    import random
+
+    from ..data import load_prompts
+
+    def texts(items: list) -> list:
+        return [it.messages if it.messages is not None else it.prompt for it in items]
+
+    if spec.split(":")[0] in ("arditi-harmful", "arditi-harmless") and ":" not in spec:
+        return (texts(load_prompts(spec, split="train", limit=n_train, seed=seed)),
+                texts(load_prompts(spec, split="val", limit=n_val, seed=seed)))
+    items = load_prompts(spec)
+    ensure(len(items) >= 2, f"{spec}: need at least 2 prompts for a train / val split, got {len(items)}")
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    n_val = min(n_val, max(1, len(items) // 4))
+    val, train = order[:n_val], order[n_val:n_val + n_train]
+    return texts([items[i] for i in sorted(train)]), texts([items[i] for i in sorted(val)])
+
+
+@app.command("direction")
+def direction_cmd(
+    out: Path = typer.Option(..., help="output file (.safetensors; a .json sidecar is written next to it)"),
+    model: str = typer.Option(_DEFAULT_MODEL, help=MODEL_HELP),
+    harmful: str = typer.Option("arditi-harmful", help="harmful prompt set (data spec)"),
+    harmless: str = typer.Option("arditi-harmless", help="harmless prompt set (data spec)"),
+    n_train: int = typer.Option(64, help="prompts per class for the means"),
+    n_val: int = typer.Option(16, help="prompts per class for choosing the layer"),
+    layers: Optional[str] = typer.Option(None, help="candidate layers, comma-separated (default: 25-75 %% depth, step 2)"),
+    position: str = typer.Option("last", help="last (last post-instruction token) or mean (over them)"),
+    alpha: float = typer.Option(1.0, help="addition coefficient used to score candidates"),
+    batch_size: int = typer.Option(8, help="prompts per forward"),
+    seed: int = typer.Option(0, help="sampling seed"),
+    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
+) -> None:
+    """Fit the refusal direction (difference of means, Arditi et al.) and pick its layer on a validation split."""
+    from ..direction import DirectionConfig, fit_direction, save_direction
+
+    ensure(n_train > 0 and n_val > 0, "--n-train and --n-val must be positive")
+    try:
+        cand = [int(x) for x in layers.split(",") if x.strip()] if layers else None
+    except ValueError:
+        raise SaesteerError(f"--layers must be comma-separated integers, got {layers!r}") from None
+    cfg = DirectionConfig(layers=cand, position=position, alpha=alpha, batch_size=batch_size)
+    h_tr, h_val = _split_prompts(harmful, n_train, n_val, seed)
+    s_tr, s_val = _split_prompts(harmless, n_train, n_val, seed)
+    m, tok = _load(model, device, threads)
+    d, meta = fit_direction(m, tok, h_tr, s_tr, h_val, s_val, cfg, progress=True)
+    path = save_direction(d, out, data={"harmful": harmful, "harmless": harmless, "seed": seed})
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"refusal direction candidates ({model})")
+    for c in ("layer", "norm", "induce", "bypass", "score"):
+        t.add_column(c, justify="right")
+    for c in meta["candidates"]:
+        mark = " *" if c["layer"] == d.layer else ""
+        t.add_row(f"{c['layer']}{mark}", f"{c['norm']:.2f}", f"{c['induce']:+.2f}", f"{c['bypass']:+.2f}",
+                  f"{c['score']:+.2f}")
+    con = Console(stderr=True)
+    con.print(t)
+    con.print(f"chosen layer {d.layer}, norm {d.norm:.2f} → {path}")
