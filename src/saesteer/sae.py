@@ -30,8 +30,6 @@ from torch import nn
 
 from .utils import SaesteerError, ensure
 
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -85,7 +83,10 @@ def _csr_rows(idx: torch.Tensor, val: torch.Tensor, n_latents: int) -> torch.Ten
     counts = torch.bincount(flat, minlength=n_latents)
     crow = torch.zeros(n_latents + 1, dtype=torch.int64, device=idx.device)
     crow[1:] = torch.cumsum(counts, 0)
-    return torch.sparse_csr_tensor(crow, rows[order], val.reshape(-1)[order], (n_latents, n), check_invariants=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+        return torch.sparse_csr_tensor(crow, rows[order], val.reshape(-1)[order], (n_latents, n),
+                                       check_invariants=False)
 
 
 class _SparseTopKEncode(torch.autograd.Function):
@@ -242,7 +243,7 @@ class TopKSAE(nn.Module):
         recon = F.embedding_bag(idx, self.W_dec, per_sample_weights=vals, mode="sum") + self.b_dec
         err = xs - recon
         l2 = err.pow(2).sum()
-        out = {"l2": l2, "fvu": l2 / total_variance, "indices": idx}
+        out = {"l2": l2, "fvu": l2 / total_variance, "indices": idx, "l0": (vals > 0).sum(-1).float().mean()}
         if ka > 0:
             e_hat = F.embedding_bag(aux_idx, self.W_dec, per_sample_weights=aux_vals, mode="sum")
             out["auxk"] = min(n_dead / k_aux, 1.0) * (e_hat - err.detach()).pow(2).sum() / total_variance
