@@ -188,3 +188,53 @@ def judges_cmd(
                   str(a["n"]), str(a["n_failed"]), f"{a['precision']:.3f}", f"{a['recall']:.3f}")
     Console().print(t)
 
+
+
+@eval_app.command("multiturn")
+def multiturn_cmd(
+    model: str = typer.Option("qwen2.5-coder-0.5b-instruct", help=MODEL_HELP),
+    mode: str = typer.Option("replay", help="replay (fixed human turns, refusal per turn) or crescendo (attacker)"),
+    dataset: Optional[str] = typer.Option(None, help="replay: conversations (default hh-harmless); crescendo: "
+                                          "objectives (default jbb-harmful)"),
+    limit: Optional[int] = typer.Option(20, help="seeded sample of at most N conversations / objectives"),
+    seed: int = typer.Option(0, help="seed of that sample"),
+    max_turns: int = typer.Option(5, help="human turns replayed / attacker turns per objective"),
+    min_turns: int = typer.Option(2, help="replay: only conversations with at least this many human turns"),
+    max_new_tokens: int = typer.Option(48, help="target answer budget per turn"),
+    batch_size: int = typer.Option(16, help="target rows decoded together"),
+    out: Path = typer.Option(..., help="output folder (items.jsonl, summary.json)"),
+    judge: str = typer.Option("prefix", help="refusal judge (per turn / for backtracking)"),
+    attacker: str = typer.Option("hf:qwen2.5-coder-1.5b-instruct", help="crescendo attacker: hf:MODEL or openai:NAME"),
+    attacker_base_url: Optional[str] = typer.Option(None, help="base URL of an OpenAI-compatible attacker endpoint"),
+    api_key_env: str = typer.Option("OPENAI_API_KEY", help="env var with the endpoint's API key"),
+    success_judge: Optional[str] = typer.Option(None, help="success judge backend (default: the attacker)"),
+    max_backtracks: int = typer.Option(3, help="crescendo: refused turns the attacker may retract"),
+    system: Optional[str] = typer.Option(None, help="target system prompt (default: the chat template's)"),
+    sae: Optional[Path] = SAE_OPT, feature: Optional[str] = FEATURE_OPT, clamp: Optional[str] = CLAMP_OPT,
+    direction: Optional[Path] = DIRECTION_OPT, alpha: float = ALPHA_OPT, spec: Optional[Path] = SPEC_OPT,
+    policy: Optional[Path] = POLICY_OPT, name: Optional[str] = NAME_OPT,
+    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
+) -> None:
+    """Multi-turn refusal: replay red-team conversations turn by turn, or run Crescendo-style attacks (ASR)."""
+    from ..evals.multiturn import MultiTurnConfig, run_crescendo, run_replay
+
+    ensure(mode in ("replay", "crescendo"), f"--mode must be replay or crescendo, got {mode!r}")
+    steering = steering_from_options(sae, feature, clamp, direction, alpha, spec, policy, name)
+    cfg = MultiTurnConfig(
+        mode=mode, dataset=dataset, limit=limit, seed=seed, max_turns=max_turns, min_turns=min_turns,
+        max_new_tokens=max_new_tokens, batch_size=batch_size, system=system, judge=judge, attacker=attacker,
+        attacker_base_url=attacker_base_url, api_key_env=api_key_env, success_judge=success_judge,
+        max_backtracks=max_backtracks, out=str(out), device=device,
+    )
+    m, tok = _load(model, device, threads)
+    if mode == "replay":
+        s = run_replay(m, tok, cfg, steering=steering)
+        rows = [(f"turn {t}", r) for t, r in s["per_turn"].items()]
+        rows += [(f"refused by turn {t}", r) for t, r in s["cumulative"].items()]
+        _print_rates(f"multi-turn replay ({s['steering']}, {s['n_conversations']} conversations)", rows, f"→ {out}")
+    else:
+        s = run_crescendo(m, tok, cfg, steering=steering)
+        _print_rates(f"crescendo ASR ({s['steering']}, attacker {s['attacker']})",
+                     [("attack success", {**s["asr"], "n_failed": s["n_failed"]})],
+                     f"mean turns {s['mean_turns']:.2f}, mean backtracks {s['mean_backtracks']:.2f} → {out}")
