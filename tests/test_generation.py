@@ -1,0 +1,270 @@
+"""Fast batched generation: identical greedy output to model.generate, row dropping, hooks, stops, sampling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from saesteer.generation import GenerationConfig, encode_prompts, generate, generate_rows, generate_stream
+from saesteer.models import hook_module
+from saesteer.utils import SaesteerError
+
+PROMPTS = [
+    "hello there",
+    "how do i make a cake? please tell me in detail",
+    "capital of france",
+    "x",
+    "the quick brown fox jumps over the lazy dog and more words here",
+    [{"role": "system", "content": "be brief"}, {"role": "user", "content": "photosynthesis?"}],
+]
+
+
+@pytest.fixture(scope="module")
+def lively():
+    """A tiny Llama with larger random weights, so greedy outputs are varied (not one repeated token)."""
+    from saesteer.testing import tiny_model
+
+    model, tok = tiny_model("llama")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.15)
+    return model, tok
+
+
+def _padded(tok, ids):
+    L = max(map(len, ids))
+    inp = torch.tensor([[tok.pad_token_id] * (L - len(x)) + x for x in ids])
+    mask = torch.tensor([[0] * (L - len(x)) + [1] * len(x) for x in ids])
+    return inp, mask, L
+
+
+def _hf_generate(model, tok, ids, max_new, eos):
+    """Reference: plain model.generate on one left-padded batch; returns each row's ids up to (excluding) EOS."""
+    inp, mask, L = _padded(tok, ids)
+    out = model.generate(input_ids=inp, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
+                         eos_token_id=sorted(eos), pad_token_id=tok.pad_token_id)
+    res = []
+    for row in out[:, L:].tolist():
+        cut = next((i for i, t in enumerate(row) if t in eos), len(row))
+        res.append(row[:cut])
+    return res
+
+
+def _common_eos(model, tok, n=3):
+    """A few frequent tokens of the free-running output, used as extra EOS ids so rows end at different steps."""
+    rows = generate_rows(model, tok, PROMPTS, max_new_tokens=16, eos_ids=[])
+    counts = torch.bincount(torch.tensor([t for r in rows for t in r.out_ids]))
+    return {int(t) for t in counts.argsort(descending=True)[:n]} | {tok.eos_token_id}
+
+
+def test_greedy_equals_model_generate_same_batch(lively):
+    model, tok = lively
+    eos = _common_eos(model, tok)
+    rows = generate_rows(model, tok, PROMPTS, max_new_tokens=24, eos_ids=eos, bucket_by_length=False)
+    lengths = {len(r.out_ids) for r in rows}
+    assert len(lengths) > 1, "rows should finish at different steps so that row dropping is exercised"
+    assert {r.finish_reason for r in rows} == {"stop", "length"}
+    ref = _hf_generate(model, tok, encode_prompts(tok, PROMPTS), 24, eos)
+    assert [r.out_ids for r in rows] == ref
+    assert [r.text for r in rows] == [tok.decode(x, skip_special_tokens=True) for x in ref]
+
+
+def test_bucketed_small_batches_equal_unpadded_generate(lively):
+    model, tok = lively
+    eos = _common_eos(model, tok)
+    ids = encode_prompts(tok, PROMPTS)
+    rows = generate_rows(model, tok, PROMPTS, max_new_tokens=16, eos_ids=eos, batch_size=2)
+    ref = [_hf_generate(model, tok, [x], 16, eos)[0] for x in ids]  # batch 1: no padding at all
+    diverged = sum(r.out_ids != x for r, x in zip(rows, ref))
+    assert diverged == 0  # padding-induced divergences: none on this model (counted on a real one in integration)
+
+
+def test_message_lists_and_raw_prompts(lively):
+    model, tok = lively
+    conv = [{"role": "user", "content": "capital of france"}]
+    assert generate(model, tok, [conv], max_new_tokens=8) == generate(model, tok, ["capital of france"], max_new_tokens=8)
+    raw = generate_rows(model, tok, ["the quick brown"], max_new_tokens=5, raw=True)[0]
+    enc = tok(["the quick brown"], return_tensors="pt")
+    ref = model.generate(**enc, max_new_tokens=5, do_sample=False)[0, enc["input_ids"].shape[1]:].tolist()
+    cut = ref.index(tok.eos_token_id) if tok.eos_token_id in ref else len(ref)
+    assert raw.out_ids == ref[:cut]
+
+
+def test_stop_strings_cut_before_the_stop(lively):
+    model, tok = lively
+    full = generate(model, tok, PROMPTS[:3], max_new_tokens=24, eos_ids=[])
+    stop = full[1][6:9]
+    out = generate_rows(model, tok, PROMPTS[:3], max_new_tokens=24, eos_ids=[], stop=[stop])
+    for r, f in zip(out, full):
+        pos = f.find(stop)
+        if pos >= 0:
+            assert r.text == f[:pos] and r.finish_reason == "stop"
+        else:
+            assert r.text == f and r.finish_reason == "length"
+    assert out[1].finish_reason == "stop" and len(out[1].out_ids) < 24
+
+
+def test_stop_when_ends_rows_early(lively):
+    model, tok = lively
+    full = generate_rows(model, tok, PROMPTS, max_new_tokens=20, eos_ids=[])
+    seen = []
+
+    def judge(text):
+        seen.append(text)
+        return len(text) >= 6 or None
+
+    out = generate_rows(model, tok, PROMPTS, max_new_tokens=20, eos_ids=[], stop_when=judge)
+    for r, f in zip(out, full):
+        assert f.out_ids[: len(r.out_ids)] == r.out_ids  # a prefix of the free run
+        assert len(r.text) >= 6 and r.finish_reason == "stop"
+        shorter = tok.decode(r.out_ids[:-1], skip_special_tokens=True)
+        assert len(shorter) < 6  # it stopped at the first decided step, not later
+    assert sum(len(r.out_ids) for r in out) == len(seen)
+
+
+class RowAdd:
+    """A per-row steering intervention following the contract: adds vecs[row] at a layer; select_rows slices."""
+
+    def __init__(self, model, layer, vecs):
+        self.vecs, self.calls = vecs, []
+        self.handle = hook_module(model, layer).register_forward_hook(self.hook)
+        model._saesteer_interventions = [self]
+
+    def hook(self, mod, inp, out):
+        self.calls.append(out.shape[0])
+        assert out.shape[0] == self.vecs.shape[0], "hook saw a batch of a different size than its rows"
+        return out + self.vecs[:, None, :]
+
+    def select_rows(self, index):
+        self.vecs = self.vecs[index]
+
+    def remove(self, model):
+        self.handle.remove()
+        del model._saesteer_interventions
+
+
+def test_row_dropping_keeps_per_row_hooks_aligned(lively):
+    model, tok = lively
+    g = torch.Generator().manual_seed(3)
+    vecs = torch.randn(len(PROMPTS), 64, generator=g) * 2.0
+    vecs[0] = 0
+    order = []
+    iv = RowAdd(model, 0, vecs.clone())
+    try:
+        eos = _common_eos(model, tok)  # frequent tokens of the steered run
+        iv.calls.clear()
+        rows = generate_rows(model, tok, PROMPTS, max_new_tokens=16, eos_ids=eos, bucket_by_length=False,
+                             on_batch=order.append)
+    finally:
+        iv.remove(model)
+    assert order == [list(range(len(PROMPTS)))]
+    assert len(set(iv.calls)) > 1  # the batch shrank while decoding
+    # reference: each prompt alone with its own vector through model.generate
+    ids = encode_prompts(tok, PROMPTS)
+    for i, x in enumerate(ids):
+        single = RowAdd(model, 0, vecs[i:i + 1].clone())
+        try:
+            ref = _hf_generate(model, tok, [x], 16, eos)[0]
+        finally:
+            single.remove(model)
+        assert rows[i].out_ids == ref, f"row {i} differs from its own steered run"
+    plain = generate_rows(model, tok, PROMPTS, max_new_tokens=16, eos_ids=eos)
+    assert plain[0].out_ids == rows[0].out_ids  # zero vector: unchanged
+    assert sum(p.out_ids != r.out_ids for p, r in zip(plain, rows)) >= 3  # the hook really steered
+
+
+def test_plain_forward_hook_stays_active(lively):
+    model, tok = lively
+    calls = []
+    vec = torch.randn(64, generator=torch.Generator().manual_seed(5)) * 3.0
+
+    def hook(mod, inp, out):
+        calls.append(out.shape[1])
+        return out + vec
+
+    before = generate(model, tok, PROMPTS[:2], max_new_tokens=10, eos_ids=[])
+    h = hook_module(model, 1).register_forward_hook(hook)
+    try:
+        steered = generate(model, tok, PROMPTS[:2], max_new_tokens=10, eos_ids=[])
+    finally:
+        h.remove()
+    assert steered != before
+    assert calls.count(1) == 9 and len(calls) == 10  # prefill + 9 single-token decode steps
+    assert generate(model, tok, PROMPTS[:2], max_new_tokens=10, eos_ids=[]) == before
+
+
+def test_sampling_seeded_and_batch_independent(lively):
+    model, tok = lively
+    cfg = GenerationConfig(max_new_tokens=12, temperature=1.0, seed=7, eos_ids=[])
+    a = generate(model, tok, PROMPTS, cfg)
+    assert a == generate(model, tok, PROMPTS, cfg)
+    assert a != generate(model, tok, PROMPTS, cfg, seed=8)
+    b = generate(model, tok, PROMPTS, cfg, batch_size=1)  # other batch company, same per-row seeds
+    assert a == b
+    greedy = generate(model, tok, PROMPTS, max_new_tokens=12, eos_ids=[])
+    assert a != greedy
+    assert generate(model, tok, PROMPTS, cfg, top_p=1e-6) == greedy  # a nucleus of one token is greedy
+
+
+def test_stream_deltas_rebuild_text_and_hold_back_stops(lively):
+    model, tok = lively
+    full = generate(model, tok, PROMPTS, max_new_tokens=20, eos_ids=[])
+    stop = full[1][5:8]
+    ref = generate(model, tok, PROMPTS, max_new_tokens=20, eos_ids=[], stop=[stop])
+    got = {i: "" for i in range(len(PROMPTS))}
+    finished = {}
+    for ev in generate_stream(model, tok, PROMPTS, max_new_tokens=20, eos_ids=[], stop=[stop]):
+        assert ev.index not in finished
+        got[ev.index] += ev.delta
+        assert stop not in got[ev.index]
+        if ev.finish_reason:
+            finished[ev.index] = ev.finish_reason
+    assert [got[i] for i in range(len(PROMPTS))] == ref
+    assert finished[1] == "stop" and len(finished) == len(PROMPTS)
+
+
+def test_zero_tokens_and_empty_list(lively):
+    model, tok = lively
+    assert generate(model, tok, [], max_new_tokens=5) == []
+    assert generate(model, tok, PROMPTS[:2], max_new_tokens=0) == ["", ""]
+
+
+@pytest.mark.parametrize("bad", [dict(max_new_tokens=-1), dict(batch_size=0), dict(temperature=-1.0),
+                                 dict(top_p=0.0), dict(stop=[""]), dict(nonsense=1)])
+def test_bad_settings_raise(lively, bad):
+    model, tok = lively
+    with pytest.raises(SaesteerError):
+        generate(model, tok, ["hi"], **bad)
+
+
+def test_bad_prompts_and_limits_raise(lively):
+    model, tok = lively
+    with pytest.raises(SaesteerError, match="prompt 1"):
+        generate(model, tok, ["ok", 5], max_new_tokens=2)
+    with pytest.raises(SaesteerError, match="prompt 0 is empty"):
+        generate(model, tok, [""], raw=True, max_new_tokens=2)
+    with pytest.raises(SaesteerError, match="context"):
+        generate(model, tok, ["hi"], max_new_tokens=10_000)
+    h = hook_module(model, 0).register_forward_hook(lambda m, i, o: o * float("nan"))
+    try:
+        with pytest.raises(SaesteerError, match="NaN"):
+            generate(model, tok, ["hi"], max_new_tokens=2)
+    finally:
+        h.remove()
+
+
+@pytest.mark.integration
+def test_smollm_greedy_equals_model_generate(smollm):
+    model, tok = smollm
+    prompts = ["What is the capital of France?", "Write a haiku about rain.", "How do I pick a lock?",
+               "Give me three tips for sleeping better.", "Explain recursion to a child.", "2+2=?"]
+    rows = generate_rows(model, tok, prompts, max_new_tokens=20, batch_size=8, bucket_by_length=False)
+    eos = {tok.eos_token_id} | ({model.generation_config.eos_token_id} - {None})
+    ref = _hf_generate(model, tok, encode_prompts(tok, prompts), 20, eos)
+    same_batch_diverged = sum(r.out_ids != x for r, x in zip(rows, ref))
+    assert same_batch_diverged == 0
+    bucketed = generate_rows(model, tok, prompts, max_new_tokens=20, batch_size=3)
+    padding_diverged = sum(r.out_ids != x for r, x in zip(bucketed, ref))
+    assert padding_diverged <= 1, f"{padding_diverged}/6 rows changed with a different padding"
