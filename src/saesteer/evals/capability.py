@@ -184,9 +184,19 @@ def encode_pair(tok: Any, context: str, continuation: str) -> tuple[list[int], l
     n = len(context) - len(context.rstrip())
     if n:
         context, continuation = context[:-n], context[-n:] + continuation
-    whole = tok.encode(context + continuation, add_special_tokens=False)
-    ctx = tok.encode(context, add_special_tokens=False)
+    whole = tok.encode(context + continuation)  # the tokenizer's own special tokens (BOS), as HFLM does
+    ctx = tok.encode(context)
     return ctx, whole[len(ctx):]
+
+
+def max_length(model: Any, tok: Any, default: int = 2048) -> int:
+    """The model's context length, looked up the way HFLM does (config, then tokenizer, then 2048)."""
+    cfg = getattr(model.config, "get_text_config", lambda: model.config)()
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+        if getattr(cfg, attr, None):
+            return int(getattr(cfg, attr))
+    tml = getattr(tok, "model_max_length", None)
+    return int(tml) if tml and tml < 10**9 else default
 
 
 def _lm_logits(model: Any, hidden: torch.Tensor) -> torch.Tensor:
@@ -209,18 +219,20 @@ def loglikelihoods(
     sorted by length, left-padded and batched; only scored positions reach the LM head.
     """
     seqs: list[tuple[list[int], list[tuple[int, int, list[int]]]]] = []  # (input ids, [(req, choice, cont ids)])
+    max_len = max_length(model, tok)  # longer inputs keep their last max_len tokens, as HFLM does
     for r, (context, conts) in enumerate(requests):
         ensure(len(conts) > 0, f"request {r} has no continuations")
         pairs = [encode_pair(tok, context, c) for c in conts]
         ensure(all(len(c) > 0 for _, c in pairs), f"request {r}: a continuation encodes to no tokens")
         ctx = pairs[0][0]
         if all(len(c) == 1 and p == ctx for p, c in pairs) and ctx:
-            seqs.append((ctx, [(r, j, c) for j, (_, c) in enumerate(pairs)]))
+            seqs.append((ctx[-max_len:], [(r, j, c) for j, (_, c) in enumerate(pairs)]))
         else:
             for j, (p, c) in enumerate(pairs):
                 full = p + c
                 ensure(len(full) > 1, f"request {r}: context and continuation are too short to score")
-                seqs.append((full[:-1], [(r, j, c)]))
+                ensure(len(c) <= max_len, f"request {r}: continuation longer than the model's {max_len} positions")
+                seqs.append((full[-(max_len + 1):][:-1], [(r, j, c)]))
     out: list[list[tuple[float, bool] | None]] = [[None] * len(c) for _, c in requests]
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
     device = next(model.parameters()).device
@@ -300,18 +312,13 @@ def gsm8k_correct(answer: str, target: str) -> tuple[bool, bool]:
 
 # --------------------------------------------------------------------------------------------- runner
 def steering_context(model: Any, steering: Any) -> contextlib.AbstractContextManager:
-    """A context manager for any steering description: None, a Policy (``.apply``), a SteeringSpec (``.build``),
-    a list of interventions, or a zero-argument callable returning a context manager."""
-    if steering is None:
-        return contextlib.nullcontext()
-    if hasattr(steering, "apply"):
-        return steering.apply(model)
-    if callable(steering) and not isinstance(steering, (list, tuple)):
+    """A context manager for any steering description that ``refusal.as_steering`` takes (None, a Steering,
+    SteeringSpec(s), interventions, a policy), or a zero-argument callable returning a context manager."""
+    if callable(steering) and not hasattr(steering, "apply") and not isinstance(steering, (list, tuple)):
         return steering()
-    from ..steering import steer
+    from .refusal import as_steering
 
-    interventions = steering.build(model) if hasattr(steering, "build") else list(steering)
-    return steer(model, interventions)
+    return as_steering(steering).context(model)
 
 
 def _bar(total: int, desc: str, enabled: bool):
