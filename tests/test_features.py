@@ -231,10 +231,15 @@ def test_cli_features_runs_and_reports_errors(tiny_dirs, tmp_path, capsys):
               "1.5", "--threads", 1]
     out = tmp_path / "feat"
     # the random tiny model never refuses, so the grid holds just the latent we name
-    assert run_cli(common + ["--features", "3", "--out", out]) == 0
+    assert run_cli(common + ["--features", "3", "--out", out, "--heldout", r / "harm.jsonl"]) == 0
     sel = json.loads((out / "selection.json").read_text())
+    held = json.loads((out / "heldout.json").read_text())
+    used = {u["prompt"] for part in sel["prompts_used"].values() for u in part}
+    assert held["n"] == 2 and not used & {u["prompt"] for u in held["prompts"]}  # 6 rows - 2 discovery - 2 val
+    assert held["baseline"]["n"] == 2 and held["newly_refused"] + held["no_longer_refused"] <= 2
     assert sel["feature"] == 3 and sel["clamp"] == 1.5 and sel["grid_features"] == [3]
     assert {"candidates.json", "ranking.json", "grid.json", "cards.html", "cards.json"} <= {p.name for p in out.iterdir()}
+    common += ["--heldout", ""]
     assert run_cli(common + ["--out", tmp_path / "none"]) == 2  # no refusals, no named latent → no grid
     assert "no candidate latents" in capsys.readouterr().err and not (tmp_path / "none").exists()
     assert run_cli(common + ["--features", "16", "--out", tmp_path / "x"]) == 2
@@ -245,3 +250,23 @@ def test_cli_features_runs_and_reports_errors(tiny_dirs, tmp_path, capsys):
     bad = [a if a != r / "harm.jsonl" else r / "empty.jsonl" for a in common]
     assert run_cli(bad + ["--features", "3", "--out", tmp_path / "x"]) == 2
     assert "saesteer: error:" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_heldout_check_counts_and_interval(monkeypatch):
+    base = [True] * 10 + [False] * 30
+    steered = [True] * 9 + [False] + [True] * 20 + [False] * 10  # 20 newly refused, 1 no longer refused
+
+    def fake_scorer(model, tok, sae, harmful, harmless, cfg, log=None):
+        assert harmless == [] and len(harmful) == 40
+        return lambda f, v: {"_labels": base if f is None else steered}
+
+    monkeypatch.setattr(F, "make_scorer", fake_scorer)
+    prompts = [F.Prompt(text=f"p{i}", spec="s", split=None, id=str(i)) for i in range(40)]
+    h = F.heldout_check(None, None, None, 7, 3.0, prompts, F.DiscoveryConfig())
+    assert (h["baseline"]["k"], h["steered"]["k"], h["newly_refused"], h["no_longer_refused"]) == (10, 29, 20, 1)
+    assert h["diff"] == pytest.approx(19 / 40) and h["ci_excludes_zero"] and h["ci"][0] > 0
+    from scipy.stats import binomtest
+
+    assert h["mcnemar_p"] == pytest.approx(binomtest(20, 21).pvalue) and h["mcnemar_p"] < 1e-4
+    with pytest.raises(SaesteerError):
+        F.heldout_check(None, None, None, 7, 3.0, [], F.DiscoveryConfig())

@@ -109,6 +109,10 @@ class DiscoveryConfig:
     """Layer to hook; None = the SAE's own layer."""
     seed: int = 0
     """Seed of the shuffle used when discovery and validation rows come from one split."""
+    heldout: str = ""
+    """Harmful set (data spec) for a final check of the chosen clamp on rows not used above; empty = skip."""
+    heldout_limit: int = 48
+    """Held-back prompts in that check (a seeded sample of those left after removing every prompt used above)."""
 
 
 # --------------------------------------------------------------------------------------------- prompts
@@ -292,7 +296,8 @@ def _row(feature: int | None, value: float | None, how: str, res: dict[str, Any]
     d, lo, hi = diff_interval(kh, nh, ks, ns)
     row = {"feature": feature, "clamp": value, "clamp_from": how, "harmful_refusal": rate_summary(kh, nh),
            "harmless_refusal": rate_summary(ks, ns), "objective": d, "objective_ci": [lo, hi]}
-    row.update({k: v for k, v in res.items() if k not in ("k_harmful", "n_harmful", "k_harmless", "n_harmless")})
+    row.update({k: v for k, v in res.items() if k[0] != "_" and k not in ("k_harmful", "n_harmful", "k_harmless",
+                                                                        "n_harmless")})
     return row
 
 
@@ -342,9 +347,33 @@ def make_scorer(
                                for i, (p, o, lab) in enumerate(zip(prompts, outs, labels)))
         nh = len(harmful)
         return {"k_harmful": sum(labels[:nh]), "n_harmful": nh, "k_harmless": sum(labels[nh:]),
-                "n_harmless": len(harmless)}
+                "n_harmless": len(harmless), "_labels": labels}
 
     return score
+
+
+def heldout_check(
+    model: Any, tok: Any, sae: Any, feature: int, value: float, prompts: Sequence[Prompt], cfg: DiscoveryConfig,
+    answers_log: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Refusal on held-back harmful prompts, unsteered vs ``feature`` clamped to ``value``.
+
+    ``diff`` / ``ci``: steered minus unsteered rate with ``utils.diff_interval`` (Newcombe, independent samples:
+    conservative for these paired data); ``mcnemar_p``: exact two-sided McNemar test on the discordant prompts.
+    """
+    from scipy.stats import binomtest
+
+    ensure(len(prompts) > 0, "no held-back prompts left after removing those used in discovery")
+    score = make_scorer(model, tok, sae, [p.text for p in prompts], [], cfg, answers_log)
+    base, st = score(None, None)["_labels"], score(feature, value)["_labels"]
+    n, kb, ks = len(prompts), sum(base), sum(st)
+    d, lo, hi = diff_interval(ks, n, kb, n)
+    up = sum(s and not b for s, b in zip(st, base))
+    down = sum(b and not s for s, b in zip(st, base))
+    p = binomtest(up, up + down).pvalue if up + down else 1.0
+    return {"feature": feature, "clamp": value, "n": n, "baseline": rate_summary(kb, n), "steered": rate_summary(ks, n),
+            "diff": d, "ci": [lo, hi], "ci_excludes_zero": bool(lo > 0 or hi < 0), "newly_refused": up,
+            "no_longer_refused": down, "mcnemar_p": float(p), "prompts": [x.record() for x in prompts]}
 
 
 # --------------------------------------------------------------------------------------------- discover
@@ -361,6 +390,7 @@ class Discovery:
     seqs: list[SeqLatents] = field(default_factory=list)
     """Encoded discovery conversations (prompt + answer): the text set for feature cards."""
     grid_answers: list[dict[str, Any]] = field(default_factory=list)
+    heldout: dict[str, Any] = field(default_factory=dict)
 
     def ranking_json(self, top: int = 50) -> dict[str, Any]:
         cols = {k: [None if math.isnan(x) else round(x, 6) for x in v.tolist()] for k, v in self.ranking.items()}
@@ -372,7 +402,8 @@ class Discovery:
     def files(self) -> dict[str, Any]:
         return {"candidates.json": {"config": self.config, "archetype_answers": self.answers[: self.config[
             "n_archetypes"]], "candidates": self.candidates}, "ranking.json": self.ranking_json(),
-            "grid.json": self.grid, "selection.json": self.selection}
+            "grid.json": self.grid, "selection.json": self.selection, **({"heldout.json": self.heldout}
+                                                                        if self.heldout else {})}
 
 
 def discover(
@@ -436,4 +467,11 @@ def discover(
                                               base["harmful_refusal"]["k"], base["harmful_refusal"]["n"]),
         "control_clamp": best["clamp"] if control is not None else None,
     })
+    if cfg.heldout:
+        used_text = {p.text for p in disc + harm_v + safe_v}
+        held = [p for p in load_split_prompts(cfg.heldout, None) if p.text not in used_text]
+        random.Random(cfg.seed + 1).shuffle(held)
+        held = held[: cfg.heldout_limit]
+        say(f"held-back check on {len(held)} prompts of {cfg.heldout}")
+        res.heldout = heldout_check(model, tok, sae, best["feature"], best["clamp"], held, cfg, res.grid_answers)
     return res

@@ -75,6 +75,8 @@ def features_cmd(
     batch_size: int = typer.Option(16, help="generation / encoding batch size"),
     n_cards: int = typer.Option(6, help="feature cards: the chosen latent, the control and the top candidates"),
     seed: int = typer.Option(0, help="seed of the shuffle when discovery and validation share a split"),
+    heldout: str = typer.Option("advbench", help="harmful set for a final check on unused rows ('' = skip)"),
+    heldout_limit: int = typer.Option(48, help="held-back prompts in that check"),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
 ) -> None:
@@ -88,7 +90,8 @@ def features_cmd(
         n_archetypes=n_archetypes, n_contrast=n_contrast, discovery_tokens=discovery_tokens, n_grid=n_grid,
         features=_ints(features, "--features"), clamps=_floats(clamps, "--clamps"),
         clamp_multiples=_floats(clamp_multiples, "--clamp-multiples"), val_limit=val_limit,
-        max_new_tokens=max_new_tokens, batch_size=batch_size, layer=layer, seed=seed)
+        max_new_tokens=max_new_tokens, batch_size=batch_size, layer=layer, seed=seed, heldout=heldout,
+        heldout_limit=heldout_limit)
     con = _console()
     m, tok, s, cfg.layer = load_model_and_sae(model, sae, device, threads, layer)
     res = discover(m, tok, s, cfg, grid=True, progress=lambda msg: con.print(f"[saesteer] {msg}"))
@@ -102,13 +105,18 @@ def features_cmd(
     with atomic_dir(out) as tmp:
         for name, obj in res.files().items():
             atomic_write_json(tmp / name, obj, indent=None if name == "ranking.json" else 2)
-        atomic_write_text(tmp / "answers.jsonl", "".join(json.dumps(a) + "\n" for a in res.answers + res.grid_answers))
+        for name, rows in (("answers.jsonl", res.answers), ("grid_answers.jsonl", res.grid_answers)):
+            atomic_write_text(tmp / name, "".join(json.dumps(a) + "\n" for a in rows))
         write_cards(cards, tmp, title=f"refusal feature candidates — {model}, layer {cfg.layer}")
     b, base = sel["best"], sel["baseline"]
     con.print(f"[saesteer] chosen latent {sel['feature']} clamp {sel['clamp']:g} ({sel['clamp_from']}): harmful "
               f"{b['harmful_refusal']['k']}/{b['harmful_refusal']['n']} (baseline {base['harmful_refusal']['k']}), "
               f"harmless {b['harmless_refusal']['k']}/{b['harmless_refusal']['n']} (baseline "
               f"{base['harmless_refusal']['k']}); control latent {sel.get('control')} → {out}")
+    if res.heldout:
+        h = res.heldout
+        con.print(f"[saesteer] held-back {heldout}: refusal {h['baseline']['k']}/{h['n']} → {h['steered']['k']}/{h['n']}"
+                  f", diff {h['diff']:+.3f} (95 % CI {h['ci'][0]:+.3f}..{h['ci'][1]:+.3f}), McNemar p {h['mcnemar_p']:.2g}")
 
 
 @app.command("inspect")
