@@ -15,12 +15,15 @@ from saesteer.utils import SaesteerError
 
 
 def brute_ll(model, tok, context, cont):
-    """Sum log p(cont | context) from ONE unbatched full forward (the reference)."""
+    """Sum log p(cont | context) from ONE unbatched full forward (the reference; long inputs keep their last
+    max_length + 1 tokens, as the harness does)."""
     ctx, c = cap.encode_pair(tok, context, cont)
-    ids = torch.tensor([ctx + c])
+    full = (ctx + c)[-(cap.max_length(model, tok) + 1):]
+    ids = torch.tensor([full[:-1]])
     with torch.no_grad():
         logp = torch.log_softmax(model(ids).logits[0].float(), -1)
-    return sum(float(logp[len(ctx) - 1 + k, t]) for k, t in enumerate(c))
+    n = ids.shape[1]
+    return sum(float(logp[n - len(c) + k, t]) for k, t in enumerate(c))
 
 
 def test_encode_pair_moves_trailing_space_into_continuation(tiny):
