@@ -284,3 +284,13 @@ def test_spec_roundtrip_and_errors(tmp_path):
     (tmp_path / "bad.json").write_text("{nope")
     with pytest.raises(SaesteerError, match="not valid JSON"):
         load_specs(tmp_path / "bad.json")
+
+
+def test_sae_without_layer_needs_one(tiny):
+    model, _ = tiny
+    sae = make_sae(d_model(model), 32, k=4, layer=-1, model="tiny-llama")
+    with pytest.raises(SaesteerError, match="needs a layer"):
+        with steer(model, Clamp(sae, [1], [1.0])):
+            pass
+    with steer(model, Clamp(sae, [1], [1.0], layer=1)) as ivs:
+        assert ivs[0].layers(model) == [1]

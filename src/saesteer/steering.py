@@ -58,8 +58,9 @@ def sae_d_in(sae: Any) -> int:
 
 
 def sae_layer(sae: Any) -> int | None:
+    """The layer an SAE was trained on (None when it does not record one; our SAEConfig uses -1)."""
     layer = getattr(getattr(sae, "cfg", None), "layer", None)
-    return None if layer is None else int(layer)
+    return None if layer is None or int(layer) < 0 else int(layer)
 
 
 def _sae_param(sae: Any) -> torch.Tensor:
@@ -135,7 +136,7 @@ class Intervention:
             self.row_scale = self.row_scale[torch.as_tensor(index, dtype=torch.long, device=self.row_scale.device)]
 
     def layers(self, model: nn.Module) -> list[int]:
-        ensure(self.layer is not None, f"{type(self).__name__} needs a layer")
+        ensure(self.layer is not None, f"{type(self).__name__} needs a layer (the SAE does not record one: pass layer=)")
         return [models.check_layer(model, int(self.layer))]
 
     def prepare(self, model: nn.Module) -> None:
