@@ -365,13 +365,9 @@ def gate_from_header(header: dict[str, Any], tensors: dict[str, torch.Tensor]) -
 # --------------------------------------------------------------------------------------------- residual collection
 def post_instruction_positions(tok: Any) -> int:
     """How many tokens the chat template puts after the user message (``<|im_end|>\\n<|im_start|>assistant\\n`` → 5)."""
-    from .models import format_chat
+    from .direction import post_instruction_len
 
-    marker = "Zq7xQ"
-    text = format_chat(tok, marker)
-    suffix = text[text.rindex(marker) + len(marker):]
-    n = len(tok(suffix, add_special_tokens=False)["input_ids"]) if suffix else 0
-    return max(1, n)
+    return post_instruction_len(tok)
 
 
 @torch.no_grad()

@@ -1,0 +1,191 @@
+"""``saesteer policy fit | show`` and ``saesteer compare``: conditional steering policies and their comparison."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, List, Optional
+
+import typer
+
+from ..utils import SaesteerError, ensure
+from ._app import DEVICE_HELP, MODEL_HELP, THREADS_HELP, app
+
+policy_app = typer.Typer(help="Conditional steering policies: a gate + threshold + steering config in one file.",
+                         no_args_is_help=True)
+app.add_typer(policy_app, name="policy")
+
+
+def _split(values: Optional[List[str]]) -> list[str]:
+    return [v.strip() for x in (values or []) for v in str(x).split(",") if v.strip()]
+
+
+def _numbers(text: Optional[str], kind: type, what: str) -> list:
+    if text is None:
+        return []
+    try:
+        return [kind(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise SaesteerError(f"{what} must be comma-separated {kind.__name__}s, got {text!r}") from None
+
+
+def _abs(p: Optional[str]) -> Optional[str]:
+    return str(Path(p).expanduser().resolve()) if p else p
+
+
+def _specs(sae: Optional[Path], feature: Optional[str], clamp: Optional[str], selection: Optional[Path],
+           direction: Optional[Path], alpha: Optional[float], spec: Optional[Path]) -> list:
+    from ..utils import read_json
+    from .steer import steering_specs
+
+    feats, vals = _numbers(feature, int, "--feature"), _numbers(clamp, float, "--clamp")
+    if selection is not None:
+        sel = read_json(selection, "feature selection")
+        ensure(isinstance(sel, dict) and "feature" in sel and "clamp" in sel,
+               f"{selection}: no chosen feature/clamp (run `saesteer features` with its grid search)")
+        feats = feats or [int(sel["feature"])]
+        vals = vals or [float(sel["clamp"])]
+    if sae is not None:
+        ensure(Path(sae).exists(), f"SAE not found: {sae}")
+    if direction is not None:
+        ensure(Path(direction).exists(), f"direction file not found: {direction}")
+    specs = steering_specs(sae=sae, feature=feats, clamp=vals, alpha=alpha, direction=direction, spec=spec)
+    ensure(len(specs) > 0, "no steering given: use --sae/--feature/--clamp, --selection, --direction or --spec")
+    for s in specs:  # policies are used from other folders: store absolute paths
+        s.sae, s.direction = _abs(s.sae), _abs(s.direction)
+    return specs
+
+
+@policy_app.command("fit")
+def fit_cmd(
+    out: Path = typer.Option(..., help="policy file to write (JSON)"),
+    model: str = typer.Option("qwen2.5-coder-0.5b-instruct", help=MODEL_HELP),
+    sae: Optional[Path] = typer.Option(None, help="SAE folder whose feature(s) the policy clamps"),
+    feature: Optional[str] = typer.Option(None, help="SAE latent(s) to clamp, comma-separated"),
+    clamp: Optional[str] = typer.Option(None, help="clamp value(s) in latent units (one, or one per feature)"),
+    selection: Optional[Path] = typer.Option(None, help="selection.json of `saesteer features` (feature + clamp)"),
+    direction: Optional[Path] = typer.Option(None, help="refusal-direction file to add instead (saesteer direction)"),
+    alpha: Optional[float] = typer.Option(None, help="coefficient of the added direction / SAE latent"),
+    spec: Optional[Path] = typer.Option(None, help="steering spec JSON (instead of / besides the options above)"),
+    gate: str = typer.Option("probe", help="sae | probe | cast | always (unconditional)"),
+    gate_layer: Optional[int] = typer.Option(None, help="layer the gate reads (default: the steering layer)"),
+    gate_sae: Optional[Path] = typer.Option(None, help="SAE for an sae gate (default: the steering SAE)"),
+    positions: Optional[int] = typer.Option(None, help="trailing prompt tokens read (default: the template's "
+                                            "post-instruction tokens)"),
+    reduce: str = typer.Option("mean", help="pool the positions: mean | last"),
+    fpr: float = typer.Option(0.02, help="false-positive rate cap on the benign validation prompts"),
+    strength: str = typer.Option("hard", help="hard | linear | sigmoid (strength grows with the gate score)"),
+    train: List[str] = typer.Option(["arditi-harmful:train,arditi-harmless:train"], help="gate training sets"),
+    val: List[str] = typer.Option(["arditi-harmful:val,arditi-harmless:val"], help="threshold sets (FPR cap)"),
+    heldout: List[str] = typer.Option([], help="held-out sets to report fire rates on (e.g. xstest:safe)"),
+    limit: Optional[int] = typer.Option(256, help="seeded sample per set (0 = all)"),
+    top_m: int = typer.Option(16, help="sae gate: latents combined"),
+    c: Optional[float] = typer.Option(None, "--C", help="inverse L2 strength of the logistic regression"),
+    batch_size: int = typer.Option(16, help="prompts per forward"),
+    name: Optional[str] = typer.Option(None, help="policy name in comparison tables (default: the file stem)"),
+    seed: int = typer.Option(0, help="seed of the subsamples"),
+    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
+) -> None:
+    """Fit a gate on train prompts, cap its false positives on validation prompts, save gate + steering as one file."""
+    from ..models import load_model
+    from ..policy import PolicyFitConfig, fit_policy, policy_summary
+    from ..utils import resolve_device, set_threads
+
+    specs = _specs(sae, feature, clamp, selection, direction, alpha, spec)
+    ensure(0.0 <= fpr <= 1.0, f"--fpr must be in [0, 1], got {fpr}")
+    cfg = PolicyFitConfig(steering=specs, gate=gate, layer=gate_layer, positions=positions, reduce=reduce, fpr=fpr,
+                          strength=strength, train=_split(train), val=_split(val), heldout=_split(heldout),
+                          limit=limit or None, top_m=top_m, C=c, sae=_abs(str(gate_sae)) if gate_sae else None,
+                          batch_size=batch_size, name=name or out.stem, seed=seed)
+    set_threads(threads)
+    m, tok = load_model(model, device=resolve_device(device))
+    pol = fit_policy(m, tok, cfg)
+    pol.save(out)
+    _print_summary(policy_summary(pol))
+    typer.echo(f"wrote {out}")
+
+
+def _print_summary(s: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"policy {s.get('name')}", show_header=False)
+    for k, v in s.items():
+        t.add_row(k, v if isinstance(v, str) else json.dumps(v, default=str))
+    Console().print(t)
+
+
+@policy_app.command("show")
+def show_cmd(
+    path: Path = typer.Argument(..., help="policy file"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+) -> None:
+    """Print a policy's gate, threshold, steering and validation statistics."""
+    from ..policy import load_policy, policy_summary
+
+    s = policy_summary(load_policy(path))
+    if as_json:
+        typer.echo(json.dumps(s, indent=2, default=str))
+    else:
+        _print_summary(s)
+
+
+@app.command("compare")
+def compare_cmd(
+    out: Path = typer.Option(..., help="output folder (results.jsonl, table.md, table.html, pareto.png)"),
+    policies: List[str] = typer.Option([], help="policy files, comma-separated or repeated"),
+    model: str = typer.Option("qwen2.5-coder-0.5b-instruct", help=MODEL_HELP),
+    unsteered: bool = typer.Option(True, help="include the unsteered model"),
+    unsafe: List[str] = typer.Option(["xstest:unsafe,advbench:test,jbb-harmful"], help="harmful prompt sets"),
+    safe: List[str] = typer.Option(["xstest:safe,jbb-benign"], help="safe prompt sets (over-refusal)"),
+    limit: Optional[int] = typer.Option(50, help="prompts per refusal set (0 = all)"),
+    max_new_tokens: Optional[int] = typer.Option(None, help="answer budget (default: the judge's)"),
+    judge: str = typer.Option("prefix", help="refusal judge"),
+    multiturn: bool = typer.Option(True, help="run the multi-turn replay eval"),
+    multiturn_limit: Optional[int] = typer.Option(20, help="conversations replayed"),
+    max_turns: int = typer.Option(3, help="turns per conversation"),
+    capability: List[str] = typer.Option(["mmlu,truthfulqa_mc1,gsm8k"], help="capability tasks ('' = none)"),
+    capability_limit: Optional[int] = typer.Option(100, help="questions per MMLU / TruthfulQA task"),
+    gsm8k_limit: Optional[int] = typer.Option(30, help="GSM8K questions"),
+    exclude: Optional[Path] = typer.Option(None, help="JSON of prompt ids to hold out (e.g. a features selection.json)"),
+    batch_size: int = typer.Option(16, help="prompts per batch"),
+    seed: int = typer.Option(0, help="seed of every subsample"),
+    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
+) -> None:
+    """Unsteered vs each policy on unsafe refusal, over-refusal, multi-turn and capability; table + Pareto plot."""
+    from ..compare import CompareConfig, run_compare
+    from ..models import load_model
+    from ..utils import resolve_device, set_threads
+
+    pols = _split(policies)
+    for p in pols:
+        ensure(Path(p).exists(), f"policy file not found: {p}")
+    cfg = CompareConfig(policies=pols, out=str(out), unsteered=unsteered, unsafe=_split(unsafe), safe=_split(safe),
+                        limit=limit or None, max_new_tokens=max_new_tokens, judge=judge, multiturn=multiturn,
+                        multiturn_limit=multiturn_limit or None, max_turns=max_turns, capability=_split(capability),
+                        capability_limit=capability_limit or None, gsm8k_limit=gsm8k_limit or None,
+                        exclude_ids=_exclude_ids(exclude), batch_size=batch_size, seed=seed)
+    from ..compare import _conditions
+
+    _conditions(cfg)  # validate every policy file before loading the model
+    set_threads(threads)
+    m, tok = load_model(model, device=resolve_device(device))
+    run_compare(m, tok, cfg, say=lambda s: typer.echo(s, err=True))
+    typer.echo((out / "table.md").read_text())
+    typer.echo(f"wrote {out}/table.md, table.html, pareto.png, goals.json, results.jsonl")
+
+
+def _exclude_ids(path: Optional[Path]) -> list[str]:
+    if path is None:
+        return []
+    from ..utils import read_json
+
+    obj = read_json(path, "id list")
+    if isinstance(obj, dict) and isinstance(obj.get("prompts_used"), dict):  # features selection.json
+        recs = [r for rs in obj["prompts_used"].values() for r in rs if isinstance(r, dict) and "id" in r]
+        out = [f"{r.get('spec')}/{r['id']}" for r in recs]
+        return out + [f"{r.get('spec')}:{r.get('split')}/{r['id']}" for r in recs if r.get("split")]
+    ensure(isinstance(obj, list), f"{path}: expected a JSON list of ids or a features selection.json")
+    return [str(i) for i in obj]
