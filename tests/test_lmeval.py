@@ -89,20 +89,23 @@ def test_steering_hooks_active_inside_the_harness_model_only(tiny):
     assert [m[0] for m in mine] == pytest.approx([x[0] for x in b], abs=1e-3)
 
 
-def test_registered_and_args_errors():
+def test_registered_and_args_errors(tmp_path):
     from lm_eval.api.registry import get_model
 
     assert get_model("saesteer") is lmeval.SaesteerLM
     assert lmeval.steering_from_args() is None
     with pytest.raises(SaesteerError, match="needs sae=PATH"):
         lmeval.steering_from_args(feature=3, clamp=5)
-    with pytest.raises(SaesteerError, match="alpha given without direction"):
-        lmeval.steering_from_args(alpha=2.0)
-    with pytest.raises(SaesteerError, match="2 feature"):
-        lmeval.steering_from_args(sae="x", feature="1+2", clamp="1+2+3")
-    with pytest.raises(SaesteerError, match="list of int"):
-        lmeval.steering_from_args(sae="x", feature="a", clamp=1)
-    st = lmeval.steering_from_args(sae="some/sae", feature="3+4", clamp="6", layer=1)
+    with pytest.raises(SaesteerError, match="SAE not found"):
+        lmeval.steering_from_args(sae=str(tmp_path / "nope"), feature=3, clamp=5)
+    (tmp_path / "sae").mkdir()
+    with pytest.raises(SaesteerError, match="2 features but 3 clamp"):
+        lmeval.steering_from_args(sae=str(tmp_path / "sae"), feature="1+2", clamp="1+2+3")
+    with pytest.raises(SaesteerError, match="--feature must be integers"):
+        lmeval.steering_from_args(sae=str(tmp_path / "sae"), feature="a", clamp=1)
+    with pytest.raises(SaesteerError, match="direction file not found"):
+        lmeval.steering_from_args(direction=str(tmp_path / "dir.safetensors"), alpha=2)
+    st = lmeval.steering_from_args(sae=str(tmp_path / "sae"), feature="3+4", clamp="6", layer=1)
     assert st.specs[0].features == [3, 4] and st.specs[0].values == [6.0] and st.specs[0].layer == 1
     assert st.name == "clamp f3=6,f4=6"
 

@@ -40,46 +40,33 @@ from lm_eval.models.huggingface import HFLM
 from ..utils import SaesteerError, ensure, resolve_device
 
 
-def _split(v: Any, cast: type) -> list:
+def _commas(v: Any) -> str | None:
     if v is None or v == "":
-        return []
+        return None
     if isinstance(v, (list, tuple)):
-        return [cast(x) for x in v]
-    try:
-        return [cast(x) for x in str(v).replace(";", "+").split("+") if x.strip() != ""]
-    except ValueError:
-        raise SaesteerError(f"cannot read {v!r} as a list of {cast.__name__} (separate several values with '+')") from None
+        return ",".join(str(x) for x in v)
+    return str(v).replace("+", ",").replace(";", ",")
 
 
 def steering_from_args(
     sae: str | None = None, feature: Any = None, clamp: Any = None, direction: str | None = None,
     alpha: Any = None, spec: str | None = None, policy: str | None = None, layer: Any = None,
 ) -> Any:
-    """Build a ``refusal.Steering`` from lm-eval style model_args (None when nothing asks for steering)."""
-    from ..steering import SteeringSpec, load_specs
-    from .refusal import Steering, spec_name
+    """Build a ``refusal.Steering`` from lm-eval style model_args (None when nothing asks for steering), through the
+    same code as the eval commands' ``--sae/--feature/--clamp/--direction/--alpha/--spec/--policy`` options."""
+    from ..cli.evals import steering_from_options
 
-    specs = list(load_specs(spec)) if spec else []
-    lay = int(layer) if layer not in (None, "") else None
-    if sae is not None or feature not in (None, "") or clamp not in (None, ""):
-        feats, vals = _split(feature, int), _split(clamp, float)
-        ensure(sae is not None and feats and vals, "SAE steering needs sae=PATH, feature=F and clamp=C together")
-        ensure(len(vals) in (1, len(feats)), f"{len(feats)} feature(s) but {len(vals)} clamp value(s)")
-        specs.append(SteeringSpec(kind="clamp", sae=str(sae), features=feats, values=vals, layer=lay))
-    if direction is not None:
-        specs.append(SteeringSpec(kind="add", direction=str(direction), alpha=float(alpha if alpha is not None else 1.0),
-                                  layer=lay))
-    elif alpha is not None:
-        raise SaesteerError("alpha given without direction=FILE")
-    pol = None
-    if policy is not None:
-        from ..policy import load_policy
-
-        pol = load_policy(policy)
-    if not specs and pol is None:
-        return None
-    names = [spec_name(s) for s in specs] + (["policy"] if pol is not None else [])
-    return Steering(name=" + ".join(names), specs=specs, policy=pol)
+    if sae is None and (feature not in (None, "") or clamp not in (None, "")):
+        raise SaesteerError("SAE steering needs sae=PATH, feature=F and clamp=C together")
+    st = steering_from_options(
+        Path(sae) if sae else None, _commas(feature), _commas(clamp), Path(direction) if direction else None,
+        float(alpha) if alpha not in (None, "") else 1.0, Path(spec) if spec else None,
+        Path(policy) if policy else None,
+    )
+    if st is not None and layer not in (None, ""):
+        for s in st.specs:
+            s.layer = int(layer)
+    return st
 
 
 @register_model("saesteer")
