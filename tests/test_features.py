@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from saesteer import feature_grid as G
 from saesteer import features as F
 from saesteer.inspect_features import SeqLatents, _tokenize, encode_sequences
 from saesteer.models import run_to_layer
@@ -121,7 +122,7 @@ def test_grid_search_picks_best_by_objective():
         return {"k_harmful": kh, "n_harmful": 10, "k_harmless": ks, "n_harmless": 10}
 
     settings = [(f, v, "absolute") for (f, v) in table if f is not None]
-    base, rows, best = F.grid_search(settings, scorer)
+    base, rows, best = G.grid_search(settings, scorer)
     assert calls[0] == (None, None) and len(rows) == len(settings)
     objectives = {(r["feature"], r["clamp"]): r["objective"] for r in rows}
     assert objectives[(2, 2.0)] == pytest.approx(0.7)
@@ -132,15 +133,15 @@ def test_grid_search_picks_best_by_objective():
     assert lo < 0.7 < hi and base["objective"] == pytest.approx(0.4)
     assert best["harmless_refusal"]["ci_low"] < 0.3 < best["harmless_refusal"]["ci_high"]
     with pytest.raises(SaesteerError):
-        F.grid_search([], scorer)
+        G.grid_search([], scorer)
 
 
 def test_clamp_values_and_control():
-    vals = F.clamp_values(2.5, [1.0], [1.0, 2.0])
+    vals = G.clamp_values(2.5, [1.0], [1.0, 2.0])
     assert vals == [(1.0, "absolute"), (2.5, "1x max"), (5.0, "2x max")]
-    assert F.clamp_values(0.0, [], [1.0, 2.0]) == []  # a latent that never fired has no relative clamps
+    assert G.clamp_values(0.0, [], [1.0, 2.0]) == []  # a latent that never fired has no relative clamps
     with pytest.raises(SaesteerError):
-        F.clamp_values(1.0, [float("nan")], [])
+        G.clamp_values(1.0, [float("nan")], [])
     rank = {"auroc_post": torch.tensor([0.9, 0.52, 0.5, 0.45]), "auroc_answer": torch.tensor([0.9, 0.5, 0.5, float("nan")]),
             "freq": torch.tensor([0.5, 0.2, 0.001, 0.3])}
     assert F.pick_control(rank, exclude=[0]) == 1  # latent 2 is closest to 0.5 but almost never fires
@@ -161,7 +162,9 @@ def test_discover_end_to_end_on_tiny(tiny, tmp_path, monkeypatch):
     with torch.no_grad():
         sae.b_enc.fill_(0.05)  # every latent is live, so top-k latents fire on refusal tokens
     # a judge that calls every answer a refusal: all archetypes "refuse", so candidates exist on a random model
-    monkeypatch.setattr(F, "refusal_judge", lambda: (lambda t: True, lambda t: len(t) > 3, "test"))
+    judge = lambda: (lambda t: True, lambda t: len(t) > 3, "test")  # noqa: E731
+    monkeypatch.setattr(F, "refusal_judge", judge)
+    monkeypatch.setattr(G, "refusal_judge", judge)
     cfg = F.DiscoveryConfig(harmful=harmful, harmless=harmless, discovery_split=None, val_split=None,
                             n_archetypes=2, n_contrast=3, discovery_tokens=4, n_grid=2, features=(5,),
                             clamp_multiples=(2.0,), clamps=(1.0,), val_limit=3, max_new_tokens=3, batch_size=4)
@@ -256,17 +259,32 @@ def test_heldout_check_counts_and_interval(monkeypatch):
     base = [True] * 10 + [False] * 30
     steered = [True] * 9 + [False] + [True] * 20 + [False] * 10  # 20 newly refused, 1 no longer refused
 
-    def fake_scorer(model, tok, sae, harmful, harmless, cfg, log=None):
+    def fake_scorer(model, tok, sae, harmful, harmless, max_new_tokens, batch_size, log=None):
         assert harmless == [] and len(harmful) == 40
         return lambda f, v: {"_labels": base if f is None else steered}
 
-    monkeypatch.setattr(F, "make_scorer", fake_scorer)
+    monkeypatch.setattr(G, "make_scorer", fake_scorer)
     prompts = [F.Prompt(text=f"p{i}", spec="s", split=None, id=str(i)) for i in range(40)]
-    h = F.heldout_check(None, None, None, 7, 3.0, prompts, F.DiscoveryConfig())
+    h = G.heldout_check(None, None, None, 7, 3.0, prompts)
     assert (h["baseline"]["k"], h["steered"]["k"], h["newly_refused"], h["no_longer_refused"]) == (10, 29, 20, 1)
     assert h["diff"] == pytest.approx(19 / 40) and h["ci_excludes_zero"] and h["ci"][0] > 0
     from scipy.stats import binomtest
 
     assert h["mcnemar_p"] == pytest.approx(binomtest(20, 21).pvalue) and h["mcnemar_p"] < 1e-4
     with pytest.raises(SaesteerError):
-        F.heldout_check(None, None, None, 7, 3.0, [], F.DiscoveryConfig())
+        G.heldout_check(None, None, None, 7, 3.0, [])
+
+
+def test_refusal_direction_cosine_and_grid_candidates():
+    P, A = [False, True, True], [False] * 3
+    seqs = [_seq([[], [], []], P, A) for _ in range(4)]
+    for s, r in zip(seqs, ([3.0, 1.0], [1.0, 1.0], [0.0, 1.0], [0.0, 1.0])):
+        s.post_resid = torch.tensor(r)
+    W = torch.tensor([[1.0, 0.0], [0.0, 2.0], [-1.0, 1.0]])
+    cos = F.refusal_direction_cos(seqs, [True, True, False, False], W)  # direction = (2, 0)
+    assert torch.allclose(cos, torch.tensor([1.0, 0.0, -(0.5 ** 0.5)]), atol=1e-6)
+    assert torch.isnan(F.refusal_direction_cos(seqs, [True] * 4, W)).all()
+    cands = [{"latent": 1, "score": 0.9, "cos_refusal_dir": 0.1}, {"latent": 2, "score": 0.8, "cos_refusal_dir": 0.7},
+             {"latent": 3, "score": 0.1, "cos_refusal_dir": 0.5}, {"latent": 4, "score": 0.05, "cos_refusal_dir": float("nan")}]
+    assert F.grid_candidates(cands, 3) == [1, 2, 3]  # 1 (best score), 2 (best cos), 2 again, 3 (next cos)
+    assert F.grid_candidates(cands, 10) == [1, 2, 3, 4]

@@ -55,6 +55,8 @@ class SeqLatents:
     """[T] post-instruction positions: chat-template tokens after the user message."""
     answer: torch.Tensor
     """[T] answer tokens."""
+    post_resid: torch.Tensor | None = None
+    """[d] mean residual over the post-instruction positions (None when there are none)."""
 
     def feature_acts(self, f: int) -> torch.Tensor:
         """[T] activation of latent ``f`` at each token (0 where it is not in the top-k)."""
@@ -145,7 +147,9 @@ def encode_sequences(
                 ensure(bool(torch.isfinite(x).all()), "the model produced non-finite activations")
                 a, j = sae.encode(x)
                 acts[valid], idx[valid] = a.float().cpu(), j.long().cpu()
-            out[i] = SeqLatents(text, tid, acts, idx, valid, post & valid, torch.tensor(ans_l) & valid)
+            hp = h[r, T - n :][(post & valid).to(h.device)]
+            resid = hp.float().mean(0).cpu() if hp.shape[0] else None
+            out[i] = SeqLatents(text, tid, acts, idx, valid, post & valid, torch.tensor(ans_l) & valid, resid)
     return [s for s in out if s is not None]
 
 
