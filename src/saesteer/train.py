@@ -364,6 +364,8 @@ def train(cfg: TrainConfig) -> TopKSAE | None:
     if metrics_f:
         metrics_f.close()
     if stopped:
+        if world > 1:
+            torch.distributed.destroy_process_group()
         return None
     dt = time.perf_counter() - t0
     sae.cpu()
@@ -376,6 +378,7 @@ def train(cfg: TrainConfig) -> TopKSAE | None:
             "config": {k: v for k, v in asdict(cfg).items()}})
     if world > 1:
         torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return sae
 
 
