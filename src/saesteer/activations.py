@@ -43,7 +43,7 @@ class CollectConfig:
     layer: int = 12
     """Decoder layer whose output (the residual stream after it) is collected; negative counts from the end."""
     data: str = "chat-mix"
-    """Data spec: ``chat-mix[:text=600,chat=800,harmful=200,harmless=200,answer=24,repeat=2]`` (the SAE training
+    """Data spec: ``chat-mix[:text=600,chat=700,harmful=160,harmless=160,answer=24,repeat=3]`` (the SAE training
     mix, see :mod:`saesteer.chatmix`) or any :func:`data.load_prompts` spec; conversations get the chat template."""
     tokens: int = 100_000
     """Number of activation rows (kept tokens) to collect; fewer if the data runs out first."""
@@ -117,7 +117,7 @@ _MIX_KEYS = {"text": "n_text", "chat": "n_chat", "harmful": "n_harmful", "harmle
 
 
 def parse_mix_spec(spec: str) -> dict[str, int]:
-    """``chat-mix[:text=600,chat=800,harmful=200,harmless=200,answer=24,repeat=2]`` → chat_mix keyword arguments."""
+    """``chat-mix[:text=600,chat=700,harmful=160,harmless=160,answer=24,repeat=3]`` → chat_mix keyword arguments."""
     _, _, body = spec.partition(":")
     kw: dict[str, int] = {}
     for part in filter(None, body.split(",")):
@@ -137,8 +137,7 @@ def _load_docs(cfg: CollectConfig, model: Any, tok: Any, out: Path) -> tuple[lis
         ans_path = out / _ANSWERS
         answers = read_json(ans_path, "answers cache") if ans_path.exists() else {}
         n_before = len(answers)
-        docs = chat_mix(tok, model, seed=cfg.seed, answers=answers, progress=cfg.progress,
-                        batch_size=cfg.batch_size, **parse_mix_spec(cfg.data))
+        docs = chat_mix(tok, model, seed=cfg.seed, answers=answers, progress=cfg.progress, **parse_mix_spec(cfg.data))
         if len(answers) != n_before:
             atomic_write_json(ans_path, answers)
         kinds: dict[str, int] = {}

@@ -1,0 +1,98 @@
+"""``saesteer models``, ``saesteer collect`` and ``saesteer data show``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..utils import ensure
+from ._app import DEVICE_HELP, MODEL_HELP, THREADS_HELP, app
+
+data_app = typer.Typer(help="Prompt sets and corpora: preview any data spec.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@app.command("models")
+def models_cmd(as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table")) -> None:
+    """List the built-in models (size, licence, source, whether converted into the cache)."""
+    from dataclasses import asdict
+
+    from ..models import cache_dir, list_models
+
+    infos = list_models()
+    if as_json:
+        typer.echo(json.dumps([asdict(m) for m in infos], indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"built-in models (cache: {cache_dir()})")
+    for c in ("name", "params", "licence", "source", "cached", "fp32 size", "notes"):
+        t.add_column(c, no_wrap=c in ("name", "params", "cached"))
+    for m in infos:
+        t.add_row(m.name, m.params, m.licence, m.source, "yes" if m.cached else "no", f"{m.size_gib:.1f} GiB", m.notes)
+    Console().print(t)
+
+
+@app.command("collect")
+def collect_cmd(
+    model: str = typer.Option("qwen2.5-coder-0.5b-instruct", help=MODEL_HELP),
+    layer: int = typer.Option(..., help="decoder layer whose output (residual stream) is collected"),
+    data: str = typer.Option("chat-mix", help="chat-mix[:text=N,chat=N,harmful=N,harmless=N,answer=N,repeat=N] or any data spec"),
+    tokens: int = typer.Option(100_000, help="activation rows to collect"),
+    out: Path = typer.Option(..., help="output folder (sharded safetensors + meta.json)"),
+    batch_size: int = typer.Option(16, help="documents per forward pass"),
+    context_len: int = typer.Option(256, help="truncate documents to this many tokens"),
+    dtype: str = typer.Option("float32", help="storage dtype: float32, float16 or bfloat16"),
+    shard_tokens: int = typer.Option(32_768, help="rows per shard"),
+    seed: int = typer.Option(0, help="seed of the data sample and order"),
+    overwrite: bool = typer.Option(False, help="replace what is in --out (default: resume the same collection)"),
+    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
+) -> None:
+    """Collect residual-stream activations after LAYER (forward stops there). Re-running resumes."""
+    from ..activations import ActivationCache, CollectConfig, collect
+
+    cfg = CollectConfig(model=model, layer=layer, data=data, tokens=tokens, out=str(out), batch_size=batch_size,
+                        context_len=context_len, dtype=dtype, shard_tokens=shard_tokens, seed=seed, threads=threads,
+                        device=device, overwrite=overwrite)
+    path = collect(cfg)
+    c = ActivationCache(path)
+    rate = c.meta.get("tokens_per_s_last_run")
+    typer.echo(f"{c.n_tokens:,} tokens x {c.d_model} (layer {c.layer}, {c.meta['dtype']}) in {c.n_shards} shards → "
+               f"{path}" + (f"  [{rate:.0f} tok/s]" if rate else ""))
+
+
+@data_app.command("show")
+def data_show(
+    spec: str = typer.Argument(..., help="named set (xstest, advbench:train, ...), file[.jsonl|.csv|.parquet][:column] or hf:owner/name"),
+    limit: int = typer.Option(5, help="rows to show"),
+    split: Optional[str] = typer.Option(None, help="split / subset (also SPEC:SPLIT)"),
+    as_json: bool = typer.Option(False, "--json", help="print the items as JSON lines"),
+) -> None:
+    """Preview a prompt set or corpus: count, labels and the first rows."""
+    from collections import Counter
+    from dataclasses import asdict
+
+    from ..data import load_prompts
+
+    ensure(limit >= 0, "--limit must be >= 0")
+    items = load_prompts(spec, split=split)
+    if as_json:
+        for it in items[:limit]:
+            typer.echo(json.dumps(asdict(it), default=str))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    labels = Counter(it.label or "-" for it in items)
+    t = Table(title=f"{spec}: {len(items):,} items; labels " + ", ".join(f"{k} {v}" for k, v in labels.most_common()))
+    for c in ("id", "label", "category", "prompt / conversation"):
+        t.add_column(c, overflow="fold")
+    for it in items[:limit]:
+        text = it.prompt if it.messages is None else " | ".join(f"{m['role']}: {m['content']}" for m in it.messages)
+        t.add_row(it.id, it.label or "", it.category or "", (text or "")[:300])
+    Console().print(t)
