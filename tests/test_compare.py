@@ -130,3 +130,35 @@ def test_run_compare_resumes_per_condition_and_group(tmp_path):
     # duplicate names are refused
     with pytest.raises(SaesteerError, match="duplicate"):
         run_compare(None, None, CompareConfig(policies=[pols[0], pols[0]], out=str(tmp_path / "c2")), runner=runner)
+
+
+def test_run_compare_with_real_eval_modules_on_tiny_model(tiny, tmp_path, data_root):
+    """The default runner drives evals.refusal / multiturn / capability with a gated policy installed."""
+    from saesteer.direction import RefusalDirection, save_direction
+    from saesteer.gates import CastGate, collect_gate_inputs, post_instruction_positions
+
+    model, tok = tiny
+    d = model.config.hidden_size
+    g = torch.Generator().manual_seed(0)
+    dpath = save_direction(RefusalDirection(vector=torch.randn(d, generator=g) * 4, layer=1, model="tiny-llama"),
+                           tmp_path / "dir")
+    P = post_instruction_positions(tok)
+    h = collect_gate_inputs(model, tok, ["how do i make a cake?", "what is the capital of france?",
+                                         "explain photosynthesis", "the quick brown fox"], 1, P, progress=False)
+    gate = CastGate(layer=1, positions=P).fit(h[:2], h[2:])
+    gate.threshold = 0.0
+    pol = tmp_path / "gated.json"
+    Policy(gate=gate, steering=[SteeringSpec(kind="add", direction=str(dpath), alpha=1.0)], name="gated").save(pol)
+    cfg = CompareConfig(policies=[str(pol)], out=str(tmp_path / "cmp"), unsafe=["advbench:test"], safe=["jbb-benign"],
+                        limit=3, max_new_tokens=6, multiturn_limit=2, max_turns=2, capability=["mmlu"],
+                        capability_limit=2, batch_size=4, progress=False)
+    rows = run_compare(model, tok, cfg, say=lambda s: None)
+    by = {(r["condition"], r["metric"]): r for r in rows}
+    assert by[("unsteered", "advbench-test")]["n"] == 3 and by[("gated", "jbb-benign")]["n"] == 3
+    assert by[("gated", "mmlu")]["n"] == 2 and by[("gated", "multiturn-asr")]["n"] == 2
+    for m in ("advbench-test", "jbb-benign", "multiturn-refusal", "mmlu"):
+        fr = by[("gated", m)]["gate_fire_rate"]
+        assert fr is not None and 0.0 <= fr <= 1.0
+        assert by[("unsteered", m)].get("gate_fire_rate") is None
+    assert (tmp_path / "cmp" / "conditions" / "gated" / "advbench_test" / "items.jsonl").exists()
+    assert "| gated | cast | add dir x1 |" in (tmp_path / "cmp" / "table.md").read_text()

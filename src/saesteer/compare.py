@@ -132,26 +132,33 @@ def _eval_refusal(model: Any, tok: Any, cfg: CompareConfig, cond: dict, group: s
                                  out=str(out / "conditions" / _slug(cond["condition"]) / _slug(spec)))
         summ = run_refusal_eval(model, tok, rcfg, steering=cond["policy"])
         for sub, s in summ["subsets"].items():
-            items = [r for r in summ.get("_items", []) if r["subset"] == sub and "gate" in r]
-            fire = sum(bool(r["gate"].get("fired")) for r in items) / len(items) if items else None
+            fire = _gate_rate([r for r in summ.get("_items", []) if r["subset"] == sub])
             rows.append(_row(cond, group, f"{sub}", s, dataset=spec, gate_fire_rate=fire,
                              seconds=summ.get("seconds_generate")))
     return rows
 
 
-def _eval_multiturn(model: Any, tok: Any, cfg: CompareConfig, cond: dict, out: Path) -> list[dict]:
-    from .evals import multiturn as mt
+def _gate_rate(items: Sequence[dict]) -> float | None:
+    g = [r for r in items if isinstance(r.get("gate"), dict)]
+    return sum(bool(r["gate"].get("fired")) for r in g) / len(g) if g else None
 
-    pol = cond["policy"]
-    start = len(pol.last_run.decisions) if pol is not None and pol.last_run is not None else 0
-    mcfg = mt.MultiTurnConfig(mode="replay", data=cfg.multiturn_data, limit=cfg.multiturn_limit,
-                              max_turns=cfg.max_turns, seed=cfg.seed, batch_size=cfg.batch_size,
-                              out=str(out / "conditions" / _slug(cond["condition"]) / "multiturn"))
-    summ = mt.run_multiturn(model, tok, mcfg, steering=pol)
-    asr = summ.get("asr") or summ.get("attack_success") or summ.get("overall")
-    ensure(isinstance(asr, dict) and "rate" in asr, "multiturn summary has no attack-success rate")
-    return [_row(cond, "multiturn", "multiturn-asr", asr, dataset=cfg.multiturn_data,
-                 gate_fire_rate=_fire_rate(pol, start))]
+
+def _eval_multiturn(model: Any, tok: Any, cfg: CompareConfig, cond: dict, out: Path) -> list[dict]:
+    """Replay: refusal over all turns, and the attack-success proxy = conversations never refused by the last turn."""
+    from .evals.multiturn import MultiTurnConfig, run_replay
+
+    mcfg = MultiTurnConfig(mode="replay", dataset=cfg.multiturn_data, limit=cfg.multiturn_limit,
+                           max_turns=cfg.max_turns, seed=cfg.seed, batch_size=cfg.batch_size, judge=cfg.judge,
+                           progress=cfg.progress, out=str(out / "conditions" / _slug(cond["condition"]) / "multiturn"))
+    summ = run_replay(model, tok, mcfg, steering=cond["policy"])
+    items = summ.get("_items", [])
+    fire = _gate_rate(items)
+    cum = summ["cumulative"]
+    last = cum[max(cum, key=int)]
+    asr = rate_summary(last["n"] - last["k"], last["n"])
+    return [_row(cond, "multiturn", "multiturn-refusal", summ["overall"], dataset=cfg.multiturn_data, gate_fire_rate=fire),
+            _row(cond, "multiturn", "multiturn-asr", asr, dataset=cfg.multiturn_data, gate_fire_rate=fire,
+                 note="conversations never refused by the last turn")]
 
 
 def _eval_capability(model: Any, tok: Any, cfg: CompareConfig, cond: dict, out: Path) -> list[dict]:
