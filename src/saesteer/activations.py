@@ -195,15 +195,15 @@ def collect(cfg: CollectConfig, model: Any = None, tok: Any = None) -> Path:
     ensure(cfg.shard_tokens > 0, "shard_tokens must be > 0")
     set_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    if model is None:
-        model, tok = load_model(cfg.model, device=device)
-    else:
-        device = str(next(model.parameters()).device)
-    layer = check_layer(model, cfg.layer)
-    out, meta, created = _prepare_out(cfg)
+    out, meta, created = _prepare_out(cfg)  # before loading the model: a wrong --out fails fast
     if meta is not None and meta.get("complete"):
         return out
     try:
+        if model is None:
+            model, tok = load_model(cfg.model, device=device)
+        else:
+            device = str(next(model.parameters()).device)
+        layer = check_layer(model, cfg.layer)
         return _collect(cfg, model, tok, out, meta, layer, device)
     except BaseException:
         # nothing half-written: a run that wrote no shard leaves no cache behind (only the answers cache, if any)
