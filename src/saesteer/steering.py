@@ -147,12 +147,12 @@ class Intervention:
         raise NotImplementedError
 
     def apply(self, h: torch.Tensor, pos_mask: torch.Tensor | None) -> torch.Tensor:
-        """``h`` plus the masked, row-scaled edit. ``pos_mask`` [seq] bool or None (= every position)."""
+        """``h`` plus the masked, row-scaled edit. ``pos_mask`` [seq] bool (CPU) or None (= every position)."""
         if pos_mask is not None and not bool(pos_mask.any()):
             return h
         d = self.delta(h)
         if pos_mask is not None and not bool(pos_mask.all()):
-            d = d * pos_mask.to(d.dtype)[None, :, None]
+            d = d * pos_mask.to(device=d.device, dtype=d.dtype)[None, :, None]
         if self.row_scale is not None:
             ensure(
                 self.row_scale.shape[0] == h.shape[0],
@@ -338,10 +338,11 @@ class _PositionTracker:
         elif self.prompt_len is None:
             self.prompt_len = past
 
-    def mask(self, positions: str, seq: int, device: torch.device) -> torch.Tensor | None:
+    def mask(self, positions: str, seq: int) -> torch.Tensor | None:
+        """``[seq]`` bool on the CPU (no device sync to test it), or None for every position."""
         if positions == "all":
             return None
-        pos = torch.arange(self.past, self.past + seq, device=device)
+        pos = torch.arange(self.past, self.past + seq)
         prompt_len = self.prompt_len if self.prompt_len is not None else seq
         return pos < prompt_len if positions == "prompt" else pos >= prompt_len
 
@@ -382,7 +383,7 @@ def steer(model: nn.Module, interventions: Sequence[Intervention] | Intervention
             squeeze = h.ndim == 2
             x = h.unsqueeze(0) if squeeze else h
             for iv in group:
-                x = iv.apply(x, tracker.mask(iv.positions or positions, x.shape[1], x.device))
+                x = iv.apply(x, tracker.mask(iv.positions or positions, x.shape[1]))
             x = x.squeeze(0) if squeeze else x
             return models.replace_layer_output(out, x)
 
