@@ -79,7 +79,9 @@ def _csr_rows(idx: torch.Tensor, val: torch.Tensor, n_latents: int) -> torch.Ten
     n, kk = idx.shape
     rows = torch.arange(n, device=idx.device).repeat_interleave(kk)
     flat = idx.reshape(-1)
-    order = torch.argsort(flat * n + rows)
+    # stable: rows stay ascending within each latent. numpy's sort is ~20× faster than torch's on CPU here
+    order = (torch.sort(flat, stable=True).indices if flat.device.type != "cpu"
+             else torch.from_numpy(flat.numpy().argsort(kind="stable")))
     counts = torch.bincount(flat, minlength=n_latents)
     crow = torch.zeros(n_latents + 1, dtype=torch.int64, device=idx.device)
     crow[1:] = torch.cumsum(counts, 0)
@@ -87,6 +89,34 @@ def _csr_rows(idx: torch.Tensor, val: torch.Tensor, n_latents: int) -> torch.Ten
         warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
         return torch.sparse_csr_tensor(crow, rows[order], val.reshape(-1)[order], (n_latents, n),
                                        check_invariants=False)
+
+
+def _gather_dot(W: torch.Tensor, idx: torch.Tensor, v: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """out[n, j] = W[idx[n, j]] · v[n], in row chunks (bounded memory)."""
+    return torch.cat([torch.bmm(W[i], c.unsqueeze(-1)).squeeze(-1) for i, c in zip(idx.split(chunk), v.split(chunk))])
+
+
+class _DecoderWeightGrad(torch.autograd.Function):
+    """Returns zeros in the forward; its backward is the decoder-weight gradient as one CSR product. Together with
+    an ``embedding_bag`` over the detached weight (whose backward gives the value gradients efficiently) it avoids
+    torch's dense embedding_bag weight backward, which sorts every index and dominates a CPU training step."""
+
+    @staticmethod
+    def forward(ctx, W, vals, idx):  # type: ignore[override]
+        ctx.save_for_backward(vals, idx)
+        ctx.n_latents = W.shape[0]
+        return W.new_zeros(idx.shape[0], W.shape[1])
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        vals, idx = ctx.saved_tensors
+        return _csr_rows(idx, vals.to(g.dtype), ctx.n_latents) @ g, None, None
+
+
+def sparse_decode(vals: torch.Tensor, idx: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """``Σ_j vals[n, j] W[idx[n, j]]`` (no bias), differentiable in vals and W, with sparse backward passes."""
+    out = F.embedding_bag(idx, W.detach(), per_sample_weights=vals, mode="sum")
+    return out + _DecoderWeightGrad.apply(W, vals.detach(), idx) if W.requires_grad else out
 
 
 class _SparseTopKEncode(torch.autograd.Function):
@@ -101,8 +131,7 @@ class _SparseTopKEncode(torch.autograd.Function):
         pre.relu_()
         vals, idx = pre.topk(k, dim=-1, sorted=False)
         if mm_dtype != W.dtype:
-            vals = torch.cat([torch.bmm(W[i], c.unsqueeze(-1)).squeeze(-1)
-                              for i, c in zip(idx.split(1024), xc.split(1024))]).add_(b[idx]).relu_()
+            vals = _gather_dot(W, idx, xc).add_(b[idx]).relu_()
         if k_aux > 0 and dead is not None:
             aux_vals, aux_idx = pre.masked_fill_(~dead, float("-inf")).topk(k_aux, dim=-1, sorted=False)
             aux_vals = aux_vals.clamp_min(0)
@@ -240,12 +269,12 @@ class TopKSAE(nn.Module):
         vals, idx, aux_vals, aux_idx = _SparseTopKEncode.apply(
             xs - self.b_dec, self.W_enc, self.b_enc, self.k, ka, dead if ka > 0 else None,
             mm_dtype or self.W_enc.dtype)
-        recon = F.embedding_bag(idx, self.W_dec, per_sample_weights=vals, mode="sum") + self.b_dec
+        recon = sparse_decode(vals, idx, self.W_dec) + self.b_dec
         err = xs - recon
         l2 = err.pow(2).sum()
         out = {"l2": l2, "fvu": l2 / total_variance, "indices": idx, "l0": (vals > 0).sum(-1).float().mean()}
         if ka > 0:
-            e_hat = F.embedding_bag(aux_idx, self.W_dec, per_sample_weights=aux_vals, mode="sum")
+            e_hat = sparse_decode(aux_vals, aux_idx, self.W_dec)
             out["auxk"] = min(n_dead / k_aux, 1.0) * (e_hat - err.detach()).pow(2).sum() / total_variance
         else:
             out["auxk"] = l2.new_zeros(())
