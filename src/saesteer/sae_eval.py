@@ -194,7 +194,7 @@ def run_sae_eval(cfg: SAEEvalConfig) -> dict[str, Any]:
     layer = cfg.layer if cfg.layer is not None else sae.cfg.layer
     ensure(layer is not None and layer >= 0, "the SAE does not record its layer: pass --layer")
     layer = check_layer(model, layer)
-    texts = load_texts(cfg.data, limit=cfg.max_docs)
+    texts = load_texts(cfg.data, limit=cfg.max_docs, tok=tok)  # conversations get the chat template
     res = evaluate_sae(model, tok, sae, texts, layer, cfg.context_len, cfg.batch_size)
     density = res.pop("_density")
     out = Path(cfg.out)
