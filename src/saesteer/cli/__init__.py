@@ -19,24 +19,20 @@ for _stage in _STAGES:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import click
-
+    """Run the CLI. Returns 0 on success; exits with typer's code on usage errors and with 2 on a SaesteerError."""
     try:
-        rc = app(args=argv, standalone_mode=False)
-        if isinstance(rc, int) and rc:
-            sys.exit(rc)
+        app(args=argv, standalone_mode=True)  # typer handles --help, usage errors, Ctrl-C
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if code:
+            raise SystemExit(code) from None
+        return 0
     except SaesteerError as e:
         print(f"saesteer: error: {e}", file=sys.stderr)
         sys.exit(2)
-    except click.exceptions.Abort:
-        print("saesteer: aborted", file=sys.stderr)
-        sys.exit(130)
     except KeyboardInterrupt:
         print("saesteer: interrupted", file=sys.stderr)
         sys.exit(130)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
     return 0
 
 
