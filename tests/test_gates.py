@@ -215,3 +215,23 @@ def test_post_instruction_positions_and_collect(tiny):
     assert torch.allclose(h[0], solo[0], atol=1e-4)
     with pytest.raises(SaesteerError):
         collect_gate_inputs(model, tok, prompts, layer=7, positions=P, progress=False)
+
+
+@pytest.mark.integration
+def test_probe_gate_separates_real_harmful_prompts(qwen):
+    """Default model, layer 12: a probe fitted on 24 + 24 arditi train prompts separates held-out val prompts."""
+    from sklearn.metrics import roc_auc_score
+
+    from saesteer.data import load_prompts
+
+    model, tok = qwen
+    P = post_instruction_positions(tok)
+
+    def h(spec, n):
+        return collect_gate_inputs(model, tok, [it.prompt for it in load_prompts(spec, limit=n, seed=0)], 12, P,
+                                   batch_size=12, progress=False)
+
+    gate = ProbeGate(layer=12, positions=P).fit(h("arditi-harmful:train", 24), h("arditi-harmless:train", 24))
+    sh, sb = gate.score(h("arditi-harmful:val", 12)), gate.score(h("arditi-harmless:val", 12))
+    y = [1] * len(sh) + [0] * len(sb)
+    assert roc_auc_score(y, torch.cat([sh, sb]).numpy()) > 0.9

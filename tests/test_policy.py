@@ -317,3 +317,29 @@ def test_cli_errors(tiny_dir, tmp_path, capsys):
     (tmp_path / "bad.json").write_text('{"format": "saesteer-policy", "version": 7}')
     code, err = _main(["compare", "--policies", tmp_path / "bad.json", "--out", tmp_path / "cmp"], capsys)
     assert code == 2 and "version" in err and not (tmp_path / "cmp").exists()
+
+
+def test_cli_fit_several_gates_share_residuals(tiny_dir, tmp_path, capsys, monkeypatch):
+    import saesteer.gates as gates_mod
+    from saesteer.cli import main
+
+    code, calls, real = None, [], gates_mod.collect_gate_inputs
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(gates_mod, "collect_gate_inputs", counting)
+    try:
+        main([str(a) for a in ["policy", "fit", "--model", tiny_dir / "model", "--sae", tiny_dir / "sae", "--feature",
+                               "3", "--clamp", "2", "--gate", "probe,cast", "--train", tiny_dir / "train.jsonl",
+                               "--val", tiny_dir / "val.jsonl", "--out", tmp_path / "pol-{gate}.json"]])
+    except SystemExit as e:
+        code = e.code
+    assert code in (None, 0), capsys.readouterr().err
+    assert load_policy(tmp_path / "pol-probe.json").gate.kind == "probe"
+    assert load_policy(tmp_path / "pol-cast.json").name == "pol-cast"
+    assert len(calls) == 4  # train harmful/harmless + val harmful/harmless, collected once for both gates
+    code, err = _main(["policy", "fit", "--model", tiny_dir / "model", "--sae", tiny_dir / "sae", "--feature", "3",
+                       "--clamp", "2", "--gate", "probe,cast", "--out", tmp_path / "x.json"], capsys)
+    assert code == 2 and "{gate}" in err

@@ -315,8 +315,13 @@ def _labelled(specs: Sequence[str], limit: int | None, seed: int, what: str) -> 
     return harm, safe, used
 
 
-def fit_policy(model: nn.Module, tok: Any, cfg: PolicyFitConfig, progress: bool = True) -> Policy:
-    """Fit the gate on ``cfg.train``, set its threshold on ``cfg.val`` (FPR cap), report ``cfg.heldout`` fire rates."""
+def fit_policy(model: nn.Module, tok: Any, cfg: PolicyFitConfig, progress: bool = True,
+               residuals: dict[str, torch.Tensor] | None = None) -> Policy:
+    """Fit the gate on ``cfg.train``, set its threshold on ``cfg.val`` (FPR cap), report ``cfg.heldout`` fire rates.
+
+    ``residuals`` (a dict, filled on first use) shares the collected gate inputs between fits of several gate kinds
+    with the same data, layer and positions.
+    """
     from .gates import collect_gate_inputs, make_gate, post_instruction_positions
 
     ensure(len(cfg.steering) > 0, "fit_policy needs a steering spec (e.g. --sae/--feature/--clamp)")
@@ -340,8 +345,15 @@ def fit_policy(model: nn.Module, tok: Any, cfg: PolicyFitConfig, progress: bool 
     if cfg.gate == "always":
         return pol
 
+    memo = residuals if residuals is not None else {}
+
     def inputs(prompts: list[Any], desc: str) -> torch.Tensor:
-        return collect_gate_inputs(model, tok, prompts, layer, P, cfg.batch_size, progress, desc)
+        import json
+
+        key = f"{layer}/{P}/" + hashlib.sha1(json.dumps(prompts, sort_keys=True).encode()).hexdigest()
+        if key not in memo:
+            memo[key] = collect_gate_inputs(model, tok, prompts, layer, P, cfg.batch_size, progress, desc)
+        return memo[key]
 
     th, ts, used = _labelled(cfg.train, cfg.limit, cfg.seed, "train")
     ensure(len(th) >= 2 and len(ts) >= 2, "train sets need >= 2 harmful and >= 2 harmless prompts")

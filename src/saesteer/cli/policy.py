@@ -67,7 +67,8 @@ def fit_cmd(
     direction: Optional[Path] = typer.Option(None, help="refusal-direction file to add instead (saesteer direction)"),
     alpha: Optional[float] = typer.Option(None, help="coefficient of the added direction / SAE latent"),
     spec: Optional[Path] = typer.Option(None, help="steering spec JSON (instead of / besides the options above)"),
-    gate: str = typer.Option("probe", help="sae | probe | cast | always (unconditional)"),
+    gate: str = typer.Option("probe", help="sae | probe | cast | always (unconditional); several comma-separated "
+                              "share one residual collection (then --out needs {gate})"),
     gate_layer: Optional[int] = typer.Option(None, help="layer the gate reads (default: the steering layer)"),
     gate_sae: Optional[Path] = typer.Option(None, help="SAE for an sae gate (default: the steering SAE)"),
     positions: Optional[int] = typer.Option(None, help="trailing prompt tokens read (default: the template's "
@@ -92,18 +93,28 @@ def fit_cmd(
     from ..policy import PolicyFitConfig, fit_policy, policy_summary
     from ..utils import resolve_device, set_threads
 
+    import dataclasses
+
     specs = _specs(sae, feature, clamp, selection, direction, alpha, spec)
     ensure(0.0 <= fpr <= 1.0, f"--fpr must be in [0, 1], got {fpr}")
-    cfg = PolicyFitConfig(steering=specs, gate=gate, layer=gate_layer, positions=positions, reduce=reduce, fpr=fpr,
+    kinds = _split([gate])
+    ensure(len(kinds) > 0, "--gate is empty")
+    ensure(len(kinds) == 1 or "{gate}" in str(out), "several gates need --out with a {gate} placeholder, "
+           "e.g. --out runs/policy-{gate}.json")
+    cfg = PolicyFitConfig(steering=specs, gate=kinds[0], layer=gate_layer, positions=positions, reduce=reduce, fpr=fpr,
                           strength=strength, train=_split(train), val=_split(val), heldout=_split(heldout),
                           limit=limit or None, top_m=top_m, C=c, sae=_abs(str(gate_sae)) if gate_sae else None,
-                          batch_size=batch_size, name=name or out.stem, seed=seed)
+                          batch_size=batch_size, name=name or "", seed=seed)
     set_threads(threads)
     m, tok = load_model(model, device=resolve_device(device))
-    pol = fit_policy(m, tok, cfg)
-    pol.save(out)
-    _print_summary(policy_summary(pol))
-    typer.echo(f"wrote {out}")
+    shared: dict = {}  # residuals collected once, shared by every gate kind
+    for kind in kinds:
+        path = Path(str(out).replace("{gate}", kind))
+        kcfg = dataclasses.replace(cfg, gate=kind, name=(name or path.stem).replace("{gate}", kind))
+        pol = fit_policy(m, tok, kcfg, residuals=shared)
+        pol.save(path)
+        _print_summary(policy_summary(pol))
+        typer.echo(f"wrote {path}")
 
 
 def _print_summary(s: dict[str, Any]) -> None:
