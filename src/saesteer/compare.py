@@ -113,12 +113,12 @@ def _conditions(cfg: CompareConfig) -> list[dict[str, Any]]:
     return conds
 
 
-def _fire_rate(pol: Any, start: int) -> float | None:
+def _fire_rate(pol: Any, before: Any) -> float | None:
+    """Share of prefilled rows the gate let through in the policy run an eval just made (each apply is a new run)."""
     run = getattr(pol, "last_run", None) if pol is not None else None
-    if run is None or pol.gate.kind == "always":
+    if run is None or run is before or pol.gate.kind == "always" or not run.decisions:
         return None
-    dec = run.decisions[start:] if start < len(run.decisions) else run.decisions
-    return sum(d["fired"] for d in dec) / len(dec) if dec else None
+    return run.fire_rate()
 
 
 def _eval_refusal(model: Any, tok: Any, cfg: CompareConfig, cond: dict, group: str, out: Path) -> list[dict]:
@@ -170,11 +170,11 @@ def _eval_capability(model: Any, tok: Any, cfg: CompareConfig, cond: dict, out: 
     for ts, limit in ((tasks[0], cfg.capability_limit), (tasks[1], cfg.gsm8k_limit)):
         if not ts:
             continue
-        start = len(pol.last_run.decisions) if pol is not None and pol.last_run is not None else 0
+        before = getattr(pol, "last_run", None)
         ccfg = CapabilityConfig(tasks=tuple(ts), limit=limit, seed=cfg.seed, batch_size=max(1, cfg.batch_size // 2),
                                 progress=cfg.progress)
         summ, items = run_capability(model, tok, ccfg, steering=pol)
-        fire = _fire_rate(pol, start)
+        fire = _fire_rate(pol, before)
         for metric, s in summ.items():
             if metric in CAP_METRICS:
                 rows.append(_row(cond, "capability", metric, s, gate_fire_rate=fire))
