@@ -228,6 +228,9 @@ def test_nested_steer_lists_interventions(tiny, sae):
 
 def test_validation_errors(tiny, sae):
     model, _ = tiny
+    one = Clamp(sae, 5, 3.0)  # ARCHITECTURE.md form: one feature, one value
+    assert one.features == [5] and one.values == [3.0] and one.layer == 1
+    assert Clamp(sae, [5, 6], 2.0).values == [2.0, 2.0]
     with pytest.raises(SaesteerError, match="out of range"):
         Clamp(sae, [32], [1.0])
     with pytest.raises(SaesteerError, match="finite"):
