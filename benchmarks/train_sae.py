@@ -157,7 +157,7 @@ def run_e2e(model: str, layer: int, data: str, tokens: int, n_lat: int, k: int, 
     train(TrainConfig(acts=str(tmp / "e2e_acts"), out=str(tmp / "e2e_sae"), k=k, num_latents=n_lat, batch_size=batch,
                       steps=steps, warmup_steps=max(1, steps // 10), progress=False, init_sample=min(n, 32768)))
     t2 = time.perf_counter()
-    res["saesteer"] = {"tokens": steps * batch, "collect_s": t1 - t0, "train_s": t2 - t1,
+    res["saesteer"] = {"tokens": steps * batch, "collected": n, "collect_s": t1 - t0, "train_s": t2 - t1,
                        "tokens_per_s": steps * batch / (t2 - t0)}
     # SAELens: the same corpus as text, same model (HF folder of the converted built-in model)
     from datasets import Dataset
@@ -167,12 +167,12 @@ def run_e2e(model: str, layer: int, data: str, tokens: int, n_lat: int, k: int, 
     from saesteer.data import load_texts
     from saesteer.models import converted_dir, ensure_converted
 
-    ensure_converted(model)
+    model_dir = Path(model) if Path(model).is_dir() else (ensure_converted(model) and converted_dir(model))
     texts = load_texts(data if not data.startswith("chat-mix") else "wikitext2", limit=2000)
     ds = Dataset.from_dict({"text": texts})
     d = ActivationCache(tmp / "e2e_acts").d_model
     cfg = LanguageModelSAERunnerConfig(
-        sae=TopKTrainingSAEConfig(d_in=d, d_sae=n_lat, k=k), model_name=str(converted_dir(model)),
+        sae=TopKTrainingSAEConfig(d_in=d, d_sae=n_lat, k=k), model_name=str(model_dir),
         model_class_name="AutoModelForCausalLM", hook_name=f"model.layers.{layer}", is_dataset_tokenized=False,
         streaming=False, context_size=128, store_batch_size_prompts=8, n_batches_in_buffer=4,
         seqpos_slice=(1, None), exclude_special_tokens=True, training_tokens=steps * batch,
