@@ -144,3 +144,21 @@ def test_geometric_median_and_lr():
     m = geometric_median(pts, iters=200)
     assert float(m.norm()) < 1.0  # the mean would be ~(25, 25)
     assert math.isclose(lr_for(2**14), 2e-4) and math.isclose(lr_for(4 * 2**14), 1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_training_pass_matches_cpu():
+    torch.manual_seed(3)
+    cpu = _sae()
+    gpu = _sae().cuda()
+    gpu.load_state_dict(cpu.state_dict())
+    xs = torch.randn(64, 16)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[::4] = True
+    a = cpu.train_forward(xs, dead=dead, k_aux=8)
+    b = gpu.train_forward(xs.cuda(), dead=dead.cuda(), k_aux=8)
+    (a["fvu"] + a["auxk"]).backward()
+    (b["fvu"] + b["auxk"]).backward()
+    torch.testing.assert_close(b["fvu"].cpu(), a["fvu"], rtol=1e-4, atol=1e-6)
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        torch.testing.assert_close(getattr(gpu, name).grad.cpu(), getattr(cpu, name).grad, rtol=1e-3, atol=1e-5)

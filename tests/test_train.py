@@ -152,3 +152,32 @@ def test_cli_train_and_errors(cache, tmp_path):
     p = subprocess.run([sys.executable, "-m", "saesteer", "train", "--acts", str(cache), "--k", "64",
                         "--num-latents", "64", "--out", str(tmp_path / "e")], capture_output=True, text=True)
     assert p.returncode == 2 and "saesteer: error: k must be" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_sigkill_then_resume_is_exact(cache, tmp_path):
+    """A real SIGKILL mid-run: the last checkpoint is intact and resuming ends with the straight run's weights."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    kw = dict(k=4, num_latents=64, batch_size=200, lr=3e-3, warmup_steps=5, steps=80, checkpoint_every=5,
+              dead_window=2000, progress=False, threads=1)
+    straight = train(TrainConfig(acts=str(cache), out=str(tmp_path / "a"), **kw))
+    out = tmp_path / "b"
+    cmd = [sys.executable, "-m", "saesteer", "train", "--acts", str(cache), "--out", str(out), "--k", "4",
+           "--num-latents", "64", "--batch-size", "200", "--lr", "3e-3", "--warmup-steps", "5", "--steps", "80",
+           "--checkpoint-every", "5", "--dead-window", "2000", "--threads", "1", "--no-progress"]
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ck = out / "checkpoints" / "state.pt"
+    deadline = time.time() + 120
+    while not ck.exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    if (out / "saesteer.json").exists():
+        pytest.skip("the run finished before it could be killed")
+    assert p.returncode == -signal.SIGKILL
+    resumed = train(TrainConfig(acts=str(cache), out=str(out), resume=True, **kw))
+    for k, v in straight.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
