@@ -124,6 +124,21 @@ def test_resume_after_interrupt_matches_uninterrupted(tiny, tmp_path, docs_file,
     torch.testing.assert_close(got.rows(np.arange(600)), ref.rows(np.arange(600)))
 
 
+def test_more_tokens_extends_a_finished_cache(tiny, tmp_path, docs_file):
+    model, tok = tiny
+    ref = ActivationCache(collect(_cfg(tmp_path, docs_file, tokens=500, out=str(tmp_path / "ref")), model, tok))
+    collect(_cfg(tmp_path, docs_file, tokens=200), model, tok)
+    small = ActivationCache(tmp_path / "acts")
+    assert len(small) == 200
+    collect(_cfg(tmp_path, docs_file, tokens=100), model, tok)  # already past a smaller target: unchanged
+    assert len(ActivationCache(tmp_path / "acts")) == 200
+    big = ActivationCache(collect(_cfg(tmp_path, docs_file, tokens=500), model, tok))
+    assert len(big) == 500 and big.meta["complete"] and big.meta["n_tokens_requested"] == 500
+    # the first 200 rows are the old cache; extending continues the batches where they stopped
+    torch.testing.assert_close(big.rows(np.arange(200)), small.rows(np.arange(200)))
+    assert big.meta["next_batch"] >= small.meta["next_batch"] and big.d_model == ref.d_model
+
+
 def test_different_config_same_dir_is_an_error(tiny, tmp_path, docs_file):
     model, tok = tiny
     collect(_cfg(tmp_path, docs_file, tokens=200), model, tok)

@@ -12,7 +12,8 @@ so every document sees positions 0..n-1 exactly as it would alone (the causal ma
 Folder layout (see docs/ARCHITECTURE.md): ``meta.json`` plus ``shard_NNNNN.safetensors`` with ``acts`` ``[n, d]``,
 ``token_ids`` ``[n]`` int32 and ``doc_ids`` ``[n]`` int32. Every shard is written atomically and ``meta.json`` is
 rewritten atomically after each shard with ``complete: false`` until the end; re-running the same command resumes
-after the last complete shard.
+after the last complete shard. Re-running with a larger ``--tokens`` extends a finished cache (same other settings);
+with a smaller one it stops at the next shard boundary past that count.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ FORMAT, VERSION = "saesteer-activations", 1
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # fields of CollectConfig that decide the content of a cache (a resume must match them)
 _ANSWERS = "chat_mix_answers.json"  # cached model answers of the chat mix (kept across a failed first run)
-_IDENTITY = ("model", "layer", "data", "tokens", "context_len", "batch_size", "dtype", "shard_tokens", "seed")
+_IDENTITY = ("model", "layer", "data", "context_len", "batch_size", "dtype", "shard_tokens", "seed")
 
 
 @dataclass
@@ -200,7 +201,10 @@ def collect(cfg: CollectConfig, model: Any = None, tok: Any = None) -> Path:
     set_threads(cfg.threads)
     device = resolve_device(cfg.device)
     out, meta, created = _prepare_out(cfg)  # before loading the model: a wrong --out fails fast
-    if meta is not None and meta.get("complete"):
+    if meta is not None and (meta["n_tokens"] >= cfg.tokens or (meta.get("complete") and meta.get("exhausted"))):
+        if not meta.get("complete"):  # an interrupted run that had already passed the (new, smaller) target
+            meta.update(complete=True, n_tokens_requested=cfg.tokens)
+            atomic_write_json(out / "meta.json", meta)
         return out
     try:
         if model is None:
@@ -240,7 +244,9 @@ def _collect(cfg: CollectConfig, model: Any, tok: Any, out: Path, meta: dict[str
             "config": cfg.identity(), "saesteer_version": __version__, "norm_sum": 0.0, "norm_max": 0.0,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **extra,
         }
-        atomic_write_json(out / "meta.json", meta)
+    else:
+        meta["complete"] = False  # extending: readers must not see a "complete" cache that is still growing
+    atomic_write_json(out / "meta.json", meta)
     acts_buf: list[torch.Tensor] = []
     ids_buf: list[torch.Tensor] = []
     doc_buf: list[torch.Tensor] = []
@@ -295,6 +301,7 @@ def _collect(cfg: CollectConfig, model: Any, tok: Any, out: Path, meta: dict[str
             flush()
             done, pending = done + pending, 0
     meta["complete"] = True
+    meta["exhausted"] = next_batch >= len(batches)  # the data ran out (a larger --tokens cannot extend it)
     meta["n_tokens_requested"] = cfg.tokens
     meta["mean_norm"] = meta["norm_sum"] / max(meta["n_tokens"], 1)
     meta["tokens_per_s_last_run"] = tok_run / max(time.perf_counter() - t0, 1e-9)
