@@ -228,3 +228,39 @@ def test_gsm8k_runner_generates_raw_and_scores(tiny, tmp_path):
     for it, r, q in zip(items, ref, qs):
         assert it["answer"] == r
         assert (it["strict"], it["flexible"]) == cap.gsm8k_correct(r, q["target"])
+
+
+def run_cli(argv, capsys):
+    from saesteer.cli import main
+
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_eval_capability(tiny, small_data, tmp_path, capsys):
+    model, tok = tiny
+    mdir = tmp_path / "tiny-model"
+    model.save_pretrained(mdir)
+    tok.save_pretrained(mdir)
+    code, out, err = run_cli(["eval", "capability", "--model", str(mdir), "--tasks", "mmlu,truthfulqa_mc1",
+                              "--limit", "4", "--data-root", str(small_data), "--out", str(tmp_path / "cap"),
+                              "--threads", "1"], capsys)
+    assert code == 0, err
+    summ = json.loads((tmp_path / "cap/summary.json").read_text())
+    assert summ["metrics"]["mmlu"]["n"] == 4 and summ["metrics"]["truthfulqa_mc1"]["n"] == 4
+    assert summ["steering"] == "unsteered" and "mmlu" in out
+    items = (tmp_path / "cap/items.jsonl").read_text().splitlines()
+    assert len(items) == 8
+    code, _, err = run_cli(["eval", "capability", "--model", str(mdir), "--tasks", "hellaswag",
+                            "--data-root", str(small_data)], capsys)
+    assert code == 2 and "unknown capability task" in err and "Traceback" not in err
+    code, _, err = run_cli(["eval", "capability", "--model", str(mdir), "--data-root", str(tmp_path / "nope")], capsys)
+    assert code == 2 and "data root not found" in err
+    code, _, err = run_cli(["eval", "capability", "--model", str(mdir), "--data-root", str(small_data),
+                            "--sae", str(tmp_path / "nosae"), "--feature", "1", "--clamp", "3"], capsys)
+    assert code == 2 and "SAE not found" in err

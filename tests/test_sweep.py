@@ -150,3 +150,49 @@ def test_run_sweep_resumes_and_steers(setup, tiny):
     # a different evaluation setup in the same folder is refused
     with pytest.raises(SaesteerError, match="different setup"):
         sw.run_sweep(make_cfg(tmp, unsafe, safe, control=-1, max_new_tokens=5), model, tok)
+
+
+def run_cli(argv, capsys):
+    from saesteer.cli import main
+
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_sweep_and_report(setup, tiny, capsys):
+    tmp, unsafe, safe = setup
+    model, tok = tiny
+    mdir = tmp / "tiny-model"
+    model.save_pretrained(mdir)
+    tok.save_pretrained(mdir)
+    from saesteer.formats import save_sae
+    from saesteer.sae import SAEConfig, TopKSAE
+
+    save_sae(TopKSAE(SAEConfig(d_in=64, num_latents=32, k=4, model=str(mdir), layer=1), seed=1), tmp / "sae2")
+    code, _, err = run_cli(["sweep", "--model", str(mdir), "--sae", str(tmp / "sae"), "--features-dir",
+                            str(tmp / "features"), "--unsafe", unsafe, "--safe", safe, "--out", str(tmp / "mis")], capsys)
+    assert code == 2 and "the SAE was trained on model 'tiny-llama'" in err
+    assert not (tmp / "mis/results.jsonl").exists()  # refused before any condition ran
+    base = ["sweep", "--model", str(mdir), "--sae", str(tmp / "sae2"), "--features-dir", str(tmp / "features"),
+            "--unsafe", unsafe, "--safe", safe, "--max-new-tokens", "2", "--capability", "mmlu", "--cap-limit", "2",
+            "--batch-size", "4", "--threads", "1"]
+    code, _, err = run_cli(base + ["--out", str(tmp / "cli"), "--clamps", "0,20", "--control-clamps", "20"], capsys)
+    assert code == 0, err
+    rows = sw.read_results(tmp / "cli/results.jsonl")
+    assert {r["condition"] for r in rows} == {"unsteered", "clamp f5=0", "clamp f5=20", "control clamp f9=20"}
+    assert (tmp / "cli/report/index.html").exists() and "report:" in err
+    code, out, err = run_cli(["report", str(tmp / "cli"), "--condition", "clamp f5=20"], capsys)
+    assert code == 0 and out.strip().endswith("index.html")
+    for args, msg in [(["--clamps", "0,x"], "--clamps must be comma-separated numbers"),
+                      (["--feature", "1.5"], "--feature must be comma-separated integers"),
+                      (["--relative", "2", "--features-dir", str(tmp / "nope")], "feature selection not found"),
+                      (["--sae", str(tmp / "nosae")], "SAE not found")]:
+        code, _, err = run_cli(base + ["--out", str(tmp / "bad")] + args, capsys)
+        assert code == 2 and msg in err and "Traceback" not in err, (args, err)
+    code, _, err = run_cli(["report", str(tmp / "nothing")], capsys)
+    assert code == 2 and "run folder not found" in err

@@ -209,6 +209,15 @@ def run_sweep(cfg: SweepConfig, model: Any = None, tok: Any = None,
         from ..utils import resolve_device
 
         model, tok = load_model(cfg.model, device=resolve_device(cfg.device))
+    from ..steering import build_all, steer
+
+    cache: dict = {}
+    for cond in todo:  # fail fast on an SAE / direction that does not fit the model, before any generation
+        specs = [SteeringSpec.from_dict(s) for s in cond["specs"]]
+        for s in specs:
+            s.build(model, cache)
+        with steer(model, build_all(specs, model)):
+            pass
     ecfg = dict(limit=cfg.refusal_limit, seed=cfg.seed, max_new_tokens=cfg.max_new_tokens,
                 batch_size=cfg.batch_size, exclude_ids=excl, progress=cfg.progress)
     tasks = tuple(cfg.capability_tasks)
