@@ -9,6 +9,7 @@ import pytest
 
 from saesteer.evals import sweep as sw
 from saesteer.utils import SaesteerError
+from test_capability import run_cli  # noqa: E402  (shared CLI runner)
 
 
 def write_jsonl(path: Path, rows):
@@ -150,18 +151,6 @@ def test_run_sweep_resumes_and_steers(setup, tiny):
     # a different evaluation setup in the same folder is refused
     with pytest.raises(SaesteerError, match="different setup"):
         sw.run_sweep(make_cfg(tmp, unsafe, safe, control=-1, max_new_tokens=5), model, tok)
-
-
-def run_cli(argv, capsys):
-    from saesteer.cli import main
-
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_cli_sweep_and_report(setup, tiny, capsys):
