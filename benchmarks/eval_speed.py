@@ -116,7 +116,7 @@ def main() -> None:
         "goal": "speedup >= 1.0 and identical accuracy",
     }
     if args.tqa_n:
-        cfg = cap.CapabilityConfig(tasks=("truthfulqa_mc1", "truthfulqa_mc2"), limit=args.tqa_n, seed=args.seed,
+        cfg = cap.CapabilityConfig(tasks=("truthfulqa_mc1",), limit=args.tqa_n, seed=args.seed,
                                    batch_size=args.batch_size)
         t0 = time.perf_counter()
         summ, _ = cap.run_capability(model, tok, cfg)

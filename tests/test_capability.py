@@ -264,3 +264,13 @@ def test_cli_eval_capability(tiny, small_data, tmp_path, capsys):
     code, _, err = run_cli(["eval", "capability", "--model", str(mdir), "--data-root", str(small_data),
                             "--sae", str(tmp_path / "nosae"), "--feature", "1", "--clamp", "3"], capsys)
     assert code == 2 and "SAE not found" in err
+
+
+def test_truthfulqa_mc1_only_scores_mc1(tiny, small_data):
+    model, tok = tiny
+    cfg = cap.CapabilityConfig(tasks=("truthfulqa_mc1",), limit=2, data_root=str(small_data), progress=False)
+    summ, items = cap.run_capability(model, tok, cfg)
+    assert set(summ) == {"truthfulqa_mc1"} and all("mc2" not in i for i in items)
+    cfg2 = cap.CapabilityConfig(tasks=("truthfulqa_mc2",), limit=2, data_root=str(small_data), progress=False)
+    summ2, items2 = cap.run_capability(model, tok, cfg2)
+    assert set(summ2) == {"truthfulqa_mc2"} and all("mc1_correct" not in i and 0 < i["mc2"] < 1 for i in items2)

@@ -9,7 +9,8 @@ Prompts follow lm-eval 0.4.13's task YAMLs so that numbers are comparable with `
   the last position; otherwise each continuation is scored separately. Test questions: a seeded subsample
   stratified by subject (round-robin over the shuffled subjects).
 - **TruthfulQA** MC1 / MC2: the harness's six-question QA primer + ``"\\n\\nQ: {question}\\nA:"``; MC1 = the true
-  answer (index 0) has the highest summed log-likelihood; MC2 = normalised probability mass on the true answers.
+  answer (index 0) has the highest summed log-likelihood; MC2 = normalised probability mass on the true answers
+  (only the requested ones are scored).
 - **GSM8K**: k seeded train exemplars ``"Question: …\\nAnswer: <worked solution>\\n\\n"``, greedy generation until
   ``Question:`` (via :func:`saesteer.generation.generate`, raw text, no chat template), exact match after the
   harness's strict (``#### N``) and flexible (last number) extraction.
@@ -357,7 +358,7 @@ def run_capability(
             summaries.update(s), items.extend(it)
         if "truthfulqa_mc1" in cfg.tasks or "truthfulqa_mc2" in cfg.tasks:
             s, it = _run_tqa(model, tok, cfg)
-            summaries.update({k: v for k, v in s.items() if k in cfg.tasks}), items.extend(it)
+            summaries.update(s), items.extend(it)
         if "gsm8k" in cfg.tasks:
             s, it = _run_gsm8k(model, tok, cfg)
             summaries.update(s), items.extend(it)
@@ -383,22 +384,32 @@ def _run_mmlu(model: Any, tok: Any, cfg: CapabilityConfig):
 
 
 def _run_tqa(model: Any, tok: Any, cfg: CapabilityConfig):
+    """MC1 and / or MC2 (only the requested ones are scored). MC2 = probability mass on the answers labelled true
+    (the harness slices at the first false label; identical when the true answers come first, as in all but 2 of
+    the 817 rows here)."""
     qs = load_truthfulqa(cfg.limit, cfg.seed, cfg.data_root)
-    reqs = [(q["context"], q["mc1"]) for q in qs] + [(q["context"], q["mc2"]) for q in qs]
+    do1, do2 = "truthfulqa_mc1" in cfg.tasks, "truthfulqa_mc2" in cfg.tasks
+    reqs = ([(q["context"], q["mc1"]) for q in qs] if do1 else []) + ([(q["context"], q["mc2"]) for q in qs] if do2 else [])
     with _bar(count_sequences(tok, reqs), "truthfulqa", cfg.progress) as bar:
         lls = loglikelihoods(model, tok, reqs, cfg.batch_size, bar.update)
-    items, mc2_scores = [], []
-    for q, ll1, ll2 in zip(qs, lls[: len(qs)], lls[len(qs):]):
-        s1 = [x[0] for x in ll1]
-        mc1_ok = max(range(len(s1)), key=lambda j: (s1[j], -j)) == 0
-        split = q["mc2_labels"].index(0)
-        p = torch.tensor([x[0] for x in ll2], dtype=torch.float64).exp()
-        mc2 = float(p[:split].sum() / p.sum()) if float(p.sum()) > 0 else 0.0
-        mc2_scores.append(mc2)
-        items.append({"task": "truthfulqa", "id": q["id"], "question": q["question"], "mc1_correct": mc1_ok,
-                      "mc2": mc2, "mc1_loglik": s1})
-    return {"truthfulqa_mc1": rate_summary(sum(i["mc1_correct"] for i in items), len(items)),
-            "truthfulqa_mc2": mean_summary(mc2_scores)}, items
+    ll1 = lls[: len(qs)] if do1 else [None] * len(qs)
+    ll2 = lls[len(qs) if do1 else 0:] if do2 else [None] * len(qs)
+    items, out = [], {}
+    for q, a1, a2 in zip(qs, ll1, ll2):
+        it = {"task": "truthfulqa", "id": q["id"], "question": q["question"]}
+        if a1 is not None:
+            s1 = [x[0] for x in a1]
+            it.update(mc1_correct=max(range(len(s1)), key=lambda j: (s1[j], -j)) == 0, mc1_loglik=s1)
+        if a2 is not None:
+            p = torch.tensor([x[0] for x in a2], dtype=torch.float64).exp()
+            true = torch.tensor(q["mc2_labels"]) == 1
+            it["mc2"] = float(p[true].sum() / p.sum()) if float(p.sum()) > 0 else 0.0
+        items.append(it)
+    if do1:
+        out["truthfulqa_mc1"] = rate_summary(sum(i["mc1_correct"] for i in items), len(items))
+    if do2:
+        out["truthfulqa_mc2"] = mean_summary([i["mc2"] for i in items])
+    return out, items
 
 
 def _run_gsm8k(model: Any, tok: Any, cfg: CapabilityConfig):
