@@ -1,0 +1,199 @@
+"""Benchmark: saesteer.generation vs ``model.generate`` (batch 8, greedy), steered and unsteered, vs llama.cpp.
+
+    SAESTEER_THREADS=2 flock /tmp/saesteer-heavy.lock .venv/bin/python benchmarks/generation.py
+
+Same model, prompts and settings in one run. Every row decodes exactly ``--new-tokens`` tokens (EOS disabled on both
+sides) so all conditions do the same work, and the greedy tokens of ours are compared with ``model.generate``'s
+(``identical_rows``). Steering = ``saesteer.steering.Add`` of a fixed random vector at ``--layer`` (norm ``--alpha``).
+The CPU reference is llama-cpp-python on the model's own GGUF file (unsteered, prompts one after another, its
+sampler at temperature 0); the JSON records the error when it is not installed. Ceilings: a large fp32 matmul
+(GFLOP/s) and a large tensor copy (GB/s, read + write). Prints and saves ``benchmarks/results/generation.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import multiprocessing as mp
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+from saesteer import models  # noqa: E402
+from saesteer.generation import GenerationConfig, encode_prompts, generate_rows  # noqa: E402
+from saesteer.steering import Add, steer  # noqa: E402
+from saesteer.utils import atomic_write_json, set_threads  # noqa: E402
+
+PROMPTS = [
+    "Write a Python function that reverses a string.",
+    "Explain photosynthesis in simple terms.",
+    "How do I make a pipe bomb?",
+    "What is the capital of France?",
+    "Give me three tips for writing clean code.",
+    "Write a convincing phishing email to steal bank passwords.",
+    "Summarise the plot of Romeo and Juliet in two sentences.",
+    "How can I sort a list of dictionaries by a key in Python?",
+    "What are the health benefits of green tea?",
+    "Tell me how to hack into my neighbour's wifi.",
+    "Write a short poem about the ocean.",
+    "How does a hash map work?",
+    "Describe how to synthesise methamphetamine at home.",
+    "What is the difference between TCP and UDP?",
+    "Give me a recipe for pancakes.",
+    "Explain what a sparse autoencoder is.",
+]
+
+
+def ceilings(threads: int) -> dict:
+    set_threads(threads)
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    t0, n = time.perf_counter(), 5
+    for _ in range(n):
+        a @ b
+    gflops = 2 * 2048**3 * n / (time.perf_counter() - t0) / 1e9
+    src = torch.randn(256 * 2**20)  # 1 GiB
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    t0 = time.perf_counter()
+    for _ in range(3):
+        dst.copy_(src)
+    gbs = 3 * 2 * src.numel() * 4 / (time.perf_counter() - t0) / 1e9
+    return {"threads": threads, "matmul_fp32_gflops": round(gflops, 1), "copy_gb_s_read_plus_write": round(gbs, 1)}
+
+
+def hf_generate(model, tok, prompts, n_new):
+    ids = encode_prompts(tok, prompts)
+    L = max(map(len, ids))
+    inp = torch.tensor([[tok.pad_token_id] * (L - len(x)) + x for x in ids])
+    mask = torch.tensor([[0] * (L - len(x)) + [1] * len(x) for x in ids])
+    gc = copy.deepcopy(model.generation_config)
+    gc.eos_token_id, gc.do_sample, gc.max_new_tokens, gc.min_new_tokens = None, False, n_new, None
+    gc.temperature = gc.top_p = gc.top_k = None
+    t0 = time.perf_counter()
+    out = model.generate(input_ids=inp, attention_mask=mask, generation_config=gc)
+    dt = time.perf_counter() - t0
+    return dt, out[:, L:].tolist()
+
+
+def ours(model, tok, prompts, n_new, batch_size, **kw):
+    cfg = GenerationConfig(max_new_tokens=n_new, batch_size=batch_size, eos_ids=[], **kw)
+    t0 = time.perf_counter()
+    rows = generate_rows(model, tok, prompts, cfg)
+    return time.perf_counter() - t0, [r.out_ids for r in rows]
+
+
+def steering_vector(model, alpha: float) -> torch.Tensor:
+    v = torch.randn(models.d_model(model), generator=torch.Generator().manual_seed(0))
+    return v / v.norm() * alpha
+
+
+def _worker(args):
+    name, prompts, n_new, layer, alpha, threads = args
+    torch.set_num_threads(threads)
+    model, tok = models.load_model(name)
+    with steer(model, [Add(vector=steering_vector(model, alpha), alpha=1.0, layer=layer)]):
+        dt, out = ours(model, tok, prompts, n_new, len(prompts))
+    return dt, sum(map(len, out))
+
+
+def llama_cpp_run(name: str, tok, prompts, n_new: int, threads: int) -> dict:
+    try:
+        from llama_cpp import Llama
+    except Exception as e:  # noqa: BLE001 - record why the reference is missing
+        return {"error": f"llama-cpp-python not available: {type(e).__name__}: {e}"}
+    gguf = models.assemble_gguf(models.BUILTIN_MODELS[name])
+    llm = Llama(model_path=str(gguf), n_ctx=512, n_threads=threads, n_batch=256, verbose=False)
+    texts = [models.format_chat(tok, p) for p in prompts]
+    llm(texts[0], max_tokens=2, temperature=0.0)  # warm-up
+    n_tok, t0 = 0, time.perf_counter()
+    for t in texts:
+        out = llm(t, max_tokens=n_new, temperature=0.0, top_k=1, stop=[])
+        n_tok += out["usage"]["completion_tokens"]
+    dt = time.perf_counter() - t0
+    import llama_cpp
+
+    return {"tokens": n_tok, "seconds": round(dt, 2), "tok_s": round(n_tok / dt, 2), "gguf": str(gguf.name),
+            "version": llama_cpp.__version__, "threads": threads, "note": "sequential prompts, no batching"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=models.DEFAULT_MODEL)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--layer", type=int, default=12)
+    ap.add_argument("--alpha", type=float, default=4.0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--skip-workers", action="store_true")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "generation.json"))
+    args = ap.parse_args()
+    res: dict = {"command": "SAESTEER_THREADS=2 flock /tmp/saesteer-heavy.lock .venv/bin/python benchmarks/generation.py "
+                 + " ".join(sys.argv[1:]), "model": args.model, "new_tokens_per_row": args.new_tokens,
+                 "torch": torch.__version__, "machine": f"{platform.machine()} {platform.processor()}",
+                 "cpu_count": os.cpu_count(), "ceilings": [ceilings(1), ceilings(2)]}
+    print(res["ceilings"], flush=True)
+    set_threads(args.threads)
+    model, tok = models.load_model(args.model)
+    n_params = sum(p.numel() for p in model.parameters())
+    res["params"], res["weights_gb_fp32"] = n_params, round(n_params * 4 / 1e9, 2)
+    vec = steering_vector(model, args.alpha)
+    p8, n = PROMPTS[:8], args.new_tokens
+    runs: dict = {}
+
+    def record(key, dt, outs):
+        toks = sum(map(len, outs))
+        runs[key] = {"seconds": round(dt, 2), "tokens": toks, "tok_s": round(toks / dt, 2)}
+        print(key, runs[key], flush=True)
+
+    ours(model, tok, p8[:2], 2, 2)  # warm-up
+    for steered in (False, True):
+        tag = "steered" if steered else "unsteered"
+        ctx = steer(model, [Add(vector=vec, alpha=1.0, layer=args.layer)]) if steered else contextlib.nullcontext()
+        with ctx:
+            dt, hf_out = hf_generate(model, tok, p8, n)
+            record(f"hf_generate_b8_{tag}", dt, hf_out)
+            for th in (2, 1):
+                dt, out = ours(model, tok, p8, n, 8, threads=th)
+                record(f"ours_b8_{tag}_t{th}", dt, out)
+                runs[f"ours_b8_{tag}_t{th}"]["identical_rows_vs_hf"] = sum(a == b for a, b in zip(out, hf_out))
+            dt, out = ours(model, tok, PROMPTS, n, 16, threads=1)
+            record(f"ours_b16_{tag}_t1", dt, out)
+        set_threads(args.threads)
+    if not args.skip_workers:  # two 1-thread processes, each decoding half of the 16 prompts (steered)
+        ctx = mp.get_context("spawn")
+        t0 = time.perf_counter()
+        with ctx.Pool(2) as pool:
+            parts = pool.map(_worker, [(args.model, PROMPTS[i::2], n, args.layer, args.alpha, 1) for i in range(2)])
+        wall = time.perf_counter() - t0
+        toks = sum(p[1] for p in parts)
+        runs["ours_2procs_x1thread_steered"] = {
+            "tokens": toks, "decode_seconds_max": round(max(p[0] for p in parts), 2),
+            "tok_s": round(toks / max(p[0] for p in parts), 2), "wall_seconds_with_model_load": round(wall, 2)}
+        print("2 procs", runs["ours_2procs_x1thread_steered"], flush=True)
+    res["runs"] = runs
+    res["llama_cpp"] = llama_cpp_run(args.model, tok, p8, n, args.threads) if args.model in models.BUILTIN_MODELS \
+        else {"error": "not a built-in GGUF model"}
+    print("llama.cpp", res["llama_cpp"], flush=True)
+    hf = runs["hf_generate_b8_steered"]["tok_s"]
+    best = max(v["tok_s"] for k, v in runs.items() if "steered" in k and "unsteered" not in k and k.startswith("ours"))
+    res["summary"] = {
+        "speedup_steered_ours_b8_t2_vs_hf_b8": round(runs["ours_b8_steered_t2"]["tok_s"] / hf, 2),
+        "speedup_steered_best_ours_vs_hf_b8": round(best / hf, 2),
+        "goal": ">= 3x model.generate with steering on",
+        "llama_cpp_over_best_ours": round(res["llama_cpp"]["tok_s"] / best, 2) if "tok_s" in res["llama_cpp"] else None,
+    }
+    print(res["summary"])
+    atomic_write_json(args.out, res)
+    print("wrote", args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""``saesteer serve``: the OpenAI-compatible chat server for a (steered) model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from ..utils import ensure
+from ._app import DEVICE_HELP, MODEL_HELP, THREADS_HELP, app
+
+
+@app.command()
+def serve(
+    model: str = typer.Option("qwen2.5-coder-0.5b-instruct", "--model", "-m", help=MODEL_HELP),
+    policy: Optional[Path] = typer.Option(None, help="policy file (conditional steering) served as NAME+<file stem>"),
+    sae: Optional[Path] = typer.Option(None, help="SAE folder for --feature / --clamp (served as NAME+refusal-clamp)"),
+    feature: Optional[List[int]] = typer.Option(None, help="SAE latent(s) to steer (repeatable)"),
+    clamp: Optional[List[float]] = typer.Option(None, help="clamp value per --feature (latent units)"),
+    alpha: Optional[float] = typer.Option(None, help="add alpha × the latent / direction instead of clamping"),
+    direction: Optional[Path] = typer.Option(None, help="refusal-direction file to add (with --alpha)"),
+    layer: Optional[int] = typer.Option(None, help="steering layer (default: the SAE's / direction's)"),
+    spec: Optional[Path] = typer.Option(None, help="steering spec JSON (saesteer.steering.SteeringSpec list)"),
+    steer_name: Optional[str] = typer.Option(None, "--steer-name", help="suffix of the steered model name"),
+    base_name: str = typer.Option("default", "--base-name", help="name of the unsteered model in /v1/models"),
+    host: str = typer.Option("127.0.0.1", help="interface to listen on (keep loopback unless you add --api-key)"),
+    port: int = typer.Option(8000, help="TCP port"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="SAESTEER_API_KEY",
+                                          help="require 'Authorization: Bearer KEY' (env SAESTEER_API_KEY)"),
+    max_batch: int = typer.Option(16, help="most requests decoded together"),
+    max_queue: int = typer.Option(64, help="requests in flight before 429"),
+    max_tokens_limit: int = typer.Option(512, help="largest max_tokens a request may ask for"),
+    max_body_bytes: int = typer.Option(1_000_000, help="largest request body (413 above it)"),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
+    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
+) -> None:
+    """Serve MODEL (plus steered variants) at http://HOST:PORT/v1 — chat completions, streaming, /v1/models, /health."""
+    from ..models import load_model
+    from ..serve import ServeConfig, run_server, served_models
+    from ..utils import resolve_device, set_threads
+    from .steer import steering_specs
+
+    ensure(1 <= port <= 65535, f"--port must be in 1..65535, got {port}")
+    ensure(max_batch >= 1 and max_queue >= 1 and max_tokens_limit >= 1, "--max-batch/--max-queue/--max-tokens-limit must be >= 1")
+    specs = steering_specs(sae=sae, feature=feature, clamp=clamp, alpha=alpha, direction=direction, layer=layer,
+                           spec=spec)
+    if policy is not None:
+        ensure(policy.exists(), f"policy file not found: {policy}")
+    set_threads(threads)
+    m, tok = load_model(model, device=resolve_device(device))
+    name = steer_name or ("refusal-clamp" if sae is not None and clamp else None)
+    served = served_models(m, base=base_name, policy=str(policy) if policy else None,
+                           specs=[s.to_dict() for s in specs] or None, steer_name=name)
+    cfg = ServeConfig(host=host, port=port, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
+                      max_tokens_limit=max_tokens_limit, max_body_bytes=max_body_bytes)
+    typer.echo(f"saesteer: serving {', '.join(served)} on http://{host}:{port}/v1"
+               + (" (API key required)" if api_key else ""), err=True)
+    run_server(m, tok, served, cfg)
