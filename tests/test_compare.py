@@ -162,3 +162,28 @@ def test_run_compare_with_real_eval_modules_on_tiny_model(tiny, tmp_path, data_r
         assert by[("unsteered", m)].get("gate_fire_rate") is None
     assert (tmp_path / "cmp" / "conditions" / "gated" / "advbench_test" / "items.jsonl").exists()
     assert "| gated | cast | add dir x1 |" in (tmp_path / "cmp" / "table.md").read_text()
+
+
+def test_held_out_exclusions_leave_out_fit_prompts(tmp_path, data_root):
+    from saesteer.compare import _conditions, held_out_exclusions
+    from saesteer.data import load_prompts
+    from saesteer.policy import load_policy
+    from saesteer.policy_fit import load_slice, text_key
+
+    items = load_prompts("jbb-benign")
+    train = load_slice("jbb-benign#0:0.4", seed=3)
+    val = load_slice("jbb-benign#0.4:0.6", seed=3)
+    test = load_slice("jbb-benign#0.6:1", seed=3)
+    ids = [{it.id for it in s} for s in (train, val, test)]
+    assert len(ids[0]) == 40 and len(ids[1]) == 20 and len(ids[2]) == 40
+    assert not (ids[0] & ids[1]) and not (ids[0] & ids[2]) and ids[0] | ids[1] | ids[2] == {it.id for it in items}
+    path = _policy_file(tmp_path, "gated", "probe")
+    pol = load_policy(path)
+    pol.meta["used_prompts"] = [text_key(it.prompt) for it in train + val]
+    pol.save(path)
+    conds = _conditions(CompareConfig(policies=[path], unsafe=["jbb-harmful"], safe=["jbb-benign"], limit=None))
+    held = held_out_exclusions(CompareConfig(unsafe=["jbb-harmful"], safe=["jbb-benign"], limit=None), conds)
+    assert held["jbb-harmful"] == [] and sorted(held["jbb-benign"]) == sorted(f"jbb-benign/{i}" for i in ids[0] | ids[1])
+    held = held_out_exclusions(CompareConfig(unsafe=["jbb-harmful"], safe=["jbb-benign"], limit=10), conds)
+    kept = {it.id for it in items} - {h.split("/", 1)[1] for h in held["jbb-benign"]}
+    assert len(kept) == 10 and kept <= ids[2]

@@ -20,8 +20,9 @@ from __future__ import annotations
 import base64
 import html
 import json
+import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -46,7 +47,8 @@ class CompareConfig:
     safe: list[str] = field(default_factory=lambda: ["xstest:safe", "jbb-benign"])
     """Safe prompt sets: refusal here is over-refusal."""
     limit: int | None = 50
-    """Seeded sample per refusal dataset (None = all)."""
+    """Seeded sample per refusal dataset (None = all), drawn after leaving out every prompt a policy was fitted or
+    calibrated on (recorded in its ``meta.used_prompts``) and ``exclude_ids``."""
     max_new_tokens: int | None = None
     """Answer budget for refusal evals (None = the eval's default for the judge)."""
     judge: str = "prefix"
@@ -113,6 +115,28 @@ def _conditions(cfg: CompareConfig) -> list[dict[str, Any]]:
     return conds
 
 
+def held_out_exclusions(cfg: CompareConfig, conds: Sequence[dict]) -> dict[str, list[str]]:
+    """``{eval spec: ["spec/id", ...]}`` to leave out, so that each refusal set is a seeded sample of ``cfg.limit``
+    prompts drawn from those no policy was fitted or calibrated on (``meta.used_prompts``) and not in
+    ``cfg.exclude_ids``. The same prompts are then used for every condition."""
+    from .data import load_prompts
+    from .policy_fit import text_key
+
+    used = {k for c in conds if c.get("policy") is not None for k in c["policy"].meta.get("used_prompts", [])}
+    user = set(cfg.exclude_ids)
+    out = {}
+    for spec in list(cfg.unsafe) + list(cfg.safe):
+        items = load_prompts(spec)
+        rest = [i for i, it in enumerate(items) if text_key(it.messages or it.prompt) not in used
+                and it.id not in user and f"{spec}/{it.id}" not in user]
+        if cfg.limit is not None and cfg.limit < len(rest):
+            rest = sorted(random.Random(cfg.seed).sample(rest, cfg.limit))
+        keep = set(rest)
+        ensure(len(keep) > 0, f"{spec}: no prompts left after leaving out those used to fit the policies")
+        out[spec] = [f"{spec}/{it.id}" for i, it in enumerate(items) if i not in keep]
+    return out
+
+
 def _fire_rate(pol: Any, before: Any) -> float | None:
     """Share of prefilled rows the gate let through in the policy run an eval just made (each apply is a new run)."""
     run = getattr(pol, "last_run", None) if pol is not None else None
@@ -126,7 +150,8 @@ def _eval_refusal(model: Any, tok: Any, cfg: CompareConfig, cond: dict, group: s
 
     rows = []
     for spec in (cfg.unsafe if group == "unsafe" else cfg.safe):
-        rcfg = RefusalEvalConfig(datasets=[spec], limit=cfg.limit, seed=cfg.seed, judge=cfg.judge,
+        # the sample (cfg.limit prompts, fit prompts left out) is already drawn by held_out_exclusions
+        rcfg = RefusalEvalConfig(datasets=[spec], limit=None, seed=cfg.seed, judge=cfg.judge,
                                  max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
                                  exclude_ids=list(cfg.exclude_ids), progress=cfg.progress,
                                  out=str(out / "conditions" / _slug(cond["condition"]) / _slug(spec)))
@@ -208,8 +233,10 @@ def run_compare(model: Any, tok: Any, cfg: CompareConfig, runner: Runner | None 
     groups = [g for g in GROUPS if (g != "multiturn" or cfg.multiturn) and (g != "capability" or cfg.capability)
               and (g != "unsafe" or cfg.unsafe) and (g != "safe" or cfg.safe)]
     rows = read_results(out)
-    atomic_write_json(out / "config.json", {**asdict(cfg), "conditions": [
-        {k: v for k, v in c.items() if k != "policy"} for c in conds]})
+    held = held_out_exclusions(cfg, conds)
+    cfg = replace(cfg, exclude_ids=list(cfg.exclude_ids) + [i for ids in held.values() for i in ids])
+    atomic_write_json(out / "config.json", {**asdict(cfg), "excluded_per_set": {k: len(v) for k, v in held.items()},
+                                            "conditions": [{k: v for k, v in c.items() if k != "policy"} for c in conds]})
     for cond in conds:
         for group in groups:
             if any(r["condition"] == cond["condition"] and r["group"] == group for r in rows):

@@ -90,7 +90,8 @@ def fit_cmd(
 ) -> None:
     """Fit a gate on train prompts, cap its false positives on validation prompts, save gate + steering as one file."""
     from ..models import load_model
-    from ..policy import PolicyFitConfig, fit_policy, policy_summary
+    from ..policy import policy_summary
+    from ..policy_fit import PolicyFitConfig, fit_policy
     from ..utils import resolve_device, set_threads
 
     import dataclasses

@@ -1,0 +1,166 @@
+"""Fitting a steering policy: read gate inputs on labelled prompts, fit the gate, cap its FPR on validation prompts.
+
+Prompt sets are ``data.load_prompts`` specs; each item's label (harmful / harmless) decides its side, so mixed sets such
+as ``xstest`` work. A ``#LO:HI`` suffix keeps the fraction [LO, HI) of a seeded permutation of the set
+(``xstest#0:0.4`` for training, ``xstest#0.4:0.6`` for the threshold), so hard benign prompts (safe prompts that look
+harmful) can shape the gate while the rest of the set stays held out. Every prompt used is recorded in the policy's
+``meta["used_prompts"]`` (short text hashes, :func:`text_key`) so that ``saesteer compare`` leaves them out of its
+evaluations.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from . import models
+from .policy import Policy
+from .steering import SteeringSpec, _load_sae_cached
+from .utils import SaesteerError, ensure, rate_summary
+
+
+def text_key(prompt: Any) -> str:
+    """Short hash of a prompt (string or message list) identifying it across datasets and id schemes."""
+    text = prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
+    return hashlib.sha1(text.strip().encode("utf-8")).hexdigest()[:16]
+
+
+def load_slice(spec: str, limit: int | None = None, seed: int = 0) -> list[Any]:
+    """``load_prompts`` plus an optional ``#LO:HI`` fraction of a seeded permutation (then ``limit``)."""
+    from .data import load_prompts
+
+    base, _, frac = spec.partition("#")
+    items = load_prompts(base)
+    if frac:
+        try:
+            lo, hi = (float(x) for x in frac.split(":"))
+        except ValueError:
+            raise SaesteerError(f"bad slice in {spec!r}: expected #LO:HI with fractions, e.g. #0:0.4") from None
+        ensure(0 <= lo < hi <= 1, f"bad slice in {spec!r}: need 0 <= LO < HI <= 1")
+        order = list(range(len(items)))
+        random.Random(seed).shuffle(order)
+        keep = sorted(order[round(lo * len(items)):round(hi * len(items))])
+        items = [items[i] for i in keep]
+    if limit is not None and limit < len(items):
+        keep = sorted(random.Random(seed).sample(range(len(items)), limit))
+        items = [items[i] for i in keep]
+    return items
+
+
+@dataclass
+class PolicyFitConfig:
+    """Settings of :func:`fit_policy` (and ``saesteer policy fit``)."""
+
+    steering: list[SteeringSpec] = field(default_factory=list)
+    """What the policy applies when the gate fires (e.g. the clamp chosen by ``saesteer features``)."""
+    gate: str = "probe"
+    """Gate kind: sae, probe, cast or always (unconditional)."""
+    layer: int | None = None
+    """Layer the gate reads (default: the first steering layer; must not come after it)."""
+    positions: int | None = None
+    """Trailing prompt tokens the gate reads (default: the chat template's post-instruction tokens)."""
+    reduce: str = "mean"
+    """Pool the positions by ``mean`` or take the ``last``."""
+    fpr: float = 0.02
+    """Largest false-positive rate allowed on the benign validation prompts (sets the threshold)."""
+    strength: str = "hard"
+    """hard / linear / sigmoid: how steering strength grows with the gate score above the threshold."""
+    train: list[str] = field(default_factory=lambda: ["arditi-harmful:train", "arditi-harmless:train"])
+    """Prompt sets to fit the gate on; each item's label (harmful / harmless) decides its side."""
+    val: list[str] = field(default_factory=lambda: ["arditi-harmful:val", "arditi-harmless:val"])
+    """Prompt sets to choose the threshold on (benign ones set the FPR cap; harmful ones give the TPR)."""
+    heldout: list[str] = field(default_factory=list)
+    """Optional held-out sets to report the gate's fire rate on (never used for fitting)."""
+    limit: int | None = 256
+    """Seeded sample size per prompt set (None = all)."""
+    top_m: int = 16
+    """SAE gate: number of latents it combines."""
+    C: float | None = None
+    """Inverse L2 strength of the logistic regressions (default 0.1 probe, 1.0 sae)."""
+    sae: str | None = None
+    """SAE path for an ``sae`` gate (default: the steering spec's SAE)."""
+    batch_size: int = 16
+    """Prompts per forward when reading residuals."""
+    name: str = ""
+    """Policy name for comparison tables."""
+    seed: int = 0
+    """Seed of the per-set subsamples."""
+
+
+def _labelled(specs: Sequence[str], limit: int | None, seed: int, what: str) -> tuple[list[Any], list[Any], list[dict]]:
+    harm, safe, used = [], [], []
+    for spec in specs:
+        items = load_slice(spec, limit=limit, seed=seed)
+        ensure(len(items) > 0, f"{what} set {spec!r} is empty")
+        for it in items:
+            ensure(it.label in ("harmful", "harmless"), f"{what} set {spec!r}: item {it.id} has no harmful/harmless label")
+            (harm if it.label == "harmful" else safe).append(it.messages if it.messages is not None else it.prompt)
+        used.append({"spec": spec, "n": len(items), "keys": [text_key(it.messages or it.prompt) for it in items]})
+    return harm, safe, used
+
+
+def fit_policy(model: nn.Module, tok: Any, cfg: PolicyFitConfig, progress: bool = True,
+               residuals: dict[str, torch.Tensor] | None = None) -> Policy:
+    """Fit the gate on ``cfg.train``, set its threshold on ``cfg.val`` (FPR cap), report ``cfg.heldout`` fire rates.
+
+    ``residuals`` (a dict, filled on first use) shares the collected gate inputs between fits of several gate kinds
+    with the same data, layer and positions.
+    """
+    from .gates import collect_gate_inputs, make_gate, post_instruction_positions
+
+    ensure(len(cfg.steering) > 0, "fit_policy needs a steering spec (e.g. --sae/--feature/--clamp)")
+    cache: dict[str, Any] = {}
+    ivs = [iv for s in cfg.steering for iv in s.build(model, cache)]
+    first = min(L for iv in ivs for L in iv.layers(model))
+    layer = models.check_layer(model, cfg.layer if cfg.layer is not None else first)
+    P = cfg.positions or post_instruction_positions(tok)
+    kw: dict[str, Any] = dict(reduce=cfg.reduce, strength=cfg.strength)
+    if cfg.gate in ("probe", "sae") and cfg.C is not None:
+        kw["C"] = cfg.C
+    if cfg.gate == "sae":
+        sae_path = cfg.sae or next((s.sae for s in cfg.steering if s.sae), None)
+        ensure(sae_path is not None, "an sae gate needs an SAE (--gate-sae or an SAE in the steering spec)")
+        sae = _load_sae_cached(sae_path, cache)
+        kw.update(sae=sae, sae_path=str(Path(sae_path).expanduser().resolve()), top_m=cfg.top_m)
+    gate = make_gate(cfg.gate, layer, P, **kw)
+    meta: dict[str, Any] = {"fpr": cfg.fpr, "positions": P}
+    pol = Policy(gate=gate, steering=list(cfg.steering), name=cfg.name or cfg.gate, model=models.model_name(model), meta=meta)
+    pol.check(model, ivs)
+    if cfg.gate == "always":
+        return pol
+
+    memo = residuals if residuals is not None else {}
+
+    def inputs(prompts: list[Any], desc: str) -> torch.Tensor:
+        key = f"{layer}/{P}/" + hashlib.sha1(json.dumps(prompts, sort_keys=True).encode()).hexdigest()
+        if key not in memo:
+            memo[key] = collect_gate_inputs(model, tok, prompts, layer, P, cfg.batch_size, progress, desc)
+        return memo[key]
+
+    th, ts, used = _labelled(cfg.train, cfg.limit, cfg.seed, "train")
+    ensure(len(th) >= 2 and len(ts) >= 2, "train sets need >= 2 harmful and >= 2 harmless prompts")
+    gate.fit(inputs(th, "gate train harmful"), inputs(ts, "gate train harmless"))
+    meta["train"] = {"sets": [{k: v for k, v in u.items() if k != "keys"} for u in used], "n_harmful": len(th),
+                     "n_harmless": len(ts)}
+    vh, vs, vused = _labelled(cfg.val, cfg.limit, cfg.seed, "val")
+    ensure(len(vs) > 0, "validation sets hold no harmless prompts: the FPR cap needs benign scores")
+    hs = gate.score(inputs(vh, "gate val harmful")) if vh else None
+    meta["val"] = {"sets": [{k: v for k, v in u.items() if k != "keys"} for u in vused],
+                   **gate.calibrate(gate.score(inputs(vs, "gate val harmless")), hs, cfg.fpr)}
+    meta["used_prompts"] = sorted({k for u in used + vused for k in u["keys"]})
+    meta["heldout"] = {}
+    seen = set(meta["used_prompts"])
+    for spec in cfg.heldout:
+        items = [it for it in load_slice(spec, limit=cfg.limit, seed=cfg.seed)
+                 if text_key(it.messages or it.prompt) not in seen]
+        ensure(len(items) > 0, f"held-out set {spec!r} is empty (after leaving out the prompts used for fitting)")
+        _, fired, _ = gate.decide(inputs([it.messages or it.prompt for it in items], f"gate {spec}"))
+        meta["heldout"][spec] = rate_summary(int(fired.sum()), len(items))
+    return pol
