@@ -125,3 +125,19 @@ def test_documented_cli_command_runs(tiny, tmp_path):
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "cli_mmlu" in r.stdout and "acc" in r.stdout
+
+
+@pytest.mark.integration
+def test_real_model_mmlu_matches_harness(smollm, data_root, tmp_path):
+    """Real tokenizer: ' A'..' D' are single tokens, so our one-forward-per-question path is the one compared."""
+    model, tok = smollm
+    qs = cap.load_mmlu(6, 0, seed=1)
+    by_id = {r["id"]: r for r in cap.read_jsonl(data_root / "mmlu" / "mmlu_test.jsonl")}
+    rows = [by_id[q["id"]] for q in qs]
+    assert cap.count_sequences(tok, [(q["context"], q["choices"]) for q in qs]) == 6  # one sequence per question
+    task = lmeval.write_mmlu_task(tmp_path / "tasks", rows, "real_mmlu")
+    lm = lmeval.SaesteerLM(pretrained=model, tokenizer=tok, batch_size=6, device="cpu")
+    _, h_lls = harness_preds(lm, task.parent, "real_mmlu")
+    ours = cap.loglikelihoods(model, tok, [(q["context"], q["choices"]) for q in qs], batch_size=3)
+    for mine, hl in zip(ours, h_lls):
+        assert [m[0] for m in mine] == pytest.approx(hl, abs=2e-3)
