@@ -333,13 +333,23 @@ def test_cli_fit_several_gates_share_residuals(tiny_dir, tmp_path, capsys, monke
     try:
         main([str(a) for a in ["policy", "fit", "--model", tiny_dir / "model", "--sae", tiny_dir / "sae", "--feature",
                                "3", "--clamp", "2", "--gate", "probe,cast", "--train", tiny_dir / "train.jsonl",
-                               "--val", tiny_dir / "val.jsonl", "--out", tmp_path / "pol-{gate}.json"]])
+                               "--val", tiny_dir / "val.jsonl", "--out", tmp_path / "pol-{gate}.json",
+                               "--cache", tmp_path / "cache"]])
     except SystemExit as e:
         code = e.code
     assert code in (None, 0), capsys.readouterr().err
     assert load_policy(tmp_path / "pol-probe.json").gate.kind == "probe"
     assert load_policy(tmp_path / "pol-cast.json").name == "pol-cast"
     assert len(calls) == 4  # train harmful/harmless + val harmful/harmless, collected once for both gates
+    assert len(list((tmp_path / "cache").glob("gate_inputs_*.safetensors"))) == 4
+    before = load_policy(tmp_path / "pol-probe.json")
+    calls.clear()
+    main([str(a) for a in ["policy", "fit", "--model", tiny_dir / "model", "--sae", tiny_dir / "sae", "--feature",
+                           "3", "--clamp", "2", "--gate", "probe", "--train", tiny_dir / "train.jsonl", "--val",
+                           tiny_dir / "val.jsonl", "--out", tmp_path / "again.json", "--cache", tmp_path / "cache"]])
+    assert calls == []  # served from the on-disk cache
+    again = load_policy(tmp_path / "again.json")
+    assert torch.equal(again.gate.coef, before.gate.coef) and again.gate.threshold == before.gate.threshold
     code, err = _main(["policy", "fit", "--model", tiny_dir / "model", "--sae", tiny_dir / "sae", "--feature", "3",
                        "--clamp", "2", "--gate", "probe,cast", "--out", tmp_path / "x.json"], capsys)
     assert code == 2 and "{gate}" in err

@@ -23,7 +23,7 @@ from torch import nn
 from . import models
 from .policy import Policy
 from .steering import SteeringSpec, _load_sae_cached
-from .utils import SaesteerError, ensure, rate_summary
+from .utils import SaesteerError, atomic_write_bytes, ensure, rate_summary
 
 
 def text_key(prompt: Any) -> str:
@@ -88,6 +88,9 @@ class PolicyFitConfig:
     """SAE path for an ``sae`` gate (default: the steering spec's SAE)."""
     batch_size: int = 16
     """Prompts per forward when reading residuals."""
+    cache: str | None = None
+    """Folder caching the collected gate inputs (safetensors per prompt list, keyed by model, layer, positions and
+    the prompts), so refits with other gates / thresholds skip the forwards."""
     name: str = ""
     """Policy name for comparison tables."""
     seed: int = 0
@@ -139,9 +142,20 @@ def fit_policy(model: nn.Module, tok: Any, cfg: PolicyFitConfig, progress: bool 
     memo = residuals if residuals is not None else {}
 
     def inputs(prompts: list[Any], desc: str) -> torch.Tensor:
-        key = f"{layer}/{P}/" + hashlib.sha1(json.dumps(prompts, sort_keys=True).encode()).hexdigest()
-        if key not in memo:
+        key = hashlib.sha1(json.dumps([models.model_name(model), layer, P, prompts], sort_keys=True).encode()).hexdigest()
+        if key in memo:
+            return memo[key]
+        f = Path(cfg.cache) / f"gate_inputs_{key[:24]}.safetensors" if cfg.cache else None
+        if f is not None and f.exists():
+            from safetensors.torch import load_file
+
+            memo[key] = load_file(str(f))["h"]
+        else:
             memo[key] = collect_gate_inputs(model, tok, prompts, layer, P, cfg.batch_size, progress, desc)
+            if f is not None:
+                from safetensors.torch import save
+
+                atomic_write_bytes(f, save({"h": memo[key].contiguous()}))
         return memo[key]
 
     th, ts, used = _labelled(cfg.train, cfg.limit, cfg.seed, "train")

@@ -83,6 +83,7 @@ def fit_cmd(
     top_m: int = typer.Option(16, help="sae gate: latents combined"),
     c: Optional[float] = typer.Option(None, "--C", help="inverse L2 strength of the logistic regression"),
     batch_size: int = typer.Option(16, help="prompts per forward"),
+    cache: Optional[Path] = typer.Option(None, help="folder caching the gate inputs (refits skip the forwards)"),
     name: Optional[str] = typer.Option(None, help="policy name in comparison tables (default: the file stem)"),
     seed: int = typer.Option(0, help="seed of the subsamples"),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
@@ -105,7 +106,7 @@ def fit_cmd(
     cfg = PolicyFitConfig(steering=specs, gate=kinds[0], layer=gate_layer, positions=positions, reduce=reduce, fpr=fpr,
                           strength=strength, train=_split(train), val=_split(val), heldout=_split(heldout),
                           limit=limit or None, top_m=top_m, C=c, sae=_abs(str(gate_sae)) if gate_sae else None,
-                          batch_size=batch_size, name=name or "", seed=seed)
+                          batch_size=batch_size, cache=str(cache) if cache else None, name=name or "", seed=seed)
     set_threads(threads)
     m, tok = load_model(model, device=resolve_device(device))
     shared: dict = {}  # residuals collected once, shared by every gate kind
