@@ -324,7 +324,8 @@ def discover(
     disc = harm_d + safe_d
     say(f"answering {len(disc)} discovery prompts ({cfg.discovery_tokens} new tokens)")
     outs = generate(model, tok, [p.text for p in disc],
-                    GenerationConfig(max_new_tokens=cfg.discovery_tokens, batch_size=cfg.batch_size))
+                    GenerationConfig(max_new_tokens=cfg.discovery_tokens, batch_size=cfg.batch_size,
+                                     progress=progress is not None))
     harmful = [i < len(harm_d) for i in range(len(disc))]
     refused = [bool(is_refusal(o)) for o in outs]
     answers = [{**p.record(), "harmful": h, "answer": o, "refusal": r} for p, h, o, r in zip(disc, harmful, outs, refused)]
