@@ -260,11 +260,27 @@ def test_smollm_greedy_equals_model_generate(smollm):
     model, tok = smollm
     prompts = ["What is the capital of France?", "Write a haiku about rain.", "How do I pick a lock?",
                "Give me three tips for sleeping better.", "Explain recursion to a child.", "2+2=?"]
-    rows = generate_rows(model, tok, prompts, max_new_tokens=20, batch_size=8, bucket_by_length=False)
+    rows = generate_rows(model, tok, prompts, max_new_tokens=16, batch_size=8, bucket_by_length=False)
     eos = {tok.eos_token_id} | ({model.generation_config.eos_token_id} - {None})
-    ref = _hf_generate(model, tok, encode_prompts(tok, prompts), 20, eos)
+    ref = _hf_generate(model, tok, encode_prompts(tok, prompts), 16, eos)
     same_batch_diverged = sum(r.out_ids != x for r, x in zip(rows, ref))
     assert same_batch_diverged == 0
-    bucketed = generate_rows(model, tok, prompts, max_new_tokens=20, batch_size=3)
+    bucketed = generate_rows(model, tok, prompts, max_new_tokens=16, batch_size=3)
     padding_diverged = sum(r.out_ids != x for r, x in zip(bucketed, ref))
     assert padding_diverged <= 1, f"{padding_diverged}/6 rows changed with a different padding"
+
+
+def test_decode_threads_switch_and_restore(lively):
+    model, tok = lively
+    seen = []
+    h = hook_module(model, 0).register_forward_hook(lambda m, i, o: seen.append((o.shape[1], torch.get_num_threads())))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = generate(model, tok, PROMPTS[:2], max_new_tokens=4, eos_ids=[], decode_threads=1)
+        assert torch.get_num_threads() == 2  # restored after the batch
+    finally:
+        h.remove()
+        torch.set_num_threads(before)
+    assert seen[0][1] == 2 and all(n == 1 for _, n in seen[1:])  # prefill on 2 threads, decode steps on 1
+    assert out == generate(model, tok, PROMPTS[:2], max_new_tokens=4, eos_ids=[])

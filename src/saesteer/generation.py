@@ -62,6 +62,9 @@ class GenerationConfig:
     """torch intra-op threads (``None``: leave as is / ``SAESTEER_THREADS``). One thread can beat two for decoding."""
     interop_threads: int | None = None
     """torch inter-op threads (only settable once per process)."""
+    decode_threads: int | None = None
+    """Intra-op threads for the one-token decode steps only (prefill keeps ``threads``); small per-step matmuls can
+    run faster on fewer threads. ``None``: no switch."""
     compile: bool = False
     """Run the forward through ``torch.compile(dynamic=True)`` (slow first call; pays off on long GPU runs)."""
     bucket_by_length: bool = True
@@ -226,7 +229,7 @@ def _advance(row: Row, token: int, eos: set[int], tok: Any, need_text: bool, ski
 @torch.inference_mode()
 def decode_rows(
     model: Any, tok: Any, rows: list[Row], eos: set[int], *, stream: bool = False, compile_: bool = False,
-    skip_special_tokens: bool = True,
+    skip_special_tokens: bool = True, decode_threads: int | None = None,
 ) -> Iterator[list[StepEvent]]:
     """Decode one batch of rows together; yields the events of every step. Finished rows leave the batch."""
     if not rows:
@@ -250,7 +253,6 @@ def decode_rows(
     cache = DynamicCache(config=model.config)
     forward = _forward_fn(model, compile_)
     live = list(rows)
-    inp, step_pos = ids, pos
     need_text = stream or any(r.stop or r.stop_when is not None for r in rows)
     for r in rows:
         if r.max_new_tokens <= 0:
@@ -258,13 +260,27 @@ def decode_rows(
     if all(r.done for r in rows):
         yield [StepEvent(r.index, "", r.finish_reason) for r in rows]
         return
+    prefill_threads = torch.get_num_threads()
+    try:
+        yield from _loop(forward, model, tok, live, eos, ids, mask, pos, cache, need_text, skip_special_tokens,
+                         decode_threads)
+    finally:
+        if decode_threads:
+            torch.set_num_threads(prefill_threads)
+
+
+def _loop(forward, model, tok, live, eos, inp, mask, step_pos, cache, need_text, skip_special, decode_threads):
+    device, prefill = inp.device, True
     while True:
         out = forward(input_ids=inp, attention_mask=mask, position_ids=step_pos, past_key_values=cache,
                       use_cache=True, logits_to_keep=1)
+        if decode_threads and prefill:
+            torch.set_num_threads(decode_threads)
+        prefill = False
         logits = out.logits[:, -1, :]
         ensure(bool(torch.isfinite(logits).all()), "the model produced NaN/inf logits (check the steering values)")
         nxt = _sample(logits, live).tolist()
-        events = [_advance(r, t, eos, tok, need_text, skip_special_tokens) for r, t in zip(live, nxt)]
+        events = [_advance(r, t, eos, tok, need_text, skip_special) for r, t in zip(live, nxt)]
         yield events
         keep = [j for j, r in enumerate(live) if not r.done]
         if not keep:
@@ -322,7 +338,7 @@ def _run(model: Any, tok: Any, rows: list[Row], cfg: GenerationConfig, stream: b
             if cfg.on_batch is not None:
                 cfg.on_batch([r.index for r in batch])
             for events in decode_rows(model, tok, batch, eos, stream=stream, compile_=cfg.compile,
-                                      skip_special_tokens=cfg.skip_special_tokens):
+                                      skip_special_tokens=cfg.skip_special_tokens, decode_threads=cfg.decode_threads):
                 yield from events
                 if bar is not None:
                     bar.update(sum(e.finish_reason is not None for e in events))
