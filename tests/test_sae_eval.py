@@ -54,6 +54,18 @@ def test_clean_ce_matches_direct_computation(tiny):
     assert r["n_tokens"] == ids.shape[1] - 1
 
 
+def test_ce_docs_limits_only_the_ce_passes(tiny):
+    model, tok = tiny
+    rand = TopKSAE(SAEConfig(d_in=64, num_latents=256, k=4, layer=1), seed=0)
+    full = evaluate_sae(model, tok, rand, TEXTS, layer=1, context_len=32, batch_size=2, progress=False)
+    part = evaluate_sae(model, tok, rand, TEXTS, layer=1, context_len=32, batch_size=2, progress=False, ce_docs=2)
+    first = evaluate_sae(model, tok, rand, TEXTS[:2], layer=1, context_len=32, batch_size=2, progress=False)
+    assert part["n_tokens"] == full["n_tokens"] and part["n_ce_docs"] == 2 and full["n_ce_docs"] == 4
+    assert part["fvu"] == pytest.approx(full["fvu"], rel=1e-5) and part["l0"] == pytest.approx(full["l0"])
+    assert part["ce_clean"] == pytest.approx(first["ce_clean"], rel=1e-5)
+    assert part["ce_spliced"] == pytest.approx(first["ce_spliced"], rel=1e-5)
+
+
 def test_random_sae_is_worse_and_bad_input(tiny):
     model, tok = tiny
     rand = TopKSAE(SAEConfig(d_in=64, num_latents=256, k=4, layer=1), seed=0)

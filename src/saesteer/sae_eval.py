@@ -45,6 +45,8 @@ class SAEEvalConfig:
     """Tokens per document (truncated)."""
     batch_size: int = 8
     """Documents per forward pass."""
+    ce_docs: int | None = None
+    """Documents that also get the CE / KL passes (default all; the rest only feed reconstruction statistics)."""
     threads: int | None = None
     """torch intra-op threads."""
     device: str = "cpu"
@@ -67,13 +69,17 @@ def _ce_kl(logits: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor, ref_log
 
 @torch.inference_mode()
 def evaluate_sae(model: Any, tok: Any, sae: Any, texts: list[str], layer: int, context_len: int = 256,
-                 batch_size: int = 8, progress: bool = True) -> dict[str, Any]:
-    """Metrics dict (see the module doc) for ``sae`` at ``layer`` of ``model`` on ``texts``."""
+                 batch_size: int = 8, progress: bool = True, ce_docs: int | None = None) -> dict[str, Any]:
+    """Metrics dict (see the module doc) for ``sae`` at ``layer`` of ``model`` on ``texts``.
+
+    ``ce_docs``: only the first that many documents (rounded up to a whole batch) get the three full forward passes
+    for CE / KL; the rest only feed the reconstruction and density statistics (forward stopped at the layer).
+    """
     from rich.progress import Progress
 
     from .activations import keep_mask, pad_right
     from .formats import check_compatible
-    from .models import hook_module, layer_output, replace_layer_output, special_token_ids
+    from .models import hook_module, layer_output, replace_layer_output, run_to_layer, special_token_ids
 
     check_compatible(sae, model, layer)
     ensure(len(texts) > 0, "no held-out texts to evaluate on")
@@ -86,6 +92,8 @@ def evaluate_sae(model: Any, tok: Any, sae: Any, texts: list[str], layer: int, c
     mode: dict[str, Any] = {"kind": "clean", "mask": None, "h": None}
 
     def hook(_m: Any, _i: Any, out: Any) -> Any:
+        if mode["kind"] == "off":
+            return None
         h = layer_output(out)
         if mode["kind"] == "clean":
             mode["h"] = h.detach()
@@ -97,7 +105,8 @@ def evaluate_sae(model: Any, tok: Any, sae: Any, texts: list[str], layer: int, c
     n_lat = sae.num_latents
     counts = torch.zeros(n_lat, dtype=torch.long)
     tot = {"sq_err": 0.0, "sum_x": torch.zeros(sae.d_in, dtype=torch.float64), "sum_sq": 0.0, "n": 0, "l0": 0.0,
-           "ce_clean": 0.0, "ce_splice": 0.0, "ce_zero": 0.0, "kl_splice": 0.0, "kl_zero": 0.0, "n_pred": 0}
+           "ce_clean": 0.0, "ce_splice": 0.0, "ce_zero": 0.0, "kl_splice": 0.0, "kl_zero": 0.0, "n_pred": 0,
+           "n_ce_docs": 0}
     handle = hook_module(model, layer).register_forward_hook(hook)
     try:
         with Progress(disable=not progress) as bar:
@@ -109,10 +118,15 @@ def evaluate_sae(model: Any, tok: Any, sae: Any, texts: list[str], layer: int, c
                 # predictions from position p (for token p+1) that can see a spliced position
                 valid = (att[:, 1:].bool() & (keep.long().cumsum(-1)[:, :-1] > 0))
                 mode.update(kind="clean", mask=keep)
-                logits = model(input_ids=ids, attention_mask=att, use_cache=False).logits
-                ce, _, ref = _ce_kl(logits, ids, valid, None)
-                tot["ce_clean"] += ce
-                x = mode["h"][keep].float()
+                with_ce = ce_docs is None or i < ce_docs
+                if with_ce:
+                    logits = model(input_ids=ids, attention_mask=att, use_cache=False).logits
+                    ce, _, ref = _ce_kl(logits, ids, valid, None)
+                    tot["ce_clean"] += ce
+                    x = mode["h"][keep].float()
+                else:
+                    mode["kind"] = "off"
+                    x = run_to_layer(model, ids, att, layer)[keep].float()
                 vals, idx = sae.encode(x)
                 recon = sae.decode(vals, idx)
                 tot["sq_err"] += float((x - recon).pow(2).sum())
@@ -122,13 +136,14 @@ def evaluate_sae(model: Any, tok: Any, sae: Any, texts: list[str], layer: int, c
                 fired = vals > 0
                 tot["l0"] += float(fired.sum())
                 counts += torch.bincount(idx[fired].cpu(), minlength=n_lat)
-                for kind in ("splice", "zero"):
+                for kind in ("splice", "zero") if with_ce else ():
                     mode["kind"] = kind
                     ce, kl, _ = _ce_kl(model(input_ids=ids, attention_mask=att, use_cache=False).logits, ids, valid,
                                        ref)
                     tot[f"ce_{kind}"] += ce
                     tot[f"kl_{kind}"] += kl
-                tot["n_pred"] += int(valid.sum())
+                tot["n_pred"] += int(valid.sum()) if with_ce else 0
+                tot["n_ce_docs"] += ids.shape[0] if with_ce else 0
                 bar.update(task, advance=min(batch_size, len(seqs) - i))
     finally:
         handle.remove()
@@ -142,7 +157,8 @@ def evaluate_sae(model: Any, tok: Any, sae: Any, texts: list[str], layer: int, c
     log_d = torch.log10(density[density > 0])
     hist = torch.histc(log_d, bins=len(hist_edges) - 1, min=-8, max=0).long().tolist() if log_d.numel() else []
     return {
-        "n_tokens": n, "n_docs": len(seqs), "layer": layer, "num_latents": n_lat, "k": sae.k,
+        "n_tokens": n, "n_docs": len(seqs), "n_ce_docs": tot["n_ce_docs"], "n_ce_predictions": tot["n_pred"],
+        "layer": layer, "num_latents": n_lat, "k": sae.k,
         "fvu": tot["sq_err"] / total_var if total_var > 0 else float("nan"),
         "mse": tot["sq_err"] / (n * sae.d_in), "l0": tot["l0"] / n,
         "dead_frac": float((counts == 0).double().mean()), "dense_frac": float((density > DENSE_THRESHOLD).double().mean()),
@@ -195,7 +211,7 @@ def run_sae_eval(cfg: SAEEvalConfig) -> dict[str, Any]:
     ensure(layer is not None and layer >= 0, "the SAE does not record its layer: pass --layer")
     layer = check_layer(model, layer)
     texts = load_texts(cfg.data, limit=cfg.max_docs, tok=tok)  # conversations get the chat template
-    res = evaluate_sae(model, tok, sae, texts, layer, cfg.context_len, cfg.batch_size)
+    res = evaluate_sae(model, tok, sae, texts, layer, cfg.context_len, cfg.batch_size, ce_docs=cfg.ce_docs)
     density = res.pop("_density")
     out = Path(cfg.out)
     png = out.with_name(f"{out.stem}_density.png")

@@ -72,6 +72,7 @@ def sae_eval_cmd(
     max_docs: int = typer.Option(64, help="documents to evaluate"),
     context_len: int = typer.Option(256, help="tokens per document"),
     batch_size: int = typer.Option(8, help="documents per forward"),
+    ce_docs: Optional[int] = typer.Option(None, help="documents that also get CE/KL passes (default: all)"),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
 ) -> None:
@@ -80,7 +81,7 @@ def sae_eval_cmd(
 
     r = run_sae_eval(SAEEvalConfig(model=model, sae=str(sae), data=data, out=str(out), layer=layer,
                                    max_docs=max_docs, context_len=context_len, batch_size=batch_size,
-                                   threads=threads, device=device))
+                                   ce_docs=ce_docs, threads=threads, device=device))
     typer.echo(f"fvu {r['fvu']:.4f}  L0 {r['l0']:.1f}  dead {100 * r['dead_frac']:.1f}%  "
                f"CE clean {r['ce_clean']:.3f} spliced {r['ce_spliced']:.3f} zero {r['ce_zero_ablated']:.3f}  "
                f"recovered {r['ce_loss_recovered']:.3f} → {out}")
