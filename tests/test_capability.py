@@ -35,8 +35,8 @@ def test_encode_pair_moves_trailing_space_into_continuation(tiny):
     assert ctx + cont == whole
 
 
-@pytest.mark.parametrize("batch_size", [1, 3, 8])
-def test_loglikelihoods_equal_brute_force(tiny, batch_size):
+@pytest.mark.parametrize("batch_size,share", [(1, True), (3, True), (8, True), (3, False)])
+def test_loglikelihoods_equal_brute_force(tiny, batch_size, share):
     model, tok = tiny
     reqs = [
         ("the quick brown fox jumps over", [" the", " a", " is", " here"]),  # single-token choices → one shared forward
@@ -44,14 +44,39 @@ def test_loglikelihoods_equal_brute_force(tiny, batch_size):
         ("how do i make a cake?", [" here is a simple recipe"]),
         ("hi", [" the"]),
     ]
-    got = cap.loglikelihoods(model, tok, reqs, batch_size=batch_size)
+    got = cap.loglikelihoods(model, tok, reqs, batch_size=batch_size, share_prefix=share)
     for (context, conts), res in zip(reqs, got):
         assert len(res) == len(conts)
         for c, (ll, greedy) in zip(conts, res):
             assert ll == pytest.approx(brute_ll(model, tok, context, c), abs=1e-4)
             assert ll < 0 and isinstance(greedy, bool)
-    # a single-token request shares one sequence; multi-token ones cost one sequence per choice
-    assert cap.count_sequences(tok, reqs) == 1 + 3 + 1 + 1
+    # single-token choices share one sequence; multi-token choices share a KV-cached prefix (or one sequence each)
+    assert cap.count_sequences(tok, reqs, share=False) == 1 + 3 + 1 + 1
+    assert cap.count_sequences(tok, reqs, share=True) == 1 + 1 + 1 + 1
+
+
+def test_shared_prefix_plan_under_steering_equals_full_forwards(tiny):
+    from saesteer.steering import Add, steer
+
+    model, tok = tiny
+    reqs = [("what is the capital of france?", [" paris", " the capital is paris.", " i'm sorry"]),
+            ("how do i make a cake? here is", [" a simple recipe", " flour, sugar and eggs"])]
+    vec = torch.randn(64, generator=torch.Generator().manual_seed(1))
+    with steer(model, [Add(vector=vec, alpha=3.0, layer=0)]):
+        shared = cap.loglikelihoods(model, tok, reqs, batch_size=8, share_prefix=True)
+        plain = cap.loglikelihoods(model, tok, reqs, batch_size=8, share_prefix=False)
+        ref = [[brute_ll(model, tok, c, x) for x in xs] for c, xs in reqs]
+    unsteered = cap.loglikelihoods(model, tok, reqs)
+    for a, b, r, u in zip(shared, plain, ref, unsteered):
+        assert [x[0] for x in a] == pytest.approx(r, abs=1e-4)
+        assert [x[0] for x in b] == pytest.approx(r, abs=1e-4)
+        assert [x[1] for x in a] == [x[1] for x in b]
+        assert all(abs(x[0] - y[0]) > 1e-3 for x, y in zip(a, u))  # the steering was active
+    # steering restricted to prompt positions would differ on cached continuations: the plan falls back
+    with steer(model, [Add(vector=vec, alpha=3.0, layer=0, positions="prompt")]):
+        from saesteer.evals.loglik import _can_share
+
+        assert not _can_share(model)
 
 
 def test_is_greedy_true_for_the_argmax_token(tiny):

@@ -15,11 +15,8 @@ Prompts follow lm-eval 0.4.13's task YAMLs so that numbers are comparable with `
   ``Question:`` (via :func:`saesteer.generation.generate`, raw text, no chat template), exact match after the
   harness's strict (``#### N``) and flexible (last number) extraction.
 
-Log-likelihoods are computed like the harness's HFLM: the continuation split off the end of
-``encode(context + continuation)``, trailing context whitespace moved into the continuation, float32 log-softmax.
-Batches are LEFT-padded with position ids from the attention mask (the harness right-pads; the values agree to
-float rounding), so that gates reading the last prompt positions (``policy.apply``) see real tokens. Only the
-positions that are scored go through the LM head (the full ``[batch, seq, vocab]`` logits never exist).
+Log-likelihoods follow the harness's HFLM exactly (see :mod:`saesteer.evals.loglik`): one forward per MMLU
+question, a shared KV-cached prefix for TruthfulQA's choices, left padding, only scored positions through the head.
 """
 
 from __future__ import annotations
@@ -35,7 +32,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from ..utils import SaesteerError, atomic_write_json, atomic_write_text, ensure, rate_summary
+from ..utils import atomic_write_json, atomic_write_text, ensure, rate_summary
+from .loglik import count_sequences, encode_pair, loglikelihoods, max_length  # noqa: F401  (re-exported)
 
 TASKS = ("mmlu", "truthfulqa_mc1", "truthfulqa_mc2", "gsm8k")
 
@@ -179,113 +177,6 @@ def load_gsm8k(limit: int | None, shots: int, seed: int, data_root: str | None =
              "target": r["answer"]} for i, r in enumerate(test)]
 
 
-# --------------------------------------------------------------------------------------------- log-likelihood
-def encode_pair(tok: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """Token ids of (context, continuation) split the harness's way (whitespace moved, split off the whole)."""
-    n = len(context) - len(context.rstrip())
-    if n:
-        context, continuation = context[:-n], context[-n:] + continuation
-    whole = tok.encode(context + continuation)  # the tokenizer's own special tokens (BOS), as HFLM does
-    ctx = tok.encode(context)
-    return ctx, whole[len(ctx):]
-
-
-def max_length(model: Any, tok: Any, default: int = 2048) -> int:
-    """The model's context length, looked up the way HFLM does (config, then tokenizer, then 2048)."""
-    cfg = getattr(model.config, "get_text_config", lambda: model.config)()
-    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
-        if getattr(cfg, attr, None):
-            return int(getattr(cfg, attr))
-    tml = getattr(tok, "model_max_length", None)
-    return int(tml) if tml and tml < 10**9 else default
-
-
-def _lm_logits(model: Any, hidden: torch.Tensor) -> torch.Tensor:
-    logits = model.get_output_embeddings()(hidden).float()
-    cap = getattr(getattr(model.config, "get_text_config", lambda: model.config)(), "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
-
-
-@torch.inference_mode()
-def loglikelihoods(
-    model: Any, tok: Any, requests: Sequence[tuple[str, Sequence[str]]], batch_size: int = 8,
-    progress: Callable[[int], None] | None = None,
-) -> list[list[tuple[float, bool]]]:
-    """For each ``(context, [continuations])``: ``[(sum log p(continuation | context), is_greedy), ...]``.
-
-    A request whose continuations are all single tokens (after the harness's split) costs one sequence: the context,
-    read at its last position. Otherwise each continuation is one sequence ``(ctx + cont)[:-1]``. Sequences are
-    sorted by length, left-padded and batched; only scored positions reach the LM head.
-    """
-    seqs: list[tuple[list[int], list[tuple[int, int, list[int]]]]] = []  # (input ids, [(req, choice, cont ids)])
-    max_len = max_length(model, tok)  # longer inputs keep their last max_len tokens, as HFLM does
-    for r, (context, conts) in enumerate(requests):
-        ensure(len(conts) > 0, f"request {r} has no continuations")
-        pairs = [encode_pair(tok, context, c) for c in conts]
-        ensure(all(len(c) > 0 for _, c in pairs), f"request {r}: a continuation encodes to no tokens")
-        ctx = pairs[0][0]
-        if all(len(c) == 1 and p == ctx for p, c in pairs) and ctx:
-            seqs.append((ctx[-max_len:], [(r, j, c) for j, (_, c) in enumerate(pairs)]))
-        else:
-            for j, (p, c) in enumerate(pairs):
-                full = p + c
-                ensure(len(full) > 1, f"request {r}: context and continuation are too short to score")
-                ensure(len(c) <= max_len, f"request {r}: continuation longer than the model's {max_len} positions")
-                seqs.append((full[-(max_len + 1):][:-1], [(r, j, c)]))
-    out: list[list[tuple[float, bool] | None]] = [[None] * len(c) for _, c in requests]
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
-    device = next(model.parameters()).device
-    body = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    for b0 in range(0, len(order), max(1, batch_size)):
-        batch = [seqs[i] for i in order[b0:b0 + batch_size]]
-        T = max(len(ids) for ids, _ in batch)
-        inp = torch.full((len(batch), T), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), T), dtype=torch.long)
-        for i, (ids, _) in enumerate(batch):  # left padding: the scored positions are the last ones of every row
-            inp[i, T - len(ids):] = torch.tensor(ids)
-            mask[i, T - len(ids):] = 1
-        pos_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        hidden = body(input_ids=inp.to(device), attention_mask=mask.to(device), position_ids=pos_ids.to(device),
-                      use_cache=False).last_hidden_state
-        rows, cols, owners = [], [], []
-        for i, (ids, targets) in enumerate(batch):
-            if len(targets) > 1 or len(targets[0][2]) == 1:  # one position, one or several candidate tokens
-                rows.append(i), cols.append(T - 1), owners.append((i, None))
-            else:
-                n = len(targets[0][2])
-                for k in range(n):
-                    rows.append(i), cols.append(T - n + k), owners.append((i, k))
-        logp = torch.log_softmax(_lm_logits(model, hidden[rows, cols]), dim=-1)
-        if not torch.isfinite(logp).all():
-            raise SaesteerError("the model produced NaN/inf log-probabilities (check the steering strength)")
-        per_seq: dict[int, list[int]] = {}
-        for pos, (i, _k) in enumerate(owners):
-            per_seq.setdefault(i, []).append(pos)
-        for i, (ids, targets) in enumerate(batch):
-            pos = per_seq[i]
-            for r, j, cont in targets:
-                lp = logp[pos] if len(targets) == 1 else logp[pos[0]][None]
-                tgt = torch.tensor(cont, device=lp.device)
-                ll = float(lp.gather(1, tgt[:, None]).sum())
-                greedy = bool((lp.argmax(-1) == tgt).all())
-                out[r][j] = (ll, greedy)
-        if progress:
-            progress(len(batch))
-    return out  # type: ignore[return-value]
-
-
-def count_sequences(tok: Any, requests: Sequence[tuple[str, Sequence[str]]]) -> int:
-    """How many forward sequences :func:`loglikelihoods` will run (for progress totals)."""
-    n = 0
-    for context, conts in requests:
-        pairs = [encode_pair(tok, context, c) for c in conts]
-        n += 1 if all(len(c) == 1 and p == pairs[0][0] for p, c in pairs) else len(conts)
-    return n
-
-
 # --------------------------------------------------------------------------------------------- GSM8K scoring
 def _gsm_norm(s: str) -> str:
     for pat in (r",", r"\$", r"(?s).*#### ", r"\.$"):
@@ -368,7 +259,7 @@ def run_capability(
 def _run_mmlu(model: Any, tok: Any, cfg: CapabilityConfig):
     qs = load_mmlu(cfg.limit, cfg.mmlu_shots, cfg.seed, cfg.data_root)
     reqs = [(q["context"], q["choices"]) for q in qs]
-    with _bar(count_sequences(tok, reqs), "mmlu", cfg.progress) as bar:
+    with _bar(count_sequences(tok, reqs, max_length(model, tok)), "mmlu", cfg.progress) as bar:
         lls = loglikelihoods(model, tok, reqs, cfg.batch_size, bar.update)
     items, per_subj = [], {}
     for q, ll in zip(qs, lls):
@@ -390,7 +281,7 @@ def _run_tqa(model: Any, tok: Any, cfg: CapabilityConfig):
     qs = load_truthfulqa(cfg.limit, cfg.seed, cfg.data_root)
     do1, do2 = "truthfulqa_mc1" in cfg.tasks, "truthfulqa_mc2" in cfg.tasks
     reqs = ([(q["context"], q["mc1"]) for q in qs] if do1 else []) + ([(q["context"], q["mc2"]) for q in qs] if do2 else [])
-    with _bar(count_sequences(tok, reqs), "truthfulqa", cfg.progress) as bar:
+    with _bar(count_sequences(tok, reqs, max_length(model, tok)), "truthfulqa", cfg.progress) as bar:
         lls = loglikelihoods(model, tok, reqs, cfg.batch_size, bar.update)
     ll1 = lls[: len(qs)] if do1 else [None] * len(qs)
     ll2 = lls[len(qs) if do1 else 0:] if do2 else [None] * len(qs)
