@@ -62,6 +62,8 @@ class ServeConfig:
     """Largest chat-formatted prompt, in tokens."""
     request_timeout_s: float = 600.0
     """A non-streaming request waiting longer than this gets 504."""
+    decode_threads: int | None = None
+    """Intra-op threads for decode steps (``GenerationConfig.decode_threads``); ``None``: the process setting."""
 
 
 @dataclass
@@ -156,7 +158,8 @@ class Engine:
         try:
             ctx = factory(self.model) if factory is not None else contextlib.nullcontext()
             with ctx, torch.inference_mode():
-                for events in decode_rows(self.model, self.tok, [r.row for r in batch], self.eos, stream=True):
+                for events in decode_rows(self.model, self.tok, [r.row for r in batch], self.eos, stream=True,
+                                          decode_threads=self.cfg.decode_threads):
                     for ev in events:
                         req = batch[ev.index]
                         if ev.delta:

@@ -34,6 +34,7 @@ def serve(
     max_body_bytes: int = typer.Option(1_000_000, help="largest request body (413 above it)"),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
+    decode_threads: Optional[int] = typer.Option(None, help="threads for decode steps (1 often wins on a busy CPU)"),
 ) -> None:
     """Serve MODEL (plus steered variants) at http://HOST:PORT/v1 — chat completions, streaming, /v1/models, /health."""
     from ..models import load_model
@@ -53,7 +54,8 @@ def serve(
     served = served_models(m, base=base_name, policy=str(policy) if policy else None,
                            specs=[s.to_dict() for s in specs] or None, steer_name=name)
     cfg = ServeConfig(host=host, port=port, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
-                      max_tokens_limit=max_tokens_limit, max_body_bytes=max_body_bytes)
+                      max_tokens_limit=max_tokens_limit, max_body_bytes=max_body_bytes,
+                      decode_threads=decode_threads)
     typer.echo(f"saesteer: serving {', '.join(served)} on http://{host}:{port}/v1"
                + (" (API key required)" if api_key else ""), err=True)
     run_server(m, tok, served, cfg)
