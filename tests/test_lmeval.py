@@ -81,6 +81,9 @@ def test_steering_hooks_active_inside_the_harness_model_only(tiny):
     assert steered.steering_calls >= 1 and plain.steering_calls == 0
     assert all(abs(x[0] - y[0]) > 1e-3 for x, y in zip(a, b))
     assert not getattr(model, "_saesteer_interventions", None)  # removed after each call
+    with pytest.raises(SaesteerError, match="--batch_size 1"):
+        lmeval.SaesteerLM(pretrained=model, tokenizer=tok, batch_size=4, device="cpu",
+                          steering=Steering(name="gated", policy=object()))
     assert [x[0] for x in plain.loglikelihood(inst)] == pytest.approx([x[0] for x in a], abs=1e-6)
     # and our own scorer gives the steered numbers under the same steering
     ours = cap.loglikelihoods

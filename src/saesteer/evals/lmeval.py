@@ -20,7 +20,7 @@ model_args (all optional except ``pretrained``):
 - ``spec``: a steering-spec JSON file (``steering.load_specs``); ``layer`` overrides the steered layer.
 - ``policy``: a conditional-steering policy file (``policy.load_policy``). HFLM right-pads log-likelihood batches
   without an attention mask, so a policy gate that reads the last prompt positions is exact only with
-  ``--batch_size 1`` (generation batches are left-padded and fine).
+  ``--batch_size 1``, which is therefore required with ``policy``.
 - ``dtype`` (default float32) and the usual HFLM arguments (``batch_size``, ``max_length``, ...).
 
 Steering hooks are installed around every forward the harness makes (``_model_call``: loglikelihood and
@@ -93,6 +93,9 @@ class SaesteerLM(HFLM):
         ensure(built is None or steering is None, "pass steering= or steering model_args, not both")
         self.steering = steering if steering is not None else built
         self.steering_calls = 0
+        if getattr(self.steering, "policy", None) is not None and str(self.batch_size_per_gpu) != "1":
+            raise SaesteerError("a policy gate reads the last prompt tokens, but lm-eval right-pads log-likelihood "
+                                "batches without a mask: use --batch_size 1 with policy=...")
 
     @contextlib.contextmanager
     def _steered(self) -> Iterator[None]:
