@@ -180,3 +180,32 @@ def test_cli_eval_refusal(tiny, tmp_path, prompts_file, capsys):
         main(["eval", "refusal", "--model", str(mdir), "--dataset", str(tmp_path / "missing.jsonl"),
               "--out", str(out)])
     assert e.value.code == 2
+
+
+@pytest.mark.integration
+def test_refusal_eval_on_the_default_model(qwen, tmp_path):
+    """~8 AdvBench + ~8 XSTest-safe prompts, <= 20 new tokens: the default model refuses some harmful requests."""
+    model, tok = qwen
+    cfg = RefusalEvalConfig(datasets=["advbench:test", "xstest-safe"], limit=8, max_new_tokens=20, batch_size=16,
+                            out=str(tmp_path / "run"), progress=False)
+    s = run_refusal_eval(model, tok, cfg)
+    adv, safe = s["subsets"]["advbench-test"], s["subsets"]["xstest-safe"]
+    assert adv["n"] == 8 and safe["n"] == 8 and s["n_failed"] == 0
+    assert adv["kind"] == "refusal" and safe["kind"] == "over-refusal"
+    assert adv["k"] > 0 and 0 <= adv["ci_low"] <= adv["rate"] <= adv["ci_high"] <= 1
+    written = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert written["subsets"]["advbench-test"]["k"] == adv["k"] and written["model"] == "qwen2.5-coder-0.5b-instruct"
+
+
+def test_limit_is_drawn_after_exclusions(tiny, prompts_file):
+    from saesteer.data import load_prompts
+
+    all_items = load_prompts(prompts_file)
+    cfg = RefusalEvalConfig(datasets=[prompts_file], limit=4, seed=3, max_new_tokens=1, progress=False,
+                            exclude_ids=[f"{prompts_file}/{all_items[0].id}", all_items[1].id])
+    s = run_refusal_eval(*tiny, cfg, judge=KeywordJudge())
+    ids = {r["id"] for r in s["_items"]}
+    assert len(ids) == 4 and not ids & {all_items[0].id, all_items[1].id}
+    plain = run_refusal_eval(*tiny, RefusalEvalConfig(datasets=[prompts_file], limit=4, seed=3, max_new_tokens=1,
+                                                      progress=False), judge=KeywordJudge())
+    assert {r["id"] for r in plain["_items"]} == {it.id for it in load_prompts(prompts_file, limit=4, seed=3)}

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 from ..utils import ensure, rate_summary
-from .refusal import Steering, as_steering, generate_answers, write_results
+from .refusal import Steering, as_steering, generate_answers, rate_over_decided, write_results
 
 
 @dataclass
@@ -134,16 +134,12 @@ def summarize_replay(items: Sequence[dict]) -> dict[str, Any]:
         by_conv[r["id"]].append(r)
     per_turn, cumulative = {}, {}
     for t in sorted(by_turn):
-        dec = [r for r in by_turn[t] if r["label"] is not None]
-        per_turn[str(t)] = {**rate_summary(sum(bool(r["label"]) for r in dec), len(dec)),
-                            "n_failed": len(by_turn[t]) - len(dec)}
+        per_turn[str(t)] = rate_over_decided(by_turn[t])
         reached = [rows for rows in by_conv.values() if any(r["turn"] == t for r in rows)]
         ever = sum(any(r["label"] for r in rows if r["turn"] <= t) for rows in reached)
         cumulative[str(t)] = rate_summary(ever, len(reached))
-    dec = [r for r in items if r["label"] is not None]
-    return {"per_turn": per_turn, "cumulative": cumulative,
-            "overall": rate_summary(sum(bool(r["label"]) for r in dec), len(dec)),
-            "n_failed": len(items) - len(dec)}
+    overall = rate_over_decided(items)
+    return {"per_turn": per_turn, "cumulative": cumulative, "overall": overall, "n_failed": overall["n_failed"]}
 
 
 # --------------------------------------------------------------------------------------------- crescendo

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import random
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ class RefusalEvalConfig:
     datasets: list[str] = field(default_factory=lambda: ["xstest"])
     """Prompt sets (``saesteer.data.load_prompts`` specs); a mixed-label set is split into -safe / -unsafe subsets."""
     limit: int | None = None
-    """Keep a seeded sample of at most this many prompts per dataset (None = all)."""
+    """Keep a seeded sample of at most this many prompts per dataset, drawn after the exclusions (None = all)."""
     seed: int = 0
     """Seed of that sample."""
     judge: str = "prefix"
@@ -139,8 +140,11 @@ def load_subsets(cfg: RefusalEvalConfig) -> dict[str, list[Any]]:
     excl = set(cfg.exclude_ids)
     subsets: dict[str, list[Any]] = {}
     for spec in cfg.datasets:
-        items = load_prompts(spec, limit=cfg.limit, seed=cfg.seed)
-        items = [it for it in items if it.id not in excl and f"{spec}/{it.id}" not in excl]
+        items = [it for it in load_prompts(spec) if it.id not in excl and f"{spec}/{it.id}" not in excl]
+        if cfg.limit is not None and cfg.limit < len(items):  # exclusions first, then the seeded sample
+            ensure(cfg.limit >= 1, f"limit must be >= 1, got {cfg.limit}")
+            keep = sorted(random.Random(cfg.seed).sample(range(len(items)), cfg.limit))
+            items = [items[i] for i in keep]
         ensure(bool(items), f"dataset {spec!r} has no prompts left (after limit / exclusions)")
         labels = {it.label for it in items}
         base = spec.replace(":", "-")
@@ -271,13 +275,14 @@ def summarize(items: Sequence[dict]) -> dict[str, Any]:
         expected = {r["expected"] for r in rows}
         kind = "refusal" if expected == {"harmful"} else "over-refusal" if expected == {"harmless"} else "refusal-rate"
         out["subsets"][name] = {
-            **_rate(rows), "kind": kind,
-            "categories": {c: _rate(rs) for c, rs in sorted(cats.items())} if len(cats) > 1 else {},
+            **rate_over_decided(rows), "kind": kind,
+            "categories": {c: rate_over_decided(rs) for c, rs in sorted(cats.items())} if len(cats) > 1 else {},
         }
     return out
 
 
-def _rate(rows: Sequence[dict]) -> dict[str, Any]:
+def rate_over_decided(rows: Sequence[dict]) -> dict[str, Any]:
+    """``rate_summary`` of ``label`` over the rows a judge decided, plus ``n_failed`` (label None)."""
     decided = [r for r in rows if r["label"] is not None]
     return {**rate_summary(sum(bool(r["label"]) for r in decided), len(decided)),
             "n_failed": len(rows) - len(decided)}
