@@ -70,6 +70,12 @@ def _load(model: str, device: str, threads: Optional[int]) -> tuple[Any, Any]:
     return load_model(model, device=resolve_device(device))
 
 
+def _device(device: str) -> str:
+    from ..utils import resolve_device
+
+    return resolve_device(device)
+
+
 def _split_list(values: list[str]) -> list[str]:
     return [v.strip() for x in values for v in x.split(",") if v.strip()]
 
@@ -120,7 +126,7 @@ def refusal_cmd(
         datasets=_split_list(dataset), limit=limit, seed=seed, judge=judge, judge_base_url=judge_base_url,
         judge_api_key_env=judge_api_key_env, max_new_tokens=max_new_tokens, early_stop=early_stop,
         batch_size=batch_size, system=system, exclude_ids=_read_ids(exclude) if exclude else [], out=str(out),
-        device=device,
+        device=_device(device),
     )
     m, tok = _load(model, device, threads)
     s = run_refusal_eval(m, tok, cfg, steering=steering)
@@ -225,7 +231,7 @@ def multiturn_cmd(
         mode=mode, dataset=dataset, limit=limit, seed=seed, max_turns=max_turns, min_turns=min_turns,
         max_new_tokens=max_new_tokens, batch_size=batch_size, system=system, judge=judge, attacker=attacker,
         attacker_base_url=attacker_base_url, api_key_env=api_key_env, success_judge=success_judge,
-        max_backtracks=max_backtracks, out=str(out), device=device,
+        max_backtracks=max_backtracks, out=str(out), device=_device(device),
     )
     m, tok = _load(model, device, threads)
     if mode == "replay":

@@ -14,6 +14,11 @@ refusal, False for compliance and None when the judge could not decide, with ``V
 
 :func:`make_judge` builds one from a CLI spec (``prefix``, ``model:openai:NAME``, ``model:hf:NAME``,
 ``classifier:PATH``); :func:`agreement` scores a judge against human labels (accuracy, Cohen's kappa, n).
+
+Measured (``saesteer eval judges``; ``--labels .../xstest/model_completions/xstest_v2_completions_gpt4.csv``):
+the prefix judge agrees with PyRIT's 169 human refusal labels at accuracy 0.663 (95 % CI 0.589-0.730), kappa 0.39
+(precision 1.00, recall 0.48: PyRIT also counts moralising or off-topic replies as refusals, which no prefix list
+can see), and with XSTest's 450 human labels of GPT-4 completions at accuracy 0.951 (0.927-0.967), kappa 0.90.
 """
 
 from __future__ import annotations
