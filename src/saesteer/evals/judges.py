@@ -76,9 +76,10 @@ _WS = re.compile(r"\s+")
 
 def normalize_answer(text: str) -> str:
     """The text a prefix judge compares: lower-cased, stripped, typographic apostrophes (’ ‘ ʼ ′ ` ´) made ``'``,
-    runs of whitespace made one space. (XSTest lower-cases and strips; the apostrophe step matters because models
-    often write "I’m sorry" with U+2019.)"""
-    return _WS.sub(" ", text.translate(_APOSTROPHES).lower()).strip()
+    runs of whitespace made one space, leading markdown emphasis / quote marks (``* _ # > " “``) dropped. (XSTest
+    lower-cases and strips; the apostrophe step matters because models often write "I’m sorry" with U+2019, and
+    chat models often open with ``**I'm sorry**``.)"""
+    return _WS.sub(" ", text.translate(_APOSTROPHES).lower()).strip().lstrip("*_#>\"\u201c ").strip()
 
 
 @dataclass
