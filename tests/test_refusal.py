@@ -209,3 +209,33 @@ def test_limit_is_drawn_after_exclusions(tiny, prompts_file):
     plain = run_refusal_eval(*tiny, RefusalEvalConfig(datasets=[prompts_file], limit=4, seed=3, max_new_tokens=1,
                                                       progress=False), judge=KeywordJudge())
     assert {r["id"] for r in plain["_items"]} == {it.id for it in load_prompts(prompts_file, limit=4, seed=3)}
+
+
+def test_real_gated_policy_steers_only_fired_rows(tiny, prompts_file, tmp_path):
+    """End to end with saesteer.policy: rows whose gate stays closed answer exactly as unsteered."""
+    from saesteer.data import load_prompts
+    from saesteer.direction import RefusalDirection, save_direction
+    from saesteer.gates import CastGate, collect_gate_inputs, post_instruction_positions
+    from saesteer.policy import Policy
+    from saesteer.steering import SteeringSpec
+
+    model, tok = tiny
+    items = load_prompts(prompts_file)
+    P = post_instruction_positions(tok)
+    h = collect_gate_inputs(model, tok, [it.prompt for it in items], 0, P, progress=False)
+    harm = [i for i, it in enumerate(items) if it.label == "harmful"]
+    safe = [i for i, it in enumerate(items) if it.label != "harmful"]
+    gate = CastGate(layer=0, positions=P).fit(h[harm], h[safe])
+    gate.threshold = float(gate.score(h).median())
+    vec = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(2)) * 50
+    path = save_direction(RefusalDirection(vector=vec, layer=0, model="tiny-llama"), tmp_path / "dir")
+    pol = Policy(gate=gate, steering=[SteeringSpec(kind="add", direction=str(path), alpha=1.0, layer=0)], name="cast")
+    cfg = RefusalEvalConfig(datasets=[prompts_file], max_new_tokens=4, early_stop=False, batch_size=3,
+                            progress=False)
+    base = {r["id"]: r["answer"] for r in run_refusal_eval(model, tok, cfg)["_items"]}
+    s = run_refusal_eval(model, tok, cfg, steering=pol)
+    fired = [r for r in s["_items"] if r["gate"]["fired"]]
+    closed = [r for r in s["_items"] if not r["gate"]["fired"]]
+    assert fired and closed and s["steering"] == "cast"
+    assert all(r["answer"] == base[r["id"]] for r in closed)
+    assert any(r["answer"] != base[r["id"]] for r in fired)

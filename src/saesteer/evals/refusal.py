@@ -185,13 +185,15 @@ def generate_answers(
 
     gates: list[Any] = [None] * len(chats)
     pending: list[list[int]] = []
+    used: list[Any] = [None]
 
     def collect() -> None:  # the policy's decisions belong to the batch that was just generated
         if not pending or steering.policy is None:
             return
         dec = getattr(steering.policy, "last_decisions", None)
         idx = pending.pop()
-        if dec is not None and len(dec) == len(idx):
+        if dec is not None and dec is not used[0] and len(dec) == len(idx):  # never reuse a stale batch's list
+            used[0] = dec
             for i, d in zip(idx, dec):
                 gates[i] = _jsonable(d)
 
