@@ -284,3 +284,11 @@ def test_decode_threads_switch_and_restore(lively):
         torch.set_num_threads(before)
     assert seen[0][1] == 2 and all(n == 1 for _, n in seen[1:])  # prefill on 2 threads, decode steps on 1
     assert out == generate(model, tok, PROMPTS[:2], max_new_tokens=4, eos_ids=[])
+
+
+@pytest.mark.skipif(not __import__("os").environ.get("SAESTEER_TEST_COMPILE"),
+                    reason="torch.compile takes ~2 min on this CPU; set SAESTEER_TEST_COMPILE=1 to run")
+def test_compiled_forward_gives_same_tokens(lively):
+    model, tok = lively
+    ref = generate(model, tok, PROMPTS[:3], max_new_tokens=6, eos_ids=[])
+    assert generate(model, tok, PROMPTS[:3], max_new_tokens=6, eos_ids=[], compile=True) == ref
