@@ -292,3 +292,12 @@ def test_compiled_forward_gives_same_tokens(lively):
     model, tok = lively
     ref = generate(model, tok, PROMPTS[:3], max_new_tokens=6, eos_ids=[])
     assert generate(model, tok, PROMPTS[:3], max_new_tokens=6, eos_ids=[], compile=True) == ref
+
+
+def test_stream_holds_back_partial_stops_and_characters():
+    from saesteer.generation import _held_back
+
+    assert _held_back("hello wor", ["world"]) == 3  # could still become the stop string
+    assert _held_back("hello", ["world"]) == 0
+    assert _held_back("ab\ufffd\ufffd", []) == 2  # a multi-byte character split over tokens
+    assert _held_back("abc", ["xyz", "bc!"]) == 2

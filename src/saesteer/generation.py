@@ -193,7 +193,7 @@ def _sample(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
 
 def _held_back(text: str, stops: Sequence[str]) -> int:
     """How many trailing characters could still start a stop string or finish a multi-byte character."""
-    n = 1 if text.endswith("\ufffd") else 0
+    n = len(text) - len(text.rstrip("\ufffd"))  # bytes of a character still arriving over several tokens
     for s in stops:
         for k in range(min(len(s) - 1, len(text)), n, -1):
             if text.endswith(s[:k]):
