@@ -50,7 +50,7 @@ class CompareConfig:
     """Seeded sample per refusal dataset (None = all), drawn after leaving out every prompt a policy was fitted or
     calibrated on (recorded in its ``meta.used_prompts``) and ``exclude_ids``."""
     max_new_tokens: int | None = None
-    """Answer budget for refusal evals (None = the eval's default for the judge)."""
+    """Answer budget for refusal and multi-turn evals (None = each eval's default)."""
     judge: str = "prefix"
     """Refusal judge (``evals.judges.make_judge`` spec)."""
     multiturn: bool = True
@@ -174,7 +174,8 @@ def _eval_multiturn(model: Any, tok: Any, cfg: CompareConfig, cond: dict, out: P
 
     mcfg = MultiTurnConfig(mode="replay", dataset=cfg.multiturn_data, limit=cfg.multiturn_limit,
                            max_turns=cfg.max_turns, seed=cfg.seed, batch_size=cfg.batch_size, judge=cfg.judge,
-                           progress=cfg.progress, out=str(out / "conditions" / _slug(cond["condition"]) / "multiturn"))
+                           progress=cfg.progress, out=str(out / "conditions" / _slug(cond["condition"]) / "multiturn"),
+                           **({"max_new_tokens": cfg.max_new_tokens} if cfg.max_new_tokens else {}))
     summ = run_replay(model, tok, mcfg, steering=cond["policy"])
     items = summ.get("_items", [])
     fire = _gate_rate(items)
