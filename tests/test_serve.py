@@ -248,7 +248,7 @@ def test_pyrit_openai_chat_target_gets_steered_answer(live, lm):
     pytest.importorskip("pyrit", reason="pyrit is not installed (pip install pyrit)")
     import asyncio
 
-    from pyrit.models import Message, MessagePiece
+    from pyrit.models import Message
     from pyrit.prompt_target import OpenAIChatTarget
     from pyrit.setup import IN_MEMORY, initialize_pyrit_async
 
@@ -258,7 +258,7 @@ def test_pyrit_openai_chat_target_gets_steered_answer(live, lm):
         await initialize_pyrit_async(memory_db_type=IN_MEMORY)
         target = OpenAIChatTarget(endpoint=live.url + "/v1", api_key=KEY, model_name="default+steer",
                                   temperature=0.0, max_completion_tokens=10)
-        msg = Message([MessagePiece(role="user", original_value=MSGS[0]["content"])])
+        msg = Message.from_prompt(prompt=MSGS[0]["content"], role="user")
         resp = await target.send_prompt_async(message=msg)
         resp = resp[0] if isinstance(resp, list) else resp
         return resp.message_pieces[0].converted_value
