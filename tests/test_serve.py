@@ -267,3 +267,36 @@ def test_pyrit_openai_chat_target_gets_steered_answer(live, lm):
     with live.app.state.engine.model_lock, steer(model, [Add(vector=vec, layer=0)]):
         ref = generate(model, tok, [MSGS], max_new_tokens=10)[0]
     assert got == ref
+
+
+def test_cli_serve_end_to_end_subprocess(lm, tmp_path):
+    import subprocess
+    import sys
+
+    model, tok, _ = lm
+    model.save_pretrained(tmp_path / "tiny")
+    tok.save_pretrained(tmp_path / "tiny")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "saesteer", "serve", "--model", str(tmp_path / "tiny"), "--port", str(port),
+           "--api-key", KEY, "--threads", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        t0 = time.time()
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.time() - t0 < 60, "server did not come up"
+            time.sleep(0.2)
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0)
+        assert [m.id for m in c.models.list().data] == ["default"]
+        r = c.chat.completions.create(model="default", messages=MSGS, max_tokens=6, temperature=0)
+        assert r.choices[0].message.content == generate(model, tok, [MSGS], max_new_tokens=6)[0]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
