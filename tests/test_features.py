@@ -175,6 +175,9 @@ def test_discover_end_to_end_on_tiny(tiny, tmp_path, monkeypatch):
     rows = res.grid["rows"]
     assert all(r["harmful_refusal"]["n"] == 3 and r["harmless_refusal"]["n"] == 3 for r in rows)
     assert sel["feature"] in sel["grid_features"] and sel["control"] not in sel["grid_features"]
+    mult = float(sel["clamp_from"].split("x")[0]) if sel["clamp_from"].endswith("x max") else None
+    if mult is not None:  # the control gets the same multiple of its own max activation
+        assert sel["control_clamp"] == pytest.approx(mult * res.ranking["max_act"][sel["control"]].item(), abs=1e-3)
     used = sel["prompts_used"]
     disc = {(u["spec"], u["prompt"]) for u in used["discovery"]}
     val = {(u["spec"], u["prompt"]) for u in used["validation"]}

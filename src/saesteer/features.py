@@ -303,6 +303,16 @@ class Discovery:
                                                                         if self.heldout else {})}
 
 
+def _control_clamp(best: dict[str, Any], ranking: dict[str, torch.Tensor], control: int | None) -> float | None:
+    """The chosen clamp transferred to the control latent: the same multiple of its own max, or the same value."""
+    if control is None:
+        return None
+    how = str(best["clamp_from"])
+    if how.endswith("x max"):
+        return round(float(how.split("x")[0]) * float(ranking["max_act"][control]), 4)
+    return best["clamp"]
+
+
 def discover(
     model: Any, tok: Any, sae: Any, cfg: DiscoveryConfig, grid: bool = True,
     progress: Callable[[str], None] | None = None,
@@ -363,7 +373,7 @@ def discover(
         "baseline": base, "improves_over_baseline": best["objective"] > base["objective"],
         "harmful_refusal_gain": diff_interval(best["harmful_refusal"]["k"], best["harmful_refusal"]["n"],
                                               base["harmful_refusal"]["k"], base["harmful_refusal"]["n"]),
-        "control_clamp": best["clamp"] if control is not None else None,
+        "control_clamp": _control_clamp(best, ranking, control),
     })
     if cfg.heldout:
         used_text = {p.text for p in disc + harm_v + safe_v}
