@@ -147,6 +147,10 @@ def test_clamp_values_and_control():
     assert F.pick_control(rank, exclude=[0]) == 1  # latent 2 is closest to 0.5 but almost never fires
     assert F.pick_control(rank, exclude=[0, 1]) == 3
     assert F.pick_control(rank, exclude=[0, 1, 3]) is None
+    rank["max_act"] = torch.tensor([1.0, 2.5, 0.0, 4.0])  # the control gets the chosen multiple of its own max
+    assert F._control_clamp({"clamp": 3.0, "clamp_from": "2x max"}, rank, 3) == 8.0
+    assert F._control_clamp({"clamp": 3.0, "clamp_from": "absolute"}, rank, 3) == 3.0
+    assert F._control_clamp({"clamp": 3.0, "clamp_from": "2x max"}, rank, None) is None
 
 
 def _write_jsonl(path, prompts):
@@ -175,9 +179,6 @@ def test_discover_end_to_end_on_tiny(tiny, tmp_path, monkeypatch):
     rows = res.grid["rows"]
     assert all(r["harmful_refusal"]["n"] == 3 and r["harmless_refusal"]["n"] == 3 for r in rows)
     assert sel["feature"] in sel["grid_features"] and sel["control"] not in sel["grid_features"]
-    mult = float(sel["clamp_from"].split("x")[0]) if sel["clamp_from"].endswith("x max") else None
-    if mult is not None:  # the control gets the same multiple of its own max activation
-        assert sel["control_clamp"] == pytest.approx(mult * res.ranking["max_act"][sel["control"]].item(), abs=1e-3)
     used = sel["prompts_used"]
     disc = {(u["spec"], u["prompt"]) for u in used["discovery"]}
     val = {(u["spec"], u["prompt"]) for u in used["validation"]}
