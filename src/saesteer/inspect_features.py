@@ -143,7 +143,7 @@ def encode_sequences(
             acts = torch.zeros(n, int(sae.k))
             idx = torch.zeros(n, int(sae.k), dtype=torch.long)
             if bool(valid.any()):
-                x = h[r, T - n :][valid.to(h.device)].to(sdt)
+                x = h[r, T - n :][valid.to(h.device)].to(device=sae.W_dec.device, dtype=sdt)
                 ensure(bool(torch.isfinite(x).all()), "the model produced non-finite activations")
                 a, j = sae.encode(x)
                 acts[valid], idx[valid] = a.float().cpu(), j.long().cpu()
