@@ -324,11 +324,12 @@ def make_app(model: Any, tok: Any, served: dict[str, SteeringFactory | None], cf
         try:
             text, finish = await asyncio.wait_for(_collect(req), timeout=cfg.request_timeout_s)
         except asyncio.TimeoutError:
-            row.cancelled = True
             return _error(504, "generation timed out", "server_error")
         except _HTTPError as e:
             return _error(e.status, e.message, e.type)
-        finally:
+        finally:  # also on cancellation (client gone): stop decoding this row at the next step
+            if not row.done:
+                row.cancelled = True
             engine.release()
         return JSONResponse({
             "id": req.rid, "object": "chat.completion", "created": int(time.time()), "model": p["model"],
