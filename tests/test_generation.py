@@ -301,3 +301,17 @@ def test_stream_holds_back_partial_stops_and_characters():
     assert _held_back("hello", ["world"]) == 0
     assert _held_back("ab\ufffd\ufffd", []) == 2  # a multi-byte character split over tokens
     assert _held_back("abc", ["xyz", "bc!"]) == 2
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gemma", "phi3", "gpt2"])
+def test_other_architectures_equal_model_generate(arch):
+    from saesteer.testing import tiny_model
+
+    model, tok = tiny_model(arch)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.15)
+    rows = generate_rows(model, tok, PROMPTS[:3], max_new_tokens=8, eos_ids=[], bucket_by_length=False)
+    assert [r.out_ids for r in rows] == _hf_generate(model, tok, encode_prompts(tok, PROMPTS[:3]), 8, set())
