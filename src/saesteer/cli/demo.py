@@ -1,0 +1,154 @@
+"""``saesteer demo``: the whole pipeline on one model with small budgets, resumable stage by stage.
+
+collect → train → sae-eval → features → sweep → report → policy fit (unconditional + gates) → compare.
+Each stage is the same CLI command a user would type (printed before it runs); a stage whose output already exists
+is skipped, so an interrupted demo continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import typer
+
+from ..utils import SaesteerError
+from ._app import DEVICE_HELP, MODEL_HELP, THREADS_HELP, app
+
+
+@dataclass
+class DemoBudget:
+    """Sizes of every stage; ``small`` fits in ~45 minutes on a 2-core CPU with the default model."""
+
+    tokens: int = 60_000
+    """activation tokens collected for the SAE"""
+    epochs: int = 5
+    """passes of SAE training over them"""
+    val_limit: int = 24
+    """harmful and harmless validation prompts each in the feature grid"""
+    n_grid: int = 4
+    """candidate latents entering the clamp grid"""
+    gate_limit: int = 128
+    """prompts per gate training / threshold set"""
+    eval_limit: int = 40
+    """prompts per refusal set in sweep and compare"""
+    capability_limit: int = 40
+    """MMLU / TruthfulQA questions in sweep and compare"""
+    gsm8k_limit: int = 0
+    """GSM8K questions in compare (generation is slow on CPU)"""
+    sweep_multiples: str = "1,2,4"
+    """clamp values of the sweep, as multiples of the chosen latent's max activation"""
+    sweep_limit: int = 24
+    """prompts per refusal set in the sweep"""
+
+
+BUDGETS = {
+    "small": DemoBudget(),
+    "tiny": DemoBudget(tokens=12_000, epochs=3, val_limit=8, n_grid=2, gate_limit=32, eval_limit=8,
+                       capability_limit=8, sweep_multiples="2", sweep_limit=8),
+}
+
+
+@dataclass
+class Stage:
+    name: str
+    argv: list[str]
+    done_marker: Path
+    """the stage counts as done when this file exists (for ``meta.json``: when it also says complete)"""
+
+
+def _done(marker: Path) -> bool:
+    if not marker.exists():
+        return False
+    if marker.name == "meta.json":  # an activation cache is done only when collection finished
+        try:
+            return bool(json.loads(marker.read_text()).get("complete"))
+        except (OSError, json.JSONDecodeError):
+            return False
+    return True
+
+
+def _run(stage: Stage) -> float:
+    from rich.console import Console
+
+    from . import main
+
+    con = Console(stderr=True)
+    if _done(stage.done_marker):
+        con.print(f"[dim][demo] {stage.name}: done already ({stage.done_marker})[/dim]")
+        return 0.0
+    con.rule(f"[bold]demo · {stage.name}")
+    con.print("[cyan]$ saesteer " + " ".join(shlex.quote(a) for a in stage.argv))
+    t0 = time.time()
+    main(stage.argv)
+    return time.time() - t0
+
+
+def demo_stages(model: str, out: Path, layer: int, b: DemoBudget, common: list[str]) -> list[Stage]:
+    acts, sae, feats = out / "acts", out / "sae", out / "features"
+    sel = feats / "selection.json"
+    pol = out / "policies"
+    policies = {
+        "clamp": [],  # unconditional (the paper)
+        "clamp+probe": ["--gate", "probe"],
+        "clamp+sae": ["--gate", "sae"],
+        "clamp+cast": ["--gate", "cast"],
+    }
+    gate_sets = ["--train", "arditi-harmful:train,arditi-harmless:train", "--val",
+                 "arditi-harmful:val,arditi-harmless:val", "--limit", str(b.gate_limit)]
+    stages = [
+        Stage("collect", ["collect", "--model", model, "--layer", str(layer), "--data", "chat-mix",
+                          "--tokens", str(b.tokens), "--out", str(acts), *common], acts / "meta.json"),
+        Stage("train", ["train", "--acts", str(acts), "--k", "32", "--expansion", "8", "--epochs", str(b.epochs),
+                        "--out", str(sae), *common], sae / "saesteer.json"),
+        Stage("sae-eval", ["sae-eval", "--model", model, "--sae", str(sae), "--data", "wikitext2",
+                           "--out", str(out / "sae_eval.json"), *common], out / "sae_eval.json"),
+        Stage("features", ["features", "--model", model, "--sae", str(sae), "--out", str(feats),
+                           "--val-limit", str(b.val_limit), "--n-grid", str(b.n_grid), *common], sel),
+    ]
+    stages.append(Stage(
+        "sweep + report",
+        ["sweep", "--model", model, "--sae", str(sae), "--features-dir", str(feats), "--relative", b.sweep_multiples,
+         "--limit", str(b.sweep_limit), "--cap-limit", str(b.capability_limit), "--gsm8k-limit", "0",
+         "--out", str(out / "sweep"), *common],
+        out / "sweep" / "report" / "index.html"))
+    for name, gate in policies.items():
+        file = pol / f"{name}.json"
+        args = ["policy", "fit", "--model", model, "--sae", str(sae), "--selection", str(sel), "--name", name,
+                "--out", str(file), *common]
+        args += (gate + gate_sets) if gate else ["--gate", "always"]
+        stages.append(Stage(f"policy {name}", args, file))
+    stages.append(Stage(
+        "compare",
+        ["compare", "--model", model, "--policies", ",".join(str(pol / f"{n}.json") for n in policies),
+         "--limit", str(b.eval_limit), "--capability-limit", str(b.capability_limit),
+         "--gsm8k-limit", str(b.gsm8k_limit), "--exclude", str(sel), "--out", str(out / "compare"), *common],
+        out / "compare" / "table.md"))
+    return stages
+
+
+@app.command()
+def demo(
+    model: str = typer.Option("qwen2.5-coder-0.5b-instruct", help=MODEL_HELP),
+    out: Path = typer.Option(Path("runs/demo"), help="run folder (every stage writes below it)"),
+    layer: int = typer.Option(12, help="residual-stream layer for the SAE (mid-depth of the default model)"),
+    budget: str = typer.Option("small", help="small (~45 min on 2 CPU cores) or tiny (a smoke run)"),
+    threads: int = typer.Option(None, help=THREADS_HELP),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
+) -> None:
+    """Run the whole pipeline on MODEL with small budgets and print the comparison table."""
+    if budget not in BUDGETS:
+        raise SaesteerError(f"unknown --budget {budget!r}: choose from {', '.join(BUDGETS)}")
+    common = ["--device", device] + (["--threads", str(threads)] if threads else [])
+    out.mkdir(parents=True, exist_ok=True)
+    timings = {}
+    for stage in demo_stages(model, out, layer, BUDGETS[budget], common):
+        timings[stage.name] = round(_run(stage), 1)
+    (out / "demo_timings.json").write_text(json.dumps(timings, indent=2))
+    table = out / "compare" / "table.md"
+    typer.echo("\n" + table.read_text())
+    typer.echo(f"comparison: {out / 'compare' / 'table.html'}")
+    typer.echo(f"sweep report: {out / 'sweep' / 'report' / 'index.html'}   (stage timings: {out / 'demo_timings.json'})")
