@@ -20,6 +20,10 @@ the unsteered model) and logs the decision; decode steps reuse the strengths. Ro
 followed through ``select_rows``. ``run.decisions`` (also ``policy.last_run``) holds one dict per prefilled row:
 ``{"key", "n_tokens", "score", "fired", "strength"}`` where ``key`` hashes the row's token ids (see
 :func:`prompt_key`). A gate of kind ``always`` gives the unconditional steering of the paper in the same form.
+
+Caveats: without a KV cache every forward is a prefill, so the gate re-decides on the last tokens at each step (use a
+cache when generating). Prompts that are not chat-formatted (e.g. harness-style MMLU contexts) are gated on whatever
+their last tokens are; ``saesteer compare`` reports the gate's fire rate on every eval so this stays visible.
 """
 
 from __future__ import annotations
