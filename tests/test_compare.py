@@ -55,6 +55,10 @@ def test_pooled_and_table():
     assert lines[0].startswith("| condition | gate | steering | xstest-unsafe | advbench:test | unsafe (pooled)")
     assert len(lines) == 2 + 4
     assert "| gated | probe | clamp f1=5 | 92.0 [" in md and "n=100" in md and "95.0 [" in md
+    assert lines[0].endswith("| gate fired % (unsafe/safe/capability) |") and lines[2].endswith("| –/–/– |")
+    rows2 = [dict(r, gate_fire_rate=0.5 if r["group"] == "safe" else 1.0) for r in rows]
+    rows2[2]["gate_fire_rate"], rows2[3]["n"] = 0.1, 300  # xstest-safe 10 % of 100, jbb-benign 50 % of 300
+    assert markdown_table(rows2).strip().splitlines()[2].endswith(f"| 100/{100 * (10 + 150) / 400:.0f}/100 |")
 
 
 def test_goals_hand_computed():

@@ -279,10 +279,18 @@ def _columns(rows: Sequence[dict]) -> list[tuple[str, str]]:
     return cols
 
 
+def gate_fired(rows: Sequence[dict], condition: str, group: str) -> float | None:
+    """n-weighted share of prompts the condition's gate let through in a group (None: no gate logged)."""
+    rs = [r for r in rows if r["condition"] == condition and r["group"] == group
+          and r.get("gate_fire_rate") is not None and r.get("n")]
+    return sum(r["gate_fire_rate"] * r["n"] for r in rs) / sum(r["n"] for r in rs) if rs else None
+
+
 def table_cells(rows: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
     conds = list(dict.fromkeys(r["condition"] for r in rows))
     cols = _columns(rows)
-    header = ["condition", "gate", "steering"] + [m for _, m in cols]
+    groups = [g for g in GROUPS if any(r["group"] == g for r in rows)]
+    header = ["condition", "gate", "steering"] + [m for _, m in cols] + ["gate fired % (" + "/".join(groups) + ")"]
     body = []
     for c in conds:
         first = next(r for r in rows if r["condition"] == c)
@@ -292,6 +300,8 @@ def table_cells(rows: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
                 line.append(_cell(pooled(rows, c, g)))
             else:
                 line.append(_cell(next((r for r in rows if r["condition"] == c and r["metric"] == m), None)))
+        fired = [gate_fired(rows, c, g) for g in groups]
+        line.append("/".join("–" if f is None else f"{100 * f:.0f}" for f in fired))
         body.append(line)
     return header, body
 
