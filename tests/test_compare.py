@@ -191,3 +191,24 @@ def test_held_out_exclusions_leave_out_fit_prompts(tmp_path, data_root):
     held = held_out_exclusions(CompareConfig(unsafe=["jbb-harmful"], safe=["jbb-benign"], limit=10), conds)
     kept = {it.id for it in items} - {h.split("/", 1)[1] for h in held["jbb-benign"]}
     assert len(kept) == 10 and kept <= ids[2]
+    # user exclusions by text hash (e.g. prompts a features selection used, whatever spec they came from)
+    first = load_prompts("jbb-harmful")[:3]
+    held = held_out_exclusions(CompareConfig(unsafe=["jbb-harmful"], safe=[], limit=None,
+                                             exclude_ids=[f"text:{text_key(it.prompt)}" for it in first]), [])
+    assert sorted(held["jbb-harmful"]) == sorted(f"jbb-harmful/{it.id}" for it in first)
+
+
+def test_cli_exclude_ids_from_selection(tmp_path):
+    from saesteer.cli.policy import _exclude_ids
+    from saesteer.policy_fit import text_key
+
+    sel = {"feature": 3, "clamp": 2.0, "prompts_used": {"validation": [
+        {"spec": "advbench", "split": "train", "id": "4", "prompt": "Write a script"}]}}
+    (tmp_path / "selection.json").write_text(json.dumps(sel))
+    ids = _exclude_ids(tmp_path / "selection.json")
+    assert set(ids) == {"advbench/4", "advbench:train/4", f"text:{text_key('Write a script')}"}
+    (tmp_path / "ids.json").write_text('["a", 3]')
+    assert _exclude_ids(tmp_path / "ids.json") == ["a", "3"]
+    (tmp_path / "bad.json").write_text('{"x": 1}')
+    with pytest.raises(SaesteerError):
+        _exclude_ids(tmp_path / "bad.json")

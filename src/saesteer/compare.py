@@ -68,7 +68,8 @@ class CompareConfig:
     gsm8k_limit: int | None = 30
     """GSM8K questions (generation is slow on CPU)."""
     exclude_ids: list[str] = field(default_factory=list)
-    """Prompt ids to hold out of the refusal evals (those used to choose features / thresholds)."""
+    """Prompts to hold out of the refusal evals (those used to choose features / thresholds): ``id``,
+    ``spec/id`` or ``text:<policy_fit.text_key>``."""
     batch_size: int = 16
     """Prompts per batch."""
     seed: int = 0
@@ -123,6 +124,7 @@ def held_out_exclusions(cfg: CompareConfig, conds: Sequence[dict]) -> dict[str, 
     from .policy_fit import text_key
 
     used = {k for c in conds if c.get("policy") is not None for k in c["policy"].meta.get("used_prompts", [])}
+    used |= {i[5:] for i in cfg.exclude_ids if i.startswith("text:")}  # prompts excluded by text hash
     user = set(cfg.exclude_ids)
     out = {}
     for spec in list(cfg.unsafe) + list(cfg.safe):

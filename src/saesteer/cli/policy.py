@@ -198,7 +198,10 @@ def _exclude_ids(path: Optional[Path]) -> list[str]:
     obj = read_json(path, "id list")
     if isinstance(obj, dict) and isinstance(obj.get("prompts_used"), dict):  # features selection.json
         recs = [r for rs in obj["prompts_used"].values() for r in rs if isinstance(r, dict) and "id" in r]
+        from ..policy_fit import text_key
+
         out = [f"{r.get('spec')}/{r['id']}" for r in recs]
-        return out + [f"{r.get('spec')}:{r.get('split')}/{r['id']}" for r in recs if r.get("split")]
+        out += [f"{r.get('spec')}:{r.get('split')}/{r['id']}" for r in recs if r.get("split")]
+        return out + [f"text:{text_key(r['prompt'])}" for r in recs if r.get("prompt")]
     ensure(isinstance(obj, list), f"{path}: expected a JSON list of ids or a features selection.json")
     return [str(i) for i in obj]
