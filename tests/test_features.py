@@ -246,6 +246,8 @@ def test_cli_features_runs_and_reports_errors(tiny_dirs, tmp_path, capsys):
     assert held["baseline"]["n"] == 2 and held["newly_refused"] + held["no_longer_refused"] <= 2
     assert sel["feature"] == 3 and sel["clamp"] == 1.5 and sel["grid_features"] == [3]
     assert {"candidates.json", "ranking.json", "grid.json", "cards.html", "cards.json"} <= {p.name for p in out.iterdir()}
+    page = (out / "cards.html").read_text()
+    assert "clamp grid" in page and "<td>3</td><td>1.5 absolute</td><td>0/2</td><td>0/2</td>" in page
     common += ["--heldout", ""]
     assert run_cli(common + ["--out", tmp_path / "none"]) == 2  # no refusals, no named latent → no grid
     assert "no candidate latents" in capsys.readouterr().err and not (tmp_path / "none").exists()

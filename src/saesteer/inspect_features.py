@@ -285,12 +285,13 @@ def _tok_html(t: str, a: float, mx: float, peak: bool) -> str:
     return f'<span class="{cls}"{style} title="{a:.3f}">{html.escape(t)}</span>'
 
 
-def render_html(result: dict[str, Any], title: str = "saesteer feature cards") -> str:
-    """A self-contained page (inline CSS, base64 PNGs, no scripts or external links)."""
+def render_html(result: dict[str, Any], title: str = "saesteer feature cards", preamble: str = "") -> str:
+    """A self-contained page (inline CSS, base64 PNGs, no scripts or external links); ``preamble`` is trusted HTML
+    placed under the title."""
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
              f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"
              f"<p>model {html.escape(str(result.get('model')))}, layer {result.get('layer')}, "
-             f"{result.get('n_texts')} texts</p>"]
+             f"{result.get('n_texts')} texts</p>", preamble]
     for c in result["cards"]:
         png = base64.b64encode(_hist_png(c["histogram"]["counts"], c["histogram"]["edges"],
                                          f"latent {c['feature']}")).decode()
@@ -314,7 +315,7 @@ def render_html(result: dict[str, Any], title: str = "saesteer feature cards") -
     return "".join(parts)
 
 
-def write_cards(result: dict[str, Any], out_dir: Any, title: str = "saesteer feature cards") -> None:
+def write_cards(result: dict[str, Any], out_dir: Any, title: str = "saesteer feature cards", preamble: str = "") -> None:
     """Write ``cards.json``, ``cards.html`` and ``hist_<f>.png`` into an existing (temporary) folder."""
     from pathlib import Path
 
@@ -322,7 +323,21 @@ def write_cards(result: dict[str, Any], out_dir: Any, title: str = "saesteer fea
 
     out = Path(out_dir)
     atomic_write_json(out / "cards.json", result)
-    atomic_write_text(out / "cards.html", render_html(result, title))
+    atomic_write_text(out / "cards.html", render_html(result, title, preamble))
     for c in result["cards"]:
         atomic_write_bytes(out / f"hist_{c['feature']}.png",
                            _hist_png(c["histogram"]["counts"], c["histogram"]["edges"], f"latent {c['feature']}"))
+
+
+def grid_table_html(grid: dict[str, Any]) -> str:
+    """The clamp grid (baseline first) as an HTML table: refusal k/n on harmful and harmless prompts, objective."""
+    def cell(r: dict[str, Any]) -> str:
+        h, s = r["harmful_refusal"], r["harmless_refusal"]
+        return (f"<tr><td>{r['feature'] if r['feature'] is not None else 'none'}</td><td>"
+                f"{'' if r['clamp'] is None else format(r['clamp'], 'g')} {html.escape(str(r['clamp_from']))}</td>"
+                f"<td>{h['k']}/{h['n']}</td><td>{s['k']}/{s['n']}</td><td>{r['objective']:+.3f} "
+                f"[{r['objective_ci'][0]:+.2f}, {r['objective_ci'][1]:+.2f}]</td></tr>")
+
+    rows = "".join(cell(r) for r in [grid["baseline"], *grid["rows"]])
+    return (f"<h2>clamp grid</h2><p>{html.escape(grid['objective'])}</p><table><tr><th>latent</th><th>clamp</th>"
+            f"<th>harmful refused</th><th>harmless refused</th><th>objective [95 % CI]</th></tr>{rows}</table>")

@@ -82,7 +82,7 @@ def features_cmd(
 ) -> None:
     """Find refusal latents (the paper's method + a contrastive ranking), pick one by a clamp grid, write cards."""
     from ..features import DiscoveryConfig, discover
-    from ..inspect_features import feature_cards, write_cards
+    from ..inspect_features import feature_cards, grid_table_html, write_cards
     from ..utils import atomic_dir, atomic_write_json, atomic_write_text
 
     cfg = DiscoveryConfig(
@@ -107,7 +107,8 @@ def features_cmd(
             atomic_write_json(tmp / name, obj, indent=None if name == "ranking.json" else 2)
         for name, rows in (("answers.jsonl", res.answers), ("grid_answers.jsonl", res.grid_answers)):
             atomic_write_text(tmp / name, "".join(json.dumps(a) + "\n" for a in rows))
-        write_cards(cards, tmp, title=f"refusal feature candidates — {model}, layer {cfg.layer}")
+        write_cards(cards, tmp, title=f"refusal feature candidates — {model}, layer {cfg.layer}",
+                    preamble=grid_table_html(res.grid))
     b, base = sel["best"], sel["baseline"]
     con.print(f"[saesteer] chosen latent {sel['feature']} clamp {sel['clamp']:g} ({sel['clamp_from']}): harmful "
               f"{b['harmful_refusal']['k']}/{b['harmful_refusal']['n']} (baseline {base['harmful_refusal']['k']}), "
