@@ -174,7 +174,8 @@ def run_e2e(model: str, layer: int, data: str, tokens: int, n_lat: int, k: int, 
     cfg = LanguageModelSAERunnerConfig(
         sae=TopKTrainingSAEConfig(d_in=d, d_sae=n_lat, k=k), model_name=str(model_dir),
         model_class_name="AutoModelForCausalLM", hook_name=f"model.layers.{layer}", is_dataset_tokenized=False,
-        streaming=False, context_size=128, store_batch_size_prompts=8, n_batches_in_buffer=4,
+        streaming=False, context_size=128, store_batch_size_prompts=8,
+        n_batches_in_buffer=max(4, -(-2 * batch // 127)),  # its buffer is n_batches × context and must hold a batch
         seqpos_slice=(1, None), exclude_special_tokens=True, training_tokens=steps * batch,
         train_batch_size_tokens=batch, lr=lr_for(n_lat), device="cpu", n_eval_batches=1, eval_batch_size_prompts=2,
         logger=LoggingConfig(log_to_wandb=False), output_path=str(tmp / "saelens_out"))
@@ -226,6 +227,7 @@ def main() -> None:
         train(replace(cfg, steps=2, out=str(tmp / "warmup")))  # one-time imports (torch.optim pulls in dynamo)
         results["saesteer"] = run_saesteer(cfg, held)
         print("saesteer", results["saesteer"], flush=True)
+        atomic_write_json(args.out, results)  # partial results survive a later failure
         if args.mm_dtype != "float32":
             results["saesteer_fp32"] = run_saesteer(replace(cfg, mm_dtype="float32", out=str(tmp / "ours32")), held)
             print("saesteer fp32", results["saesteer_fp32"], flush=True)
@@ -238,6 +240,7 @@ def main() -> None:
             results["saelens"] = run_saelens(batches, held, n_lat, args.k, lr, warmup)
             print("saelens", results["saelens"], flush=True)
         del batches
+        atomic_write_json(args.out, results)
         peers = [results[p]["tokens_per_s"] for p in ("sparsify", "saelens") if p in results]
         if peers:
             best = max(peers)
@@ -247,8 +250,12 @@ def main() -> None:
             if "saesteer_fp32" in results:
                 results["speedup_fp32_vs_faster_peer"] = results["saesteer_fp32"]["tokens_per_s"] / best
         if args.e2e_tokens and "e2e" not in skip:
-            results["end_to_end"] = run_e2e(args.e2e_model, args.e2e_layer, args.e2e_data, args.e2e_tokens, n_lat,
-                                            args.k, min(args.batch_size, 1024), tmp)
+            atomic_write_json(args.out, results)
+            try:
+                results["end_to_end"] = run_e2e(args.e2e_model, args.e2e_layer, args.e2e_data, args.e2e_tokens,
+                                                n_lat, args.k, min(args.batch_size, 1024), tmp)
+            except Exception as e:  # noqa: BLE001 - keep the trainer comparison even if the e2e part fails
+                results["end_to_end"] = {"error": f"{type(e).__name__}: {e}"}
             print("end_to_end", results["end_to_end"], flush=True)
         results["machine"]["load_avg_end"] = os.getloadavg()
         atomic_write_json(args.out, results)
