@@ -113,3 +113,25 @@ def test_cli_inspect(tiny_dirs, tmp_path, capsys):
     bad = [a if a != r / "harm.jsonl" else r / "empty.jsonl" for a in common]
     assert run_cli(bad + ["--features", "1", "--out", tmp_path / "x"]) == 2
     assert "saesteer: error:" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_massive_activation_tokens_are_not_encoded(tiny):
+    model, tok = tiny
+    sae = TopKSAE(SAEConfig(d_in=64, num_latents=16, k=4, layer=1))
+    (ref,) = encode_sequences(model, tok, sae, 1, [(PROMPT, ANSWER)])
+    j = int(torch.nonzero(ref.answer).flatten()[2])
+
+    def blow_up(_m, _i, out):  # one token gets a 100x residual, like an attention sink
+        out = out.clone()
+        out[0, j] *= 100
+        return out
+
+    handle = model.model.layers[1].register_forward_hook(blow_up)
+    try:
+        (seq,) = encode_sequences(model, tok, sae, 1, [(PROMPT, ANSWER)])
+        (kept,) = encode_sequences(model, tok, sae, 1, [(PROMPT, ANSWER)], max_norm_ratio=None)
+    finally:
+        handle.remove()
+    assert bool(ref.valid[j]) and not bool(seq.valid[j]) and bool(kept.valid[j])
+    assert torch.equal(seq.valid, ref.valid & (torch.arange(len(ref.valid)) != j))
+    assert seq.acts[j].abs().sum() == 0

@@ -75,6 +75,8 @@ class DiscoveryConfig:
     """Generation and encoding batch size."""
     include_special: bool = False
     """Also encode special tokens (BOS, <|im_end|>, ...) at post-instruction positions."""
+    max_norm_ratio: float | None = 10.0
+    """Tokens whose residual norm exceeds this × the sequence median are not encoded (attention sinks)."""
     control_min_freq: float = 0.01
     """Minimum per-token firing frequency of the control latent."""
     layer: int | None = None
@@ -341,7 +343,8 @@ def discover(
     answers = [{**p.record(), "harmful": h, "answer": o, "refusal": r} for p, h, o, r in zip(disc, harmful, outs, refused)]
     say(f"encoding {len(disc)} conversations with the SAE at layer {layer}")
     seqs = encode_sequences(model, tok, sae, layer, [(p.text, o) for p, o in zip(disc, outs)],
-                            batch_size=cfg.batch_size, include_special=cfg.include_special)
+                            batch_size=cfg.batch_size, include_special=cfg.include_special,
+                            max_norm_ratio=cfg.max_norm_ratio)
     arche = list(range(min(cfg.n_archetypes, len(harm_d))))
     cands = find_candidates([seqs[i] for i in arche], [refused[i] for i in arche], n_lat, cfg.min_refusal_tokens)
     ranking = contrastive_ranking(seqs, harmful, refused, n_lat, sae.W_dec)

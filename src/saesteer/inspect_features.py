@@ -105,13 +105,15 @@ def _tokenize(tok: Any, item: Any, max_tokens: int | None) -> tuple[str, list[in
 @torch.inference_mode()
 def encode_sequences(
     model: Any, tok: Any, sae: Any, layer: int, items: Sequence[Any], batch_size: int = 8,
-    include_special: bool = False, max_tokens: int | None = None,
+    include_special: bool = False, max_tokens: int | None = None, max_norm_ratio: float | None = 10.0,
 ) -> list[SeqLatents]:
     """Run the model to ``layer`` on each item and encode every valid token with the SAE.
 
     An item is a plain text (encoded as is) or ``(prompt, answer)``: the prompt chat-formatted with the tokenizer's
     template, the answer appended as the assistant's tokens. ``include_special`` also encodes special tokens at
-    post-instruction positions.
+    post-instruction positions. Tokens whose residual norm exceeds ``max_norm_ratio`` × the sequence's median are
+    not encoded either: massive-activation tokens (e.g. the first system-prompt word of Qwen's template) give the SAE
+    out-of-distribution inputs and absurd latent values that would swamp every max and mean.
     """
     ensure(len(items) > 0, "no texts to encode")
     special = special_token_ids(tok)
@@ -140,6 +142,9 @@ def encode_sequences(
             spec = torch.tensor([t in special for t in tid])
             valid = (~spec | post) if include_special else ~spec
             valid[0] = False
+            if max_norm_ratio is not None and bool(valid.any()):
+                norms = h[r, T - n :].float().norm(dim=-1).cpu()
+                valid &= norms <= max_norm_ratio * norms[valid].median()
             acts = torch.zeros(n, int(sae.k))
             idx = torch.zeros(n, int(sae.k), dtype=torch.long)
             if bool(valid.any()):
