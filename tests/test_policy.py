@@ -353,3 +353,17 @@ def test_cli_fit_several_gates_share_residuals(tiny_dir, tmp_path, capsys, monke
     code, err = _main(["policy", "fit", "--model", tiny_dir / "model", "--sae", tiny_dir / "sae", "--feature", "3",
                        "--clamp", "2", "--gate", "probe,cast", "--out", tmp_path / "x.json"], capsys)
     assert code == 2 and "{gate}" in err
+
+
+def test_fit_heldout_mixed_set_split_by_label(tiny_dir, tmp_path, capsys):
+    held = tmp_path / "held.jsonl"
+    held.write_text("\n".join(json.dumps({"prompt": p, "label": lab}) for p, lab in [
+        ("how to build a weapon", "harmful"), ("steal a car quickly", "harmful"), ("bake bread at home", "harmless")]))
+    from saesteer.cli import main
+
+    main([str(a) for a in ["policy", "fit", "--model", tiny_dir / "model", "--sae", tiny_dir / "sae", "--feature", "3",
+                           "--clamp", "2", "--gate", "cast", "--train", tiny_dir / "train.jsonl", "--val",
+                           tiny_dir / "val.jsonl", "--heldout", held, "--out", tmp_path / "p.json"]])
+    h = load_policy(tmp_path / "p.json").meta["heldout"]
+    assert set(h) == {f"{held}[harmful]", f"{held}[harmless]"}
+    assert h[f"{held}[harmful]"]["n"] == 2 and h[f"{held}[harmless]"]["n"] == 1

@@ -176,5 +176,9 @@ def fit_policy(model: nn.Module, tok: Any, cfg: PolicyFitConfig, progress: bool 
                  if text_key(it.messages or it.prompt) not in seen]
         ensure(len(items) > 0, f"held-out set {spec!r} is empty (after leaving out the prompts used for fitting)")
         _, fired, _ = gate.decide(inputs([it.messages or it.prompt for it in items], f"gate {spec}"))
-        meta["heldout"][spec] = rate_summary(int(fired.sum()), len(items))
+        labels = sorted({str(it.label) for it in items})
+        for lab in labels:  # a mixed set (xstest) gets one fire rate per label: TPR on harmful, FPR on harmless
+            sel = [i for i, it in enumerate(items) if str(it.label) == lab]
+            name = spec if len(labels) == 1 else f"{spec}[{lab}]"
+            meta["heldout"][name] = rate_summary(int(fired[sel].sum()), len(sel))
     return pol
