@@ -170,7 +170,7 @@ def test_discover_end_to_end_on_tiny(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(F, "refusal_judge", judge)
     monkeypatch.setattr(G, "refusal_judge", judge)
     cfg = F.DiscoveryConfig(harmful=harmful, harmless=harmless, discovery_split=None, val_split=None,
-                            n_archetypes=2, n_contrast=3, discovery_tokens=4, n_grid=2, features=(5,),
+                            n_archetypes=2, n_contrast=3, discovery_tokens=4, n_grid=2, n_grid_direction=0, features=(5,),
                             clamp_multiples=(2.0,), clamps=(1.0,), val_limit=3, max_new_tokens=3, batch_size=4)
     res = F.discover(model, tok, sae, cfg)
     sel = res.selection
@@ -235,7 +235,7 @@ def test_cli_features_runs_and_reports_errors(tiny_dirs, tmp_path, capsys):
     common = ["features", "--model", r / "model", "--sae", r / "sae", "--harmful", r / "harm.jsonl", "--harmless",
               r / "safe.jsonl", "--discovery-split", "", "--val-split", "", "--n-archetypes", 1, "--n-contrast", 2,
               "--val-limit", 2, "--max-new-tokens", 2, "--discovery-tokens", 3, "--clamp-multiples", "", "--clamps",
-              "1.5", "--threads", 1]
+              "1.5", "--n-grid-direction", 0, "--threads", 1]
     out = tmp_path / "feat"
     # the random tiny model never refuses, so the grid holds just the latent we name
     assert run_cli(common + ["--features", "3", "--out", out, "--heldout", r / "harm.jsonl"]) == 0
@@ -294,3 +294,12 @@ def test_refusal_direction_cosine_and_grid_candidates():
              {"latent": 3, "score": 0.1, "cos_refusal_dir": 0.5}, {"latent": 4, "score": 0.05, "cos_refusal_dir": float("nan")}]
     assert F.grid_candidates(cands, 3) == [1, 2, 3]  # 1 (best score), 2 (best cos), 2 again, 3 (next cos)
     assert F.grid_candidates(cands, 10) == [1, 2, 3, 4]
+
+
+def test_direction_latents_whole_dictionary():
+    # latent 3 has the highest cosine but fires less on harmful prompts: skipped; 0 is excluded; NaN never wins
+    ranking = {"cos_refusal_dir": torch.tensor([0.9, 0.2, float("nan"), 0.95, 0.5, 0.4]),
+               "diff_post": torch.tensor([1.0, 0.3, 2.0, -0.1, 0.2, 0.0])}
+    assert F.direction_latents(ranking, 2, exclude=[0]) == [4, 1]
+    assert F.direction_latents(ranking, 5) == [0, 4, 1, 2]
+    assert F.direction_latents(ranking, 0) == []

@@ -14,7 +14,8 @@ Pipeline of :func:`discover`:
    (Mann-Whitney, ties averaged), firing frequency per token. ``score = (auroc_post - 0.5) + (auroc_answer - 0.5)``
    orders the candidates (missing groups count as 0.5). ``cos_refusal_dir``: cosine of each decoder row with the
    difference of mean post-instruction residuals, harmful - harmless (Arditi et al.'s direction at this layer).
-4. **Grid.** ``n_grid`` candidates, alternately the next best by ``score`` and by ``cos_refusal_dir`` (plus any
+4. **Grid.** ``n_grid`` candidates, alternately the next best by ``score`` and by ``cos_refusal_dir``, plus the
+   ``n_grid_direction`` latents of the whole dictionary closest to the harmful − harmless direction (plus any
    ``features`` given) × clamp values (absolute ``clamps`` and
    ``clamp_multiples`` × the latent's max observed activation) are scored by steering with
    ``steering.Clamp`` on a validation split disjoint from step 1: objective = refusal rate on harmful minus refusal
@@ -61,6 +62,11 @@ class DiscoveryConfig:
     """A latent is a candidate when it fires on at least this many tokens of one refusal."""
     n_grid: int = 6
     """Top candidates (by contrastive score) that enter the grid."""
+    n_grid_direction: int = 2
+    """Latents from the WHOLE dictionary with the highest cosine to the harmful − harmless direction (and a positive
+    ``diff_post``) that also enter the grid, whether or not they fire on refusal tokens: on the default model the
+    latent that causes refusal reads harmfulness at the post-instruction positions rather than writing the apology
+    (see docs/RESULTS.md)."""
     features: tuple[int, ...] = ()
     """Extra latents to put in the grid whatever their rank."""
     clamps: tuple[float, ...] = ()
@@ -271,6 +277,20 @@ def grid_candidates(cands: Sequence[dict[str, Any]], n: int) -> list[int]:
     return list(dict.fromkeys(both))[:n]
 
 
+def direction_latents(ranking: dict[str, torch.Tensor], n: int, exclude: Iterable[int] = ()) -> list[int]:
+    """The ``n`` latents with the highest ``cos_refusal_dir`` among those more active on harmful than on harmless
+    prompts at the post-instruction positions (``diff_post > 0``), skipping ``exclude``."""
+    if n <= 0 or "cos_refusal_dir" not in ranking:
+        return []
+    cos = torch.nan_to_num(ranking["cos_refusal_dir"].float(), nan=-math.inf)
+    ok = torch.nan_to_num(ranking["diff_post"].float(), nan=0.0) > 0
+    for f in exclude:
+        ok[f] = False
+    cos = torch.where(ok, cos, torch.full_like(cos, -math.inf))
+    order = torch.argsort(cos, descending=True, stable=True)
+    return [int(f) for f in order[: int(ok.sum())][:n]]
+
+
 def _nan_low(x: float | None) -> float:
     return -math.inf if x is None or math.isnan(x) else x
 
@@ -353,7 +373,9 @@ def discover(
             c[key if key != "max_act" else "max_act_all"] = float(ranking[key][c["latent"]])
     config = {**asdict(cfg), "layer": layer, "judge": judge_name, "num_latents": n_lat}
     res = Discovery(config=config, answers=answers, candidates=cands, ranking=ranking, seqs=seqs)
-    grid_feats = list(dict.fromkeys(grid_candidates(cands, cfg.n_grid) + list(cfg.features)))
+    grid_feats = grid_candidates(cands, cfg.n_grid)
+    grid_feats = list(dict.fromkeys(grid_feats + direction_latents(ranking, cfg.n_grid_direction, grid_feats)
+                                    + list(cfg.features)))
     control = pick_control(ranking, [c["latent"] for c in cands] + grid_feats, cfg.control_min_freq)
     used = {"discovery": [p.record() for p in disc], "validation": [p.record() for p in harm_v + safe_v]}
     res.selection = {"layer": layer, "num_latents": n_lat, "grid_features": grid_feats, "control": control,

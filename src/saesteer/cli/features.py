@@ -65,6 +65,8 @@ def features_cmd(
     n_archetypes: int = typer.Option(6, help="archetypal harmful prompts whose refusals give candidates"),
     n_contrast: int = typer.Option(24, help="harmful and harmless discovery prompts each (contrastive ranking)"),
     n_grid: int = typer.Option(6, help="top candidates entering the clamp grid"),
+    n_grid_direction: int = typer.Option(2, help="latents of the whole dictionary closest to the harmful-harmless "
+                                         "direction that also enter the grid"),
     features: str = typer.Option("", help="extra latents for the grid, comma-separated"),
     clamps: str = typer.Option("", help="absolute clamp values, comma-separated"),
     clamp_multiples: str = typer.Option("1,2,4", help="clamp values as multiples of each latent's max activation"),
@@ -87,7 +89,7 @@ def features_cmd(
 
     cfg = DiscoveryConfig(
         harmful=harmful, harmless=harmless, discovery_split=discovery_split or None, val_split=val_split or None,
-        n_archetypes=n_archetypes, n_contrast=n_contrast, discovery_tokens=discovery_tokens, n_grid=n_grid,
+        n_archetypes=n_archetypes, n_contrast=n_contrast, discovery_tokens=discovery_tokens, n_grid=n_grid, n_grid_direction=n_grid_direction,
         features=_ints(features, "--features"), clamps=_floats(clamps, "--clamps"),
         clamp_multiples=_floats(clamp_multiples, "--clamp-multiples"), val_limit=val_limit,
         max_new_tokens=max_new_tokens, batch_size=batch_size, layer=layer, seed=seed, heldout=heldout,
