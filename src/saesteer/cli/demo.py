@@ -25,6 +25,8 @@ class DemoBudget:
 
     tokens: int = 60_000
     """activation tokens collected for the SAE"""
+    data: str = "chat-mix:text=150,chat=150,harmful=64,harmless=64"
+    """SAE corpus: Wikipedia text + HH chats + harmful / harmless prompts answered by the model itself"""
     epochs: int = 5
     """passes of SAE training over them"""
     val_limit: int = 24
@@ -33,15 +35,15 @@ class DemoBudget:
     """candidate latents entering the clamp grid"""
     gate_limit: int = 128
     """prompts per gate training / threshold set"""
-    eval_limit: int = 40
+    eval_limit: int = 24
     """prompts per refusal set in sweep and compare"""
-    capability_limit: int = 40
+    capability_limit: int = 16
     """MMLU / TruthfulQA questions in sweep and compare"""
     gsm8k_limit: int = 0
     """GSM8K questions in compare (generation is slow on CPU)"""
     sweep_multiples: str = "1,2,4"
     """clamp values of the sweep, as multiples of the chosen latent's max activation"""
-    sweep_limit: int = 24
+    sweep_limit: int = 16
     """prompts per refusal set in the sweep"""
 
 
@@ -91,36 +93,34 @@ def demo_stages(model: str, out: Path, layer: int, b: DemoBudget, common: list[s
     acts, sae, feats = out / "acts", out / "sae", out / "features"
     sel = feats / "selection.json"
     pol = out / "policies"
-    policies = {
-        "clamp": [],  # unconditional (the paper)
-        "clamp+probe": ["--gate", "probe"],
-        "clamp+sae": ["--gate", "sae"],
-        "clamp+cast": ["--gate", "cast"],
-    }
-    gate_sets = ["--train", "arditi-harmful:train,arditi-harmless:train", "--val",
-                 "arditi-harmful:val,arditi-harmless:val", "--limit", str(b.gate_limit)]
+    policies = ["clamp", "clamp+probe", "clamp+sae", "clamp+cast"]  # unconditional (the paper), then gated
     stages = [
-        Stage("collect", ["collect", "--model", model, "--layer", str(layer), "--data", "chat-mix",
+        Stage("collect", ["collect", "--model", model, "--layer", str(layer), "--data", b.data,
                           "--tokens", str(b.tokens), "--out", str(acts), *common], acts / "meta.json"),
         Stage("train", ["train", "--acts", str(acts), "--k", "32", "--expansion", "8", "--epochs", str(b.epochs),
                         "--out", str(sae), *common], sae / "saesteer.json"),
         Stage("sae-eval", ["sae-eval", "--model", model, "--sae", str(sae), "--data", "wikitext2",
-                           "--out", str(out / "sae_eval.json"), *common], out / "sae_eval.json"),
+                           "--max-docs", "32", "--ce-docs", "8", "--out", str(out / "sae_eval.json"), *common], out / "sae_eval.json"),
         Stage("features", ["features", "--model", model, "--sae", str(sae), "--out", str(feats),
                            "--val-limit", str(b.val_limit), "--n-grid", str(b.n_grid), *common], sel),
     ]
     stages.append(Stage(
         "sweep + report",
-        ["sweep", "--model", model, "--sae", str(sae), "--features-dir", str(feats), "--relative", b.sweep_multiples,
+        ["sweep", "--model", model, "--sae", str(sae), "--features-dir", str(feats), "--clamps", "", "--relative", b.sweep_multiples,
          "--limit", str(b.sweep_limit), "--cap-limit", str(b.capability_limit), "--gsm8k-limit", "0",
          "--out", str(out / "sweep"), *common],
         out / "sweep" / "report" / "index.html"))
-    for name, gate in policies.items():
-        file = pol / f"{name}.json"
-        args = ["policy", "fit", "--model", model, "--sae", str(sae), "--selection", str(sel), "--name", name,
-                "--out", str(file), *common]
-        args += (gate + gate_sets) if gate else ["--gate", "always"]
-        stages.append(Stage(f"policy {name}", args, file))
+    # Gates learn on Arditi train plus the first 40 % of xstest / jbb (safe prompts that look harmful), thresholds
+    # on Arditi val plus the next 20 %; compare samples only prompts no policy saw.
+    gate_sets = ["--train", "arditi-harmful:train,arditi-harmless:train,xstest#0:0.4,jbb-harmful#0:0.4,jbb-benign#0:0.4",
+                 "--val", "arditi-harmful:val,arditi-harmless:val,xstest#0.4:0.6,jbb-harmful#0.4:0.6,jbb-benign#0.4:0.6",
+                 "--limit", str(b.gate_limit), "--cache", str(out / "gate-cache")]
+    fit = ["policy", "fit", "--model", model, "--sae", str(sae), "--selection", str(sel), *common]
+    stages.append(Stage("policy clamp", fit + ["--gate", "always", "--name", "clamp", "--out", str(pol / "clamp.json")],
+                        pol / "clamp.json"))
+    stages.append(Stage("policies clamp+gates", fit + ["--gate", "probe,sae,cast", "--fpr", "0.02", *gate_sets,
+                                                        "--out", str(pol / "clamp+{gate}.json")],
+                        pol / "clamp+cast.json"))
     stages.append(Stage(
         "compare",
         ["compare", "--model", model, "--policies", ",".join(str(pol / f"{n}.json") for n in policies),
