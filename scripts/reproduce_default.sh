@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Reproduce every number in README.md / docs/RESULTS.md on the default model (Qwen2.5-Coder-0.5B-Instruct, layer 12).
+# These are the commands that produced them, in order (2-core CPU: ~2.5 h in all; set SAESTEER_THREADS to taste).
+# Each stage writes under runs/ (git-ignored) and can be re-run alone.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 SAESTEER_THREADS="${SAESTEER_THREADS:-2}"
+S=.venv/bin/saesteer
+M=qwen2.5-coder-0.5b-instruct
+
+# 1. activations: 280k tokens of the chat mix (600 Wikipedia, 700 HH-helpful chats, 160+160 prompts answered by the model)
+$S collect --model $M --layer 12 --data chat-mix --tokens 280000 --batch-size 16 --context-len 256 --out runs/acts-qwen-l12
+# 2. Top-k SAE, k=32, 8x (7168 latents), 3 epochs
+$S train --acts runs/acts-qwen-l12 --k 32 --expansion 8 --batch-size 2048 --epochs 3 --warmup-steps 50 \
+   --model $M --layer 12 --out runs/sae-qwen-l12 --checkpoint-every 100
+$S sae-eval --model $M --sae runs/sae-qwen-l12 --data wikitext2 --out runs/sae-qwen-l12/eval_wikitext2.json \
+   --max-docs 96 --ce-docs 24 --context-len 256 --batch-size 8
+$S sae-eval --model $M --sae runs/sae-qwen-l12 --data hh-harmless --out runs/sae-qwen-l12/eval_hh_harmless.json \
+   --max-docs 48 --ce-docs 8 --context-len 256 --batch-size 8
+# 3. refusal features: paper candidates + contrastive ranking + clamp grid on arditi val, held-back AdvBench check
+$S features --model $M --sae runs/sae-qwen-l12 --out runs/features-qwen-l12-v3 --n-archetypes 6 --n-contrast 24 \
+   --n-grid 1 --features 1102,1647,3011,476 --clamp-multiples 1,2,4 --val-limit 24 --max-new-tokens 20 \
+   --batch-size 32 --heldout advbench --heldout-limit 96
+# 4. policies: the paper's unconditional clamp (latent 1647 at 4x its max) and the same clamp behind three gates
+P=runs/lead/policies
+TRAIN="arditi-harmful:train,arditi-harmless:train,xstest#0:0.4,jbb-harmful#0:0.4,jbb-benign#0:0.4"
+VAL="arditi-harmful:val,arditi-harmless:val,xstest#0.4:0.6,jbb-harmful#0.4:0.6,jbb-benign#0.4:0.6"
+$S policy fit --model $M --sae runs/sae-qwen-l12 --feature 1647 --clamp 12.9207 --gate always --name clamp --out $P/clamp.json
+$S policy fit --model $M --sae runs/sae-qwen-l12 --feature 1647 --clamp 12.9207 --gate probe,sae,cast --fpr 0.02 \
+   --train "$TRAIN" --val "$VAL" --limit 200 --cache runs/lead/gate-cache --out "$P/clamp+{gate}.json"
+# 5. the comparison table in README.md
+$S compare --model $M --policies $P/clamp.json,$P/clamp+probe.json,$P/clamp+sae.json,$P/clamp+cast.json \
+   --limit 30 --capability-limit 24 --gsm8k-limit 0 --multiturn-limit 8 --max-turns 3 \
+   --exclude runs/features-qwen-l12-v3/selection.json --out runs/lead/compare2
+# 6. the clamp sweep and its report
+$S sweep --model $M --sae runs/sae-qwen-l12 --features-dir runs/features-qwen-l12-v3 --feature 1647 --clamps "" \
+   --relative 1,2,4 --control-clamps 6.46,12.92 --limit 16 --cap-limit 16 --gsm8k-limit 0 --out runs/lead/sweep
