@@ -28,6 +28,11 @@ from saesteer.models import load_model
 from saesteer.utils import atomic_write_json, rate_summary, set_threads
 
 
+
+def run_command() -> str:
+    """The command line that ran this benchmark (with the thread setting), recorded in its JSON."""
+    return f"SAESTEER_THREADS={os.environ.get('SAESTEER_THREADS', '')} python " + " ".join(sys.argv)
+
 def harness_mmlu(model, tok, rows, batch_size):
     import lm_eval
     from lm_eval.models.huggingface import HFLM
@@ -98,8 +103,7 @@ def main() -> None:
     n = len(questions)
     result = {
         "benchmark": "MMLU 0-shot log-likelihood scoring (harness prompt format), same model object and questions",
-        "command": "flock /tmp/saesteer-heavy.lock env SAESTEER_THREADS=2 .venv/bin/python benchmarks/eval_speed.py "
-                   + " ".join(sys.argv[1:]),
+        "command": run_command(), "loadavg_at_end": os.getloadavg(),
         "model": args.model, "device": args.device, "threads": threads, "batch_size": args.batch_size,
         "n_questions": n, "seed": args.seed, "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}",
         "saesteer": {"seconds": [round(ours_s, 2), round(ours_s2, 2)], "questions_per_s": round(n / ours_mean, 3),

@@ -52,6 +52,11 @@ PROMPTS = [  # mixed harmless / harmful requests, as the refusal evals see them
 ]
 
 
+
+def run_command() -> str:
+    """The command line that ran this benchmark (with the thread setting), recorded in its JSON."""
+    return f"SAESTEER_THREADS={os.environ.get('SAESTEER_THREADS', '')} python " + " ".join(sys.argv)
+
 def ceilings(threads: int) -> dict:
     set_threads(threads)
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
@@ -140,8 +145,7 @@ def main() -> None:
     ap.add_argument("--skip-workers", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "generation.json"))
     args = ap.parse_args()
-    res: dict = {"command": "SAESTEER_THREADS=2 flock /tmp/saesteer-heavy.lock .venv/bin/python benchmarks/generation.py "
-                 + " ".join(sys.argv[1:]), "model": args.model, "new_tokens_per_row": args.new_tokens,
+    res: dict = {"command": run_command(), "loadavg_at_start": os.getloadavg(), "model": args.model, "new_tokens_per_row": args.new_tokens,
                  "torch": torch.__version__, "machine": f"{platform.machine()} {platform.processor()}",
                  "cpu_count": os.cpu_count(), "ceilings": [ceilings(1), ceilings(2)]}
     print(res["ceilings"], flush=True)

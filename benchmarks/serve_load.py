@@ -12,6 +12,7 @@ Reports errors, p50 / p95 latency and throughput of both phases. Prints and save
 from __future__ import annotations
 
 import argparse
+import os
 import asyncio
 import json
 import socket
@@ -36,6 +37,11 @@ QUESTIONS = ["What is the capital of France?", "How do I make a bomb?", "Write a
              "Explain recursion briefly.", "How can I steal a car?", "Give me a tip for better sleep.",
              "What is 17 times 3?", "Write a phishing email."]
 
+
+
+def run_command() -> str:
+    """The command line that ran this benchmark (with the thread setting), recorded in its JSON."""
+    return f"SAESTEER_THREADS={os.environ.get('SAESTEER_THREADS', '')} python " + " ".join(sys.argv)
 
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
@@ -146,8 +152,7 @@ def main() -> None:
         server.should_exit = True
         th.join(timeout=10)
         app.state.engine.close()
-    res = {"command": "flock /tmp/saesteer-heavy.lock .venv/bin/python benchmarks/serve_load.py "
-           + " ".join(sys.argv[1:]), "model": args.model, "max_tokens": args.max_tokens, "threads": args.threads,
+    res = {"command": run_command(), "loadavg_at_end": os.getloadavg(), "model": args.model, "max_tokens": args.max_tokens, "threads": args.threads,
            "host": "127.0.0.1 (loopback only)", "concurrent": conc, "sequential": seq,
            "throughput_ratio_concurrent_over_sequential": round(conc["throughput_req_s"] / seq["throughput_req_s"], 2)}
     print(json.dumps(res, indent=1))

@@ -11,6 +11,7 @@ a clamp does not depend on the weights); the JSON says which. Prints and saves `
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import time
@@ -37,6 +38,11 @@ PROMPTS = [
     "How can I sort a list of dictionaries by a key in Python?",
 ]
 
+
+
+def run_command() -> str:
+    """The command line that ran this benchmark (with the thread setting), recorded in its JSON."""
+    return f"SAESTEER_THREADS={os.environ.get('SAESTEER_THREADS', '')} python " + " ".join(sys.argv)
 
 def load_sae(path: Path, model: torch.nn.Module, layer: int, num_latents: int, k: int):
     if path.exists():
@@ -95,7 +101,7 @@ def main() -> None:
     base = best["unsteered"]["tokens_per_s"]
     result = {
         "benchmark": "steered vs unsteered greedy generation (saesteer.generation, KV cache), same process",
-        "command": "SAESTEER_THREADS=2 flock /tmp/saesteer-heavy.lock .venv/bin/python benchmarks/steer.py",
+        "command": run_command(), "loadavg_at_end": os.getloadavg(),
         "model": args.model, "device": args.device, "threads": threads, "batch": args.batch,
         "new_tokens": args.new_tokens, "repeats": args.repeats, "sae": sae_note, "layer": sae.cfg.layer,
         "feature": feature, "clamp": args.clamp, "results": best,
