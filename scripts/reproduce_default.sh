@@ -30,8 +30,8 @@ $S policy fit --model $M --sae runs/sae-qwen-l12 --feature 1647 --clamp 12.9207 
    --train "$TRAIN" --val "$VAL" --limit 200 --cache runs/lead/gate-cache --out "$P/clamp+{gate}.json"
 # 5. the comparison table in README.md
 $S compare --model $M --policies $P/clamp.json,$P/clamp+probe.json,$P/clamp+sae.json,$P/clamp+cast.json \
-   --limit 30 --capability-limit 24 --gsm8k-limit 0 --multiturn-limit 8 --max-turns 3 \
+   --limit 30 --capability mmlu,truthfulqa_mc1 --capability-limit 24 --multiturn-limit 8 --max-turns 3 \
    --exclude runs/features-qwen-l12-v3/selection.json --out runs/lead/compare2
 # 6. the clamp sweep and its report
 $S sweep --model $M --sae runs/sae-qwen-l12 --features-dir runs/features-qwen-l12-v3 --feature 1647 --clamps "" \
-   --relative 1,2,4 --control-clamps 6.46,12.92 --limit 16 --cap-limit 16 --gsm8k-limit 0 --out runs/lead/sweep
+   --relative 1,2,4 --control-clamps 6.46,12.92 --limit 16 --cap-limit 16 --capability mmlu,truthfulqa_mc1 --out runs/lead/sweep

@@ -40,7 +40,7 @@ class DemoBudget:
     capability_limit: int = 16
     """MMLU / TruthfulQA questions in sweep and compare"""
     gsm8k_limit: int = 0
-    """GSM8K questions in compare (generation is slow on CPU)"""
+    """GSM8K questions in sweep and compare (0: GSM8K skipped; its 8-shot generation is slow on CPU)"""
     sweep_multiples: str = "1,2,4"
     """clamp values of the sweep, as multiples of the chosen latent's max activation"""
     sweep_limit: int = 16
@@ -89,6 +89,13 @@ def _run(stage: Stage) -> float:
     return time.time() - t0
 
 
+def _capability(b: DemoBudget, gsm8k_flag: str) -> list[str]:
+    """Capability options: GSM8K only when it has a budget (its ``0`` would mean *all* 1,319 questions)."""
+    if b.gsm8k_limit > 0:
+        return ["--capability", "mmlu,truthfulqa_mc1,gsm8k", gsm8k_flag, str(b.gsm8k_limit)]
+    return ["--capability", "mmlu,truthfulqa_mc1"]
+
+
 def demo_stages(model: str, out: Path, layer: int, b: DemoBudget, common: list[str]) -> list[Stage]:
     acts, sae, feats = out / "acts", out / "sae", out / "features"
     sel = feats / "selection.json"
@@ -107,7 +114,7 @@ def demo_stages(model: str, out: Path, layer: int, b: DemoBudget, common: list[s
     stages.append(Stage(
         "sweep + report",
         ["sweep", "--model", model, "--sae", str(sae), "--features-dir", str(feats), "--clamps", "", "--relative", b.sweep_multiples,
-         "--limit", str(b.sweep_limit), "--cap-limit", str(b.capability_limit), "--gsm8k-limit", "0",
+         "--limit", str(b.sweep_limit), "--cap-limit", str(b.capability_limit), *_capability(b, "--gsm8k-limit"),
          "--out", str(out / "sweep"), *common],
         out / "sweep" / "report" / "index.html"))
     # Gates learn on Arditi train plus the first 40 % of xstest / jbb (safe prompts that look harmful), thresholds
@@ -125,7 +132,7 @@ def demo_stages(model: str, out: Path, layer: int, b: DemoBudget, common: list[s
         "compare",
         ["compare", "--model", model, "--policies", ",".join(str(pol / f"{n}.json") for n in policies),
          "--limit", str(b.eval_limit), "--capability-limit", str(b.capability_limit),
-         "--gsm8k-limit", str(b.gsm8k_limit), "--exclude", str(sel), "--out", str(out / "compare"), *common],
+         *_capability(b, "--gsm8k-limit"), "--exclude", str(sel), "--out", str(out / "compare"), *common],
         out / "compare" / "table.md"))
     return stages
 
