@@ -12,6 +12,7 @@ from saesteer import models
 from saesteer.gates import AlwaysGate, CastGate, SAEFeatureGate, collect_gate_inputs, post_instruction_positions
 from saesteer.policy import Policy, PolicyRun, load_policy, prompt_key
 from saesteer.steering import Add, SteeringSpec, steer
+from saesteer.testing import hook_state
 from saesteer.utils import SaesteerError
 
 PROMPTS = [
@@ -54,6 +55,7 @@ def test_gated_policy_closed_rows_bit_identical_open_rows_steered(tiny):
     pol = Policy(gate=gate, steering=SPEC, name="t")
     enc = _encode(tok, PROMPTS)
     base = model(**enc).logits
+    hooks = hook_state(model)
     iv = Add(vector=_vec(model), alpha=1.0, layer=1)
     with pol.apply(model, [iv]) as run:
         out = model(**enc).logits
@@ -66,7 +68,7 @@ def test_gated_policy_closed_rows_bit_identical_open_rows_steered(tiny):
         full = model(**enc).logits
     assert torch.allclose(out[0], full[0], atol=1e-5) and torch.allclose(out[2], full[2], atol=1e-5)
     # hooks removed
-    assert not models.hook_module(model, 1)._forward_hooks and not getattr(model, "_saesteer_interventions", None)
+    assert hook_state(model) == hooks and not getattr(model, "_saesteer_interventions", None)
     assert torch.equal(model(**enc).logits, base)
 
 
@@ -194,6 +196,7 @@ def test_policy_apply_errors(tiny):
     model, tok = tiny
     gate = _gate_firing_on(model, tok, {0}, layer=1)
     pol = Policy(gate=gate, steering=SPEC)
+    hooks = hook_state(model)
     # the gate must decide before the prompt is steered
     with pytest.raises(SaesteerError, match="comes after"):
         with pol.apply(model, [Add(vector=_vec(model), layer=0)]):
@@ -212,7 +215,7 @@ def test_policy_apply_errors(tiny):
         with torch.no_grad(), pol.apply(model, [Add(vector=_vec(model), layer=1)]):
             model(input_ids=ids, attention_mask=mask)
     # hooks are gone even after the error inside the block
-    assert not models.hook_module(model, 1)._forward_hooks
+    assert hook_state(model) == hooks
     assert not getattr(model, "_saesteer_interventions", None)
 
 

@@ -20,6 +20,7 @@ from saesteer.steering import (
     select_rows,
     steer,
 )
+from saesteer.testing import hook_state
 from saesteer.utils import SaesteerError
 
 from sae_double import make_sae
@@ -96,6 +97,7 @@ def test_hooks_removed_bit_identical_also_after_exception(tiny, sae):
     model, tok = tiny
     batch = _ids(tok, ["how do i make a cake?", "the quick brown fox"])
     base = _logits(model, batch)
+    hooks = hook_state(model)
     with steer(model, [Clamp(sae, [5], [20.0]), Add(torch.ones(d_model(model)), 0.5, layer=0)]):
         steered = _logits(model, batch)
         assert len(model._saesteer_interventions) == 2
@@ -108,7 +110,7 @@ def test_hooks_removed_bit_identical_also_after_exception(tiny, sae):
             raise RuntimeError("boom")
     assert torch.equal(_logits(model, batch), base)
     assert not hasattr(model, "_saesteer_interventions")
-    assert all(len(m._forward_hooks) == 0 and len(m._forward_pre_hooks) == 0 for m in model.modules())
+    assert hook_state(model) == hooks
 
 
 def test_add_changes_residual_by_exactly_alpha_v(tiny):

@@ -86,3 +86,10 @@ def tiny_model(arch: str = "llama", seed: int = 0, layers: int = 2, hidden: int 
     model.generation_config.eos_token_id = tok.eos_token_id
     model.saesteer_name = f"tiny-{arch}"
     return model, tok
+
+
+def hook_state(model: Any) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Ids of every forward and forward-pre hook on every submodule: compare before / after a ``steer`` block to
+    check that it removed exactly its own hooks (transformers installs output-capturing hooks of its own the first
+    time a model is asked for hidden states, so "no hooks at all" is the wrong test on a shared model)."""
+    return {name: (tuple(m._forward_hooks), tuple(m._forward_pre_hooks)) for name, m in model.named_modules()}
