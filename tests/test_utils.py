@@ -27,6 +27,13 @@ def test_wilson_known_values():
     assert all(math.isnan(v) for v in wilson_interval(0, 0))
 
 
+def test_wilson_contains_the_rate_at_the_edges():
+    for n in range(1, 200):
+        for k in (0, n):
+            lo, hi = wilson_interval(k, n)
+            assert lo <= k / n <= hi
+
+
 def test_rate_summary_shape():
     s = rate_summary(3, 12)
     assert s["rate"] == 0.25 and s["k"] == 3 and s["n"] == 12 and s["ci_low"] < 0.25 < s["ci_high"]
