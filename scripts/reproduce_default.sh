@@ -34,4 +34,4 @@ $S compare --model $M --policies $P/clamp.json,$P/clamp+probe.json,$P/clamp+sae.
    --exclude runs/features-qwen-l12-v3/selection.json --out runs/lead/compare2
 # 6. the clamp sweep and its report
 $S sweep --model $M --sae runs/sae-qwen-l12 --features-dir runs/features-qwen-l12-v3 --feature 1647 --clamps "" \
-   --relative 1,2,4 --control-clamps 6.46,12.92 --limit 16 --cap-limit 16 --capability mmlu,truthfulqa_mc1 --out runs/lead/sweep
+   --relative 1,2,4 --control-clamps 6.46,12.92 --limit 16 --cap-limit 16 --capability mmlu,truthfulqa_mc1 --out runs/lead/sweep2
