@@ -106,7 +106,7 @@ def _policy_file(tmp_path, name, kind):
     return str(p)
 
 
-def test_run_compare_resumes_per_condition_and_group(tmp_path):
+def test_run_compare_resumes_per_condition_and_group(tmp_path, data_root):
     calls = []
     boom = {"on": True}
 

@@ -119,7 +119,7 @@ def test_load_direction_errors(tmp_path):
 
 
 @pytest.mark.integration
-def test_refusal_direction_on_default_model(qwen):
+def test_refusal_direction_on_default_model(data_root, qwen):
     """On the real model, the layer-12 difference of means induces refusal and its ablation removes it."""
     from saesteer.data import load_prompts
 

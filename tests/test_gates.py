@@ -218,7 +218,7 @@ def test_post_instruction_positions_and_collect(tiny):
 
 
 @pytest.mark.integration
-def test_probe_gate_separates_real_harmful_prompts(qwen):
+def test_probe_gate_separates_real_harmful_prompts(data_root, qwen):
     """Default model, layer 12: a probe fitted on 24 + 24 arditi train prompts separates held-out val prompts."""
     from sklearn.metrics import roc_auc_score
 

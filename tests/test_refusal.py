@@ -183,7 +183,7 @@ def test_cli_eval_refusal(tiny, tmp_path, prompts_file, capsys):
 
 
 @pytest.mark.integration
-def test_refusal_eval_on_the_default_model(qwen, tmp_path):
+def test_refusal_eval_on_the_default_model(data_root, qwen, tmp_path):
     """~8 AdvBench + ~8 XSTest-safe prompts, <= 20 new tokens: the default model refuses some harmful requests."""
     model, tok = qwen
     cfg = RefusalEvalConfig(datasets=["advbench:test", "xstest-safe"], limit=8, max_new_tokens=20, batch_size=16,
