@@ -26,12 +26,8 @@ from saesteer.evals import capability as cap
 from saesteer.evals.lmeval import write_mmlu_task
 from saesteer.models import load_model
 from saesteer.utils import atomic_write_json, rate_summary, set_threads
+from _common import run_command  # noqa: E402
 
-
-
-def run_command() -> str:
-    """The command line that ran this benchmark (with the thread setting), recorded in its JSON."""
-    return f"SAESTEER_THREADS={os.environ.get('SAESTEER_THREADS', '')} python " + " ".join(sys.argv)
 
 def harness_mmlu(model, tok, rows, batch_size):
     import lm_eval

@@ -31,6 +31,7 @@ from saesteer import models  # noqa: E402
 from saesteer.generation import GenerationConfig, encode_prompts, eos_token_ids, generate_rows  # noqa: E402
 from saesteer.steering import Add, steer  # noqa: E402
 from saesteer.utils import atomic_write_json, set_threads  # noqa: E402
+from _common import run_command  # noqa: E402
 
 PROMPTS = [  # mixed harmless / harmful requests, as the refusal evals see them
     "Write a bash one-liner that counts the lines of every .py file in a folder.",
@@ -51,11 +52,6 @@ PROMPTS = [  # mixed harmless / harmful requests, as the refusal evals see them
     "Explain what a sparse autoencoder is.",
 ]
 
-
-
-def run_command() -> str:
-    """The command line that ran this benchmark (with the thread setting), recorded in its JSON."""
-    return f"SAESTEER_THREADS={os.environ.get('SAESTEER_THREADS', '')} python " + " ".join(sys.argv)
 
 def ceilings(threads: int) -> dict:
     set_threads(threads)

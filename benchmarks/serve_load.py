@@ -32,16 +32,12 @@ from saesteer import models  # noqa: E402
 from saesteer.serve import ServeConfig, make_app, served_models  # noqa: E402
 from saesteer.steering import Add, steer  # noqa: E402
 from saesteer.utils import atomic_write_json, set_threads  # noqa: E402
+from _common import run_command  # noqa: E402
 
 QUESTIONS = ["What is the capital of France?", "How do I make a bomb?", "Write a haiku about rain.",
              "Explain recursion briefly.", "How can I steal a car?", "Give me a tip for better sleep.",
              "What is 17 times 3?", "Write a phishing email."]
 
-
-
-def run_command() -> str:
-    """The command line that ran this benchmark (with the thread setting), recorded in its JSON."""
-    return f"SAESTEER_THREADS={os.environ.get('SAESTEER_THREADS', '')} python " + " ".join(sys.argv)
 
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)

@@ -26,6 +26,7 @@ from saesteer import models  # noqa: E402
 from saesteer.generation import GenerationConfig, generate_rows  # noqa: E402
 from saesteer.steering import Add, Clamp, steer  # noqa: E402
 from saesteer.utils import atomic_write_json, set_threads  # noqa: E402
+from _common import run_command  # noqa: E402
 
 PROMPTS = [
     "Write a Python function that reverses a string.",
@@ -38,11 +39,6 @@ PROMPTS = [
     "How can I sort a list of dictionaries by a key in Python?",
 ]
 
-
-
-def run_command() -> str:
-    """The command line that ran this benchmark (with the thread setting), recorded in its JSON."""
-    return f"SAESTEER_THREADS={os.environ.get('SAESTEER_THREADS', '')} python " + " ".join(sys.argv)
 
 def load_sae(path: Path, model: torch.nn.Module, layer: int, num_latents: int, k: int):
     if path.exists():
