@@ -303,3 +303,22 @@ def test_direction_latents_whole_dictionary():
     assert F.direction_latents(ranking, 2, exclude=[0]) == [4, 1]
     assert F.direction_latents(ranking, 5) == [0, 4, 1, 2]
     assert F.direction_latents(ranking, 0) == []
+
+
+def test_grid_search_requires_a_significant_harmful_gain():
+    # a clamp that leaves the model unchanged keeps the best objective; it must not win when a gain is required
+    table = {(None, None): (10, 0), (1, 1.0): (11, 0), (1, 4.0): (20, 10), (2, 4.0): (19, 10)}  # out of 20 each
+
+    def scorer(f, v):
+        kh, ks = table[(f, v)]
+        return {"k_harmful": kh, "n_harmful": 20, "k_harmless": ks, "n_harmless": 20}
+
+    settings = [(f, v, "absolute") for (f, v) in table if f is not None]
+    _, rows, best = G.grid_search(settings, scorer, require_gain=False)
+    assert (best["feature"], best["clamp"]) == (1, 1.0) and not best["gain_significant"]
+    _, rows, best = G.grid_search(settings, scorer)
+    assert (best["feature"], best["clamp"]) == (1, 4.0) and best["gain_significant"]
+    assert best["harmful_gain"] == pytest.approx(0.5) and best["harmful_gain_ci"][0] > 0
+    # nothing significant: the plain objective's choice comes back, flagged
+    _, _, best = G.grid_search([(1, 1.0, "absolute")], scorer)
+    assert (best["feature"], best["clamp"]) == (1, 1.0) and best["gain_significant"] is False

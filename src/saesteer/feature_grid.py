@@ -72,22 +72,34 @@ def _row(feature: int | None, value: float | None, how: str, res: dict[str, Any]
 
 
 def grid_search(
-    settings: Sequence[tuple[int, float, str]], scorer: Scorer, progress: Callable[[str], None] | None = None
+    settings: Sequence[tuple[int, float, str]], scorer: Scorer, progress: Callable[[str], None] | None = None,
+    require_gain: bool = True,
 ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
     """Score the unsteered baseline and every ``(feature, clamp, how)``; return ``(baseline, rows, best)``.
 
     Objective: refusal rate on harmful minus refusal rate on harmless prompts. Ties: higher harmful refusal, then
     lower harmless refusal, then the smaller |clamp|, then the lower feature id.
+
+    ``require_gain``: only settings whose harmful refusal beats the unsteered baseline by a margin whose 95 %
+    interval (Newcombe) excludes 0 can win — a clamp that barely changes the model scores well on the objective
+    (it keeps harmless refusal low) but steers nothing. Every row records ``harmful_gain`` / ``harmful_gain_ci`` /
+    ``gain_significant``; when no setting qualifies the best of all rows is returned with ``gain_significant``
+    False, so callers can say so.
     """
     ensure(len(settings) > 0, "the grid is empty: no candidate features or clamp values")
     base = _row(None, None, "none", scorer(None, None))
+    kb, nb = base["harmful_refusal"]["k"], base["harmful_refusal"]["n"]
     rows = []
     for i, (f, v, how) in enumerate(settings):
         if progress:
             progress(f"grid {i + 1}/{len(settings)}: latent {f} clamp {v:g}")
-        rows.append(_row(f, v, how, scorer(f, v)))
-    best = min(rows, key=lambda r: (-round(r["objective"], 9), -r["harmful_refusal"]["rate"],
-                                    r["harmless_refusal"]["rate"], abs(r["clamp"]), r["feature"]))
+        row = _row(f, v, how, scorer(f, v))
+        g, lo, hi = diff_interval(row["harmful_refusal"]["k"], row["harmful_refusal"]["n"], kb, nb)
+        row.update(harmful_gain=g, harmful_gain_ci=[lo, hi], gain_significant=bool(lo > 0))
+        rows.append(row)
+    pool = [r for r in rows if r["gain_significant"]] if require_gain else rows
+    best = min(pool or rows, key=lambda r: (-round(r["objective"], 9), -r["harmful_refusal"]["rate"],
+                                            r["harmless_refusal"]["rate"], abs(r["clamp"]), r["feature"]))
     return base, rows, best
 
 

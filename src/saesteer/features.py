@@ -75,6 +75,9 @@ class DiscoveryConfig:
     """Clamp values as multiples of each latent's max activation observed during discovery."""
     val_limit: int = 24
     """Harmful and harmless validation prompts each for the grid."""
+    require_gain: bool = True
+    """Only clamps whose validation harmful refusal gain over the unsteered model has a 95 % interval above 0 can be
+    chosen (see ``feature_grid.grid_search``); False = the plain objective decides."""
     max_new_tokens: int = 20
     """New tokens per grid answer (a prefix judge needs 16-24); rows stop once decided."""
     batch_size: int = 16
@@ -389,13 +392,15 @@ def discover(
                 for v, how in clamp_values(float(ranking["max_act"][f]), cfg.clamps, cfg.clamp_multiples)]
     scorer = make_scorer(model, tok, sae, [p.text for p in harm_v], [p.text for p in safe_v], cfg.max_new_tokens,
                          cfg.batch_size, res.grid_answers)
-    base, rows, best = grid_search(settings, scorer, say)
-    res.grid = {"objective": "refusal rate on harmful - refusal rate on harmless (validation)",
+    base, rows, best = grid_search(settings, scorer, say, require_gain=cfg.require_gain)
+    res.grid = {"objective": "refusal rate on harmful - refusal rate on harmless (validation)"
+                + (", among clamps whose harmful refusal gain is significant" if cfg.require_gain else ""),
                 "n_harmful": len(harm_v), "n_harmless": len(safe_v), "max_new_tokens": cfg.max_new_tokens,
                 "baseline": base, "rows": rows}
     res.selection.update({
         "feature": best["feature"], "clamp": best["clamp"], "clamp_from": best["clamp_from"], "best": best,
         "baseline": base, "improves_over_baseline": best["objective"] > base["objective"],
+        "gain_significant": best["gain_significant"],
         "harmful_refusal_gain": diff_interval(best["harmful_refusal"]["k"], best["harmful_refusal"]["n"],
                                               base["harmful_refusal"]["k"], base["harmful_refusal"]["n"]),
         "control_clamp": _control_clamp(best, ranking, control),

@@ -71,6 +71,8 @@ def features_cmd(
     clamps: str = typer.Option("", help="absolute clamp values, comma-separated"),
     clamp_multiples: str = typer.Option("1,2,4", help="clamp values as multiples of each latent's max activation"),
     val_limit: int = typer.Option(24, help="harmful and harmless validation prompts each"),
+    require_gain: bool = typer.Option(True, help="choose only clamps whose validation harmful-refusal gain has a "
+                                      "95 % interval above 0 (--no-require-gain: the plain objective decides)"),
     max_new_tokens: int = typer.Option(20, help="new tokens per grid answer (prefix judge)"),
     discovery_tokens: int = typer.Option(24, help="new tokens per discovery answer"),
     layer: Optional[int] = typer.Option(None, help="layer to hook (default: the SAE's)"),
@@ -91,7 +93,7 @@ def features_cmd(
         harmful=harmful, harmless=harmless, discovery_split=discovery_split or None, val_split=val_split or None,
         n_archetypes=n_archetypes, n_contrast=n_contrast, discovery_tokens=discovery_tokens, n_grid=n_grid, n_grid_direction=n_grid_direction,
         features=_ints(features, "--features"), clamps=_floats(clamps, "--clamps"),
-        clamp_multiples=_floats(clamp_multiples, "--clamp-multiples"), val_limit=val_limit,
+        clamp_multiples=_floats(clamp_multiples, "--clamp-multiples"), val_limit=val_limit, require_gain=require_gain,
         max_new_tokens=max_new_tokens, batch_size=batch_size, layer=layer, seed=seed, heldout=heldout,
         heldout_limit=heldout_limit)
     con = _console()
@@ -116,6 +118,9 @@ def features_cmd(
               f"{b['harmful_refusal']['k']}/{b['harmful_refusal']['n']} (baseline {base['harmful_refusal']['k']}), "
               f"harmless {b['harmless_refusal']['k']}/{b['harmless_refusal']['n']} (baseline "
               f"{base['harmless_refusal']['k']}); control latent {sel.get('control')} → {out}")
+    if not sel.get("gain_significant", True):
+        con.print("[yellow][saesteer] no clamp in the grid raised validation harmful refusal significantly: the "
+                  "choice above is the plain objective's; try larger --clamp-multiples or more --val-limit[/yellow]")
     if res.heldout:
         h = res.heldout
         con.print(f"[saesteer] held-back {heldout}: refusal {h['baseline']['k']}/{h['n']} → {h['steered']['k']}/{h['n']}"
