@@ -70,6 +70,9 @@ def test_plan_conditions(setup):
     assert [c["name"] for c in c2] == ["unsteered", "clamp f1=0", "clamp f1=3", "clamp f2=0", "clamp f2=3"]
     c3 = sw.plan_conditions(make_cfg(tmp, unsafe, safe, clamps=[0.0, 3.0]))
     assert [c["name"] for c in c3 if c["kind"] == "control"] == ["control clamp f9=3"]
+    # with relative clamps the control also runs at the feature's strongest clamp (here 4 x max 5.0 = 20)
+    c4 = sw.plan_conditions(make_cfg(tmp, unsafe, safe, clamps=[3.0], relative_clamps=[1, 4]))
+    assert [c["name"] for c in c4 if c["kind"] == "control"] == ["control clamp f9=3", "control clamp f9=20"]
 
 
 def test_plan_errors(setup):

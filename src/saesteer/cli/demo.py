@@ -41,16 +41,19 @@ class DemoBudget:
     """MMLU / TruthfulQA questions in sweep and compare"""
     gsm8k_limit: int = 0
     """GSM8K questions in sweep and compare (0: GSM8K skipped; its 8-shot generation is slow on CPU)"""
-    sweep_multiples: str = "1,2,4"
-    """clamp values of the sweep, as multiples of the chosen latent's max activation"""
+    sweep_multiples: str = "1,4,16"
+    """clamp values of the sweep, as multiples of the chosen latent's max activation (up to one that breaks the
+    model, so the capability cost shows)"""
     sweep_limit: int = 16
     """prompts per refusal set in the sweep"""
+    sweep_capability_limit: int = 32
+    """MMLU / TruthfulQA questions per sweep condition"""
 
 
 BUDGETS = {
     "small": DemoBudget(),
     "tiny": DemoBudget(tokens=12_000, epochs=3, val_limit=8, n_grid=2, gate_limit=32, eval_limit=8,
-                       capability_limit=8, sweep_multiples="2", sweep_limit=8),
+                       capability_limit=8, sweep_multiples="2", sweep_limit=8, sweep_capability_limit=8),
 }
 
 
@@ -114,7 +117,7 @@ def demo_stages(model: str, out: Path, layer: int, b: DemoBudget, common: list[s
     stages.append(Stage(
         "sweep + report",
         ["sweep", "--model", model, "--sae", str(sae), "--features-dir", str(feats), "--clamps", "", "--relative", b.sweep_multiples,
-         "--limit", str(b.sweep_limit), "--cap-limit", str(b.capability_limit), *_capability(b, "--gsm8k-limit"),
+         "--limit", str(b.sweep_limit), "--cap-limit", str(b.sweep_capability_limit), *_capability(b, "--gsm8k-limit"),
          "--out", str(out / "sweep"), *common],
         out / "sweep" / "report" / "index.html"))
     # Gates learn on Arditi train plus the first 40 % of xstest / jbb (safe prompts that look harmful), thresholds

@@ -55,7 +55,8 @@ class SweepConfig:
     control: int | None = None
     """Control feature (default: selection.json's ``control``); -1 = none."""
     control_clamps: list[float] | None = None
-    """Clamp values for the control (default: the absolute clamps except 0)."""
+    """Clamp values for the control (default: the absolute clamps except 0, plus the largest relative clamp of the
+    first feature, so the control is also tried at the strongest clamp of the sweep)."""
     direction: str | None = None
     """Refusal-direction file (`saesteer direction`) for the baseline; None = no direction conditions."""
     alphas: list[float] = field(default_factory=lambda: [1.0, 2.0])
@@ -118,14 +119,17 @@ def plan_conditions(cfg: SweepConfig) -> list[dict[str, Any]]:
 
     if feats or control is not None:
         ensure(cfg.sae is not None, "feature conditions need --sae")
+    strongest: list[float] = []
     for f in feats:
         conds += [clamp_cond("clamp", f, float(v), "abs") for v in cfg.clamps]
         if cfg.relative_clamps:
             ensure(f in max_acts and max_acts[f] > 0, f"relative clamps need feature {f}'s max activation "
                    "(--features-dir with ranking.json, or max_acts)")
             conds += [clamp_cond("clamp", f, round(m * max_acts[f], 4), f"{m:g}x max") for m in cfg.relative_clamps]
+            strongest = strongest or [round(max(cfg.relative_clamps) * max_acts[f], 4)]
     if control is not None:
-        vals = cfg.control_clamps if cfg.control_clamps is not None else [v for v in cfg.clamps if v != 0]
+        vals = cfg.control_clamps if cfg.control_clamps is not None else list(dict.fromkeys(
+            [v for v in cfg.clamps if v != 0] + [v for v in strongest if v not in cfg.clamps]))
         conds += [clamp_cond("control", control, float(v), "abs") for v in vals]
     if cfg.direction:
         ensure(Path(cfg.direction).exists(), f"direction file not found: {cfg.direction}")
