@@ -97,6 +97,40 @@ def _cut(ids: list[int], eos: set[int]) -> list[int]:
     return next((ids[: i + 1] for i, t in enumerate(ids) if t in eos), ids)
 
 
+def eval_task(model, tok, prompts, max_new: int) -> dict:
+    """The workload the refusal evals run: label every prompt refusal / not with the XSTest prefix judge.
+
+    A user with ``model.generate`` writes batch 8, ``max_new_tokens`` = max_new, EOS on, then judges the text; ours
+    runs the eval path (one large length-bucketed batch, finished rows dropped, each row stops once the judge's verdict
+    is fixed). Reports both wall times and how many verdicts agree.
+    """
+    from saesteer.evals.judges import PrefixJudge
+    from saesteer.generation import generate
+
+    judge = PrefixJudge()
+    gc = copy.deepcopy(model.generation_config)
+    gc.do_sample, gc.max_new_tokens, gc.temperature, gc.top_p, gc.top_k = False, max_new, None, None, None
+    t0, hf_text = time.perf_counter(), []
+    for i in range(0, len(prompts), 8):
+        ids = encode_prompts(tok, prompts[i:i + 8])
+        L = max(map(len, ids))
+        inp = torch.tensor([[tok.pad_token_id] * (L - len(x)) + x for x in ids])
+        mask = torch.tensor([[0] * (L - len(x)) + [1] * len(x) for x in ids])
+        out = model.generate(input_ids=inp, attention_mask=mask, generation_config=gc)
+        hf_text += tok.batch_decode(out[:, L:], skip_special_tokens=True)
+    hf_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ours_text = generate(model, tok, prompts, GenerationConfig(max_new_tokens=max_new, batch_size=len(prompts),
+                                                               stop_when=judge.stop_when))
+    ours_s = time.perf_counter() - t0
+    a, b = [judge.is_refusal(t) for t in hf_text], [judge.is_refusal(t) for t in ours_text]
+    r = {"prompts": len(prompts), "max_new_tokens": max_new, "hf_generate_b8_seconds": round(hf_s, 2),
+         "ours_seconds": round(ours_s, 2), "speedup": round(hf_s / ours_s, 2), "refusals_hf": sum(a),
+         "refusals_ours": sum(b), "verdicts_agree": sum(x == y for x, y in zip(a, b))}
+    print("eval task (steered)", r, flush=True)
+    return r
+
+
 def steering_vector(model, alpha: float) -> torch.Tensor:
     v = torch.randn(models.d_model(model), generator=torch.Generator().manual_seed(0))
     return v / v.norm() * alpha
@@ -139,6 +173,7 @@ def main() -> None:
     ap.add_argument("--alpha", type=float, default=4.0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-workers", action="store_true")
+    ap.add_argument("--eval-tokens", type=int, default=64, help="max_new_tokens of the eval-task comparison")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "generation.json"))
     args = ap.parse_args()
     res: dict = {"command": run_command(), "loadavg_at_start": os.getloadavg(), "model": args.model, "new_tokens_per_row": args.new_tokens,
@@ -175,6 +210,11 @@ def main() -> None:
             record(f"ours_b16_{tag}_t1", dt, out)
             dt, out = ours(model, tok, PROMPTS * 2, n, 32, threads=2)  # a large batch, as the evals run it
             record(f"ours_b32_{tag}_t2", dt, out)
+            if steered:
+                dt, out = ours(model, tok, PROMPTS * 4, n, 64, threads=2)
+                record(f"ours_b64_{tag}_t2", dt, out)
+                res["eval_task_steered"] = eval_task(model, tok, PROMPTS * 4, args.eval_tokens)
+        set_threads(args.threads)
         set_threads(args.threads)
     if not args.skip_workers:  # two 1-thread processes, each decoding half of the 16 prompts (steered)
         ctx = mp.get_context("spawn")
@@ -201,6 +241,7 @@ def main() -> None:
         "best_ours_steered": max((k for k in runs if "unsteered" not in k and k.startswith("ours")),
                                  key=lambda k: runs[k]["tok_s"]),
         "goal": ">= 3x model.generate with steering on",
+        "eval_task_speedup_steered": res.get("eval_task_steered", {}).get("speedup"),
         "llama_cpp_over_best_ours": round(res["llama_cpp"]["tok_s"] / best, 2) if "tok_s" in res["llama_cpp"] else None,
     }
     print(res["summary"])

@@ -273,3 +273,9 @@ def test_cli_eval_judges(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["eval", "judges", "--labels", str(lab), "--judge", "bogus"])
     assert e.value.code == 2 and "unknown judge" in capsys.readouterr().err
+    # a seeded sample: two of the three rows, the same two for the same seed, recorded in the report
+    main(["eval", "judges", "--labels", str(lab), "--out", str(out), "--limit", "2", "--seed", "3"])
+    rep = json.loads(out.read_text())
+    assert rep["n_rows"] == 2 and rep["judges"]["prefix"]["n"] == 2 and len(set(rep["sample"]["ids"])) == 2
+    main(["eval", "judges", "--labels", str(lab), "--out", str(tmp_path / "b.json"), "--limit", "2", "--seed", "3"])
+    assert json.loads((tmp_path / "b.json").read_text())["sample"]["ids"] == rep["sample"]["ids"]

@@ -154,6 +154,9 @@ def judges_cmd(
     labels: Optional[Path] = typer.Option(None, help="human-labelled set (default: <data root>/pyrit_refusal_eval/"
                                           "refusal_eval.jsonl; XSTest model_completions/*.csv also work)"),
     out: Optional[Path] = typer.Option(None, help="write the agreement JSON here"),
+    limit: Optional[int] = typer.Option(None, help="score a seeded sample of at most N labelled rows (model judges "
+                                        "are slow on CPU)"),
+    seed: int = typer.Option(0, help="seed of that sample"),
     judge_base_url: Optional[str] = typer.Option(None, help="base URL of an OpenAI-compatible judge endpoint"),
     judge_api_key_env: str = typer.Option("OPENAI_API_KEY", help="env var holding the judge endpoint's API key"),
     refusal_label: Optional[str] = typer.Option(None, help="classifier judge: name or index of the refusal class"),
@@ -172,6 +175,11 @@ def judges_cmd(
         ensure(root is not None, "no data root: pass --labels FILE or set SAESTEER_DATA")
         labels = root / "pyrit_refusal_eval" / "refusal_eval.jsonl"
     rows = load_human_labels(labels)
+    if limit is not None:
+        import random
+
+        ensure(limit >= 1, f"--limit must be ≥ 1, got {limit}")
+        rows = random.Random(seed).sample(rows, min(limit, len(rows)))
     results = {}
     for spec in _split_list(judge):
         j = make_judge(spec, base_url=judge_base_url, api_key_env=judge_api_key_env, device=resolve_device(device),
@@ -179,6 +187,7 @@ def judges_cmd(
         verdicts = j.judge([r["prompt"] for r in rows], [r["answer"] for r in rows])
         results[j.name] = agreement(verdicts, [r["is_refusal"] for r in rows])
     report = {"labels": str(labels), "n_rows": len(rows), "n_refusal": sum(r["is_refusal"] for r in rows),
+              "sample": {"limit": limit, "seed": seed, "ids": [r["id"] for r in rows]} if limit else None,
               "judges": results}
     if out is not None:
         atomic_write_json(out, report)
