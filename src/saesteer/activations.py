@@ -14,10 +14,16 @@ Folder layout (see docs/ARCHITECTURE.md): ``meta.json`` plus ``shard_NNNNN.safet
 rewritten atomically after each shard with ``complete: false`` until the end; re-running the same command resumes
 after the last complete shard. Re-running with a larger ``--tokens`` extends a finished cache (same other settings);
 with a smaller one it stops at the next shard boundary past that count.
+
+Distributed (``torchrun --nproc_per_node N -m saesteer collect ...``): rank r forwards batches ``r::N`` up to its
+share of ``--tokens`` into ``shard_rRRR_NNNNN.safetensors`` of the same folder, keeping its resume state in
+``rank_RRR.json``; rank 0 writes the final ``meta.json`` after all ranks finished (see :func:`_collect_dist`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -190,28 +196,26 @@ def _prepare_out(cfg: CollectConfig) -> tuple[Path, dict[str, Any] | None, bool]
 
 
 def collect(cfg: CollectConfig, model: Any = None, tok: Any = None) -> Path:
-    """Collect activations per ``cfg`` (``model``/``tok`` may be passed in already loaded). Returns the folder."""
-    from .models import check_layer, load_model
-    from .utils import resolve_device, set_threads
+    """Collect activations per ``cfg`` (``model``/``tok`` may be passed in already loaded). Returns the folder.
+
+    Under ``torchrun --nproc_per_node N`` the batches are split across the N ranks (see :func:`_collect_dist`)."""
+    from .dist import setup
+    from .utils import set_threads
 
     ensure(cfg.tokens > 0, f"tokens must be > 0, got {cfg.tokens}")
     ensure(cfg.batch_size > 0 and cfg.context_len > 1, "batch_size must be > 0 and context_len > 1")
     ensure(cfg.dtype in _DTYPES, f"dtype must be one of {', '.join(_DTYPES)}, got {cfg.dtype!r}")
     ensure(cfg.shard_tokens > 0, "shard_tokens must be > 0")
     set_threads(cfg.threads)
-    device = resolve_device(cfg.device)
+    rank, world, device = setup(cfg.device)
+    if world > 1:
+        return _collect_dist(cfg, model, tok, rank, world, device)
     out, meta, created = _prepare_out(cfg)  # before loading the model: a wrong --out fails fast
-    if meta is not None and (meta["n_tokens"] >= cfg.tokens or (meta.get("complete") and meta.get("exhausted"))):
-        if not meta.get("complete"):  # an interrupted run that had already passed the (new, smaller) target
-            meta.update(complete=True, n_tokens_requested=cfg.tokens)
-            atomic_write_json(out / "meta.json", meta)
+    if _already_done(cfg, out, meta):
         return out
+    _check_world(out, meta, 1)
     try:
-        if model is None:
-            model, tok = load_model(cfg.model, device=device)
-        else:
-            device = str(next(model.parameters()).device)
-        layer = check_layer(model, cfg.layer)
+        model, tok, layer, device = _load_model(cfg, model, tok, device)
         return _collect(cfg, model, tok, out, meta, layer, device)
     except BaseException:
         # nothing half-written: a run that wrote no shard leaves no cache behind (only the answers cache, if any)
@@ -223,30 +227,94 @@ def collect(cfg: CollectConfig, model: Any = None, tok: Any = None) -> Path:
         raise
 
 
+def _load_model(cfg: CollectConfig, model: Any, tok: Any, device: str) -> tuple[Any, Any, int, str]:
+    """(model, tokenizer, checked layer index, device): loads ``cfg.model`` unless a model was passed in."""
+    from .models import check_layer, load_model
+
+    if model is None:
+        model, tok = load_model(cfg.model, device=device)
+    else:
+        device = str(next(model.parameters()).device)
+    return model, tok, check_layer(model, cfg.layer), device
+
+
+def _already_done(cfg: CollectConfig, out: Path, meta: dict[str, Any] | None) -> bool:
+    """True when ``out`` already holds at least ``cfg.tokens`` (or all the data); marks such a cache complete."""
+    if meta is not None and (meta["n_tokens"] >= cfg.tokens or (meta.get("complete") and meta.get("exhausted"))):
+        if not meta.get("complete"):  # an interrupted run that had already passed the (new, smaller) target
+            meta.update(complete=True, n_tokens_requested=cfg.tokens)
+            atomic_write_json(out / "meta.json", meta)
+        return True
+    return False
+
+
+def _check_world(out: Path, meta: dict[str, Any] | None, world: int) -> None:
+    """A cache grows only with the number of processes that started it (each rank resumes its own part)."""
+    if meta is None:
+        return
+    was = int(meta.get("world_size", 1))
+    ensure(was == world, f"{out} was collected by {was} process(es), this run has {world}: continue it with the "
+                         f"same number of processes (torchrun --nproc_per_node {was}) or pass --overwrite")
+
+
+def _plan(cfg: CollectConfig, tok: Any, docs: list[tuple[str, bool]]) -> tuple[list[list[int]], list[list[int]]]:
+    """(token ids per document, batches of document indices in collection order)."""
+    seqs = tokenize_docs(tok, docs, cfg.context_len)
+    return seqs, make_batches([len(s) for s in seqs], cfg.batch_size, cfg.seed)
+
+
+def _new_meta(cfg: CollectConfig, model: Any, layer: int, n_docs: int, extra: dict[str, Any]) -> dict[str, Any]:
+    from . import __version__
+    from .models import d_model, model_name
+
+    return {
+        "format": FORMAT, "version": VERSION, "model": model_name(model), "layer": layer,
+        "hook_name": f"model.layers.{layer}", "d_model": d_model(model), "dtype": cfg.dtype, "n_tokens": 0,
+        "shards": [], "data_spec": cfg.data, "complete": False, "next_batch": 0, "n_docs": n_docs,
+        "context_len": cfg.context_len, "excluded": "position 0, BOS, padding and all special tokens",
+        "config": cfg.identity(), "saesteer_version": __version__, "norm_sum": 0.0, "norm_max": 0.0,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **extra,
+    }
+
+
 def _collect(cfg: CollectConfig, model: Any, tok: Any, out: Path, meta: dict[str, Any] | None, layer: int,
              device: str) -> Path:
-    from safetensors.torch import save as st_save
-
-    from . import __version__
-    from .models import d_model, model_name, run_to_layer, special_token_ids
-
     docs, extra = _load_docs(cfg, model, tok, out)
-    seqs = tokenize_docs(tok, docs, cfg.context_len)
-    batches = make_batches([len(s) for s in seqs], cfg.batch_size, cfg.seed)
-    specials = torch.tensor(sorted(special_token_ids(tok)), dtype=torch.long)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    seqs, batches = _plan(cfg, tok, docs)
     if meta is None:
-        meta = {
-            "format": FORMAT, "version": VERSION, "model": model_name(model), "layer": layer,
-            "hook_name": f"model.layers.{layer}", "d_model": d_model(model), "dtype": cfg.dtype, "n_tokens": 0,
-            "shards": [], "data_spec": cfg.data, "complete": False, "next_batch": 0, "n_docs": len(docs),
-            "context_len": cfg.context_len, "excluded": "position 0, BOS, padding and all special tokens",
-            "config": cfg.identity(), "saesteer_version": __version__, "norm_sum": 0.0, "norm_max": 0.0,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **extra,
-        }
+        meta = _new_meta(cfg, model, layer, len(docs), extra)
     else:
         meta["complete"] = False  # extending: readers must not see a "complete" cache that is still growing
     atomic_write_json(out / "meta.json", meta)
+    next_batch, tok_run, dt = _run_batches(cfg, model, tok, out, layer, device, seqs, batches, meta,
+                                           out / "meta.json", "shard_", cfg.tokens, cfg.progress)
+    done = meta["n_tokens"]
+    meta["complete"] = True
+    meta["exhausted"] = next_batch >= len(batches)  # the data ran out (a larger --tokens cannot extend it)
+    meta["n_tokens_requested"] = cfg.tokens
+    meta["mean_norm"] = meta["norm_sum"] / max(meta["n_tokens"], 1)
+    meta["tokens_per_s_last_run"] = tok_run / dt
+    atomic_write_json(out / "meta.json", meta)
+    if done < cfg.tokens and cfg.progress:
+        from rich.console import Console
+
+        Console(stderr=True).print(f"[yellow]data ran out: collected {done:,} of {cfg.tokens:,} tokens")
+    return out
+
+
+def _run_batches(cfg: CollectConfig, model: Any, tok: Any, out: Path, layer: int, device: str,
+                 seqs: list[list[int]], batches: list[list[int]], state: dict[str, Any], state_file: Path,
+                 prefix: str, budget: int, progress: bool) -> tuple[int, int, float]:
+    """Forward ``batches[state["next_batch"]:]`` until ``state["n_tokens"]`` reaches ``budget``, writing a shard
+    ``<prefix>NNNNN.safetensors`` (atomically) and then ``state`` to ``state_file`` (atomically) whenever
+    ``shard_tokens`` rows are pending. Returns (next batch, rows collected by this run, seconds)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from safetensors.torch import save as st_save
+
+    from .models import run_to_layer, special_token_ids
+
+    specials = torch.tensor(sorted(special_token_ids(tok)), dtype=torch.long)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     acts_buf: list[torch.Tensor] = []
     ids_buf: list[torch.Tensor] = []
     doc_buf: list[torch.Tensor] = []
@@ -256,30 +324,28 @@ def _collect(cfg: CollectConfig, model: Any, tok: Any, out: Path, meta: dict[str
         if not bool(torch.isfinite(acts).all()):
             raise SaesteerError(f"non-finite activations (NaN/Inf) at layer {layer}; try --dtype float32")
         norms = acts.float().norm(dim=-1)
-        i = len(meta["shards"])
-        name = f"shard_{i:05d}.safetensors"
+        i = len(state["shards"])
+        name = f"{prefix}{i:05d}.safetensors"
         blob = st_save({"acts": acts.contiguous(), "token_ids": torch.cat(ids_buf).to(torch.int32),
                         "doc_ids": torch.cat(doc_buf).to(torch.int32)})
         atomic_write_bytes(out / name, blob)
-        meta["shards"].append({"file": name, "n_tokens": int(acts.shape[0])})
-        meta["n_tokens"] += int(acts.shape[0])
-        meta["norm_sum"] += float(norms.sum())
-        meta["norm_max"] = max(meta["norm_max"], float(norms.max()))
-        meta["next_batch"] = next_batch
-        atomic_write_json(out / "meta.json", meta)
+        state["shards"].append({"file": name, "n_tokens": int(acts.shape[0])})
+        state["n_tokens"] += int(acts.shape[0])
+        state["norm_sum"] += float(norms.sum())
+        state["norm_max"] = max(state["norm_max"], float(norms.max()))
+        state["next_batch"] = next_batch
+        atomic_write_json(state_file, state)
         acts_buf.clear(), ids_buf.clear(), doc_buf.clear()
 
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    done = meta["n_tokens"]
-    next_batch = meta["next_batch"]
+    done = state["n_tokens"]
+    next_batch = state["next_batch"]
     pending = 0
     t0, tok_run = time.perf_counter(), 0
     cols = [TextColumn("[bold]collect L{task.fields[layer]}"), BarColumn(), TextColumn("{task.completed:,}/{task.total:,} tok"),
             TextColumn("{task.fields[rate]:.0f} tok/s"), TimeElapsedColumn(), TimeRemainingColumn()]
-    with Progress(*cols, disable=not cfg.progress) as bar:
-        task = bar.add_task("collect", total=cfg.tokens, completed=done, layer=layer, rate=0.0)
-        while next_batch < len(batches) and done + pending < cfg.tokens:
+    with Progress(*cols, disable=not progress) as bar:
+        task = bar.add_task("collect", total=budget, completed=done, layer=layer, rate=0.0)
+        while next_batch < len(batches) and done + pending < budget:
             idx = batches[next_batch]
             ids, mask = pad_right([seqs[i] for i in idx], pad_id)
             ids, mask = ids.to(device), mask.to(device)
@@ -288,7 +354,7 @@ def _collect(cfg: CollectConfig, model: Any, tok: Any, out: Path, meta: dict[str
             rows = h[keep].float().cpu()
             doc = torch.tensor(idx, dtype=torch.int32)[:, None].expand(-1, ids.shape[1]).to(device)[keep].cpu()
             tid = ids[keep].cpu()
-            take = min(rows.shape[0], cfg.tokens - done - pending)
+            take = min(rows.shape[0], budget - done - pending)
             acts_buf.append(rows[:take]), ids_buf.append(tid[:take]), doc_buf.append(doc[:take])
             pending += take
             tok_run += take
@@ -299,17 +365,68 @@ def _collect(cfg: CollectConfig, model: Any, tok: Any, out: Path, meta: dict[str
             bar.update(task, completed=done + pending, rate=tok_run / max(time.perf_counter() - t0, 1e-9))
         if pending:
             flush()
-            done, pending = done + pending, 0
-    meta["complete"] = True
-    meta["exhausted"] = next_batch >= len(batches)  # the data ran out (a larger --tokens cannot extend it)
-    meta["n_tokens_requested"] = cfg.tokens
-    meta["mean_norm"] = meta["norm_sum"] / max(meta["n_tokens"], 1)
-    meta["tokens_per_s_last_run"] = tok_run / max(time.perf_counter() - t0, 1e-9)
-    atomic_write_json(out / "meta.json", meta)
-    if done < cfg.tokens and cfg.progress:
-        from rich.console import Console
+    return next_batch, tok_run, max(time.perf_counter() - t0, 1e-9)
 
-        Console(stderr=True).print(f"[yellow]data ran out: collected {done:,} of {cfg.tokens:,} tokens")
+
+# --------------------------------------------------------------------------------------------- distributed
+def _collect_dist(cfg: CollectConfig, model: Any, tok: Any, rank: int, world: int, device: str) -> Path:
+    """``torchrun --nproc_per_node N -m saesteer collect ...``: every rank builds the same documents and batches and
+    forwards batches ``rank, rank + N, ...`` up to its share of ``--tokens``, writing ``shard_rRRR_NNNNN`` shards
+    into the one cache folder and its resume state to ``rank_RRR.json``; rank 0 writes ``meta.json`` (shards of all
+    ranks in rank order, ``world_size``, ``complete: true``) once every rank has finished. A resume must use the
+    same number of processes; each rank continues after its own last complete shard."""
+    from . import dist
+
+    dist.agree({**cfg.identity(), "tokens": cfg.tokens, "out": str(Path(cfg.out).expanduser().resolve()),
+                "overwrite": cfg.overwrite, "resume": cfg.resume}, world, "collect settings")
+    out, meta, created = dist.on_rank0(lambda: _prepare_out(cfg), rank, world)
+    if dist.on_rank0(lambda: _already_done(cfg, out, meta), rank, world):
+        dist.teardown(world)
+        return out
+    _check_world(out, meta, world)
+    try:
+        model, tok, layer, device = _load_model(cfg, model, tok, device)
+        mix = cfg.data.split(":")[0] == "chat-mix"  # rank 0 first: it answers the mix's prompts once, caching them
+        if mix and rank != 0:
+            dist.barrier(world)
+        docs, extra = _load_docs(cfg, model, tok, out)
+        if mix and rank == 0:
+            dist.barrier(world)
+        seqs, batches = _plan(cfg, tok, docs)
+        digest = hashlib.sha256(json.dumps(seqs).encode()).hexdigest()
+        dist.agree(digest, world, "tokenized documents (data, tokenizer and model answers must be the same)")
+    except BaseException:
+        if rank == 0 and meta is None and created and not (out / _ANSWERS).exists():
+            shutil.rmtree(out, ignore_errors=True)  # nothing was collected yet: leave nothing behind
+        raise
+    if rank == 0:
+        if meta is None:
+            meta = {**_new_meta(cfg, model, layer, len(docs), extra), "world_size": world}
+            meta.pop("next_batch")
+        meta["complete"] = False
+        atomic_write_json(out / "meta.json", meta)
+    dist.barrier(world)
+    state_file = out / f"rank_{rank:03d}.json"
+    state = read_json(state_file, "rank state") if state_file.exists() else {
+        "rank": rank, "world_size": world, "shards": [], "n_tokens": 0, "next_batch": 0, "norm_sum": 0.0,
+        "norm_max": 0.0}
+    ensure(state.get("rank") == rank and state.get("world_size") == world, f"{state_file} belongs to another run")
+    mine = batches[rank::world]
+    _, tok_run, dt = _run_batches(cfg, model, tok, out, layer, device, seqs, mine, state, state_file,
+                                  f"shard_r{rank:03d}_", dist.share(cfg.tokens, rank, world), cfg.progress and rank == 0)
+    state.update(exhausted=state["next_batch"] >= len(mine), tokens_per_s_last_run=tok_run / dt)
+    atomic_write_json(state_file, state)
+    states = dist.gather(state, world)
+    if rank == 0:
+        meta.update(
+            shards=[s for st in states for s in st["shards"]], n_tokens=sum(st["n_tokens"] for st in states),
+            norm_sum=sum(st["norm_sum"] for st in states), norm_max=max(st["norm_max"] for st in states),
+            complete=True, exhausted=all(st["exhausted"] for st in states), n_tokens_requested=cfg.tokens,
+            tokens_per_s_last_run=sum(st["tokens_per_s_last_run"] for st in states),
+            ranks=[{k: st[k] for k in ("rank", "n_tokens", "next_batch", "exhausted")} for st in states])
+        meta["mean_norm"] = meta["norm_sum"] / max(meta["n_tokens"], 1)
+        atomic_write_json(out / "meta.json", meta)
+    dist.teardown(world)
     return out
 
 

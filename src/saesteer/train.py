@@ -26,8 +26,9 @@ import numpy as np
 import torch
 
 from .actcache import ActivationCache
+from .dist import setup as _dist_setup
 from .sae import SAEConfig, TopKSAE, lr_for
-from .utils import SaesteerError, atomic_write_bytes, atomic_write_json, ensure, read_json, resolve_device, set_threads
+from .utils import SaesteerError, atomic_write_bytes, atomic_write_json, ensure, read_json, set_threads
 
 CKPT_DIR = "checkpoints"
 CKPT_FILE = "state.pt"
@@ -152,22 +153,6 @@ class BatchReader:
 
 
 # --------------------------------------------------------------------------------------------- distributed helpers
-def _dist_setup(device: str) -> tuple[int, int, str]:
-    """(rank, world size, device) — initialises torch.distributed under torchrun (gloo on CPU, nccl on CUDA)."""
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, resolve_device(device)
-    dev = resolve_device(device)
-    if dev.startswith("cuda"):
-        dev = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-        torch.cuda.set_device(dev)
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.startswith("cuda") else "gloo")
-    return dist.get_rank(), dist.get_world_size(), dev
-
-
 def _all_reduce(t: torch.Tensor, world: int, op: str = "sum") -> torch.Tensor:
     if world > 1:
         import torch.distributed as dist

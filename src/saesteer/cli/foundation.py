@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -53,13 +54,18 @@ def collect_cmd(
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
 ) -> None:
-    """Collect residual-stream activations after LAYER (forward stops there). Re-running resumes."""
+    """Collect residual-stream activations after LAYER (forward stops there). Re-running resumes.
+
+    Distributed: torchrun --nproc_per_node N -m saesteer collect ... splits the batches across N processes that
+    write one cache (a resume needs the same N)."""
     from ..activations import ActivationCache, CollectConfig, collect
 
     cfg = CollectConfig(model=model, layer=layer, data=data, tokens=tokens, out=str(out), batch_size=batch_size,
                         context_len=context_len, dtype=dtype, shard_tokens=shard_tokens, seed=seed, threads=threads,
                         device=device, overwrite=overwrite)
     path = collect(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: rank 0 reports for all
+        return
     c = ActivationCache(path)
     rate = c.meta.get("tokens_per_s_last_run")
     typer.echo(f"{c.n_tokens:,} tokens x {c.d_model} (layer {c.layer}, {c.meta['dtype']}) in {c.n_shards} shards → "
