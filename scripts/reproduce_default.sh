@@ -21,6 +21,11 @@ $S sae-eval --model $M --sae runs/sae-qwen-l12 --data hh-harmless --out runs/sae
 $S features --model $M --sae runs/sae-qwen-l12 --out runs/features-qwen-l12-v3 --n-archetypes 6 --n-contrast 24 \
    --n-grid 1 --features 1102,1647,3011,476 --clamp-multiples 1,2,4 --val-limit 24 --max-new-tokens 20 \
    --batch-size 32 --heldout advbench --heldout-limit 96
+# 3b. the same without any hand-picked latent (session 2: selection requires a significant validation gain; it finds
+#     latent 1647 at 4x max by itself; copies in docs/results/features/)
+$S features --model $M --sae runs/sae-qwen-l12 --out runs/features-qwen-l12-v4 --n-archetypes 6 --n-contrast 24 \
+   --n-grid 4 --n-grid-direction 2 --clamp-multiples 1,2,4 --val-limit 32 --max-new-tokens 20 --batch-size 32 \
+   --heldout advbench --heldout-limit 96
 # 4. policies: the paper's unconditional clamp (latent 1647 at 4x its max) and the same clamp behind three gates
 P=runs/lead/policies
 TRAIN="arditi-harmful:train,arditi-harmless:train,xstest#0:0.4,jbb-harmful#0:0.4,jbb-benign#0:0.4"
