@@ -100,6 +100,12 @@ def test_two_ranks_killed_then_resumed_equal_one_process(setup, tmp_path):
     r1 = json.loads((out / "rank_001.json").read_text())
     assert len(r1["shards"]) == 1 and r1["shards"][0]["file"] == "shard_r001_00000.safetensors"
     first = (out / "shard_r001_00000.safetensors").read_bytes()
+    before = sorted(f.name for f in out.iterdir())
+    p = _torchrun(setup, _args(setup, out), RANK1_EXTRA="--seed 1")  # ranks disagree: both stop, nothing touched
+    assert p.returncode != 0
+    assert "saesteer: error: processes disagree on the collect settings (seed=1 on rank 1 vs 0 on rank 0)" in p.stderr
+    assert "terminate called" not in p.stderr  # the ranks exit with the CLI's code, not an abort
+    assert sorted(f.name for f in out.iterdir()) == before and json.loads((out / "meta.json").read_text()) == meta
     with pytest.raises(SaesteerError, match="collected by 2 process"):  # one process cannot continue it
         collect(CollectConfig(model=str(mdir), layer=1, data=str(docs), tokens=100_000, out=str(out), batch_size=4,
                               context_len=64, shard_tokens=150, threads=1, progress=False))

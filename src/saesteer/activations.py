@@ -199,7 +199,7 @@ def collect(cfg: CollectConfig, model: Any = None, tok: Any = None) -> Path:
     """Collect activations per ``cfg`` (``model``/``tok`` may be passed in already loaded). Returns the folder.
 
     Under ``torchrun --nproc_per_node N`` the batches are split across the N ranks (see :func:`_collect_dist`)."""
-    from .dist import setup
+    from .dist import release, setup
     from .utils import set_threads
 
     ensure(cfg.tokens > 0, f"tokens must be > 0, got {cfg.tokens}")
@@ -209,7 +209,11 @@ def collect(cfg: CollectConfig, model: Any = None, tok: Any = None) -> Path:
     set_threads(cfg.threads)
     rank, world, device = setup(cfg.device)
     if world > 1:
-        return _collect_dist(cfg, model, tok, rank, world, device)
+        try:
+            return _collect_dist(cfg, model, tok, rank, world, device)
+        except SaesteerError:
+            release()  # exit with the CLI's code 2, not an abort
+            raise
     out, meta, created = _prepare_out(cfg)  # before loading the model: a wrong --out fails fast
     if _already_done(cfg, out, meta):
         return out

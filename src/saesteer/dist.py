@@ -41,6 +41,15 @@ def teardown(world: int) -> None:
         dist.destroy_process_group()
 
 
+def release() -> None:
+    """Destroy the process group without waiting for the other ranks (after an error: a process that exits with
+    a live gloo group aborts with SIGABRT instead of its own exit code)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def barrier(world: int) -> None:
     if world > 1:
         import torch.distributed as dist
