@@ -125,3 +125,18 @@ def test_kill_during_distributed_run_leaves_a_valid_checkpoint(tmp_path):
     assert json.loads((out / "train_summary.json").read_text())["steps"] == 150
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
         torch.testing.assert_close(getattr(dp, name), getattr(single, name), atol=2e-4, rtol=1e-3, msg=name)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+def test_two_processes_bad_input_exit_cleanly(tmp_path):
+    # both ranks fail validation after joining the process group: one clear line, no gloo abort, nothing written
+    cache = write_cache(tmp_path / "c", synthetic_acts(1000))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SAESTEER_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "saesteer",
+           "train", "--acts", str(cache), "--out", str(tmp_path / "o"), "--k", "4", "--num-latents", "64",
+           "--batch-size", "201", "--steps", "2", "--threads", "1", "--no-progress"]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode != 0
+    assert "saesteer: error: batch_size 201 is not divisible by 2 processes" in p.stderr
+    assert "terminate called" not in p.stderr and "SIGABRT" not in p.stderr
+    assert not (tmp_path / "o" / "saesteer.json").exists()

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .actcache import ActivationCache
+from .dist import release as release_process_group
 from .dist import setup as _dist_setup
 from .sae import SAEConfig, TopKSAE, lr_for
 from .utils import SaesteerError, atomic_write_bytes, atomic_write_json, ensure, read_json, set_threads
@@ -206,7 +207,19 @@ def _validate(cfg: TrainConfig, cache: ActivationCache) -> None:
 
 
 def train(cfg: TrainConfig) -> TopKSAE | None:
-    """Train (or resume) an SAE; returns it (None when ``stop_at_step`` stopped the run early)."""
+    """Train (or resume) an SAE; returns it (None when ``stop_at_step`` stopped the run early).
+
+    Under torchrun a rank that stops on a :class:`SaesteerError` releases the process group first, so it exits with
+    the CLI's code 2 and its one-line message instead of gloo's SIGABRT.
+    """
+    try:
+        return _train(cfg)
+    except SaesteerError:
+        release_process_group()
+        raise
+
+
+def _train(cfg: TrainConfig) -> TopKSAE | None:
     from .formats import save_sae
 
     set_threads(cfg.threads)
