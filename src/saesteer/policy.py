@@ -21,6 +21,11 @@ followed through ``select_rows``. ``run.decisions`` (also ``policy.last_run``) h
 ``{"key", "n_tokens", "score", "fired", "strength"}`` where ``key`` hashes the row's token ids (see
 :func:`prompt_key`). A gate of kind ``always`` gives the unconditional steering of the paper in the same form.
 
+A gate may read a layer *after* the first steering layer (the harm signal can be clearer deeper in the model): the
+policy then runs a **lookahead** on every prefill — the same prompt, unsteered, up to the gate layer only
+(``models.run_to_layer``, no KV cache touched) — decides from it, and only then runs the real, steered forward. It
+costs that partial extra prefill per prompt and nothing per decode step.
+
 Caveats: without a KV cache every forward is a prefill, so the gate re-decides on the last tokens at each step (use a
 cache when generating). Prompts that are not chat-formatted (e.g. harness-style MMLU contexts) are gated on whatever
 their last tokens are; ``saesteer compare`` reports the gate's fire rate on every eval so this stays visible.
@@ -56,8 +61,11 @@ def prompt_key(token_ids: Sequence[int]) -> str:
 class PolicyRun:
     """State of one ``policy.apply(model)``: the live row map and the gate decisions logged so far."""
 
-    def __init__(self, gate: Gate, interventions: list[Intervention]) -> None:
+    def __init__(self, gate: Gate, interventions: list[Intervention], lookahead: nn.Module | None = None) -> None:
         self.gate, self.interventions = gate, interventions
+        self.lookahead = lookahead  # the model, when the gate reads a layer after a steering layer
+        self._nested = False  # inside the lookahead forward: every policy hook stands aside
+        self._decided = False  # this prefill's decision came from the lookahead
         self.decisions: list[dict[str, Any]] = []
         self.last: list[dict[str, Any]] = []
         self._prefill = True
@@ -67,18 +75,43 @@ class PolicyRun:
 
     # the body pre-hook: tells prefill from decode and keeps the prompt ids ------------------------------------------
     def pre_hook(self, _mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._nested:
+            return None
         cache = kwargs.get("past_key_values")
         past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
         self._prefill = past == 0
+        self._decided = False
         if self._prefill:
             self._ids = kwargs.get("input_ids", args[0] if args else None)
             self._mask = kwargs.get("attention_mask")
+            if self.lookahead is not None:
+                self._look_ahead()
+        return None
 
+    def _look_ahead(self) -> None:
+        """Decide from an unsteered forward up to the gate layer before the real (steered) prefill runs."""
+        ids = self._ids
+        ensure(isinstance(ids, torch.Tensor) and ids.ndim == 2,
+               "a policy whose gate reads a layer after the steering layer needs input_ids (not inputs_embeds)")
+        mask = self._mask if isinstance(self._mask, torch.Tensor) else None
+        off = torch.zeros(ids.shape[0], device=ids.device)
+        for iv in self.interventions:
+            iv.set_row_scale(off)  # scale 0: the lookahead sees the unsteered residual, bit for bit
+        self._nested = True
+        try:
+            h = models.run_to_layer(self.lookahead, ids, mask, self.gate.layer)
+        finally:
+            self._nested = False
+        self._decide(h)
+        self._decided = True
     # the gate hook ---------------------------------------------------------------------------------------------------
     def gate_hook(self, _mod: nn.Module, _inp: Any, out: Any) -> None:
-        if not self._prefill:
+        if not self._prefill or self._nested or self._decided:
             return None
-        h = models.layer_output(out)
+        self._decide(models.layer_output(out))
+        return None
+
+    def _decide(self, h: torch.Tensor) -> None:
         h = h.unsqueeze(0) if h.ndim == 2 else h
         P = self.gate.positions
         ensure(h.shape[1] >= P, f"policy gate reads the last {P} prompt tokens but the prompt has {h.shape[1]}")
@@ -91,7 +124,6 @@ class PolicyRun:
         for iv in self.interventions:
             iv.set_row_scale(strength.to(h.device))
         self._log(scores, fired, strength, mask)
-        return None
 
     def _log(self, scores: torch.Tensor, fired: torch.Tensor, strength: torch.Tensor, mask: torch.Tensor | None) -> None:
         ids = self._ids if isinstance(self._ids, torch.Tensor) and self._ids.ndim == 2 else None
@@ -207,19 +239,21 @@ class Policy:
         return ivs
 
     def check(self, model: nn.Module, interventions: Sequence[Intervention]) -> int:
-        """Validate the gate against ``model`` and the steering layers; returns the gate layer."""
+        """Validate the gate against ``model``; returns the gate layer (see :meth:`needs_lookahead`)."""
         g = models.check_layer(model, self.gate.layer)
         if not isinstance(self.gate, AlwaysGate):
             d = self.gate.d_in
             dm = models.d_model(model)
             ensure(d is None or d == dm, f"policy gate reads width {d}, the model's residual is {dm}")
-            for iv in interventions:
-                if (iv.positions or "all") == "generated":
-                    continue
-                first = min(iv.layers(model))
-                ensure(g <= first, f"gate layer {g} comes after steering layer {first}: the prompt would be steered "
-                       "before the gate decides (fit the gate at or before the steering layer)")
         return g
+
+    def needs_lookahead(self, model: nn.Module, interventions: Sequence[Intervention]) -> bool:
+        """True when the gate reads a layer after some layer that steers prompt tokens: the prompt would be steered
+        before the gate could decide, so the decision comes from an unsteered lookahead forward instead."""
+        if isinstance(self.gate, AlwaysGate):
+            return False
+        g = models.check_layer(model, self.gate.layer)
+        return any(g > min(iv.layers(model)) for iv in interventions if (iv.positions or "all") != "generated")
 
     @contextlib.contextmanager
     def apply(self, model: nn.Module, interventions: Sequence[Intervention] | None = None) -> Iterator[PolicyRun]:
@@ -228,7 +262,7 @@ class Policy:
         if isinstance(self.gate, SAEFeatureGate) and self.gate.sae is not None:
             self.gate.sae.to(next(model.parameters()).device)
         layer = self.check(model, ivs)
-        run = PolicyRun(self.gate, ivs)
+        run = PolicyRun(self.gate, ivs, lookahead=model if self.needs_lookahead(model, ivs) else None)
         self.last_run = run
         handles = []
         with steer(model, ivs):

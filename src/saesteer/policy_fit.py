@@ -63,7 +63,8 @@ class PolicyFitConfig:
     gate: str = "probe"
     """Gate kind: sae, probe, cast or always (unconditional)."""
     layer: int | None = None
-    """Layer the gate reads (default: the first steering layer; must not come after it)."""
+    """Layer the gate reads (default: the first steering layer). A later layer works too: the policy then decides from
+    an unsteered lookahead forward up to that layer on every prefill (see ``saesteer.policy``)."""
     positions: int | None = None
     """Trailing prompt tokens the gate reads (default: the chat template's post-instruction tokens)."""
     reduce: str = "mean"
