@@ -209,3 +209,23 @@ def test_cli_multiturn_replay(tiny, tmp_path, convs_file, capsys):
     with pytest.raises(SystemExit) as e:
         main(["eval", "multiturn", "--model", str(mdir), "--mode", "bogus", "--out", str(out)])
     assert e.value.code == 2 and "--mode" in capsys.readouterr().err
+
+
+def test_hf_attacker_samples_reproducibly_and_judge_is_greedy(tiny):
+    from saesteer.evals.judges import HFBackend
+    from saesteer.evals.multiturn import MultiTurnConfig, _backend
+    from saesteer.models import model_name
+
+    model, tok = tiny
+    cfg = MultiTurnConfig(mode="crescendo", seed=3)
+    spec = f"hf:{model_name(model)}"
+    att = _backend(spec, cfg, (model, tok), temperature=0.7)
+    judge = _backend(spec, cfg, (model, tok), share=att)
+    assert isinstance(att, HFBackend) and att.temperature == 0.7 and judge.temperature == 0.0
+    assert judge.model is att.model  # one copy of the weights
+    chat = [{"role": "user", "content": "hello there"}]
+    a1 = [att.complete(chat, 8) for _ in range(3)]
+    att2 = _backend(spec, cfg, (model, tok), temperature=0.7)
+    assert [att2.complete(chat, 8) for _ in range(3)] == a1  # seeded per call: reproducible
+    assert len(set(a1)) > 1  # but a retry of the same chat is a new sample, not the same greedy answer
+    assert judge.complete(chat, 8) == judge.complete(chat, 8)

@@ -234,10 +234,11 @@ class OpenAIBackend:
 class HFBackend:
     """A local HF chat model answering greedily through :func:`saesteer.generation.generate`."""
 
-    def __init__(self, model: Any, tok: Any, batch_size: int = 8):
+    def __init__(self, model: Any, tok: Any, batch_size: int = 8, temperature: float = 0.0, seed: int = 0):
         from ..models import model_name
 
         self.model, self.tok, self.batch_size = model, tok, batch_size
+        self.temperature, self.seed, self._calls = temperature, seed, 0  # sampling: seed + call count, reproducible
         self.name = f"hf:{model_name(model)}"
 
     def complete(self, messages: list[dict[str, str]], max_tokens: int) -> str:
@@ -246,7 +247,9 @@ class HFBackend:
     def complete_many(self, chats: list[list[dict[str, str]]], max_tokens: int, workers: int = 1) -> list[Any]:
         from ..generation import GenerationConfig, generate
 
-        cfg = GenerationConfig(max_new_tokens=max_tokens, batch_size=self.batch_size)
+        cfg = GenerationConfig(max_new_tokens=max_tokens, batch_size=self.batch_size, temperature=self.temperature,
+                               seed=self.seed + self._calls if self.temperature > 0 else None)
+        self._calls += 1
         return list(generate(self.model, self.tok, chats, cfg))
 
 
