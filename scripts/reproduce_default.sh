@@ -40,3 +40,15 @@ $S compare --model $M --policies $P/clamp.json,$P/clamp+probe.json,$P/clamp+sae.
 # 6. the clamp sweep and its report
 $S sweep --model $M --sae runs/sae-qwen-l12 --features-dir runs/features-qwen-l12-v3 --feature 1647 --clamps "" \
    --relative 1,2,4 --control-clamps 6.46,12.92 --limit 16 --cap-limit 16 --capability mmlu,truthfulqa_mc1 --out runs/lead/sweep2
+# 7. session 2: capability down on GSM8K with the unaided features run
+$S sweep --model $M --sae runs/sae-qwen-l12 --features-dir runs/features-qwen-l12-v4 --clamps "" --relative 2,4 \
+   --control -1 --limit 8 --cap-limit 16 --capability mmlu,gsm8k --gsm8k-limit 16 --out runs/s2/sweep-gsm8k
+# 8. session 2: gates per layer, model judges, Crescendo with a real attacker, the timed demo
+.venv/bin/python scripts/gate_layers.py --out docs/results/gate_layers.json
+$S eval judges --judge prefix,model:hf:qwen2.5-coder-0.5b-instruct,model:hf:qwen2.5-coder-1.5b-instruct --limit 48 \
+   --out runs/s2/judges.json
+for P in "" "--policy runs/lead/policies/clamp+probe.json"; do
+  $S eval multiturn --mode crescendo --limit 4 --max-turns 3 --max-backtracks 2 \
+     --attacker hf:qwen2.5-coder-1.5b-instruct $P --out "runs/s2/crescendo${P:+-clamp+probe}"
+done
+/usr/bin/time -v make demo RUN=runs/s2/demo
