@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .actcache import ActivationCache
-from .dist import release as release_process_group
+from . import dist as ddp
 from .dist import setup as _dist_setup
 from .sae import SAEConfig, TopKSAE, lr_for
 from .utils import SaesteerError, atomic_write_bytes, atomic_write_json, ensure, read_json, set_threads
@@ -215,7 +215,7 @@ def train(cfg: TrainConfig) -> TopKSAE | None:
     try:
         return _train(cfg)
     except SaesteerError:
-        release_process_group()
+        ddp.release()
         raise
 
 
@@ -290,8 +290,7 @@ def _train(cfg: TrainConfig) -> TopKSAE | None:
                 "step": step, "since_fired": since_fired.cpu(), "rng_torch": torch.get_rng_state(),
                 "order": {**{k: getattr(cfg, k) for k in _ORDER_KEYS}, "n_tokens": cache.n_tokens},
                 "train_cfg": {k: v for k, v in asdict(cfg).items() if isinstance(v, (int, float, str, bool))}})
-        if world > 1:
-            torch.distributed.barrier()
+        ddp.barrier(world)
 
     metrics_f = open(out / CKPT_DIR / "metrics.jsonl", "a") if rank == 0 and _mkdir(out / CKPT_DIR) else None
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -362,8 +361,7 @@ def _train(cfg: TrainConfig) -> TopKSAE | None:
     if metrics_f:
         metrics_f.close()
     if stopped:
-        if world > 1:
-            torch.distributed.destroy_process_group()
+        ddp.release()
         return None
     dt = time.perf_counter() - t0
     sae.cpu()
@@ -374,9 +372,7 @@ def _train(cfg: TrainConfig) -> TopKSAE | None:
             "tokens_per_s": (step * cfg.batch_size - tok0) / dt if dt > 0 else None,
             "dead_frac_final": float((since_fired >= cfg.dead_window).float().mean()), "lr": lr,
             "config": {k: v for k, v in asdict(cfg).items()}})
-    if world > 1:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    ddp.teardown(world)
     return sae
 
 

@@ -119,7 +119,7 @@ def plan_conditions(cfg: SweepConfig) -> list[dict[str, Any]]:
 
     if feats or control is not None:
         ensure(cfg.sae is not None, "feature conditions need --sae")
-    strongest: list[float] = []
+    strongest: list[float] = []  # the first feature's largest relative clamp, for the control
     for f in feats:
         conds += [clamp_cond("clamp", f, float(v), "abs") for v in cfg.clamps]
         if cfg.relative_clamps:
