@@ -64,6 +64,10 @@ def main() -> None:
         models.check_layer(model, L)
         if L >= n_layers - 1:
             raise SystemExit(f"layer {L}: the last layer's hidden state is after the final norm; pick < {n_layers - 1}")
+    keep = max(layers) + 2  # layers past the deepest one read are never needed (the +1 keeps hs[L + 1] un-normed)
+    if keep < n_layers:
+        del models.get_layers(model)[keep:]
+        model.config.num_hidden_layers = keep
     P = post_instruction_positions(tok)
     th, ts, used = _labelled(TRAIN.split(","), args.limit, 0, "train")
     vh, vs, vused = _labelled(VAL.split(","), args.limit, 0, "val")

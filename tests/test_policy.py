@@ -29,7 +29,7 @@ def _vec(model, scale=8.0, seed=1):
     return torch.randn(models.d_model(model), generator=g) * scale
 
 
-def _gate_firing_on(model, tok, fire_idx, layer=1):
+def _gate_firing_on(model, tok, fire_idx, layer=1):  # model: the one the gate reads
     """A CAST gate whose threshold makes exactly the rows in ``fire_idx`` of PROMPTS fire."""
     P = post_instruction_positions(tok)
     h = collect_gate_inputs(model, tok, PROMPTS, layer, P, progress=False)
@@ -404,3 +404,88 @@ def test_fit_heldout_mixed_set_split_by_label(tiny_dir, tmp_path, capsys):
     h = load_policy(tmp_path / "p.json").meta["heldout"]
     assert set(h) == {f"{held}[harmful]", f"{held}[harmless]"}
     assert h[f"{held}[harmful]"]["n"] == 2 and h[f"{held}[harmless]"]["n"] == 1
+
+
+# --------------------------------------------------------------------------------------------- a separate gate model
+@pytest.fixture(scope="module")
+def gate_model_dir(tmp_path_factory, tiny):
+    """Another random model (wider: d=32 vs 64, other seed) with the tiny model's tokenizer, saved as a folder."""
+    from saesteer.testing import tiny_model
+
+    _, tok = tiny
+    other, _ = tiny_model("llama", seed=5, hidden=32)
+    d = tmp_path_factory.mktemp("gatemodel") / "gm"
+    other.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@torch.no_grad()
+def test_gate_model_decides_from_its_own_residuals(tiny, gate_model_dir):
+    from saesteer.policy import load_gate_model
+
+    model, tok = tiny
+    gm, _ = load_gate_model(str(gate_model_dir))
+    assert models.d_model(gm) == 32 != models.d_model(model)
+    gate = _gate_firing_on(gm, tok, {1, 2}, layer=1)  # fitted on the GATE model's layer-1 residuals (width 32)
+    pol = Policy(gate=gate, steering=SPEC, name="gm", gate_model=str(gate_model_dir))
+    ivs = [Add(vector=_vec(model), alpha=1.0, layer=0)]
+    assert pol.needs_lookahead(model, ivs)
+    enc = _encode(tok, PROMPTS)
+    base = model(**enc).logits
+    hooks, gm_hooks = hook_state(model), hook_state(gm)
+    with pol.apply(model, ivs) as run:
+        out = model(**enc).logits
+        assert [d["fired"] for d in run.last] == [False, True, True, False]
+        assert len(run.decisions) == len(PROMPTS)
+    assert torch.equal(out[0], base[0]) and torch.equal(out[3], base[3])
+    with steer(model, [Add(vector=_vec(model), alpha=1.0, layer=0)]):
+        full = model(**enc).logits
+    assert torch.allclose(out[1], full[1], atol=1e-5) and torch.allclose(out[2], full[2], atol=1e-5)
+    assert hook_state(model) == hooks and hook_state(gm) == gm_hooks
+    # the file keeps the gate model; a reloaded policy decides the same
+    again = Policy.from_json(json.loads(json.dumps(pol.to_json())))
+    assert again.gate_model == str(gate_model_dir)
+    with again.apply(model, ivs) as run2:
+        model(**enc)
+    assert [d["fired"] for d in run2.last] == [False, True, True, False]
+    # the same gate read from the steered model itself would be the wrong width
+    with pytest.raises(SaesteerError, match="width"):
+        Policy(gate=gate, steering=SPEC).check(model, ivs)
+
+
+def test_gate_model_must_share_the_tokenizer(tiny, tmp_path):
+    from saesteer.policy import check_same_tokenizer
+    from saesteer.testing import tiny_model
+
+    model, tok = tiny
+    other, _ = tiny_model("llama", seed=5, hidden=32)
+    other.resize_token_embeddings(len(tok) + 16)
+    d = tmp_path / "wrongvocab"
+    other.save_pretrained(d)
+    tok.save_pretrained(d)
+    gate = AlwaysGate(layer=0)
+    gate_probe = _gate_firing_on(model, tok, {0})
+    with pytest.raises(SaesteerError, match="tokenizer"):
+        Policy(gate=gate_probe, steering=SPEC, gate_model=str(d)).check(model, [])
+    assert Policy(gate=gate, steering=SPEC, gate_model=str(d)).reader(model) is model  # an always gate reads nothing
+    other_tok = type(tok).from_pretrained(d)
+    other_tok.add_tokens(["zzzextra"])
+    with pytest.raises(SaesteerError, match="another tokenizer"):
+        check_same_tokenizer(tok, other_tok, "x")
+    check_same_tokenizer(tok, type(tok).from_pretrained(d), "x")
+
+
+def test_cli_policy_fit_with_gate_model(tiny_dir, gate_model_dir, tmp_path, capsys):
+    out = tmp_path / "gm.json"
+    r = _cli(["policy", "fit", "--model", tiny_dir / "model", "--sae", tiny_dir / "sae", "--feature", "3",
+              "--clamp", "4.0", "--gate", "probe", "--gate-model", gate_model_dir, "--gate-layer", "1",
+              "--fpr", "0.0", "--train", tiny_dir / "train.jsonl", "--val", tiny_dir / "val.jsonl", "--limit", "0",
+              "--out", out, "--threads", "1"])
+    assert r.exit_code == 0, r.output
+    pol = load_policy(out)
+    assert pol.gate_model == str(gate_model_dir) and pol.gate.d_in == 32 and pol.meta["val"]["val_fpr"] == 0.0
+    code, err = _main(["policy", "fit", "--model", tiny_dir / "model", "--sae", tiny_dir / "sae", "--feature", "3",
+                       "--clamp", "4.0", "--gate", "probe", "--gate-model", gate_model_dir, "--train",
+                       tiny_dir / "train.jsonl", "--val", tiny_dir / "val.jsonl", "--out", tmp_path / "x.json"], capsys)
+    assert code == 2 and "--gate-layer" in err and not (tmp_path / "x.json").exists()

@@ -26,6 +26,10 @@ policy then runs a **lookahead** on every prefill — the same prompt, unsteered
 (``models.run_to_layer``, no KV cache touched) — decides from it, and only then runs the real, steered forward. It
 costs that partial extra prefill per prompt and nothing per decode step.
 
+The gate may also read **another model** (``gate_model``: a bigger model of the same family, sharing the tokenizer,
+e.g. Qwen2.5-Coder-1.5B-Instruct gating the 0.5B): the lookahead then runs that model up to the gate layer on the
+same token ids — a guard model's residual stream as the gate, loaded once per process and device.
+
 Caveats: without a KV cache every forward is a prefill, so the gate re-decides on the last tokens at each step (use a
 cache when generating). Prompts that are not chat-formatted (e.g. harness-style MMLU contexts) are gated on whatever
 their last tokens are; ``saesteer compare`` reports the gate's fire rate on every eval so this stays visible.
@@ -169,6 +173,9 @@ class Policy:
     """Model the policy was fitted on (checked loosely: a warning-free mismatch is an error only for gates)."""
     meta: dict[str, Any] = field(default_factory=dict)
     """How it was fitted (data specs, sizes, validation FPR/TPR, held-out stats)."""
+    gate_model: str | None = None
+    """Model whose residual stream the gate reads (None: the steered model). It must share the steered model's
+    tokenizer (same token ids); its layer ``gate.layer`` is read by an unsteered lookahead on every prefill."""
     last_run: PolicyRun | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -187,7 +194,8 @@ class Policy:
 
         blob = save(self.gate.tensors()) if self.gate.tensors() else b""
         return {"format": FORMAT, "version": VERSION, "name": self.name, "model": self.model,
-                "gate": self.gate.header(), "steer": [s.to_dict() for s in self.steering], "meta": self.meta,
+                "gate": self.gate.header(), "gate_model": self.gate_model,
+                "steer": [s.to_dict() for s in self.steering], "meta": self.meta,
                 "tensors": base64.b64encode(blob).decode("ascii"), "tensors_sha256": hashlib.sha256(blob).hexdigest()}
 
     def save(self, path: str | Path) -> Path:
@@ -218,8 +226,10 @@ class Policy:
         gate = gate_from_header(obj["gate"], tensors)
         ensure(isinstance(obj["steer"], list) and obj["steer"], f"{where}: steer must be a non-empty list of specs")
         specs = [SteeringSpec.from_dict(s) for s in obj["steer"]]
+        gm = obj.get("gate_model")
+        ensure(gm is None or (isinstance(gm, str) and gm), f"{where}: gate_model must be a model name or null")
         return cls(gate=gate, steering=specs, name=str(obj.get("name") or ""), model=obj.get("model"),
-                   meta=dict(obj.get("meta") or {}))
+                   meta=dict(obj.get("meta") or {}), gate_model=gm)
 
     @classmethod
     def load(cls, path: str | Path) -> "Policy":
@@ -238,13 +248,24 @@ class Policy:
             self.gate.attach(_load_sae_cached(self.gate.sae_path, cache))
         return ivs
 
+    def reader(self, model: nn.Module) -> nn.Module:
+        """The model the gate reads: ``model`` itself, or the loaded ``gate_model`` (same device)."""
+        if self.gate_model is None or isinstance(self.gate, AlwaysGate):
+            return model
+        gm = load_gate_model(self.gate_model, str(next(model.parameters()).device))[0]
+        nv, gv = model.get_input_embeddings().weight.shape[0], gm.get_input_embeddings().weight.shape[0]
+        ensure(nv == gv, f"gate model {self.gate_model!r} has {gv} token embeddings, the steered model {nv}: "
+               "a gate model must share the steered model's tokenizer")
+        return gm
+
     def check(self, model: nn.Module, interventions: Sequence[Intervention]) -> int:
-        """Validate the gate against ``model``; returns the gate layer (see :meth:`needs_lookahead`)."""
-        g = models.check_layer(model, self.gate.layer)
+        """Validate the gate against the model it reads; returns the gate layer (see :meth:`needs_lookahead`)."""
+        reader = self.reader(model)
+        g = models.check_layer(reader, self.gate.layer)
         if not isinstance(self.gate, AlwaysGate):
             d = self.gate.d_in
-            dm = models.d_model(model)
-            ensure(d is None or d == dm, f"policy gate reads width {d}, the model's residual is {dm}")
+            dm = models.d_model(reader)
+            ensure(d is None or d == dm, f"policy gate reads width {d}, the gate model's residual is {dm}")
         return g
 
     def needs_lookahead(self, model: nn.Module, interventions: Sequence[Intervention]) -> bool:
@@ -252,6 +273,8 @@ class Policy:
         before the gate could decide, so the decision comes from an unsteered lookahead forward instead."""
         if isinstance(self.gate, AlwaysGate):
             return False
+        if self.gate_model is not None:
+            return True  # another model: always an extra (partial) prefill
         g = models.check_layer(model, self.gate.layer)
         return any(g > min(iv.layers(model)) for iv in interventions if (iv.positions or "all") != "generated")
 
@@ -262,13 +285,14 @@ class Policy:
         if isinstance(self.gate, SAEFeatureGate) and self.gate.sae is not None:
             self.gate.sae.to(next(model.parameters()).device)
         layer = self.check(model, ivs)
-        run = PolicyRun(self.gate, ivs, lookahead=model if self.needs_lookahead(model, ivs) else None)
+        run = PolicyRun(self.gate, ivs, lookahead=self.reader(model) if self.needs_lookahead(model, ivs) else None)
         self.last_run = run
         handles = []
         with steer(model, ivs):
             try:
                 handles.append(_body(model).register_forward_pre_hook(run.pre_hook, with_kwargs=True, prepend=True))
-                handles.append(models.hook_module(model, layer).register_forward_hook(run.gate_hook, prepend=True))
+                if self.gate_model is None:  # a separate gate model decides in the lookahead: no hook here
+                    handles.append(models.hook_module(model, layer).register_forward_hook(run.gate_hook, prepend=True))
                 model._saesteer_interventions = list(getattr(model, "_saesteer_interventions", None) or []) + [run]
                 yield run
             finally:
@@ -277,6 +301,23 @@ class Policy:
                 model._saesteer_interventions = [x for x in getattr(model, "_saesteer_interventions", []) if x is not run]
                 for iv in ivs:
                     iv.set_row_scale(None)
+
+
+_GATE_MODELS: dict[tuple[str, str], tuple[nn.Module, Any]] = {}
+
+
+def load_gate_model(name: str, device: str = "cpu") -> tuple[nn.Module, Any]:
+    """A policy's gate model and tokenizer, loaded once per process and device (``models.load_model``)."""
+    key = (name, device)
+    if key not in _GATE_MODELS:
+        _GATE_MODELS[key] = models.load_model(name, device=device)
+    return _GATE_MODELS[key]
+
+
+def check_same_tokenizer(tok: Any, gate_tok: Any, gate_model: str) -> None:
+    """A gate model reads the steered model's token ids, so both tokenizers must map text to the same ids."""
+    ensure(tok.get_vocab() == gate_tok.get_vocab(),
+           f"gate model {gate_model!r} has another tokenizer than the steered model: a gate model must share it")
 
 
 def load_policy(path: str | Path) -> Policy:
@@ -288,7 +329,7 @@ def policy_summary(p: Policy) -> dict[str, Any]:
     """What ``saesteer policy show`` prints."""
     g = p.gate
     thr = g.threshold
-    out = {"name": p.name, "model": p.model, "gate": g.kind, "layer": g.layer, "positions": g.positions,
+    out = {"name": p.name, "model": p.model, "gate_model": p.gate_model, "gate": g.kind, "layer": g.layer, "positions": g.positions,
            "reduce": g.reduce, "threshold": thr if math.isfinite(thr) else str(thr), "strength": g.strength,
            "steer": [s.to_dict() for s in p.steering]}
     if isinstance(g, SAEFeatureGate) and g.fitted:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from . import models
-from .policy import Policy
+from .policy import Policy, check_same_tokenizer, load_gate_model
 from .steering import SteeringSpec, _load_sae_cached
 from .utils import SaesteerError, atomic_write_bytes, ensure, rate_summary
 
@@ -85,6 +85,9 @@ class PolicyFitConfig:
     """SAE gate: number of latents it combines."""
     C: float | None = None
     """Inverse L2 strength of the logistic regressions (default 0.1 probe, 1.0 sae)."""
+    gate_model: str | None = None
+    """Read the gate's residuals from this model instead (same tokenizer, e.g. a bigger model of the family);
+    ``layer`` is then its layer and is required."""
     sae: str | None = None
     """SAE path for an ``sae`` gate (default: the steering spec's SAE)."""
     batch_size: int = 16
@@ -123,7 +126,14 @@ def fit_policy(model: nn.Module, tok: Any, cfg: PolicyFitConfig, progress: bool 
     cache: dict[str, Any] = {}
     ivs = [iv for s in cfg.steering for iv in s.build(model, cache)]
     first = min(L for iv in ivs for L in iv.layers(model))
-    layer = models.check_layer(model, cfg.layer if cfg.layer is not None else first)
+    reader, gated_model = model, None
+    if cfg.gate_model is not None and cfg.gate != "always":
+        ensure(cfg.gate != "sae", "an sae gate reads the steered model's SAE: it cannot use a separate gate model")
+        ensure(cfg.layer is not None, "a gate model needs the layer to read (--gate-layer)")
+        reader, gate_tok = load_gate_model(cfg.gate_model, str(next(model.parameters()).device))
+        check_same_tokenizer(tok, gate_tok, cfg.gate_model)
+        gated_model = cfg.gate_model
+    layer = models.check_layer(reader, cfg.layer if cfg.layer is not None else first)
     P = cfg.positions or post_instruction_positions(tok)
     kw: dict[str, Any] = dict(reduce=cfg.reduce, strength=cfg.strength)
     if cfg.gate in ("probe", "sae") and cfg.C is not None:
@@ -135,7 +145,8 @@ def fit_policy(model: nn.Module, tok: Any, cfg: PolicyFitConfig, progress: bool 
         kw.update(sae=sae, sae_path=str(Path(sae_path).expanduser().resolve()), top_m=cfg.top_m)
     gate = make_gate(cfg.gate, layer, P, **kw)
     meta: dict[str, Any] = {"fpr": cfg.fpr, "positions": P}
-    pol = Policy(gate=gate, steering=list(cfg.steering), name=cfg.name or cfg.gate, model=models.model_name(model), meta=meta)
+    pol = Policy(gate=gate, steering=list(cfg.steering), name=cfg.name or cfg.gate, model=models.model_name(model),
+                 meta=meta, gate_model=gated_model)
     pol.check(model, ivs)
     if cfg.gate == "always":
         return pol
@@ -143,7 +154,7 @@ def fit_policy(model: nn.Module, tok: Any, cfg: PolicyFitConfig, progress: bool 
     memo = residuals if residuals is not None else {}
 
     def inputs(prompts: list[Any], desc: str) -> torch.Tensor:
-        key = hashlib.sha1(json.dumps([models.model_name(model), layer, P, prompts], sort_keys=True).encode()).hexdigest()
+        key = hashlib.sha1(json.dumps([models.model_name(reader), layer, P, prompts], sort_keys=True).encode()).hexdigest()
         if key in memo:
             return memo[key]
         f = Path(cfg.cache) / f"gate_inputs_{key[:24]}.safetensors" if cfg.cache else None
@@ -152,7 +163,7 @@ def fit_policy(model: nn.Module, tok: Any, cfg: PolicyFitConfig, progress: bool 
 
             memo[key] = load_file(str(f))["h"]
         else:
-            memo[key] = collect_gate_inputs(model, tok, prompts, layer, P, cfg.batch_size, progress, desc)
+            memo[key] = collect_gate_inputs(reader, tok, prompts, layer, P, cfg.batch_size, progress, desc)
             if f is not None:
                 from safetensors.torch import save
 

@@ -71,6 +71,8 @@ def fit_cmd(
                               "share one residual collection (then --out needs {gate})"),
     gate_layer: Optional[int] = typer.Option(None, help="layer the gate reads (default: the steering layer)"),
     gate_sae: Optional[Path] = typer.Option(None, help="SAE for an sae gate (default: the steering SAE)"),
+    gate_model: Optional[str] = typer.Option(None, help="read the gate from this model's residual stream instead "
+                                             "(same tokenizer, e.g. qwen2.5-coder-1.5b-instruct; needs --gate-layer)"),
     positions: Optional[int] = typer.Option(None, help="trailing prompt tokens read (default: the template's "
                                             "post-instruction tokens)"),
     reduce: str = typer.Option("mean", help="pool the positions: mean | last"),
@@ -106,7 +108,8 @@ def fit_cmd(
     cfg = PolicyFitConfig(steering=specs, gate=kinds[0], layer=gate_layer, positions=positions, reduce=reduce, fpr=fpr,
                           strength=strength, train=_split(train), val=_split(val), heldout=_split(heldout),
                           limit=limit or None, top_m=top_m, C=c, sae=_abs(str(gate_sae)) if gate_sae else None,
-                          batch_size=batch_size, cache=str(cache) if cache else None, name=name or "", seed=seed)
+                          batch_size=batch_size, cache=str(cache) if cache else None, name=name or "", seed=seed,
+                          gate_model=gate_model)
     set_threads(threads)
     m, tok = load_model(model, device=resolve_device(device))
     shared: dict = {}  # residuals collected once, shared by every gate kind
