@@ -352,11 +352,14 @@ def _run_batches(cfg: CollectConfig, model: Any, tok: Any, out: Path, layer: int
         while next_batch < len(batches) and done + pending < budget:
             idx = batches[next_batch]
             ids, mask = pad_right([seqs[i] for i in idx], pad_id)
-            ids, mask = ids.to(device), mask.to(device)
-            h = run_to_layer(model, ids, mask, layer)
-            keep = keep_mask(ids, mask, specials.to(device))
-            rows = h[keep].float().cpu()
-            doc = torch.tensor(idx, dtype=torch.int32)[:, None].expand(-1, ids.shape[1]).to(device)[keep].cpu()
+            keep = keep_mask(ids, mask, specials)
+            upto = keep.sum(1).cumsum(0)  # the last batch: forward only the documents whose rows are taken
+            n_docs = int(torch.searchsorted(upto, budget - done - pending)) + 1 if upto[-1] > budget - done - pending \
+                else len(idx)
+            width = int(mask[:n_docs].sum(1).max())
+            ids, mask, keep = (t[:n_docs, :width].to(device) for t in (ids, mask, keep))
+            rows = run_to_layer(model, ids, mask, layer)[keep].float().cpu()
+            doc = torch.tensor(idx[:n_docs], dtype=torch.int32)[:, None].expand(-1, width).to(device)[keep].cpu()
             tid = ids[keep].cpu()
             take = min(rows.shape[0], budget - done - pending)
             acts_buf.append(rows[:take]), ids_buf.append(tid[:take]), doc_buf.append(doc[:take])
