@@ -162,3 +162,21 @@ def test_cuda_training_pass_matches_cpu():
     torch.testing.assert_close(b["fvu"].cpu(), a["fvu"], rtol=1e-4, atol=1e-6)
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
         torch.testing.assert_close(getattr(gpu, name).grad.cpu(), getattr(cpu, name).grad, rtol=1e-3, atol=1e-5)
+
+
+def test_encoder_backward_b_dec_closed_form_and_input_grad():
+    """b_dec's encoder-side gradient is -W_enc^T grad_b_enc (no per-row input gradient); an input that requires grad
+    still gets the dense autograd gradient."""
+    torch.manual_seed(4)
+    sae = _sae(d=24, n=96, k=6)
+    ref = _sae(d=24, n=96, k=6)
+    ref.load_state_dict(sae.state_dict())
+    xs = (torch.randn(50, 24) * 3).requires_grad_()
+    xr = xs.detach().clone().requires_grad_()
+    out = sae.train_forward(xs)
+    (out["fvu"] * 3).backward()
+    ref_loss, _ = _dense_reference(ref, xr)
+    (ref_loss * 3).backward()
+    torch.testing.assert_close(xs.grad, xr.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(sae.b_dec.grad, ref.b_dec.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(sae.b_enc.grad, ref.b_enc.grad, rtol=1e-4, atol=1e-6)

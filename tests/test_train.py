@@ -181,3 +181,22 @@ def test_sigkill_then_resume_is_exact(cache, tmp_path):
     resumed = train(TrainConfig(acts=str(cache), out=str(out), resume=True, **kw))
     for k, v in straight.state_dict().items():
         assert torch.equal(v, resumed.state_dict()[k]), k
+
+
+def test_fused_adam_matches_reference_adam():
+    from saesteer.train import _adam
+
+    torch.manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(33, 7)), torch.nn.Parameter(torch.randn(7))]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    opt_a = _adam(a, 1e-2)
+    opt_b = torch.optim.Adam(b, lr=1e-2, betas=(0.9, 0.999), eps=6.25e-10, foreach=False)
+    for _ in range(5):
+        g = [torch.randn_like(p) for p in a]
+        for p, q, gi in zip(a, b, g):
+            p.grad, q.grad = gi.clone(), gi.clone()
+        opt_a.step()
+        opt_b.step()
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(a[0], torch.zeros_like(a[0]))

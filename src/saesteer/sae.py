@@ -120,10 +120,13 @@ def sparse_decode(vals: torch.Tensor, idx: torch.Tensor, W: torch.Tensor) -> tor
 
 
 class _SparseTopKEncode(torch.autograd.Function):
-    """ReLU → top-k (and top-k_aux among dead latents) with a backward over the selected entries only."""
+    """``ReLU(W (x - b_dec) + b_enc)`` → top-k (and top-k_aux among dead latents), with a backward over the selected
+    entries only. ``x`` is a constant (activations); ``b_dec`` gets its encoder-side gradient in closed form,
+    ``-W^T grad_b_enc`` (Σ over the batch of ``-W^T g_n``), instead of a per-row input gradient."""
 
     @staticmethod
-    def forward(ctx, xc, W, b, k, k_aux, dead, mm_dtype):  # type: ignore[override]
+    def forward(ctx, x, b_dec, W, b, k, k_aux, dead, mm_dtype):  # type: ignore[override]
+        xc = x - b_dec
         if mm_dtype == W.dtype:
             pre = torch.addmm(b, xc, W.t())
         else:  # low-precision selection; the selected values are recomputed exactly below
@@ -135,27 +138,31 @@ class _SparseTopKEncode(torch.autograd.Function):
         if k_aux > 0 and dead is not None:
             aux_vals, aux_idx = pre.masked_fill_(~dead, float("-inf")).topk(k_aux, dim=-1, sorted=False)
             aux_vals = aux_vals.clamp_min(0)
+            idx_all, vals_all = torch.cat([idx, aux_idx], 1), torch.cat([vals, aux_vals], 1)
         else:
             aux_vals = xc.new_zeros(xc.shape[0], 0)
             aux_idx = idx.new_zeros(xc.shape[0], 0)
+            idx_all, vals_all = idx, vals
         del pre
-        ctx.save_for_backward(xc, W, torch.cat([idx, aux_idx], 1), torch.cat([vals, aux_vals], 1) > 0)
+        ctx.save_for_backward(xc, W, idx_all, vals_all > 0)
         ctx.mark_non_differentiable(idx, aux_idx)
         return vals, idx, aux_vals, aux_idx
 
     @staticmethod
     def backward(ctx, g_vals, _g_idx, g_aux, _g_aux_idx):  # type: ignore[override]
         xc, W, idx_all, active = ctx.saved_tensors
-        g = torch.cat([g_vals, g_aux], 1) * active  # ReLU gate
-        grad_x = grad_W = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = F.embedding_bag(idx_all, W, per_sample_weights=g.to(W.dtype), mode="sum")
-        if ctx.needs_input_grad[1]:
-            grad_W = _csr_rows(idx_all, g.to(W.dtype), W.shape[0]) @ xc
+        g = (torch.cat([g_vals, g_aux], 1) if g_aux.shape[1] else g_vals).to(W.dtype) * active  # ReLU gate
+        grad_x = grad_W = grad_b = grad_b_dec = None
+        if ctx.needs_input_grad[0]:  # only when a caller differentiates through the inputs
+            grad_x = F.embedding_bag(idx_all, W, per_sample_weights=g, mode="sum")
         if ctx.needs_input_grad[2]:
+            grad_W = _csr_rows(idx_all, g, W.shape[0]) @ xc
+        if ctx.needs_input_grad[3] or ctx.needs_input_grad[1]:
             grad_b = torch.zeros(W.shape[0], dtype=W.dtype, device=W.device).index_add_(
-                0, idx_all.reshape(-1), g.reshape(-1).to(W.dtype))
-        return grad_x, grad_W, grad_b, None, None, None, None
+                0, idx_all.reshape(-1), g.reshape(-1))
+        if ctx.needs_input_grad[1]:
+            grad_b_dec = -(grad_b @ W)  # d/db_dec of Σ_n g_n · W (x_n - b_dec)
+        return grad_x, grad_b_dec, grad_W, grad_b, None, None, None, None
 
 
 class TopKSAE(nn.Module):
@@ -267,7 +274,7 @@ class TopKSAE(nn.Module):
         n_dead = int(dead.sum()) if dead is not None else 0
         ka = min(k_aux, n_dead)
         vals, idx, aux_vals, aux_idx = _SparseTopKEncode.apply(
-            xs - self.b_dec, self.W_enc, self.b_enc, self.k, ka, dead if ka > 0 else None,
+            xs, self.b_dec, self.W_enc, self.b_enc, self.k, ka, dead if ka > 0 else None,
             mm_dtype or self.W_enc.dtype)
         recon = sparse_decode(vals, idx, self.W_dec) + self.b_dec
         err = xs - recon

@@ -264,7 +264,7 @@ def _train(cfg: TrainConfig) -> TopKSAE | None:
         sae.load_state_dict(state["sae"])
     sae.to(device)
     lr = cfg.lr or lr_for(n_lat)
-    opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), eps=6.25e-10)
+    opt = _adam(sae.parameters(), lr)
     since_fired = torch.zeros(n_lat, dtype=torch.long, device=device)
     step = 0
     if state is not None:
@@ -307,19 +307,18 @@ def _train(cfg: TrainConfig) -> TopKSAE | None:
             while b < bpe and step < total:
                 ids = order[b * cfg.batch_size:(b + 1) * cfg.batch_size][rank::world]
                 x = reader.rows(ids).to(device)
-                xd = x.double() * s
-                stats = torch.cat([xd.sum(0), xd.pow(2).sum().reshape(1),
-                                   (~torch.isfinite(x)).any().double().reshape(1)])
-                stats = _all_reduce(stats, world)
-                if stats[-1] > 0:
-                    raise SaesteerError(f"NaN or Inf in the activation cache (epoch {epoch}, batch {b})")
+                xs = x.mul_(s)
+                xd = xs.double()  # fp64 batch statistics; a NaN/Inf row makes them non-finite (no separate scan)
+                stats = _all_reduce(torch.cat([xd.sum(0), xd.pow(2).sum().reshape(1)]), world)
                 del xd
+                if not bool(torch.isfinite(stats).all()):
+                    raise SaesteerError(f"NaN or Inf in the activation cache (epoch {epoch}, batch {b})")
                 mean = stats[:d] / cfg.batch_size
                 tv = (stats[d] - cfg.batch_size * mean.pow(2).sum()).float()
                 for g in opt.param_groups:
                     g["lr"] = lr * _lr_factor(step, total, cfg.warmup_steps, cfg.decay_frac)
                 dead = since_fired >= cfg.dead_window
-                o = sae.train_forward(x * s, dead=dead, k_aux=k_aux, total_variance=tv, mm_dtype=mm_dtype)
+                o = sae.train_forward(xs, dead=dead, k_aux=k_aux, total_variance=tv, mm_dtype=mm_dtype)
                 (o["fvu"] + cfg.auxk_alpha * o["auxk"]).backward()
                 if world > 1:
                     flat = torch.cat([p.grad.reshape(-1) for p in sae.parameters()])
@@ -374,6 +373,16 @@ def _train(cfg: TrainConfig) -> TopKSAE | None:
             "config": {k: v for k, v in asdict(cfg).items()}})
     ddp.teardown(world)
     return sae
+
+
+def _adam(params: Any, lr: float) -> torch.optim.Adam:
+    """Adam (eps as in sparsify) with torch's fused kernel where the device has one (~4x faster than the per-tensor
+    loop on CPU; same update up to float rounding), else the foreach implementation."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=6.25e-10, fused=True)
+    except (RuntimeError, ValueError):
+        return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=6.25e-10)
 
 
 def _mkdir(p: Path) -> bool:
