@@ -30,6 +30,7 @@ from torch import nn
 
 from .utils import SaesteerError, ensure
 
+_CPU_BLOCK_ROWS = 0  # rows per encoder block on CPU (0: one block)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -96,27 +97,28 @@ def _gather_dot(W: torch.Tensor, idx: torch.Tensor, v: torch.Tensor, chunk: int 
     return torch.cat([torch.bmm(W[i], c.unsqueeze(-1)).squeeze(-1) for i, c in zip(idx.split(chunk), v.split(chunk))])
 
 
-class _DecoderWeightGrad(torch.autograd.Function):
-    """Returns zeros in the forward; its backward is the decoder-weight gradient as one CSR product. Together with
-    an ``embedding_bag`` over the detached weight (whose backward gives the value gradients efficiently) it avoids
-    torch's dense embedding_bag weight backward, which sorts every index and dominates a CPU training step."""
+class _SparseDecode(torch.autograd.Function):
+    """``out[n] = Σ_j vals[n, j] W[idx[n, j]]`` as an ``embedding_bag``. Backward: value gradients as row dot products
+    and the weight gradient as one CSR product (torch's own embedding_bag weight backward sorts every index and
+    dominates a CPU training step)."""
 
     @staticmethod
-    def forward(ctx, W, vals, idx):  # type: ignore[override]
-        ctx.save_for_backward(vals, idx)
-        ctx.n_latents = W.shape[0]
-        return W.new_zeros(idx.shape[0], W.shape[1])
+    def forward(ctx, vals, idx, W):  # type: ignore[override]
+        ctx.save_for_backward(vals, idx, W)
+        return F.embedding_bag(idx, W, per_sample_weights=vals, mode="sum")
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
-        vals, idx = ctx.saved_tensors
-        return _csr_rows(idx, vals.to(g.dtype), ctx.n_latents) @ g, None, None
+        vals, idx, W = ctx.saved_tensors
+        g = g.contiguous()
+        grad_vals = _gather_dot(W, idx, g) if ctx.needs_input_grad[0] else None
+        grad_W = _csr_rows(idx, vals.to(g.dtype), W.shape[0]) @ g if ctx.needs_input_grad[2] else None
+        return grad_vals, None, grad_W
 
 
 def sparse_decode(vals: torch.Tensor, idx: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     """``Σ_j vals[n, j] W[idx[n, j]]`` (no bias), differentiable in vals and W, with sparse backward passes."""
-    out = F.embedding_bag(idx, W.detach(), per_sample_weights=vals, mode="sum")
-    return out + _DecoderWeightGrad.apply(W, vals.detach(), idx) if W.requires_grad else out
+    return _SparseDecode.apply(vals, idx, W)
 
 
 class _SparseTopKEncode(torch.autograd.Function):
@@ -127,23 +129,34 @@ class _SparseTopKEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, b_dec, W, b, k, k_aux, dead, mm_dtype):  # type: ignore[override]
         xc = x - b_dec
-        if mm_dtype == W.dtype:
-            pre = torch.addmm(b, xc, W.t())
-        else:  # low-precision selection; the selected values are recomputed exactly below
-            pre = (xc.to(mm_dtype) @ W.to(mm_dtype).t()).to(W.dtype).add_(b)
-        pre.relu_()
-        vals, idx = pre.topk(k, dim=-1, sorted=False)
+        n = xc.shape[0]
+        aux = k_aux > 0 and dead is not None
+        vals, idx = xc.new_empty(n, k), torch.empty(n, k, dtype=torch.long, device=xc.device)
+        aux_vals, aux_idx = xc.new_empty(n, k_aux if aux else 0), idx.new_empty(n, k_aux if aux else 0)
+        Wm = W if mm_dtype == W.dtype else W.to(mm_dtype)
+        # on CPU, row blocks keep the pre-activations cache-resident for ReLU / top-k (one reused buffer)
+        block = min(n, _CPU_BLOCK_ROWS) if xc.device.type == "cpu" and _CPU_BLOCK_ROWS else n
+        buf = xc.new_empty(block, W.shape[0])
+        for i in range(0, n, block):
+            rows = xc[i:i + block]
+            pre = buf[:rows.shape[0]]
+            if mm_dtype == W.dtype:
+                torch.addmm(b, rows, W.t(), out=pre)
+            else:  # low-precision selection; the selected values are recomputed exactly below
+                pre.copy_(rows.to(mm_dtype) @ Wm.t()).add_(b)
+            pre.relu_()
+            torch.topk(pre, k, dim=-1, sorted=False, out=(vals[i:i + block], idx[i:i + block]))
+            if aux:
+                torch.topk(pre.masked_fill_(~dead, float("-inf")), k_aux, dim=-1, sorted=False,
+                           out=(aux_vals[i:i + block], aux_idx[i:i + block]))
+        del buf
         if mm_dtype != W.dtype:
             vals = _gather_dot(W, idx, xc).add_(b[idx]).relu_()
-        if k_aux > 0 and dead is not None:
-            aux_vals, aux_idx = pre.masked_fill_(~dead, float("-inf")).topk(k_aux, dim=-1, sorted=False)
-            aux_vals = aux_vals.clamp_min(0)
+        if aux:
+            aux_vals.clamp_min_(0)
             idx_all, vals_all = torch.cat([idx, aux_idx], 1), torch.cat([vals, aux_vals], 1)
         else:
-            aux_vals = xc.new_zeros(xc.shape[0], 0)
-            aux_idx = idx.new_zeros(xc.shape[0], 0)
             idx_all, vals_all = idx, vals
-        del pre
         ctx.save_for_backward(xc, W, idx_all, vals_all > 0)
         ctx.mark_non_differentiable(idx, aux_idx)
         return vals, idx, aux_vals, aux_idx
