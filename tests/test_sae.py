@@ -81,9 +81,10 @@ def test_bad_inputs():
 
 
 @pytest.mark.parametrize("block", [0, 7, 1000])
-@pytest.mark.parametrize("with_aux", [False, True])
-def test_sparse_training_pass_matches_dense_autograd(with_aux, block, monkeypatch):
-    """Sparse kernels equal dense autograd; on CPU the encoder works in row blocks of any size (0: one block)."""
+@pytest.mark.parametrize("aux", [None, "sparse", "dense", "dense-all-dead-selected"])
+def test_sparse_training_pass_matches_dense_autograd(aux, block, monkeypatch):
+    """Sparse kernels equal dense autograd; on CPU the encoder works in row blocks of any size (0: one block); AuxK
+    runs on sparse entries or on dense dead columns (fewer dead latents than k_aux: all of them are selected)."""
     import saesteer.sae as sae_mod
 
     monkeypatch.setattr(sae_mod, "_CPU_BLOCK_ROWS", block)
@@ -93,14 +94,16 @@ def test_sparse_training_pass_matches_dense_autograd(with_aux, block, monkeypatc
     ref.load_state_dict(sae.state_dict())
     xs = torch.randn(40, 16) * 2
     dead = torch.zeros(64, dtype=torch.bool)
-    dead[::3] = True
-    out = sae.train_forward(xs, dead=dead if with_aux else None, k_aux=8 if with_aux else 0)
+    dead[::3] = True  # 22 dead latents
+    k_aux = 30 if aux == "dense-all-dead-selected" else 8
+    out = sae.train_forward(xs, dead=dead if aux else None, k_aux=k_aux if aux else 0,
+                            dense_aux=None if aux is None else aux != "sparse")
     loss = out["fvu"] + 0.5 * out["auxk"]
     loss.backward()
-    ref_loss, _ = _dense_reference(ref, xs, dead if with_aux else None, 8 if with_aux else 0)
+    ref_loss, _ = _dense_reference(ref, xs, dead if aux else None, k_aux if aux else 0)
     ref_loss.backward()
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
-    if with_aux:
+    if aux:
         assert float(out["auxk"].detach()) > 0
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
         torch.testing.assert_close(getattr(sae, name).grad, getattr(ref, name).grad, rtol=1e-4, atol=1e-6)

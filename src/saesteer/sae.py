@@ -31,6 +31,7 @@ from torch import nn
 from .utils import SaesteerError, ensure
 
 _CPU_BLOCK_ROWS = 0  # rows per encoder block on CPU (0: one block)
+_DENSE_AUX_FACTOR = 4  # AuxK on dense dead columns when n_dead <= this × k_aux (else sparse entries)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -124,58 +125,82 @@ def sparse_decode(vals: torch.Tensor, idx: torch.Tensor, W: torch.Tensor) -> tor
 class _SparseTopKEncode(torch.autograd.Function):
     """``ReLU(W (x - b_dec) + b_enc)`` → top-k (and top-k_aux among dead latents), with a backward over the selected
     entries only. ``x`` is a constant (activations); ``b_dec`` gets its encoder-side gradient in closed form,
-    ``-W^T grad_b_enc`` (Σ over the batch of ``-W^T g_n``), instead of a per-row input gradient."""
+    ``-W^T grad_b_enc`` (Σ over the batch of ``-W^T g_n``), instead of a per-row input gradient.
+
+    AuxK selection comes back sparse (values, latent ids) or, with ``dense_aux``, as a dense ``[N, n_dead]`` matrix
+    over the dead latents ``dead_idx`` (zeros where not selected): dense GEMMs on the dead columns beat scattered
+    index work when the dead set is small."""
 
     @staticmethod
-    def forward(ctx, x, b_dec, W, b, k, k_aux, dead, mm_dtype):  # type: ignore[override]
+    def forward(ctx, x, b_dec, W, b, k, k_aux, dead, mm_dtype, dense_aux):  # type: ignore[override]
         xc = x - b_dec
         n = xc.shape[0]
         aux = k_aux > 0 and dead is not None
         vals, idx = xc.new_empty(n, k), torch.empty(n, k, dtype=torch.long, device=xc.device)
-        aux_vals, aux_idx = xc.new_empty(n, k_aux if aux else 0), idx.new_empty(n, k_aux if aux else 0)
+        dead_idx = dead.nonzero().squeeze(1) if aux else idx.new_empty(0)
+        dense_aux = aux and dense_aux
+        aux_vals = xc.new_empty(n, (len(dead_idx) if dense_aux else k_aux) if aux else 0)
+        aux_idx = idx.new_empty(n, k_aux if aux and not dense_aux else 0)
         Wm = W if mm_dtype == W.dtype else W.to(mm_dtype)
         # on CPU, row blocks keep the pre-activations cache-resident for ReLU / top-k (one reused buffer)
         block = min(n, _CPU_BLOCK_ROWS) if xc.device.type == "cpu" and _CPU_BLOCK_ROWS else n
         buf = xc.new_empty(block, W.shape[0])
         for i in range(0, n, block):
-            rows = xc[i:i + block]
+            rows, sl = xc[i:i + block], slice(i, i + block)
             pre = buf[:rows.shape[0]]
             if mm_dtype == W.dtype:
                 torch.addmm(b, rows, W.t(), out=pre)
             else:  # low-precision selection; the selected values are recomputed exactly below
                 pre.copy_(rows.to(mm_dtype) @ Wm.t()).add_(b)
             pre.relu_()
-            torch.topk(pre, k, dim=-1, sorted=False, out=(vals[i:i + block], idx[i:i + block]))
-            if aux:
+            torch.topk(pre, k, dim=-1, sorted=False, out=(vals[sl], idx[sl]))
+            if dense_aux:
+                cols = pre.index_select(1, dead_idx)
+                if k_aux < cols.shape[1]:
+                    tv, tp = cols.topk(k_aux, dim=-1, sorted=False)
+                    cols = torch.zeros_like(cols).scatter_(1, tp, tv)
+                aux_vals[sl] = cols
+            elif aux:
                 torch.topk(pre.masked_fill_(~dead, float("-inf")), k_aux, dim=-1, sorted=False,
-                           out=(aux_vals[i:i + block], aux_idx[i:i + block]))
+                           out=(aux_vals[sl], aux_idx[sl]))
         del buf
         if mm_dtype != W.dtype:
             vals = _gather_dot(W, idx, xc).add_(b[idx]).relu_()
-        if aux:
-            aux_vals.clamp_min_(0)
+        aux_vals.clamp_min_(0)
+        if aux and not dense_aux:
             idx_all, vals_all = torch.cat([idx, aux_idx], 1), torch.cat([vals, aux_vals], 1)
         else:
             idx_all, vals_all = idx, vals
-        ctx.save_for_backward(xc, W, idx_all, vals_all > 0)
+        ctx.dense_aux = dense_aux
+        ctx.save_for_backward(xc, W, idx_all, vals_all > 0, dead_idx, aux_vals > 0 if dense_aux else aux_vals[:, :0])
         ctx.mark_non_differentiable(idx, aux_idx)
         return vals, idx, aux_vals, aux_idx
 
     @staticmethod
     def backward(ctx, g_vals, _g_idx, g_aux, _g_aux_idx):  # type: ignore[override]
-        xc, W, idx_all, active = ctx.saved_tensors
-        g = (torch.cat([g_vals, g_aux], 1) if g_aux.shape[1] else g_vals).to(W.dtype) * active  # ReLU gate
+        xc, W, idx_all, active, dead_idx, aux_active = ctx.saved_tensors
+        if ctx.dense_aux:
+            g, g_dense = g_vals.to(W.dtype) * active, g_aux.to(W.dtype) * aux_active  # ReLU gates
+        else:
+            g = (torch.cat([g_vals, g_aux], 1) if g_aux.shape[1] else g_vals).to(W.dtype) * active
+            g_dense = None
         grad_x = grad_W = grad_b = grad_b_dec = None
         if ctx.needs_input_grad[0]:  # only when a caller differentiates through the inputs
             grad_x = F.embedding_bag(idx_all, W, per_sample_weights=g, mode="sum")
+            if g_dense is not None:
+                grad_x += g_dense @ W.index_select(0, dead_idx)
         if ctx.needs_input_grad[2]:
             grad_W = _csr_rows(idx_all, g, W.shape[0]) @ xc
+            if g_dense is not None:
+                grad_W.index_add_(0, dead_idx, g_dense.t() @ xc)
         if ctx.needs_input_grad[3] or ctx.needs_input_grad[1]:
             grad_b = torch.zeros(W.shape[0], dtype=W.dtype, device=W.device).index_add_(
                 0, idx_all.reshape(-1), g.reshape(-1))
+            if g_dense is not None:
+                grad_b.index_add_(0, dead_idx, g_dense.sum(0))
         if ctx.needs_input_grad[1]:
             grad_b_dec = -(grad_b @ W)  # d/db_dec of Σ_n g_n · W (x_n - b_dec)
-        return grad_x, grad_b_dec, grad_W, grad_b, None, None, None, None
+        return grad_x, grad_b_dec, grad_W, grad_b, None, None, None, None, None
 
 
 class TopKSAE(nn.Module):
@@ -274,6 +299,7 @@ class TopKSAE(nn.Module):
         k_aux: int = 0,
         total_variance: torch.Tensor | None = None,
         mm_dtype: torch.dtype | None = None,
+        dense_aux: bool | None = None,
     ) -> dict[str, torch.Tensor]:
         """One training pass on *scaled* inputs ``xs [N, d_in]``.
 
@@ -286,15 +312,17 @@ class TopKSAE(nn.Module):
             total_variance = (xs - xs.mean(0)).pow(2).sum()
         n_dead = int(dead.sum()) if dead is not None else 0
         ka = min(k_aux, n_dead)
+        dense_aux = ka > 0 and (n_dead <= _DENSE_AUX_FACTOR * ka if dense_aux is None else dense_aux)
         vals, idx, aux_vals, aux_idx = _SparseTopKEncode.apply(
             xs, self.b_dec, self.W_enc, self.b_enc, self.k, ka, dead if ka > 0 else None,
-            mm_dtype or self.W_enc.dtype)
+            mm_dtype or self.W_enc.dtype, dense_aux)
         recon = sparse_decode(vals, idx, self.W_dec) + self.b_dec
         err = xs - recon
         l2 = err.pow(2).sum()
         out = {"l2": l2, "fvu": l2 / total_variance, "indices": idx, "l0": (vals > 0).sum(-1).float().mean()}
         if ka > 0:
-            e_hat = sparse_decode(aux_vals, aux_idx, self.W_dec)
+            e_hat = (aux_vals @ self.W_dec.index_select(0, dead.nonzero().squeeze(1)) if dense_aux
+                     else sparse_decode(aux_vals, aux_idx, self.W_dec))
             out["auxk"] = min(n_dead / k_aux, 1.0) * (e_hat - err.detach()).pow(2).sum() / total_variance
         else:
             out["auxk"] = l2.new_zeros(())
