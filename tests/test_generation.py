@@ -315,3 +315,78 @@ def test_other_architectures_equal_model_generate(arch):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.15)
     rows = generate_rows(model, tok, PROMPTS[:3], max_new_tokens=8, eos_ids=[], bucket_by_length=False)
     assert [r.out_ids for r in rows] == _hf_generate(model, tok, encode_prompts(tok, PROMPTS[:3]), 8, set())
+
+
+@pytest.fixture
+def spy_prefill(monkeypatch):
+    """Record the ``info`` of every batch prefill (shared prefix length, number of length groups)."""
+    from saesteer import kvprefill
+
+    infos = []
+    real = kvprefill.prefill
+
+    def spy(*a, **k):
+        out = real(*a, **k)
+        infos.append(out[4])
+        return out
+
+    monkeypatch.setattr(kvprefill, "prefill", spy)
+    return infos
+
+
+@pytest.mark.parametrize("positions", ["all", "prompt", "generated"])
+def test_shared_prefix_and_length_groups_equal_model_generate(lively, spy_prefill, monkeypatch, positions):
+    from saesteer import kvprefill
+    from saesteer.steering import Add, steer
+
+    model, tok = lively
+    monkeypatch.setattr(kvprefill, "GROUP_OVERHEAD", 0)  # one prefill group per distinct length
+    prompts = [[{"role": "system", "content": "you are a careful assistant who answers briefly"},
+                {"role": "user", "content": p if isinstance(p, str) else "photosynthesis?"}] for p in PROMPTS]
+    ids = encode_prompts(tok, prompts)
+    vec = torch.randn(64, generator=torch.Generator().manual_seed(11)) * 3.0
+    with steer(model, [Add(vector=vec, alpha=1.0, layer=0)], positions=positions):
+        rows = generate_rows(model, tok, prompts, max_new_tokens=12, eos_ids=[], bucket_by_length=False)
+        ref = _hf_generate(model, tok, ids, 12, set())
+    assert [r.out_ids for r in rows] == ref
+    assert spy_prefill[-1]["shared"] >= 10 and spy_prefill[-1]["groups"] >= 3
+    plain = _hf_generate(model, tok, ids, 12, set())
+    assert sum(a != b for a, b in zip(plain, ref)) >= 2  # the steering (at these positions) changed outputs
+
+
+def test_prefix_sharing_off_for_foreign_hooks_and_row_scales(lively, spy_prefill):
+    from saesteer import kvprefill
+    from saesteer.steering import Add, set_row_scale, steer
+
+    model, tok = lively
+    assert kvprefill.sharing_trackers(model) == []
+    seen = []
+    h = hook_module(model, 0).register_forward_hook(lambda m, i, o: seen.append(o.shape[:2]))
+    try:
+        assert kvprefill.sharing_trackers(model) is None
+        generate(model, tok, PROMPTS, max_new_tokens=2, eos_ids=[], bucket_by_length=False)
+    finally:
+        h.remove()
+    width = max(map(len, encode_prompts(tok, PROMPTS)))
+    assert seen[0] == (len(PROMPTS), width) and spy_prefill[-1] == {"shared": 0, "groups": 1}
+    with steer(model, [Add(vector=torch.ones(64), alpha=1.0, layer=0)]):
+        assert len(kvprefill.sharing_trackers(model)) == 1
+        set_row_scale(model, torch.ones(len(PROMPTS)))
+        assert kvprefill.sharing_trackers(model) is None  # per-row strengths: every row prefilled in full
+    out_on = generate(model, tok, PROMPTS[:5], max_new_tokens=8, eos_ids=[])  # all start with "<|im_start|>user\n"
+    assert spy_prefill[-1]["shared"] > 0
+    assert generate(model, tok, PROMPTS[:5], max_new_tokens=8, eos_ids=[], share_prefix=False) == out_on
+    assert spy_prefill[-1]["shared"] == 0
+
+
+def test_length_groups_partition_and_cost():
+    from saesteer.kvprefill import length_groups, shared_prefix_len
+
+    lengths = [5, 30, 5, 31, 6, 30]
+    groups = length_groups(lengths, overhead=10)
+    assert sorted(i for g in groups for i in g) == list(range(6))
+    assert sorted(map(sorted, groups)) == [[0, 2, 4], [1, 3, 5]]
+    assert length_groups(lengths, overhead=1000) == [[3, 1, 5, 4, 0, 2]]  # one forward when forwards are dear
+    assert shared_prefix_len([[1, 2, 3], [1, 2, 3]]) == 2  # each row keeps a token of its own
+    assert shared_prefix_len([[1, 2, 3, 4], [1, 2, 5]]) == 2
+    assert shared_prefix_len([[1, 2, 3]]) == 0

@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from . import kvprefill
 from .models import format_chat
 from .utils import SaesteerError, ensure, set_threads
 
@@ -70,6 +71,10 @@ class GenerationConfig:
     run faster on fewer threads. ``None``: no switch."""
     compile: bool = False
     """Run the forward through ``torch.compile(dynamic=True)`` (slow first call; pays off on long GPU runs)."""
+    share_prefix: bool = True
+    """Prefill the batch's common token prefix (chat template + system prompt, few-shot header) once and repeat its KV
+    cache over the rows (``saesteer.kvprefill``); used only when every hook on the model is a steering hook without
+    per-row scales. Same tokens as without it (up to float rounding)."""
     bucket_by_length: bool = True
     """Sort prompts by token length before batching (less padding); results come back in the input order."""
     skip_special_tokens: bool = True
@@ -232,55 +237,41 @@ def _advance(row: Row, token: int, eos: set[int], tok: Any, need_text: bool, ski
 @torch.inference_mode()
 def decode_rows(
     model: Any, tok: Any, rows: list[Row], eos: set[int], *, stream: bool = False, compile_: bool = False,
-    skip_special_tokens: bool = True, decode_threads: int | None = None,
+    skip_special_tokens: bool = True, decode_threads: int | None = None, share_prefix: bool = True,
 ) -> Iterator[list[StepEvent]]:
     """Decode one batch of rows together; yields the events of every step. Finished rows leave the batch."""
     if not rows:
         return
     device = next(model.parameters()).device
     pad = tok.pad_token_id if tok.pad_token_id is not None else (min(eos) if eos else 0)
-    max_len = max(len(r.prompt_ids) for r in rows)
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     longest = max(len(r.prompt_ids) + r.max_new_tokens for r in rows)
     ensure(limit is None or longest <= limit,
            f"prompt + max_new_tokens = {longest} tokens exceeds the model's context of {limit}")
-    ids = torch.full((len(rows), max_len), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), max_len), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, max_len - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
-        mask[i, max_len - len(r.prompt_ids):] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as transformers' generate
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
-    forward = _forward_fn(model, compile_)
-    live = list(rows)
-    need_text = stream or any(r.stop or r.stop_when is not None for r in rows)
     for r in rows:
         if r.max_new_tokens <= 0:
             r.finish_reason = "length"
     if all(r.done for r in rows):
         yield [StepEvent(r.index, "", r.finish_reason) for r in rows]
         return
+    forward = _forward_fn(model, compile_)
+    need_text = stream or any(r.stop or r.stop_when is not None for r in rows)
     prefill_threads = torch.get_num_threads()
     try:
-        yield from _loop(forward, model, tok, live, eos, ids, mask, pos, cache, need_text, skip_special_tokens,
-                         decode_threads)
+        logits, mask, last, cache, _ = kvprefill.prefill(forward, model, [r.prompt_ids for r in rows], pad, device,
+                                                         share=share_prefix)
+        if decode_threads:
+            torch.set_num_threads(decode_threads)
+        yield from _loop(forward, model, tok, list(rows), eos, logits, mask, last, cache, need_text,
+                         skip_special_tokens)
     finally:
         if decode_threads:
             torch.set_num_threads(prefill_threads)
 
 
-def _loop(forward, model, tok, live, eos, inp, mask, step_pos, cache, need_text, skip_special, decode_threads):
-    device, prefill = inp.device, True
+def _loop(forward, model, tok, live, eos, logits, mask, last, cache, need_text, skip_special):
+    device = mask.device
     while True:
-        out = forward(input_ids=inp, attention_mask=mask, position_ids=step_pos, past_key_values=cache,
-                      use_cache=True, logits_to_keep=1)
-        if decode_threads and prefill:
-            torch.set_num_threads(decode_threads)
-        prefill = False
-        logits = out.logits[:, -1, :]
         ensure(bool(torch.isfinite(logits).all()), "the model produced NaN/inf logits (check the steering values)")
         nxt = _sample(logits, live).tolist()
         events = [_advance(r, t, eos, tok, need_text, skip_special) for r, t in zip(live, nxt)]
@@ -288,7 +279,6 @@ def _loop(forward, model, tok, live, eos, inp, mask, step_pos, cache, need_text,
         keep = [j for j, r in enumerate(live) if not r.done]
         if not keep:
             return
-        last = step_pos[:, -1:]
         if len(keep) < len(live):
             index = torch.tensor(keep, device=device)
             cache.batch_select_indices(index)
@@ -297,7 +287,10 @@ def _loop(forward, model, tok, live, eos, inp, mask, step_pos, cache, need_text,
             live = [live[j] for j in keep]
         inp = torch.tensor([[r.out_ids[-1]] for r in live], dtype=torch.long, device=device)
         mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
-        step_pos = last + 1
+        last = last + 1
+        out = forward(input_ids=inp, attention_mask=mask, position_ids=last, past_key_values=cache,
+                      use_cache=True, logits_to_keep=1)
+        logits = out.logits[:, -1, :]
 
 
 def _build_rows(tok: Any, prompts: Sequence[Prompt], cfg: GenerationConfig) -> list[Row]:
@@ -341,7 +334,8 @@ def _run(model: Any, tok: Any, rows: list[Row], cfg: GenerationConfig, stream: b
             if cfg.on_batch is not None:
                 cfg.on_batch([r.index for r in batch])
             for events in decode_rows(model, tok, batch, eos, stream=stream, compile_=cfg.compile,
-                                      skip_special_tokens=cfg.skip_special_tokens, decode_threads=cfg.decode_threads):
+                                      skip_special_tokens=cfg.skip_special_tokens, decode_threads=cfg.decode_threads,
+                                      share_prefix=cfg.share_prefix):
                 yield from events
                 if bar is not None:
                     bar.update(sum(e.finish_reason is not None for e in events))
