@@ -31,7 +31,7 @@ from torch import nn
 from .utils import SaesteerError, ensure
 
 _CPU_BLOCK_ROWS = 0  # rows per encoder block on CPU (0: one block)
-_DENSE_AUX_FACTOR = 4  # AuxK on dense dead columns when n_dead <= this × k_aux (else sparse entries)
+_DENSE_AUX_FACTOR = 8  # AuxK on dense dead columns when n_dead <= this × k_aux (else sparse entries)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -93,33 +93,39 @@ def _csr_rows(idx: torch.Tensor, val: torch.Tensor, n_latents: int) -> torch.Ten
                                        check_invariants=False)
 
 
-def _gather_dot(W: torch.Tensor, idx: torch.Tensor, v: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """out[n, j] = W[idx[n, j]] · v[n], in row chunks (bounded memory)."""
-    return torch.cat([torch.bmm(W[i], c.unsqueeze(-1)).squeeze(-1) for i, c in zip(idx.split(chunk), v.split(chunk))])
+def _gather_dot(W: torch.Tensor, idx: torch.Tensor, v: torch.Tensor, budget: int = 1 << 20) -> torch.Tensor:
+    """out[n, j] = W[idx[n, j]] · v[n], in row chunks whose gathered rows hold about ``budget`` elements (they stay
+    in cache; one huge gather would stream gigabytes through memory)."""
+    n, kk = idx.shape
+    chunk = max(1, budget // max(1, kk * W.shape[1]))
+    out = v.new_empty(n, kk, dtype=W.dtype)
+    for i in range(0, n, chunk):
+        rows = W.index_select(0, idx[i:i + chunk].reshape(-1)).view(-1, kk, W.shape[1])
+        torch.sum(rows.mul_(v[i:i + chunk, None, :].to(W.dtype)), -1, out=out[i:i + chunk])
+    return out
 
 
-class _SparseDecode(torch.autograd.Function):
-    """``out[n] = Σ_j vals[n, j] W[idx[n, j]]`` as an ``embedding_bag``. Backward: value gradients as row dot products
-    and the weight gradient as one CSR product (torch's own embedding_bag weight backward sorts every index and
-    dominates a CPU training step)."""
+class _DecoderWeightGrad(torch.autograd.Function):
+    """Identity on the decoder output whose backward adds the decoder-weight gradient as one CSR product. With an
+    ``embedding_bag`` over the detached weight (whose own backward gives the value gradients in one pass) it avoids
+    torch's embedding_bag weight backward, which sorts every index and dominates a CPU training step."""
 
     @staticmethod
-    def forward(ctx, vals, idx, W):  # type: ignore[override]
-        ctx.save_for_backward(vals, idx, W)
-        return F.embedding_bag(idx, W, per_sample_weights=vals, mode="sum")
+    def forward(ctx, out, W, vals, idx):  # type: ignore[override]
+        ctx.save_for_backward(vals, idx)
+        ctx.n_latents = W.shape[0]
+        return out.view_as(out)
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
-        vals, idx, W = ctx.saved_tensors
-        g = g.contiguous()
-        grad_vals = _gather_dot(W, idx, g) if ctx.needs_input_grad[0] else None
-        grad_W = _csr_rows(idx, vals.to(g.dtype), W.shape[0]) @ g if ctx.needs_input_grad[2] else None
-        return grad_vals, None, grad_W
+        vals, idx = ctx.saved_tensors
+        return g, _csr_rows(idx, vals.to(g.dtype), ctx.n_latents) @ g.contiguous(), None, None
 
 
 def sparse_decode(vals: torch.Tensor, idx: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     """``Σ_j vals[n, j] W[idx[n, j]]`` (no bias), differentiable in vals and W, with sparse backward passes."""
-    return _SparseDecode.apply(vals, idx, W)
+    out = F.embedding_bag(idx, W.detach(), per_sample_weights=vals, mode="sum")
+    return _DecoderWeightGrad.apply(out, W, vals.detach(), idx) if W.requires_grad else out
 
 
 class _SparseTopKEncode(torch.autograd.Function):
