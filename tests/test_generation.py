@@ -253,6 +253,19 @@ def test_bad_prompts_and_limits_raise(lively):
             generate(model, tok, ["hi"], max_new_tokens=2)
     finally:
         h.remove()
+    for bad in (float("nan"), float("inf")):  # one bad logit in one row of a batch is enough
+
+        def one_bad(m, i, o, bad=bad):
+            o = o.clone()
+            o[-1, -1, 7] = bad
+            return o
+
+        h = model.lm_head.register_forward_hook(one_bad)
+        try:
+            with pytest.raises(SaesteerError, match="NaN"):
+                generate(model, tok, ["hi", "hello there"], max_new_tokens=2)
+        finally:
+            h.remove()
 
 
 @pytest.mark.integration
