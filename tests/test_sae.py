@@ -189,3 +189,23 @@ def test_encoder_backward_b_dec_closed_form_and_input_grad():
     torch.testing.assert_close(sae.b_dec.grad, ref.b_dec.grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(sae.b_enc.grad, ref.b_enc.grad, rtol=1e-4, atol=1e-6)
 
+
+
+@pytest.mark.parametrize("dense_aux", [False, True])
+def test_bf16_selection_returns_exact_values_with_aux(dense_aux):
+    """bf16 only picks the latents; every returned value (top-k and AuxK) is the exact fp32 pre-activation."""
+    torch.manual_seed(6)
+    sae = _sae(d=32, n=128, k=8)
+    xs = torch.randn(48, 32)
+    dead = torch.zeros(128, dtype=torch.bool)
+    dead[::5] = True  # 26 dead
+    out = sae.train_forward(xs, dead=dead, k_aux=6, mm_dtype=torch.bfloat16, dense_aux=dense_aux)
+    exact = F.relu((xs - sae.b_dec) @ sae.W_enc.T + sae.b_enc)
+    idx = out["indices"]
+    assert float(out["auxk"]) > 0
+    # the returned reconstruction uses exact values at the selected indices
+    z = torch.zeros_like(exact).scatter(-1, idx, exact.gather(-1, idx))
+    fvu = ((xs - (z @ sae.W_dec + sae.b_dec)).pow(2).sum() / (xs - xs.mean(0)).pow(2).sum())
+    torch.testing.assert_close(out["fvu"], fvu, rtol=1e-5, atol=1e-6)
+    out["fvu"].backward()  # gradients flow in bf16 mode too
+    assert sae.W_enc.grad is not None and torch.isfinite(sae.W_enc.grad).all()

@@ -138,30 +138,29 @@ class _SparseTopKEncode(torch.autograd.Function):
     index work when the dead set is small."""
 
     @staticmethod
-    def forward(ctx, x, b_dec, W, b, k, k_aux, dead, mm_dtype, dense_aux):  # type: ignore[override]
+    def forward(ctx, x, b_dec, W, b, k, k_aux, dead, mm_dtype, dense_aux, scratch):  # type: ignore[override]
         xc = x - b_dec
         n = xc.shape[0]
         aux = k_aux > 0 and dead is not None
-        vals, idx = xc.new_empty(n, k), torch.empty(n, k, dtype=torch.long, device=xc.device)
+        exact = mm_dtype == W.dtype  # else: low-precision selection, selected values recomputed exactly below
+        vals, idx = xc.new_empty(n, k, dtype=mm_dtype), torch.empty(n, k, dtype=torch.long, device=xc.device)
         dead_idx = dead.nonzero().squeeze(1) if aux else idx.new_empty(0)
         dense_aux = aux and dense_aux
-        aux_vals = xc.new_empty(n, (len(dead_idx) if dense_aux else k_aux) if aux else 0)
+        aux_vals = xc.new_empty(n, len(dead_idx)) if dense_aux else xc.new_empty(n, k_aux if aux else 0, dtype=mm_dtype)
         aux_idx = idx.new_empty(n, k_aux if aux and not dense_aux else 0)
-        Wm = W if mm_dtype == W.dtype else W.to(mm_dtype)
-        # on CPU, row blocks keep the pre-activations cache-resident for ReLU / top-k (one reused buffer)
+        Wm, bm = (W, b) if exact else (W.to(mm_dtype), b.to(mm_dtype))
+        # on CPU, optional row blocks keep the pre-activations cache-resident for ReLU / top-k
         block = min(n, _CPU_BLOCK_ROWS) if xc.device.type == "cpu" and _CPU_BLOCK_ROWS else n
-        buf = xc.new_empty(block, W.shape[0])
+        buf = scratch(block, W.shape[0], mm_dtype)  # reused across steps: no fresh pages to fault in
         for i in range(0, n, block):
             rows, sl = xc[i:i + block], slice(i, i + block)
             pre = buf[:rows.shape[0]]
-            if mm_dtype == W.dtype:
-                torch.addmm(b, rows, W.t(), out=pre)
-            else:  # low-precision selection; the selected values are recomputed exactly below
-                pre.copy_(rows.to(mm_dtype) @ Wm.t()).add_(b)
+            torch.addmm(bm, rows if exact else rows.to(mm_dtype), Wm.t(), out=pre)
             pre.relu_()
             torch.topk(pre, k, dim=-1, sorted=False, out=(vals[sl], idx[sl]))
             if dense_aux:
-                cols = pre.index_select(1, dead_idx)
+                cols = (pre.index_select(1, dead_idx) if exact else
+                        torch.addmm(b[dead_idx], rows, W[dead_idx].t()).relu_())
                 if k_aux < cols.shape[1]:
                     tv, tp = cols.topk(k_aux, dim=-1, sorted=False)
                     cols = torch.zeros_like(cols).scatter_(1, tp, tv)
@@ -170,8 +169,10 @@ class _SparseTopKEncode(torch.autograd.Function):
                 torch.topk(pre.masked_fill_(~dead, float("-inf")), k_aux, dim=-1, sorted=False,
                            out=(aux_vals[sl], aux_idx[sl]))
         del buf
-        if mm_dtype != W.dtype:
+        if not exact:
             vals = _gather_dot(W, idx, xc).add_(b[idx]).relu_()
+            if aux and not dense_aux:
+                aux_vals = _gather_dot(W, aux_idx, xc).add_(b[aux_idx])
         aux_vals.clamp_min_(0)
         if aux and not dense_aux:
             idx_all, vals_all = torch.cat([idx, aux_idx], 1), torch.cat([vals, aux_vals], 1)
@@ -206,7 +207,7 @@ class _SparseTopKEncode(torch.autograd.Function):
                 grad_b.index_add_(0, dead_idx, g_dense.sum(0))
         if ctx.needs_input_grad[1]:
             grad_b_dec = -(grad_b @ W)  # d/db_dec of Σ_n g_n · W (x_n - b_dec)
-        return grad_x, grad_b_dec, grad_W, grad_b, None, None, None, None, None
+        return grad_x, grad_b_dec, grad_W, grad_b, None, None, None, None, None, None
 
 
 class TopKSAE(nn.Module):
@@ -298,6 +299,14 @@ class TopKSAE(nn.Module):
         return self.decode(*self.encode(x)).to(x.dtype)
 
     # ----------------------------------------------------------------------------------------------- training
+    def _scratch(self, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+        """A pre-activation buffer kept between training steps (a fresh 100 MB tensor per step costs page faults)."""
+        buf = self.__dict__.get("_scratch_buf")
+        if buf is None or buf.shape != (rows, cols) or buf.dtype != dtype or buf.device != self.W_enc.device:
+            buf = torch.empty(rows, cols, dtype=dtype, device=self.W_enc.device)
+            self.__dict__["_scratch_buf"] = buf
+        return buf
+
     def train_forward(
         self,
         xs: torch.Tensor,
@@ -321,7 +330,7 @@ class TopKSAE(nn.Module):
         dense_aux = ka > 0 and (n_dead <= _DENSE_AUX_FACTOR * ka if dense_aux is None else dense_aux)
         vals, idx, aux_vals, aux_idx = _SparseTopKEncode.apply(
             xs, self.b_dec, self.W_enc, self.b_enc, self.k, ka, dead if ka > 0 else None,
-            mm_dtype or self.W_enc.dtype, dense_aux)
+            mm_dtype or self.W_enc.dtype, dense_aux, self._scratch)
         recon = sparse_decode(vals, idx, self.W_dec) + self.b_dec
         err = xs - recon
         l2 = err.pow(2).sum()

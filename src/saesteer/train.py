@@ -363,6 +363,7 @@ def _train(cfg: TrainConfig) -> TopKSAE | None:
         ddp.release()
         return None
     dt = time.perf_counter() - t0
+    sae.__dict__.pop("_scratch_buf", None)  # the training pre-activation buffer
     sae.cpu()
     if rank == 0:
         save_sae(sae, out)
