@@ -209,3 +209,16 @@ def test_bf16_selection_returns_exact_values_with_aux(dense_aux):
     torch.testing.assert_close(out["fvu"], fvu, rtol=1e-5, atol=1e-6)
     out["fvu"].backward()  # gradients flow in bf16 mode too
     assert sae.W_enc.grad is not None and torch.isfinite(sae.W_enc.grad).all()
+
+
+def test_geometric_median_equals_direct_weiszfeld():
+    """The matrix-vector form of the distances gives the plain Weiszfeld iterate ((p - y) materialised)."""
+    g = torch.Generator().manual_seed(7)
+    pts = torch.randn(3000, 24, generator=g) * 0.5 + 3
+    pts[:20] *= 40
+    y = pts.mean(0)
+    for _ in range(25):
+        w = 1.0 / (pts - y).norm(dim=1).clamp_min(1e-6)
+        y = (w[:, None] * pts).sum(0) / w.sum()
+    torch.testing.assert_close(geometric_median(pts, iters=25, eps=0.0), y, rtol=1e-4, atol=1e-4)
+    assert float((y - pts.mean(0)).norm()) > 1.0  # the outliers pull the mean, not the median

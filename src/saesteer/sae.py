@@ -370,11 +370,14 @@ class TopKSAE(nn.Module):
 
 @torch.no_grad()
 def geometric_median(points: torch.Tensor, iters: int = 30, eps: float = 1e-6) -> torch.Tensor:
-    """Geometric median of the rows of ``points`` (Weiszfeld's algorithm, starting at the mean)."""
+    """Geometric median of the rows of ``points`` (Weiszfeld's algorithm, starting at the mean). Distances come from
+    ``‖p‖² - 2 p·y + ‖y‖²`` (two matrix-vector products per iteration, no ``[n, d]`` temporaries)."""
+    p2 = points.pow(2).sum(1).double()
     y = points.mean(0)
     for _ in range(iters):
-        w = 1.0 / (points - y).norm(dim=1).clamp_min(eps)
-        y_new = (w[:, None] * points).sum(0) / w.sum()
+        d2 = (p2 - 2 * (points @ y).double() + float(y.double().pow(2).sum())).clamp_min(0)
+        w = (1.0 / d2.sqrt().clamp_min(eps)).to(points.dtype)
+        y_new = (w @ points) / w.sum()
         if float((y_new - y).norm()) < eps * max(1.0, float(y.norm())):
             return y_new
         y = y_new

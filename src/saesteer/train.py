@@ -18,6 +18,7 @@ import json
 import math
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -298,15 +299,20 @@ def _train(cfg: TrainConfig) -> TopKSAE | None:
     progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         TextColumn("{task.description}"), disable=not (cfg.progress and rank == 0))
     t0, tok0, last = time.perf_counter(), step * cfg.batch_size, {}
+    prefetch = ThreadPoolExecutor(1)  # only this worker touches the reader during the loop
     stopped = False
     with progress:
         task = progress.add_task("", total=total, completed=step)
         while step < total:
             epoch, b = divmod(step, bpe)
             order = epoch_order(cache.lens, cfg.chunk_rows, cfg.buffer_chunks, cfg.seed, epoch)
+            nxt = None
             while b < bpe and step < total:
-                ids = order[b * cfg.batch_size:(b + 1) * cfg.batch_size][rank::world]
-                x = reader.rows(ids).to(device)
+                x = (nxt.result() if nxt is not None else reader.rows(_batch_ids(order, b, cfg.batch_size, rank, world)))
+                x = x.to(device)
+                # read the next batch (disk / page cache → fp32 chunks) in the background while this step computes
+                nxt = (prefetch.submit(reader.rows, _batch_ids(order, b + 1, cfg.batch_size, rank, world))
+                       if b + 1 < bpe and step + 1 < total else None)
                 xs = x.mul_(s)
                 xd = xs.double()  # fp64 batch statistics; a NaN/Inf row makes them non-finite (no separate scan)
                 stats = _all_reduce(torch.cat([xd.sum(0), xd.pow(2).sum().reshape(1)]), world)
@@ -357,6 +363,7 @@ def _train(cfg: TrainConfig) -> TopKSAE | None:
                     break
             if stopped:
                 break
+    prefetch.shutdown(wait=True)
     if metrics_f:
         metrics_f.close()
     if stopped:
@@ -374,6 +381,11 @@ def _train(cfg: TrainConfig) -> TopKSAE | None:
             "config": {k: v for k, v in asdict(cfg).items()}})
     ddp.teardown(world)
     return sae
+
+
+def _batch_ids(order: np.ndarray, b: int, batch_size: int, rank: int, world: int) -> np.ndarray:
+    """Rows of global batch ``b`` that this rank trains on."""
+    return order[b * batch_size:(b + 1) * batch_size][rank::world]
 
 
 def _adam(params: Any, lr: float) -> torch.optim.Adam:
