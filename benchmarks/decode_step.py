@@ -39,7 +39,7 @@ def _time(fn, reps: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=models.DEFAULT_MODEL)
-    ap.add_argument("--rows", default="1,8,32,64")
+    ap.add_argument("--rows", default="1,8,32,64,128")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("SAESTEER_THREADS", "2")))
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "decode_step.json"))
