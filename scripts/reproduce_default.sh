@@ -52,3 +52,13 @@ for P in "" "--policy runs/lead/policies/clamp+probe.json"; do
      --attacker hf:qwen2.5-coder-1.5b-instruct $P --out "runs/s2/crescendo${P:+-clamp+probe}"
 done
 /usr/bin/time -v make demo RUN=runs/s2/demo
+# 9. session 3: the 1.5B model's residual stream as the gate (layer chosen by validation TPR), added to the comparison
+P=runs/lead/policies
+SAESTEER_THREADS=2 .venv/bin/python scripts/gate_layers.py --model qwen2.5-coder-1.5b-instruct --layers 8,12,16,20 \
+   --out docs/results/gate_layers_1.5b.json
+$S policy fit --model $M --sae runs/sae-qwen-l12 --feature 1647 --clamp 12.9207 --gate probe --fpr 0.02 \
+   --gate-model qwen2.5-coder-1.5b-instruct --gate-layer 16 --name "clamp+probe-1.5b" \
+   --train "$TRAIN" --val "$VAL" --limit 200 --cache runs/lead/gate-cache --out "$P/clamp+probe-1.5b.json"
+$S compare --model $M --policies $P/clamp.json,$P/clamp+probe.json,$P/clamp+sae.json,$P/clamp+cast.json,$P/clamp+probe-1.5b.json \
+   --limit 30 --capability mmlu,truthfulqa_mc1 --capability-limit 24 --multiturn-limit 8 --max-turns 3 \
+   --exclude runs/features-qwen-l12-v3/selection.json --out runs/lead/compare2
