@@ -489,3 +489,50 @@ def test_cli_policy_fit_with_gate_model(tiny_dir, gate_model_dir, tmp_path, caps
                        "--clamp", "4.0", "--gate", "probe", "--gate-model", gate_model_dir, "--train",
                        tiny_dir / "train.jsonl", "--val", tiny_dir / "val.jsonl", "--out", tmp_path / "x.json"], capsys)
     assert code == 2 and "--gate-layer" in err and not (tmp_path / "x.json").exists()
+
+
+# --------------------------------------------------------------------------------------------- chat-only policies
+@torch.no_grad()
+def test_template_ids_leave_raw_text_rows_unsteered(tiny):
+    from saesteer.policy_fit import template_ids
+
+    model, tok = tiny
+    P = post_instruction_positions(tok)
+    gate = _gate_firing_on(model, tok, {0, 2})
+    gate.threshold = float("-inf")  # fires on every row it is allowed to judge
+    tids = template_ids(tok, P)
+    assert tids == tok(models.format_chat(tok, PROMPTS[2]), add_special_tokens=False)["input_ids"][-P:]
+    texts = [models.format_chat(tok, PROMPTS[0]), "Question: what is 2 + 2?\nAnswer:",
+             models.format_chat(tok, PROMPTS[1]), "the quick brown fox jumps over the lazy dog"]
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    base = model(**enc).logits
+    ivs = [Add(vector=_vec(model), alpha=1.0, layer=1)]
+    for tid, want in ((tids, [True, False, True, False]), (None, [True, True, True, True])):
+        pol = Policy(gate=gate, steering=SPEC, template_ids=tid)
+        with pol.apply(model, ivs) as run:
+            out = model(**enc).logits
+        assert [d["fired"] for d in run.last] == want
+        for i, w in enumerate(want):
+            assert torch.equal(out[i], base[i]) != w  # steered exactly where it fired
+        if tid is not None:
+            assert [d["chat"] for d in run.last] == [True, False, True, False]
+            assert all(d["strength"] == 0.0 for d in run.last if not d["chat"])
+    again = Policy.from_json(json.loads(json.dumps(Policy(gate=gate, steering=SPEC, template_ids=tids).to_json())))
+    assert again.template_ids == tids
+    bad = Policy(gate=gate, steering=SPEC, template_ids=tids).to_json()
+    bad["template_ids"] = ["x"]
+    with pytest.raises(SaesteerError, match="template_ids"):
+        Policy.from_json(bad)
+
+
+def test_cli_fit_records_template_ids_unless_any_text(tiny_dir, tmp_path):
+    for flag, expect_none in (([], False), (["--any-text"], True)):
+        out = tmp_path / f"p{len(flag)}.json"
+        r = _cli(["policy", "fit", "--model", tiny_dir / "model", "--sae", tiny_dir / "sae", "--feature", "3",
+                  "--clamp", "4.0", "--gate", "probe", "--train", tiny_dir / "train.jsonl", "--val",
+                  tiny_dir / "val.jsonl", "--limit", "0", "--out", out, "--threads", "1", *flag])
+        assert r.exit_code == 0, r.output
+        pol = load_policy(out)
+        assert (pol.template_ids is None) == expect_none
+        if not expect_none:
+            assert len(pol.template_ids) == pol.gate.positions

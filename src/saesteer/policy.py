@@ -31,8 +31,10 @@ e.g. Qwen2.5-Coder-1.5B-Instruct gating the 0.5B): the lookahead then runs that 
 same token ids — a guard model's residual stream as the gate, loaded once per process and device.
 
 Caveats: without a KV cache every forward is a prefill, so the gate re-decides on the last tokens at each step (use a
-cache when generating). Prompts that are not chat-formatted (e.g. harness-style MMLU contexts) are gated on whatever
-their last tokens are; ``saesteer compare`` reports the gate's fire rate on every eval so this stays visible.
+cache when generating). Gates are fitted on the chat template's post-instruction tokens; a policy with
+``template_ids`` (what ``policy fit`` records) leaves rows that do not end with them (raw text such as harness-style
+MMLU contexts) unsteered. Older policies without them gate such rows on whatever their last tokens are;
+``saesteer compare`` reports the gate's fire rate on every eval so this stays visible.
 """
 
 from __future__ import annotations
@@ -65,8 +67,11 @@ def prompt_key(token_ids: Sequence[int]) -> str:
 class PolicyRun:
     """State of one ``policy.apply(model)``: the live row map and the gate decisions logged so far."""
 
-    def __init__(self, gate: Gate, interventions: list[Intervention], lookahead: nn.Module | None = None) -> None:
+    def __init__(self, gate: Gate, interventions: list[Intervention], lookahead: nn.Module | None = None,
+                 template_ids: Sequence[int] | None = None) -> None:
         self.gate, self.interventions = gate, interventions
+        # rows whose last tokens are not these (the chat template's post-instruction tokens) are never steered
+        self.template_ids = torch.as_tensor(list(template_ids), dtype=torch.long) if template_ids else None
         self.lookahead = lookahead  # the model, when the gate reads a layer after a steering layer
         self._nested = False  # inside the lookahead forward: every policy hook stands aside
         self._decided = False  # this prefill's decision came from the lookahead
@@ -125,15 +130,30 @@ class PolicyRun:
                    "policy gates need left padding (the last prompt tokens of some row are padding)")
         with torch.no_grad():
             scores, fired, strength = self.gate.decide(h[:, -P:].detach())
+        chat = self._chat_rows(h.shape[0])
+        if chat is not None:
+            fired, strength = fired & chat, torch.where(chat, strength, torch.zeros_like(strength))
         for iv in self.interventions:
             iv.set_row_scale(strength.to(h.device))
-        self._log(scores, fired, strength, mask)
+        self._log(scores, fired, strength, mask, chat)
 
-    def _log(self, scores: torch.Tensor, fired: torch.Tensor, strength: torch.Tensor, mask: torch.Tensor | None) -> None:
+    def _chat_rows(self, n: int) -> torch.Tensor | None:
+        """Which rows end with the template's post-instruction tokens (None: no template check)."""
+        ids, t = self._ids, self.template_ids
+        if t is None or not isinstance(ids, torch.Tensor) or ids.ndim != 2 or ids.shape[0] != n:
+            return None
+        if ids.shape[1] < t.numel():
+            return torch.zeros(n, dtype=torch.bool)
+        return (ids[:, -t.numel():].cpu() == t).all(dim=1)
+
+    def _log(self, scores: torch.Tensor, fired: torch.Tensor, strength: torch.Tensor, mask: torch.Tensor | None,
+             chat: torch.Tensor | None = None) -> None:
         ids = self._ids if isinstance(self._ids, torch.Tensor) and self._ids.ndim == 2 else None
         rows = []
         for i in range(scores.shape[0]):
             d: dict[str, Any] = {"score": float(scores[i]), "fired": bool(fired[i]), "strength": float(strength[i])}
+            if chat is not None:
+                d["chat"] = bool(chat[i])  # False: not a chat prompt, left unsteered whatever the score
             if ids is not None and ids.shape[0] == scores.shape[0]:
                 real = ids[i] if mask is None else ids[i][mask[i].bool()]
                 d.update(key=prompt_key(real.tolist()), n_tokens=int(real.numel()))
@@ -173,6 +193,10 @@ class Policy:
     """Model the policy was fitted on (checked loosely: a warning-free mismatch is an error only for gates)."""
     meta: dict[str, Any] = field(default_factory=dict)
     """How it was fitted (data specs, sizes, validation FPR/TPR, held-out stats)."""
+    template_ids: list[int] | None = None
+    """The chat template's post-instruction token ids (``<|im_end|>\\n<|im_start|>assistant\\n``). When set, a row
+    whose prompt does not end with them (raw text, e.g. harness-style MMLU contexts) is never steered: the gate is
+    defined on those tokens. None: gate every row on its last tokens, whatever they are."""
     gate_model: str | None = None
     """Model whose residual stream the gate reads (None: the steered model). It must share the steered model's
     tokenizer (same token ids); its layer ``gate.layer`` is read by an unsteered lookahead on every prefill."""
@@ -194,7 +218,7 @@ class Policy:
 
         blob = save(self.gate.tensors()) if self.gate.tensors() else b""
         return {"format": FORMAT, "version": VERSION, "name": self.name, "model": self.model,
-                "gate": self.gate.header(), "gate_model": self.gate_model,
+                "gate": self.gate.header(), "gate_model": self.gate_model, "template_ids": self.template_ids,
                 "steer": [s.to_dict() for s in self.steering], "meta": self.meta,
                 "tensors": base64.b64encode(blob).decode("ascii"), "tensors_sha256": hashlib.sha256(blob).hexdigest()}
 
@@ -226,10 +250,13 @@ class Policy:
         gate = gate_from_header(obj["gate"], tensors)
         ensure(isinstance(obj["steer"], list) and obj["steer"], f"{where}: steer must be a non-empty list of specs")
         specs = [SteeringSpec.from_dict(s) for s in obj["steer"]]
+        tids = obj.get("template_ids")
+        ensure(tids is None or (isinstance(tids, list) and all(isinstance(i, int) and i >= 0 for i in tids)),
+               f"{where}: template_ids must be a list of token ids or null")
         gm = obj.get("gate_model")
         ensure(gm is None or (isinstance(gm, str) and gm), f"{where}: gate_model must be a model name or null")
         return cls(gate=gate, steering=specs, name=str(obj.get("name") or ""), model=obj.get("model"),
-                   meta=dict(obj.get("meta") or {}), gate_model=gm)
+                   meta=dict(obj.get("meta") or {}), gate_model=gm, template_ids=tids or None)
 
     @classmethod
     def load(cls, path: str | Path) -> "Policy":
@@ -285,7 +312,8 @@ class Policy:
         if isinstance(self.gate, SAEFeatureGate) and self.gate.sae is not None:
             self.gate.sae.to(next(model.parameters()).device)
         layer = self.check(model, ivs)
-        run = PolicyRun(self.gate, ivs, lookahead=self.reader(model) if self.needs_lookahead(model, ivs) else None)
+        run = PolicyRun(self.gate, ivs, lookahead=self.reader(model) if self.needs_lookahead(model, ivs) else None,
+                        template_ids=None if isinstance(self.gate, AlwaysGate) else self.template_ids)
         self.last_run = run
         handles = []
         with steer(model, ivs):

@@ -99,6 +99,16 @@ class PolicyFitConfig:
     """Policy name for comparison tables."""
     seed: int = 0
     """Seed of the per-set subsamples."""
+    chat_only: bool = True
+    """Record the template's post-instruction token ids so that prompts without them (raw text) are never steered
+    (the gate is fitted on those tokens only). False: gate every row on its last tokens."""
+
+
+def template_ids(tok: Any, positions: int) -> list[int]:
+    """The last ``positions`` token ids of a chat-formatted prompt: the template's post-instruction tokens."""
+    ids = tok(models.format_chat(tok, "x"), add_special_tokens=False)["input_ids"]
+    ensure(len(ids) >= positions, f"the chat template yields {len(ids)} tokens, fewer than the {positions} gate positions")
+    return [int(i) for i in ids[-positions:]]
 
 
 def _labelled(specs: Sequence[str], limit: int | None, seed: int, what: str) -> tuple[list[Any], list[Any], list[dict]]:
@@ -146,7 +156,8 @@ def fit_policy(model: nn.Module, tok: Any, cfg: PolicyFitConfig, progress: bool 
     gate = make_gate(cfg.gate, layer, P, **kw)
     meta: dict[str, Any] = {"fpr": cfg.fpr, "positions": P}
     pol = Policy(gate=gate, steering=list(cfg.steering), name=cfg.name or cfg.gate, model=models.model_name(model),
-                 meta=meta, gate_model=gated_model)
+                 meta=meta, gate_model=gated_model,
+                 template_ids=template_ids(tok, post_instruction_positions(tok)) if cfg.chat_only else None)
     pol.check(model, ivs)
     if cfg.gate == "always":
         return pol

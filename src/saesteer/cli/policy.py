@@ -88,6 +88,8 @@ def fit_cmd(
     cache: Optional[Path] = typer.Option(None, help="folder caching the gate inputs (refits skip the forwards)"),
     name: Optional[str] = typer.Option(None, help="policy name in comparison tables (default: the file stem)"),
     seed: int = typer.Option(0, help="seed of the subsamples"),
+    chat_only: bool = typer.Option(True, "--chat-only/--any-text", help="never steer prompts that do not end with the "
+                                   "chat template's post-instruction tokens (raw text the gate was not fitted on)"),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
 ) -> None:
@@ -109,7 +111,7 @@ def fit_cmd(
                           strength=strength, train=_split(train), val=_split(val), heldout=_split(heldout),
                           limit=limit or None, top_m=top_m, C=c, sae=_abs(str(gate_sae)) if gate_sae else None,
                           batch_size=batch_size, cache=str(cache) if cache else None, name=name or "", seed=seed,
-                          gate_model=gate_model)
+                          gate_model=gate_model, chat_only=chat_only)
     set_threads(threads)
     m, tok = load_model(model, device=resolve_device(device))
     shared: dict = {}  # residuals collected once, shared by every gate kind
