@@ -52,7 +52,10 @@ for P in "" "--policy runs/lead/policies/clamp+probe.json"; do
      --attacker hf:qwen2.5-coder-1.5b-instruct $P --out "runs/s2/crescendo${P:+-clamp+probe}"
 done
 /usr/bin/time -v make demo RUN=runs/s2/demo
-# 9. session 3: the 1.5B model's residual stream as the gate (layer chosen by validation TPR), added to the comparison
+# 9. session 3: the 1.5B model's residual stream as the gate (layer chosen by validation TPR), added to the comparison.
+#    Policies fitted by this session's code record the chat template's ids (--chat-only, default): raw-text
+#    capability contexts stay unsteered (the committed table: the four gated policies refitted from the gate cache,
+#    their capability rows recomputed).
 P=runs/lead/policies
 SAESTEER_THREADS=2 .venv/bin/python scripts/gate_layers.py --model qwen2.5-coder-1.5b-instruct --layers 8,12,16,20 \
    --out docs/results/gate_layers_1.5b.json
