@@ -62,6 +62,9 @@ SAESTEER_THREADS=2 .venv/bin/python scripts/gate_layers.py --model qwen2.5-coder
 $S policy fit --model $M --sae runs/sae-qwen-l12 --feature 1647 --clamp 12.9207 --gate probe --fpr 0.02 \
    --gate-model qwen2.5-coder-1.5b-instruct --gate-layer 16 --name "clamp+probe-1.5b" \
    --train "$TRAIN" --val "$VAL" --limit 200 --cache runs/lead/gate-cache --out "$P/clamp+probe-1.5b.json"
-$S compare --model $M --policies $P/clamp.json,$P/clamp+probe.json,$P/clamp+sae.json,$P/clamp+cast.json,$P/clamp+probe-1.5b.json \
+$S policy fit --model $M --sae runs/sae-qwen-l12 --feature 1647 --clamp 12.9207 --gate probe --fpr 0.02 \
+   --gate-model qwen2.5-coder-1.5b-instruct --gate-layer 16 --strength linear --name "clamp+probe-1.5b-linear" \
+   --train "$TRAIN" --val "$VAL" --limit 200 --cache runs/lead/gate-cache --out "$P/clamp+probe-1.5b-linear.json"
+$S compare --model $M --policies $P/clamp.json,$P/clamp+probe.json,$P/clamp+sae.json,$P/clamp+cast.json,$P/clamp+probe-1.5b.json,$P/clamp+probe-1.5b-linear.json \
    --limit 30 --capability mmlu,truthfulqa_mc1 --capability-limit 24 --multiturn-limit 8 --max-turns 3 \
    --exclude runs/features-qwen-l12-v3/selection.json --out runs/lead/compare2
