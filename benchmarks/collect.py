@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -101,7 +102,10 @@ def main() -> None:
         "ratio_collect_loop_vs_full": loop_rate / rates["full_forward"],
         "goal": "collect_loop / truncated_forward >= 0.9",
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "note": "shared 2-core machine: other jobs may run at the same time; peers run right after collection",
+        "note": "shared 2-core machine: other jobs may run at the same time; peers run right after collection. "
+                "Rates are stored tokens per second: the peers forward the whole batches (kept_tokens_forwarded), "
+                "while collect forwards only the documents whose rows it stores (the last batch is trimmed)",
+        "command": "SAESTEER_THREADS=" + str(threads) + " python benchmarks/collect.py " + " ".join(sys.argv[1:]),
     }
     res["goal_met"] = res["ratio_collect_loop_vs_truncated"] >= 0.9
     atomic_write_json(args.out, res)
