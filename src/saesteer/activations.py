@@ -353,15 +353,16 @@ def _run_batches(cfg: CollectConfig, model: Any, tok: Any, out: Path, layer: int
             idx = batches[next_batch]
             ids, mask = pad_right([seqs[i] for i in idx], pad_id)
             keep = keep_mask(ids, mask, specials)
-            upto = keep.sum(1).cumsum(0)  # the last batch: forward only the documents whose rows are taken
-            n_docs = int(torch.searchsorted(upto, budget - done - pending)) + 1 if upto[-1] > budget - done - pending \
-                else len(idx)
+            room = budget - done - pending
+            # the last batch: forward only the documents whose rows are taken (the first whose running count reaches
+            # ``room``, and those before it)
+            n_docs = min(len(idx), int(torch.searchsorted(keep.sum(1).cumsum(0), room)) + 1)
             width = int(mask[:n_docs].sum(1).max())
             ids, mask, keep = (t[:n_docs, :width].to(device) for t in (ids, mask, keep))
             rows = run_to_layer(model, ids, mask, layer)[keep].float().cpu()
             doc = torch.tensor(idx[:n_docs], dtype=torch.int32)[:, None].expand(-1, width).to(device)[keep].cpu()
             tid = ids[keep].cpu()
-            take = min(rows.shape[0], budget - done - pending)
+            take = min(rows.shape[0], room)
             acts_buf.append(rows[:take]), ids_buf.append(tid[:take]), doc_buf.append(doc[:take])
             pending += take
             tok_run += take
