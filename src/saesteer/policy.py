@@ -72,7 +72,7 @@ class PolicyRun:
         self.gate, self.interventions = gate, interventions
         # rows whose last tokens are not these (the chat template's post-instruction tokens) are never steered
         self.template_ids = torch.as_tensor(list(template_ids), dtype=torch.long) if template_ids else None
-        self.lookahead = lookahead  # the model, when the gate reads a layer after a steering layer
+        self.lookahead = lookahead  # the model (gate after a steering layer) or the gate model the gate reads
         self._nested = False  # inside the lookahead forward: every policy hook stands aside
         self._decided = False  # this prefill's decision came from the lookahead
         self.decisions: list[dict[str, Any]] = []
@@ -287,7 +287,9 @@ class Policy:
 
     def check(self, model: nn.Module, interventions: Sequence[Intervention]) -> int:
         """Validate the gate against the model it reads; returns the gate layer (see :meth:`needs_lookahead`)."""
-        reader = self.reader(model)
+        return self._check_reader(self.reader(model))
+
+    def _check_reader(self, reader: nn.Module) -> int:
         g = models.check_layer(reader, self.gate.layer)
         if not isinstance(self.gate, AlwaysGate):
             d = self.gate.d_in
@@ -311,8 +313,9 @@ class Policy:
         ivs = list(interventions) if interventions is not None else self.build(model)
         if isinstance(self.gate, SAEFeatureGate) and self.gate.sae is not None:
             self.gate.sae.to(next(model.parameters()).device)
-        layer = self.check(model, ivs)
-        run = PolicyRun(self.gate, ivs, lookahead=self.reader(model) if self.needs_lookahead(model, ivs) else None,
+        reader = self.reader(model)
+        layer = self._check_reader(reader)
+        run = PolicyRun(self.gate, ivs, lookahead=reader if self.needs_lookahead(model, ivs) else None,
                         template_ids=None if isinstance(self.gate, AlwaysGate) else self.template_ids)
         self.last_run = run
         handles = []
