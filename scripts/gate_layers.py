@@ -33,11 +33,12 @@ TEST = "xstest#0.6:1,jbb-harmful#0.6:1,jbb-benign#0.6:1,arditi-harmful:test,ardi
 
 
 @torch.inference_mode()
-def residuals(model, tok, prompts, layers, P, batch_size=16) -> dict[int, torch.Tensor]:
-    """``{layer: [n, P, d]}``: residual after each layer at the last P tokens of each chat-formatted prompt."""
+def residuals(model, tok, prompts, layers, P, batch_size=16, formatted=False) -> dict[int, torch.Tensor]:
+    """``{layer: [n, P, d]}``: residual after each layer at the last P tokens of each chat-formatted prompt
+    (``formatted``: the prompts are final texts already)."""
     from tqdm.auto import tqdm
 
-    texts = [models.format_chat(tok, p) for p in prompts]
+    texts = list(prompts) if formatted else [models.format_chat(tok, p) for p in prompts]
     out: dict[int, list[torch.Tensor]] = {L: [] for L in layers}
     for i in tqdm(range(0, len(texts), batch_size), desc="residuals", unit="batch", leave=False):
         enc = tok(texts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)

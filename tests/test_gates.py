@@ -14,6 +14,7 @@ from saesteer.gates import (
     SAEFeatureGate,
     auroc_per_column,
     choose_threshold,
+    choose_threshold_per_set,
     collect_gate_inputs,
     gate_from_header,
     post_instruction_positions,
@@ -235,3 +236,44 @@ def test_probe_gate_separates_real_harmful_prompts(data_root, qwen):
     sh, sb = gate.score(h("arditi-harmful:val", 12)), gate.score(h("arditi-harmless:val", 12))
     y = [1] * len(sh) + [0] * len(sb)
     assert roc_auc_score(y, torch.cat([sh, sb]).numpy()) > 0.9
+
+
+# --------------------------------------------------------------------------------------------- hard look-alikes
+def test_per_set_threshold_caps_every_set_where_pooled_does_not():
+    g = torch.Generator().manual_seed(7)
+    easy = torch.randn(500, generator=g).double() - 3  # a large easy benign set
+    hard = torch.randn(25, generator=g).double() + 1  # a small set of harmful-looking benign prompts
+    pooled = choose_threshold(torch.cat([easy, hard]), 0.02)
+    assert float((hard > pooled).double().mean()) > 0.02  # the pooled cap lets the hard set through
+    t = choose_threshold_per_set([easy, hard], 0.02)
+    assert t == max(choose_threshold(easy, 0.02), choose_threshold(hard, 0.02))
+    for s in (easy, hard):
+        assert float((s > t).double().mean()) <= 0.02
+    # tightest: the next lower score on the hard set would break its cap
+    lower = hard[hard < t]
+    assert float((hard > float(lower.max())).double().mean()) > 0.02
+    gate = ProbeGate(layer=0, positions=1)
+    stats = gate.calibrate(torch.cat([easy, hard]), None, 0.02, benign_sets={"easy": easy, "hard": hard})
+    assert gate.threshold == t and stats["cap"] == "per-set"
+    assert stats["val_fpr_per_set"]["hard"] <= 0.02 and stats["val_fpr_per_set"]["easy"] <= 0.02
+    with pytest.raises(SaesteerError):
+        choose_threshold_per_set([], 0.02)
+
+
+def test_probe_sample_weights_move_the_boundary_and_match_sklearn():
+    """Up-weighting a benign cluster that sits near the harmful one lowers its scores."""
+    g = torch.Generator().manual_seed(3)
+    d = 8
+    harm = torch.randn(80, 1, d, generator=g) + 2.0
+    easy = torch.randn(80, 1, d, generator=g) - 2.0
+    look = torch.randn(20, 1, d, generator=g) * 0.5 + 1.0  # benign look-alikes, close to the harmful cluster
+    benign = torch.cat([easy, look])
+    plain = ProbeGate(0, 1, C=1.0).fit(harm, benign)
+    w = torch.cat([torch.ones(80), torch.full((20,), 10.0)])
+    heavy = ProbeGate(0, 1, C=1.0).fit(harm, benign, harmless_weight=w)
+    assert heavy.score(look).mean() < plain.score(look).mean() - 1.0
+    assert (heavy.score(look) > 0).float().mean() <= (plain.score(look) > 0).float().mean()
+    with pytest.raises(SaesteerError):
+        ProbeGate(0, 1).fit(harm, benign, harmless_weight=torch.ones(3))
+    with pytest.raises(SaesteerError):
+        ProbeGate(0, 1).fit(harm, benign, harmless_weight=-w)

@@ -536,3 +536,92 @@ def test_cli_fit_records_template_ids_unless_any_text(tiny_dir, tmp_path):
         assert (pol.template_ids is None) == expect_none
         if not expect_none:
             assert len(pol.template_ids) == pol.gate.positions
+
+
+def test_cli_fit_weights_and_per_set_cap(tiny_dir, tmp_path, capsys):
+    """``@W`` weights a training set in the probe's fit; ``--fpr-cap per-set`` holds the cap on each val set."""
+    val2 = tmp_path / "val2.jsonl"
+    val2.write_text("\n".join(json.dumps({"prompt": p, "label": "harmless"}) for p in
+                              ["how do i kill a python process", "how to shoot a photo at night", "what is a bomb calorimeter"]))
+    base = ["policy", "fit", "--model", tiny_dir / "model", "--sae", tiny_dir / "sae", "--feature", "3", "--clamp", "2",
+            "--gate", "probe", "--fpr", "0.0", "--val", f"{tiny_dir / 'val.jsonl'},{val2}", "--limit", "0",
+            "--threads", "1"]
+    r = _cli(base + ["--train", tiny_dir / "train.jsonl", "--out", tmp_path / "a.json"])
+    assert r.exit_code == 0, r.output
+    r = _cli(base + ["--train", f"{tiny_dir / 'train.jsonl'}@5", "--fpr-cap", "per-set", "--out", tmp_path / "b.json"])
+    assert r.exit_code == 0, r.output
+    a, b = load_policy(tmp_path / "a.json"), load_policy(tmp_path / "b.json")
+    assert a.meta["val"]["cap"] == "pooled" and b.meta["val"]["cap"] == "per-set"
+    assert b.meta["train"]["sets"][0]["weight"] == 5.0 and b.meta["train"]["sets"][0]["spec"] == str(tiny_dir / "train.jsonl")
+    per = b.meta["val"]["val_fpr_per_set"]
+    assert set(per) == {str(tiny_dir / "val.jsonl"), str(val2)} and all(v == 0.0 for v in per.values())
+    assert not torch.equal(a.gate.coef, b.gate.coef)  # the weights changed the fit (uniform x5 still rescales the C)
+    code, err = _main(base + ["--train", f"{tiny_dir / 'train.jsonl'}@-1", "--out", tmp_path / "c.json"], capsys)
+    assert code != 0 and "weight" in err and "Traceback" not in err and not (tmp_path / "c.json").exists()
+    code, err = _main(base + ["--train", tiny_dir / "train.jsonl", "--fpr-cap", "median", "--out", tmp_path / "d.json"],
+                      capsys)
+    assert code != 0 and "fpr_cap" in err and not (tmp_path / "d.json").exists()
+
+
+# --------------------------------------------------------------------------------------------- a prompted gate
+@torch.no_grad()
+def test_gate_suffix_reads_prompt_plus_suffix_and_generation_never_sees_it(tiny):
+    """The gate scores prompt + suffix (same numbers as collect_gate_inputs with the suffix); closed rows stay
+    bit-identical to the unsteered model, open rows equal plain steering of the prompt alone."""
+    model, tok = tiny
+    suffix = " Verdict: the request is"
+    sids = tok(suffix, add_special_tokens=False)["input_ids"]
+    P = min(post_instruction_positions(tok), len(sids))
+    h = collect_gate_inputs(model, tok, PROMPTS, 1, P, progress=False, suffix_ids=sids)
+    h_plain = collect_gate_inputs(model, tok, PROMPTS, 1, P, progress=False)
+    assert not torch.allclose(h, h_plain)  # the suffix changes what the gate reads
+    gate = CastGate(layer=1, positions=P)
+    gate.fit(torch.cat([h[[0, 3]]] * 2), torch.cat([h[[1, 2]]] * 2))
+    s = gate.score(h)
+    gate.threshold = float((s[[0, 3]].min() + s[[1, 2]].max()) / 2)
+    pol = Policy(gate=gate, steering=SPEC, gate_suffix=suffix, gate_suffix_ids=sids)
+    ivs = [Add(vector=_vec(model), alpha=1.0, layer=1)]
+    assert pol.needs_lookahead(model, ivs)  # even at the steering layer: the gate reads another text
+    enc = _encode(tok, PROMPTS)
+    base = model(**enc).logits
+    with pol.apply(model, ivs) as run:
+        out = model(**enc).logits
+    assert [d["fired"] for d in run.last] == [True, False, False, True]
+    assert torch.allclose(torch.tensor([d["score"] for d in run.last]), s, atol=1e-4)
+    assert out.shape == base.shape  # generation saw the prompt alone
+    assert torch.equal(out[1], base[1]) and torch.equal(out[2], base[2])
+    with steer(model, [Add(vector=_vec(model), alpha=1.0, layer=1)]):
+        full = model(**enc).logits
+    assert torch.allclose(out[0], full[0], atol=1e-5) and torch.allclose(out[3], full[3], atol=1e-5)
+    again = Policy.from_json(json.loads(json.dumps(pol.to_json())))
+    assert again.gate_suffix == suffix and again.gate_suffix_ids == sids
+    with again.apply(model, ivs) as run2:
+        model(**enc)
+    assert [d["fired"] for d in run2.last] == [True, False, False, True]
+    with pytest.raises(SaesteerError, match="suffix"):
+        Policy(gate=gate, steering=SPEC, gate_suffix=suffix)  # text without ids
+    bad = pol.to_json()
+    bad["gate_suffix_ids"] = [-1]
+    with pytest.raises(SaesteerError, match="gate_suffix_ids"):
+        Policy.from_json(bad)
+    big = Policy(gate=gate, steering=SPEC, gate_suffix=suffix, gate_suffix_ids=[10 ** 7] * len(sids))
+    with pytest.raises(SaesteerError, match="out of range"):
+        with big.apply(model, ivs):
+            pass
+
+
+def test_cli_fit_with_gate_suffix(tiny_dir, tmp_path):
+    out = tmp_path / "s.json"
+    r = _cli(["policy", "fit", "--model", tiny_dir / "model", "--sae", tiny_dir / "sae", "--feature", "3", "--clamp", "2",
+              "--gate", "probe", "--train", tiny_dir / "train.jsonl", "--val", tiny_dir / "val.jsonl", "--limit", "0",
+              "--gate-suffix", " Verdict:", "--out", out, "--threads", "1"])
+    assert r.exit_code == 0, r.output
+    pol = load_policy(out)
+    from saesteer.models import load_model
+
+    _, tok = load_model(str(tiny_dir / "model"))
+    ids = tok(" Verdict:", add_special_tokens=False)["input_ids"]
+    assert pol.gate_suffix == " Verdict:" and pol.gate_suffix_ids == ids
+    assert pol.gate.positions == min(post_instruction_positions(tok), len(ids))
+    r = _cli(["policy", "show", out, "--json"])
+    assert r.exit_code == 0 and json.loads(r.output)["gate_suffix"] == " Verdict:"

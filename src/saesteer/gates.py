@@ -54,6 +54,13 @@ def choose_threshold(benign_scores: Sequence[float] | torch.Tensor, fpr: float =
     return float(torch.sort(s, descending=True).values[k])
 
 
+def choose_threshold_per_set(benign_sets: Sequence[Sequence[float] | torch.Tensor], fpr: float = 0.02) -> float:
+    """The smallest threshold whose false-positive rate is ``<= fpr`` on *every* benign set (the largest of the
+    per-set :func:`choose_threshold` values): a pooled cap lets a large easy set hide a small hard one."""
+    ensure(len(benign_sets) > 0, "cannot choose a threshold: no benign validation sets")
+    return max(choose_threshold(b, fpr) for b in benign_sets)
+
+
 def strength_from_scores(scores: torch.Tensor, threshold: float, mode: str = "hard", ramp: float = 1.0) -> torch.Tensor:
     """Per-row steering strength in [0, 1] (0 exactly for rows with ``score <= threshold``)."""
     ensure(mode in STRENGTH_MODES, f"unknown strength mode {mode!r} (choose from {', '.join(STRENGTH_MODES)})")
@@ -127,12 +134,22 @@ class Gate:
         raise NotImplementedError
 
     def calibrate(self, benign_scores: torch.Tensor, harmful_scores: torch.Tensor | None = None,
-                  fpr: float = 0.02) -> dict[str, float]:
-        """Set the threshold on benign validation scores (FPR cap) and the strength ramp; return the val stats."""
-        self.threshold = choose_threshold(benign_scores, fpr)
+                  fpr: float = 0.02, benign_sets: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+        """Set the threshold on benign validation scores (FPR cap) and the strength ramp; return the val stats.
+
+        With ``benign_sets`` (name -> scores) the cap holds on each set separately (:func:`choose_threshold_per_set`)
+        and the stats report each set's FPR; ``benign_scores`` is then ignored for the threshold."""
+        if benign_sets:
+            self.threshold = choose_threshold_per_set(list(benign_sets.values()), fpr)
+        else:
+            self.threshold = choose_threshold(benign_scores, fpr)
         b = torch.as_tensor(benign_scores, dtype=torch.float64)
-        stats = {"threshold": self.threshold, "target_fpr": fpr, "val_fpr": float((b > self.threshold).double().mean()),
-                 "val_benign_n": int(b.numel())}
+        stats: dict[str, Any] = {"threshold": self.threshold, "target_fpr": fpr, "cap": "per-set" if benign_sets else
+                                 "pooled", "val_fpr": float((b > self.threshold).double().mean()),
+                                 "val_benign_n": int(b.numel())}
+        if benign_sets:
+            stats["val_fpr_per_set"] = {k: float((torch.as_tensor(v, dtype=torch.float64) > self.threshold)
+                                                 .double().mean()) for k, v in benign_sets.items()}
         if harmful_scores is not None and len(harmful_scores):
             hs = torch.as_tensor(harmful_scores, dtype=torch.float64)
             stats.update(val_tpr=float((hs > self.threshold).double().mean()), val_harmful_n=int(hs.numel()))
@@ -199,12 +216,13 @@ def _standardise_fit(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, torch.where(std > 1e-6, std, torch.ones_like(std))
 
 
-def _logistic(x: torch.Tensor, y: torch.Tensor, C: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def _logistic(x: torch.Tensor, y: torch.Tensor, C: float, seed: int = 0,
+              weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     from sklearn.linear_model import LogisticRegression
 
     ensure(len(set(y.tolist())) == 2, "gate fitting needs both harmful and harmless examples")
     clf = LogisticRegression(C=C, max_iter=2000, random_state=seed)
-    clf.fit(x.double().numpy(), y.numpy())
+    clf.fit(x.double().numpy(), y.numpy(), sample_weight=None if weight is None else weight.double().numpy())
     return torch.from_numpy(clf.coef_[0]).float(), torch.tensor(float(clf.intercept_[0]))
 
 
@@ -228,12 +246,23 @@ class ProbeGate(Gate):
     def extra_header(self) -> dict[str, Any]:
         return {"C": self.C}
 
-    def fit(self, harmful: torch.Tensor, harmless: torch.Tensor) -> "Gate":
+    def fit(self, harmful: torch.Tensor, harmless: torch.Tensor, harmful_weight: torch.Tensor | None = None,
+            harmless_weight: torch.Tensor | None = None) -> "Gate":
+        """Fit on ``[n, P, d]`` residuals; optional per-prompt weights (e.g. up-weighting benign look-alikes)."""
         _check_fit_inputs(harmful, harmless)
         x = torch.cat([self.pool(self._check(harmful)), self.pool(self._check(harmless))])
         y = torch.cat([torch.ones(harmful.shape[0]), torch.zeros(harmless.shape[0])]).long()
+        w = None
+        if harmful_weight is not None or harmless_weight is not None:
+            hw = torch.ones(harmful.shape[0]) if harmful_weight is None else torch.as_tensor(harmful_weight).float()
+            sw = torch.ones(harmless.shape[0]) if harmless_weight is None else torch.as_tensor(harmless_weight).float()
+            ensure(hw.shape == (harmful.shape[0],) and sw.shape == (harmless.shape[0],),
+                   "gate sample weights need one value per prompt")
+            w = torch.cat([hw, sw])
+            ensure(bool(torch.isfinite(w).all() and (w >= 0).all() and (w > 0).any()),
+                   "gate sample weights must be finite, non-negative and not all zero")
         self.mean, self.std = _standardise_fit(x)
-        self.coef, self.intercept = _logistic((x - self.mean) / self.std, y, self.C)
+        self.coef, self.intercept = _logistic((x - self.mean) / self.std, y, self.C, weight=w)
         self.fitted = True
         return self
 
@@ -372,11 +401,13 @@ def post_instruction_positions(tok: Any) -> int:
 
 @torch.no_grad()
 def collect_gate_inputs(model: Any, tok: Any, prompts: Sequence[Any], layer: int, positions: int,
-                        batch_size: int = 16, progress: bool = True, desc: str = "gate inputs") -> torch.Tensor:
+                        batch_size: int = 16, progress: bool = True, desc: str = "gate inputs",
+                        suffix_ids: Sequence[int] | None = None) -> torch.Tensor:
     """Residuals ``[n, positions, d]`` after ``layer`` at the last ``positions`` tokens of each chat-formatted prompt.
 
     Prompts are strings or message lists (chat template applied, generation prompt added) — the same text the
-    policy hook sees at prefill. Left padding keeps the last positions real tokens.
+    policy hook sees at prefill. Left padding keeps the last positions real tokens. ``suffix_ids`` are appended to
+    every prompt's ids (a policy's ``gate_suffix``), as the policy's lookahead does.
     """
     from .models import check_layer, format_chat, run_to_layer
 
@@ -391,7 +422,11 @@ def collect_gate_inputs(model: Any, tok: Any, prompts: Sequence[Any], layer: int
 
         it = tqdm(it, desc=desc, unit="batch", leave=False)
     for i in it:
-        enc = tok(texts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+        if suffix_ids:
+            ids = [list(x) + list(suffix_ids) for x in tok(texts[i:i + batch_size], add_special_tokens=False)["input_ids"]]
+            enc = tok.pad({"input_ids": ids}, return_tensors="pt")
+        else:
+            enc = tok(texts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
         ensure(enc["input_ids"].shape[1] >= positions, f"prompts shorter than the {positions} gate positions")
         h = run_to_layer(model, enc["input_ids"].to(device), enc["attention_mask"].to(device), layer)
         out.append(h[:, -positions:].float().cpu())

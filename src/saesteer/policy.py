@@ -68,8 +68,10 @@ class PolicyRun:
     """State of one ``policy.apply(model)``: the live row map and the gate decisions logged so far."""
 
     def __init__(self, gate: Gate, interventions: list[Intervention], lookahead: nn.Module | None = None,
-                 template_ids: Sequence[int] | None = None) -> None:
+                 template_ids: Sequence[int] | None = None, suffix_ids: Sequence[int] | None = None) -> None:
         self.gate, self.interventions = gate, interventions
+        # token ids appended to every prompt for the gate's read only (a prompted probe); needs the lookahead
+        self.suffix_ids = torch.as_tensor(list(suffix_ids), dtype=torch.long) if suffix_ids else None
         # rows whose last tokens are not these (the chat template's post-instruction tokens) are never steered
         self.template_ids = torch.as_tensor(list(template_ids), dtype=torch.long) if template_ids else None
         self.lookahead = lookahead  # the model (gate after a steering layer) or the gate model the gate reads
@@ -106,6 +108,11 @@ class PolicyRun:
         off = torch.zeros(ids.shape[0], device=ids.device)
         for iv in self.interventions:
             iv.set_row_scale(off)  # scale 0: the lookahead sees the unsteered residual, bit for bit
+        if self.suffix_ids is not None:  # the gate reads the prompt followed by the policy's fixed suffix
+            n, suf = ids.shape[0], self.suffix_ids.to(ids.device)
+            ids = torch.cat([ids, suf.expand(n, -1)], 1)
+            if mask is not None:
+                mask = torch.cat([mask, torch.ones(n, suf.numel(), dtype=mask.dtype, device=mask.device)], 1)
         self._nested = True
         try:
             h = models.run_to_layer(self.lookahead, ids, mask, self.gate.layer)
@@ -200,12 +207,21 @@ class Policy:
     gate_model: str | None = None
     """Model whose residual stream the gate reads (None: the steered model). It must share the steered model's
     tokenizer (same token ids); its layer ``gate.layer`` is read by an unsteered lookahead on every prefill."""
+    gate_suffix: str | None = None
+    """Text appended after each chat-formatted prompt for the gate's read only (e.g. an assistant prefix asking for a
+    verdict: a prompted probe); the gate reads its last tokens in an unsteered lookahead, generation never sees it."""
+    gate_suffix_ids: list[int] | None = None
+    """``gate_suffix`` as token ids of the (shared) tokenizer; these are what the lookahead appends."""
     last_run: PolicyRun | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         ensure(isinstance(self.gate, Gate), "policy gate must be a saesteer.gates.Gate")
         ensure(isinstance(self.steering, list), "policy steering must be a list of SteeringSpec")
         ensure(len(self.steering) > 0, "a policy needs at least one steering spec")
+        ensure((self.gate_suffix is None) == (self.gate_suffix_ids is None), "a gate suffix needs its text and its ids")
+        if self.gate_suffix_ids is not None:
+            ensure(len(self.gate_suffix_ids) >= self.gate.positions,
+                   f"the gate reads {self.gate.positions} positions but its suffix has {len(self.gate_suffix_ids)} tokens")
 
     @property
     def last_decisions(self) -> list[dict[str, Any]] | None:
@@ -219,6 +235,7 @@ class Policy:
         blob = save(self.gate.tensors()) if self.gate.tensors() else b""
         return {"format": FORMAT, "version": VERSION, "name": self.name, "model": self.model,
                 "gate": self.gate.header(), "gate_model": self.gate_model, "template_ids": self.template_ids,
+                "gate_suffix": self.gate_suffix, "gate_suffix_ids": self.gate_suffix_ids,
                 "steer": [s.to_dict() for s in self.steering], "meta": self.meta,
                 "tensors": base64.b64encode(blob).decode("ascii"), "tensors_sha256": hashlib.sha256(blob).hexdigest()}
 
@@ -255,8 +272,13 @@ class Policy:
                f"{where}: template_ids must be a list of token ids or null")
         gm = obj.get("gate_model")
         ensure(gm is None or (isinstance(gm, str) and gm), f"{where}: gate_model must be a model name or null")
+        sx, sids = obj.get("gate_suffix"), obj.get("gate_suffix_ids")
+        ensure(sx is None or isinstance(sx, str), f"{where}: gate_suffix must be a string or null")
+        ensure(sids is None or (isinstance(sids, list) and sids and all(isinstance(i, int) and i >= 0 for i in sids)),
+               f"{where}: gate_suffix_ids must be a non-empty list of token ids or null")
         return cls(gate=gate, steering=specs, name=str(obj.get("name") or ""), model=obj.get("model"),
-                   meta=dict(obj.get("meta") or {}), gate_model=gm, template_ids=tids or None)
+                   meta=dict(obj.get("meta") or {}), gate_model=gm, template_ids=tids or None,
+                   gate_suffix=sx, gate_suffix_ids=sids)
 
     @classmethod
     def load(cls, path: str | Path) -> "Policy":
@@ -302,8 +324,8 @@ class Policy:
         before the gate could decide, so the decision comes from an unsteered lookahead forward instead."""
         if isinstance(self.gate, AlwaysGate):
             return False
-        if self.gate_model is not None:
-            return True  # another model: always an extra (partial) prefill
+        if self.gate_model is not None or self.gate_suffix_ids is not None:
+            return True  # another model or another text (the suffix): always an extra (partial) prefill
         g = models.check_layer(model, self.gate.layer)
         return any(g > min(iv.layers(model)) for iv in interventions if (iv.positions or "all") != "generated")
 
@@ -315,14 +337,20 @@ class Policy:
             self.gate.sae.to(next(model.parameters()).device)
         reader = self.reader(model)
         layer = self._check_reader(reader)
+        if self.gate_suffix_ids is not None:
+            nv = reader.get_input_embeddings().weight.shape[0]
+            ensure(max(self.gate_suffix_ids) < nv, f"gate suffix token id {max(self.gate_suffix_ids)} is out of range "
+                   f"for a vocabulary of {nv}")
+        gated = not isinstance(self.gate, AlwaysGate)
         run = PolicyRun(self.gate, ivs, lookahead=reader if self.needs_lookahead(model, ivs) else None,
-                        template_ids=None if isinstance(self.gate, AlwaysGate) else self.template_ids)
+                        template_ids=self.template_ids if gated else None,
+                        suffix_ids=self.gate_suffix_ids if gated else None)
         self.last_run = run
         handles = []
         with steer(model, ivs):
             try:
                 handles.append(_body(model).register_forward_pre_hook(run.pre_hook, with_kwargs=True, prepend=True))
-                if self.gate_model is None:  # a separate gate model decides in the lookahead: no hook here
+                if run.lookahead is None:  # otherwise the lookahead decides: no hook here
                     handles.append(models.hook_module(model, layer).register_forward_hook(run.gate_hook, prepend=True))
                 model._saesteer_interventions = list(getattr(model, "_saesteer_interventions", None) or []) + [run]
                 yield run
@@ -362,6 +390,7 @@ def policy_summary(p: Policy) -> dict[str, Any]:
     thr = g.threshold
     out = {"name": p.name, "model": p.model, "gate_model": p.gate_model, "gate": g.kind, "layer": g.layer, "positions": g.positions,
            "reduce": g.reduce, "threshold": thr if math.isfinite(thr) else str(thr), "strength": g.strength,
+           "gate_suffix": p.gate_suffix,
            "steer": [s.to_dict() for s in p.steering]}
     if isinstance(g, SAEFeatureGate) and g.fitted:
         out["gate_features"] = g.features.tolist()

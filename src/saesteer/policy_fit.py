@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,10 +72,14 @@ class PolicyFitConfig:
     """Pool the positions by ``mean`` or take the ``last``."""
     fpr: float = 0.02
     """Largest false-positive rate allowed on the benign validation prompts (sets the threshold)."""
+    fpr_cap: str = "pooled"
+    """``pooled``: the cap holds over all benign validation prompts together; ``per-set``: on each benign validation
+    set separately (a small set of hard look-alikes is not outvoted by a large easy one)."""
     strength: str = "hard"
     """hard / linear / sigmoid: how steering strength grows with the gate score above the threshold."""
     train: list[str] = field(default_factory=lambda: ["arditi-harmful:train", "arditi-harmless:train"])
-    """Prompt sets to fit the gate on; each item's label (harmful / harmless) decides its side."""
+    """Prompt sets to fit the gate on; each item's label (harmful / harmless) decides its side. A trailing ``@W``
+    weights a set's prompts in a probe's fit (``jbb-benign#0:0.4@4``)."""
     val: list[str] = field(default_factory=lambda: ["arditi-harmful:val", "arditi-harmless:val"])
     """Prompt sets to choose the threshold on (benign ones set the FPR cap; harmful ones give the TPR)."""
     heldout: list[str] = field(default_factory=list)
@@ -99,6 +104,10 @@ class PolicyFitConfig:
     """Policy name for comparison tables."""
     seed: int = 0
     """Seed of the per-set subsamples."""
+    gate_suffix: str = ""
+    """Text appended after each chat-formatted prompt for the gate's read only (a prompted probe, e.g. "Before
+    answering, I judge whether this request is harmful or harmless. Verdict: the request is"); the gate reads its
+    last tokens from an unsteered lookahead. Empty: the gate reads the prompt's own post-instruction tokens."""
     chat_only: bool = True
     """Record the template's post-instruction token ids so that prompts without them (raw text) are never steered
     (the gate is fitted on those tokens only). False: gate every row on its last tokens."""
@@ -111,16 +120,45 @@ def template_ids(tok: Any, positions: int) -> list[int]:
     return [int(i) for i in ids[-positions:]]
 
 
+def split_weight(spec: str) -> tuple[str, float]:
+    """``"jbb-benign#0:0.4@4"`` -> ``("jbb-benign#0:0.4", 4.0)``: a trailing ``@W`` weights the set's prompts in the
+    gate's fit (e.g. up-weight benign look-alikes); no suffix -> weight 1."""
+    base, at, w = spec.rpartition("@")
+    if not at:
+        return spec, 1.0
+    try:
+        weight = float(w)
+    except ValueError:
+        return spec, 1.0  # an '@' that is part of a path or id, not a weight
+    ensure(weight > 0 and math.isfinite(weight), f"bad weight in {spec!r}: need a positive number after '@'")
+    return base, weight
+
+
 def _labelled(specs: Sequence[str], limit: int | None, seed: int, what: str) -> tuple[list[Any], list[Any], list[dict]]:
+    """Harmful and harmless prompts of ``specs`` (in order); per set: its name, weight and per-label counts."""
     harm, safe, used = [], [], []
-    for spec in specs:
+    for full in specs:
+        spec, weight = split_weight(full)
         items = load_slice(spec, limit=limit, seed=seed)
         ensure(len(items) > 0, f"{what} set {spec!r} is empty")
         for it in items:
             ensure(it.label in ("harmful", "harmless"), f"{what} set {spec!r}: item {it.id} has no harmful/harmless label")
             (harm if it.label == "harmful" else safe).append(it.messages if it.messages is not None else it.prompt)
-        used.append({"spec": spec, "n": len(items), "keys": [text_key(it.messages or it.prompt) for it in items]})
+        n_h = sum(it.label == "harmful" for it in items)
+        used.append({"spec": spec, "n": len(items), "weight": weight, "n_harmful": n_h, "n_harmless": len(items) - n_h,
+                     "keys": [text_key(it.messages or it.prompt) for it in items]})
     return harm, safe, used
+
+
+def _per_set(used: list[dict], label: str, values: Sequence[float] | torch.Tensor) -> list[tuple[str, Any]]:
+    """Split a pooled per-label sequence back into ``(spec, part)`` per set (sets without that label left out)."""
+    out, cut = [], 0
+    for u in used:
+        n = u[f"n_{label}"]
+        if n:
+            out.append((u["spec"], values[cut:cut + n]))
+        cut += n
+    return out
 
 
 def fit_policy(model: nn.Module, tok: Any, cfg: PolicyFitConfig, progress: bool = True,
@@ -145,6 +183,11 @@ def fit_policy(model: nn.Module, tok: Any, cfg: PolicyFitConfig, progress: bool 
         gated_model = cfg.gate_model
     layer = models.check_layer(reader, cfg.layer if cfg.layer is not None else first)
     P = cfg.positions or post_instruction_positions(tok)
+    suffix_ids = [int(i) for i in tok(cfg.gate_suffix, add_special_tokens=False)["input_ids"]] if cfg.gate_suffix else None
+    if suffix_ids is not None:
+        ensure(cfg.gate != "always", "an unconditional policy has no gate to give a suffix")
+        P = min(P, len(suffix_ids)) if cfg.positions is None else P
+        ensure(len(suffix_ids) >= P, f"the gate suffix has {len(suffix_ids)} tokens, fewer than the {P} positions read")
     kw: dict[str, Any] = dict(reduce=cfg.reduce, strength=cfg.strength)
     if cfg.gate in ("probe", "sae") and cfg.C is not None:
         kw["C"] = cfg.C
@@ -156,7 +199,7 @@ def fit_policy(model: nn.Module, tok: Any, cfg: PolicyFitConfig, progress: bool 
     gate = make_gate(cfg.gate, layer, P, **kw)
     meta: dict[str, Any] = {"fpr": cfg.fpr, "positions": P}
     pol = Policy(gate=gate, steering=list(cfg.steering), name=cfg.name or cfg.gate, model=models.model_name(model),
-                 meta=meta, gate_model=gated_model,
+                 meta=meta, gate_model=gated_model, gate_suffix=cfg.gate_suffix or None, gate_suffix_ids=suffix_ids,
                  template_ids=template_ids(tok, post_instruction_positions(tok)) if cfg.chat_only else None)
     pol.check(model, ivs)
     if cfg.gate == "always":
@@ -165,7 +208,8 @@ def fit_policy(model: nn.Module, tok: Any, cfg: PolicyFitConfig, progress: bool 
     memo = residuals if residuals is not None else {}
 
     def inputs(prompts: list[Any], desc: str) -> torch.Tensor:
-        key = hashlib.sha1(json.dumps([models.model_name(reader), layer, P, prompts], sort_keys=True).encode()).hexdigest()
+        parts = [models.model_name(reader), layer, P, prompts] + ([suffix_ids] if suffix_ids else [])
+        key = hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()
         if key in memo:
             return memo[key]
         f = Path(cfg.cache) / f"gate_inputs_{key[:24]}.safetensors" if cfg.cache else None
@@ -174,7 +218,8 @@ def fit_policy(model: nn.Module, tok: Any, cfg: PolicyFitConfig, progress: bool 
 
             memo[key] = load_file(str(f))["h"]
         else:
-            memo[key] = collect_gate_inputs(reader, tok, prompts, layer, P, cfg.batch_size, progress, desc)
+            memo[key] = collect_gate_inputs(reader, tok, prompts, layer, P, cfg.batch_size, progress, desc,
+                                            suffix_ids=suffix_ids)
             if f is not None:
                 from safetensors.torch import save
 
@@ -183,14 +228,22 @@ def fit_policy(model: nn.Module, tok: Any, cfg: PolicyFitConfig, progress: bool 
 
     th, ts, used = _labelled(cfg.train, cfg.limit, cfg.seed, "train")
     ensure(len(th) >= 2 and len(ts) >= 2, "train sets need >= 2 harmful and >= 2 harmless prompts")
-    gate.fit(inputs(th, "gate train harmful"), inputs(ts, "gate train harmless"))
+    weights = {}
+    if any(u["weight"] != 1.0 for u in used):
+        ensure(cfg.gate == "probe", f"per-set weights (@W) apply to probe gates only, not {cfg.gate!r}")
+        for lab in ("harmful", "harmless"):
+            weights[f"{lab}_weight"] = torch.cat([torch.full((u[f"n_{lab}"],), u["weight"]) for u in used])
+    gate.fit(inputs(th, "gate train harmful"), inputs(ts, "gate train harmless"), **weights)
     meta["train"] = {"sets": [{k: v for k, v in u.items() if k != "keys"} for u in used], "n_harmful": len(th),
                      "n_harmless": len(ts)}
     vh, vs, vused = _labelled(cfg.val, cfg.limit, cfg.seed, "val")
     ensure(len(vs) > 0, "validation sets hold no harmless prompts: the FPR cap needs benign scores")
+    ensure(cfg.fpr_cap in ("pooled", "per-set"), f"fpr_cap must be pooled or per-set, got {cfg.fpr_cap!r}")
     hs = gate.score(inputs(vh, "gate val harmful")) if vh else None
+    bs = gate.score(inputs(vs, "gate val harmless"))
+    sets = dict(_per_set(vused, "harmless", bs)) if cfg.fpr_cap == "per-set" else None
     meta["val"] = {"sets": [{k: v for k, v in u.items() if k != "keys"} for u in vused],
-                   **gate.calibrate(gate.score(inputs(vs, "gate val harmless")), hs, cfg.fpr)}
+                   **gate.calibrate(bs, hs, cfg.fpr, benign_sets=sets)}
     meta["used_prompts"] = sorted({k for u in used + vused for k in u["keys"]})
     meta["heldout"] = {}
     seen = set(meta["used_prompts"])

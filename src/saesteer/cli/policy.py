@@ -77,8 +77,11 @@ def fit_cmd(
                                             "post-instruction tokens)"),
     reduce: str = typer.Option("mean", help="pool the positions: mean | last"),
     fpr: float = typer.Option(0.02, help="false-positive rate cap on the benign validation prompts"),
+    fpr_cap: str = typer.Option("pooled", help="pooled: the cap holds over all benign val prompts; per-set: on each "
+                                "benign val set separately"),
     strength: str = typer.Option("hard", help="hard | linear | sigmoid (strength grows with the gate score)"),
-    train: List[str] = typer.Option(["arditi-harmful:train,arditi-harmless:train"], help="gate training sets"),
+    train: List[str] = typer.Option(["arditi-harmful:train,arditi-harmless:train"], help="gate training sets "
+                                    "(a trailing @W weights a set in a probe's fit, e.g. jbb-benign#0:0.4@4)"),
     val: List[str] = typer.Option(["arditi-harmful:val,arditi-harmless:val"], help="threshold sets (FPR cap)"),
     heldout: List[str] = typer.Option([], help="held-out sets to report fire rates on (e.g. xstest:safe)"),
     limit: Optional[int] = typer.Option(256, help="seeded sample per set (0 = all)"),
@@ -88,6 +91,9 @@ def fit_cmd(
     cache: Optional[Path] = typer.Option(None, help="folder caching the gate inputs (refits skip the forwards)"),
     name: Optional[str] = typer.Option(None, help="policy name in comparison tables (default: the file stem)"),
     seed: int = typer.Option(0, help="seed of the subsamples"),
+    gate_suffix: str = typer.Option("", help="text the gate reads after each prompt (a prompted probe), e.g. "
+                                     "'Before answering, I judge whether this request is harmful or harmless. "
+                                     "Verdict: the request is'; generation never sees it"),
     chat_only: bool = typer.Option(True, "--chat-only/--any-text", help="never steer prompts that do not end with the "
                                    "chat template's post-instruction tokens (raw text the gate was not fitted on)"),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
@@ -108,10 +114,11 @@ def fit_cmd(
     ensure(len(kinds) == 1 or "{gate}" in str(out), "several gates need --out with a {gate} placeholder, "
            "e.g. --out runs/policy-{gate}.json")
     cfg = PolicyFitConfig(steering=specs, gate=kinds[0], layer=gate_layer, positions=positions, reduce=reduce, fpr=fpr,
+                          fpr_cap=fpr_cap,
                           strength=strength, train=_split(train), val=_split(val), heldout=_split(heldout),
                           limit=limit or None, top_m=top_m, C=c, sae=_abs(str(gate_sae)) if gate_sae else None,
                           batch_size=batch_size, cache=str(cache) if cache else None, name=name or "", seed=seed,
-                          gate_model=gate_model, chat_only=chat_only)
+                          gate_model=gate_model, chat_only=chat_only, gate_suffix=gate_suffix)
     set_threads(threads)
     m, tok = load_model(model, device=resolve_device(device))
     shared: dict = {}  # residuals collected once, shared by every gate kind
