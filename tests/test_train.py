@@ -114,8 +114,13 @@ def test_bad_input(cache, tmp_path):
     bad = synthetic_acts(1200)
     bad[900, 3] = float("nan")
     nan_cache = write_cache(tmp_path / "nan", bad, shards=2)
+    import threading
+
+    before = {t.ident for t in threading.enumerate()}
     with pytest.raises(SaesteerError, match="NaN"):
         train(_cfg(nan_cache, tmp_path / "y", init_sample=100, steps=30))
+    # the prefetch worker is shut down on the error path too (no idle thread left behind)
+    assert not [t for t in threading.enumerate() if t.ident not in before and t.name.startswith("ThreadPoolExecutor")]
     assert not (tmp_path / "y" / "saesteer.json").exists()
     assert not (tmp_path / "x" / "saesteer.json").exists()
 

@@ -299,9 +299,9 @@ def _train(cfg: TrainConfig) -> TopKSAE | None:
     progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         TextColumn("{task.description}"), disable=not (cfg.progress and rank == 0))
     t0, tok0, last = time.perf_counter(), step * cfg.batch_size, {}
-    prefetch = ThreadPoolExecutor(1)  # only this worker touches the reader during the loop
     stopped = False
-    with progress:
+    # one prefetch worker (the only one touching the reader during the loop); shut down on every exit, errors too
+    with ThreadPoolExecutor(1) as prefetch, progress:
         task = progress.add_task("", total=total, completed=step)
         while step < total:
             epoch, b = divmod(step, bpe)
@@ -363,7 +363,6 @@ def _train(cfg: TrainConfig) -> TopKSAE | None:
                     break
             if stopped:
                 break
-    prefetch.shutdown(wait=True)
     if metrics_f:
         metrics_f.close()
     if stopped:
