@@ -66,6 +66,42 @@ def _groups(limit: int, tests: str) -> tuple[dict[str, list], dict[str, str]]:
     return groups, role
 
 
+def _write_policy_cache(args: argparse.Namespace, layers: list[int], flat: list, res: dict[int, torch.Tensor]) -> None:
+    """The train / val inputs in `saesteer policy fit --cache` form (same keys): its fits skip the forwards."""
+    from transformers import AutoTokenizer
+    from safetensors.torch import save
+
+    from saesteer.utils import atomic_write_bytes
+
+    path, kw = models.resolve_model_path(args.model)
+    tok = models.prepare_tokenizer(AutoTokenizer.from_pretrained(path, **kw))
+    P = post_instruction_positions(tok)
+    sids = [int(i) for i in tok(args.suffix, add_special_tokens=False)["input_ids"]] if args.suffix else None
+    if sids:  # the library appends ids; this script tokenised text: only equal tokenisations may be cached
+        P = min(P, len(sids))
+        for p in flat:
+            a = tok(models.format_chat(tok, p) + args.suffix, add_special_tokens=False)["input_ids"]
+            b = tok(models.format_chat(tok, p), add_special_tokens=False)["input_ids"] + sids
+            if a != b:
+                print("suffix tokenises differently after some prompt: policy cache not written")
+                return
+    where = {}
+    for i, p in enumerate(flat):
+        where.setdefault(json.dumps(p, sort_keys=True), i)
+    n = 0
+    for specs in (TRAIN, VAL):
+        h, s, _ = _labelled(specs.split(","), args.limit, 0, "x")
+        for L in layers:
+            for prompts in (h, s):
+                parts = [args.model, L, P, prompts] + ([sids] if sids else [])
+                k = hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+                rows = torch.tensor([where[json.dumps(p, sort_keys=True)] for p in prompts])
+                atomic_write_bytes(Path(args.policy_cache) / f"gate_inputs_{k[:24]}.safetensors",
+                                   save({"h": res[L][rows].contiguous()}))
+                n += 1
+    print(f"wrote {n} policy-fit cache files to {args.policy_cache}")
+
+
 def _threshold(scores: dict[str, torch.Tensor], fpr: float, cap: str) -> float:
     benign = [v for k, v in scores.items() if k.startswith("val:") and k.endswith("[harmless]")]
     if cap == "pooled":
@@ -124,19 +160,8 @@ def main() -> None:
         tmp = f.with_suffix(".tmp")
         save_file({str(k): v.contiguous() for k, v in res.items()}, str(tmp))
         tmp.rename(f)
-        if args.policy_cache and not args.suffix:  # the same inputs in `saesteer policy fit --cache` form: its refits skip the forwards
-            from saesteer.utils import atomic_write_bytes
-            from safetensors.torch import save
-
-            for specs in (TRAIN, VAL):
-                h, s, _ = _labelled(specs.split(","), args.limit, 0, "x")
-                for L in layers:
-                    for prompts in (h, s):
-                        k = hashlib.sha1(json.dumps([models.model_name(model), L, P, prompts],
-                                                    sort_keys=True).encode()).hexdigest()
-                        rows = torch.tensor([where[json.dumps(p, sort_keys=True)] for p in prompts])
-                        atomic_write_bytes(Path(args.policy_cache) / f"gate_inputs_{k[:24]}.safetensors",
-                                           save({"h": got[L][rows].contiguous()}))
+    if args.policy_cache:
+        _write_policy_cache(args, layers, flat, res)
     parts: dict[str, dict[int, torch.Tensor]] = {}
     cut = 0
     for name, g in groups.items():
