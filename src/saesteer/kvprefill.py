@@ -60,7 +60,7 @@ def sharing_trackers(model: torch.nn.Module) -> list[Any] | None:
         if getattr(fn, "__module__", None) != steering.__name__:
             return None  # a hook we do not know may read the whole prompt of each row
         owner = getattr(fn, "__self__", None)
-        if isinstance(owner, steering._PositionTracker):
+        if isinstance(owner, steering.PositionTracker):
             trackers.append(owner)
     if any(getattr(iv, "row_scale", None) is not None for iv in steering.active_interventions(model)):
         return None
@@ -134,7 +134,7 @@ def prefill(
     if P:
         forward(input_ids=ids[:1, :P], attention_mask=mask[:1, :P], position_ids=pos[:1, :P], past_key_values=cache, **kw)
     for t in trackers or ():
-        t.prompt_len = total  # every position up to ``total`` is prompt, whatever the forwards' split
+        t.set_prompt_len(total)  # every position up to ``total`` is prompt, whatever the forwards' split
     groups = length_groups([len(p) - P for p in prompts]) if trackers is not None else [list(range(B))]
     info = {"shared": P, "groups": len(groups)}
     if len(groups) == 1:

@@ -315,8 +315,11 @@ Ablate = AblateFeature  # ARCHITECTURE.md name
 
 
 # --------------------------------------------------------------------------------------------- hooks
-class _PositionTracker:
-    """Reads the KV-cache length at each forward of the model body, to tell prompt from generated positions."""
+class PositionTracker:
+    """Reads the KV-cache length at each forward of the model body, to tell prompt from generated positions.
+
+    A caller that feeds one prompt in several forwards (``saesteer.kvprefill``: a shared prefix, then the rest)
+    tells it where the prompt ends with :meth:`set_prompt_len`."""
 
     def __init__(self) -> None:
         self.past = 0
@@ -337,6 +340,10 @@ class _PositionTracker:
             self.prompt_len = self.seq
         elif self.prompt_len is None:
             self.prompt_len = past
+
+    def set_prompt_len(self, n: int) -> None:
+        """Positions ``< n`` are prompt, whatever split the forwards that fill the cache use."""
+        self.prompt_len = int(n)
 
     def mask(self, positions: str, seq: int) -> torch.Tensor | None:
         """``[seq]`` bool on the CPU (no device sync to test it), or None for every position."""
@@ -368,7 +375,7 @@ def steer(model: nn.Module, interventions: Sequence[Intervention] | Intervention
         p = iv.positions or positions
         ensure(p in POSITIONS, f"positions must be one of {', '.join(POSITIONS)}, got {p!r}")
         iv.prepare(model)
-    tracker = _PositionTracker()
+    tracker = PositionTracker()
     by_layer: dict[int, list[Intervention]] = {}
     embed_ivs: list[Intervention] = []
     for iv in ivs:
