@@ -84,3 +84,6 @@ $S policy fit --model $M --sae runs/sae-qwen-l12 --feature 1647 --clamp 12.9207 
 $S compare --model $M --policies $P/clamp.json,$P/clamp+probe.json,$P/clamp+sae.json,$P/clamp+cast.json,$P/clamp+probe-1.5b.json,$P/clamp+probe-1.5b-linear.json,$P/clamp+probe-1.5b-perset.json \
    --limit 40 --capability mmlu,truthfulqa_mc1 --capability-limit 24 --multiturn-limit 8 --max-turns 3 \
    --exclude docs/results/features/selection.json --out runs/lead/compare3
+#     post hoc: could any threshold of the 1.5B gate meet the goal on these test items? (diagnostic, never for choosing)
+.venv/bin/python scripts/gate_frontier.py --compare runs/lead/compare3 --condition clamp+probe-1.5b \
+   --out docs/results/gate_frontier_1.5b.json
