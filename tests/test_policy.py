@@ -625,3 +625,47 @@ def test_cli_fit_with_gate_suffix(tiny_dir, tmp_path):
     assert pol.gate.positions == min(post_instruction_positions(tok), len(ids))
     r = _cli(["policy", "show", out, "--json"])
     assert r.exit_code == 0 and json.loads(r.output)["gate_suffix"] == " Verdict:"
+
+
+@torch.no_grad()
+def test_lookahead_reads_only_chat_rows(tiny, gate_model_dir):
+    """A gate model's lookahead forwards only the rows that can be steered (chat rows): same decisions and outputs as
+    reading every row, raw-text rows logged with no score; a batch without chat rows skips the forward."""
+    from saesteer.policy import load_gate_model
+    from saesteer.policy_fit import template_ids
+
+    model, tok = tiny
+    gm, _ = load_gate_model(str(gate_model_dir))
+    P = post_instruction_positions(tok)
+    gate = _gate_firing_on(gm, tok, {0}, layer=1)
+    texts = [models.format_chat(tok, PROMPTS[0]), "Question: what is 2 + 2?\nAnswer:",
+             models.format_chat(tok, PROMPTS[1]), "the quick brown fox jumps over the lazy dog"]
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    ivs = [Add(vector=_vec(model), alpha=1.0, layer=0)]
+    seen = []
+    h = gm.get_input_embeddings().register_forward_hook(lambda _m, inp, _o: seen.append(inp[0].shape[0]))
+    try:
+        pol = Policy(gate=gate, steering=SPEC, gate_model=str(gate_model_dir), template_ids=template_ids(tok, P))
+        with pol.apply(model, ivs) as run:
+            out = model(**enc).logits
+        assert seen == [2]  # the two chat rows only
+        assert [d["fired"] for d in run.last] == [True, False, False, False]
+        assert run.last[1]["score"] is None and run.last[3]["score"] is None
+        assert run.last[0]["score"] is not None and run.last[2]["score"] is not None
+        full = Policy(gate=gate, steering=SPEC, gate_model=str(gate_model_dir))  # no template check: every row read
+        with full.apply(model, ivs) as run_all:
+            out_all = model(**enc).logits
+        assert seen[-1] == 4
+        assert run.last[0]["score"] == pytest.approx(run_all.last[0]["score"], abs=1e-5)
+        assert run.last[2]["score"] == pytest.approx(run_all.last[2]["score"], abs=1e-5)
+        assert torch.allclose(out[0], out_all[0], atol=1e-5) and torch.equal(out[1], model(**enc).logits[1])
+        raw = tok([texts[1], texts[3]], return_tensors="pt", padding=True, add_special_tokens=False)
+        n = len(seen)
+        with pol.apply(model, ivs) as run_raw:
+            out_raw = model(**raw).logits
+        assert len(seen) == n  # no chat row: the gate model never ran
+        assert [d["fired"] for d in run_raw.last] == [False, False]
+        assert torch.equal(out_raw, model(**raw).logits)
+        json.dumps(run.last, allow_nan=False)  # the log stays valid JSON (no NaN)
+    finally:
+        h.remove()

@@ -108,6 +108,16 @@ class PolicyRun:
         off = torch.zeros(ids.shape[0], device=ids.device)
         for iv in self.interventions:
             iv.set_row_scale(off)  # scale 0: the lookahead sees the unsteered residual, bit for bit
+        chat = self._chat_rows(ids.shape[0])
+        rows = None
+        if chat is not None and not bool(chat.all()):  # raw-text rows are never steered: read only the chat rows
+            rows = torch.nonzero(chat).flatten()
+            if rows.numel() == 0:
+                self._decide(None, rows=rows)
+                self._decided = True
+                return
+            ids = ids[rows.to(ids.device)]
+            mask = mask[rows.to(mask.device)] if mask is not None else None
         if self.suffix_ids is not None:  # the gate reads the prompt followed by the policy's fixed suffix
             n, suf = ids.shape[0], self.suffix_ids.to(ids.device)
             ids = torch.cat([ids, suf.expand(n, -1)], 1)
@@ -118,7 +128,7 @@ class PolicyRun:
             h = models.run_to_layer(self.lookahead, ids, mask, self.gate.layer)
         finally:
             self._nested = False
-        self._decide(h)
+        self._decide(h, rows=rows)
         self._decided = True
     # the gate hook ---------------------------------------------------------------------------------------------------
     def gate_hook(self, _mod: nn.Module, _inp: Any, out: Any) -> None:
@@ -127,21 +137,34 @@ class PolicyRun:
         self._decide(models.layer_output(out))
         return None
 
-    def _decide(self, h: torch.Tensor) -> None:
-        h = h.unsqueeze(0) if h.ndim == 2 else h
+    def _decide(self, h: torch.Tensor | None, rows: torch.Tensor | None = None) -> None:
+        """Gate the batch from residuals ``h``; with ``rows``, ``h`` holds only those rows of the batch (the chat
+        rows: the others are never steered, their score is logged as None)."""
         P = self.gate.positions
-        ensure(h.shape[1] >= P, f"policy gate reads the last {P} prompt tokens but the prompt has {h.shape[1]}")
         mask = self._mask if isinstance(self._mask, torch.Tensor) and self._mask.ndim == 2 else None
         if mask is not None:
             ensure(bool(mask[:, -P:].bool().all()),
                    "policy gates need left padding (the last prompt tokens of some row are padding)")
-        with torch.no_grad():
-            scores, fired, strength = self.gate.decide(h[:, -P:].detach())
-        chat = self._chat_rows(h.shape[0])
+        if rows is None:
+            h = h.unsqueeze(0) if h.ndim == 2 else h
+            ensure(h.shape[1] >= P, f"policy gate reads the last {P} prompt tokens but the prompt has {h.shape[1]}")
+            with torch.no_grad():
+                scores, fired, strength = (t.cpu() for t in self.gate.decide(h[:, -P:].detach()))
+            n, dev = h.shape[0], h.device
+        else:
+            n = self._ids.shape[0]
+            scores, fired, strength = torch.full((n,), float("nan")), torch.zeros(n, dtype=torch.bool), torch.zeros(n)
+            if rows.numel():
+                ensure(h.shape[1] >= P, f"policy gate reads the last {P} prompt tokens but the prompt has {h.shape[1]}")
+                with torch.no_grad():
+                    s, f, st = self.gate.decide(h[:, -P:].detach())
+                scores[rows], fired[rows], strength[rows] = s.cpu(), f.cpu(), st.cpu()
+            dev = h.device if h is not None else self._ids.device
+        chat = self._chat_rows(n)
         if chat is not None:
             fired, strength = fired & chat, torch.where(chat, strength, torch.zeros_like(strength))
         for iv in self.interventions:
-            iv.set_row_scale(strength.to(h.device))
+            iv.set_row_scale(strength.to(dev))
         self._log(scores, fired, strength, mask, chat)
 
     def _chat_rows(self, n: int) -> torch.Tensor | None:
@@ -158,7 +181,9 @@ class PolicyRun:
         ids = self._ids if isinstance(self._ids, torch.Tensor) and self._ids.ndim == 2 else None
         rows = []
         for i in range(scores.shape[0]):
-            d: dict[str, Any] = {"score": float(scores[i]), "fired": bool(fired[i]), "strength": float(strength[i])}
+            sc = float(scores[i])
+            d: dict[str, Any] = {"score": None if math.isnan(sc) else sc, "fired": bool(fired[i]),
+                                 "strength": float(strength[i])}
             if chat is not None:
                 d["chat"] = bool(chat[i])  # False: not a chat prompt, left unsteered whatever the score
             if ids is not None and ids.shape[0] == scores.shape[0]:
