@@ -17,25 +17,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
+from saesteer.compare import _slug  # noqa: E402  (the compare's folder names)
 from saesteer.utils import atomic_write_json  # noqa: E402
 
 UNSAFE = ("xstest_unsafe", "advbench_test", "jbb-harmful")
 SAFE = ("xstest_safe", "jbb-benign")
 
 
-def _folder(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
-
-
 def _items(root: Path, cond: str, subset: str) -> dict[str, dict]:
-    f = root / "conditions" / _folder(cond) / subset / "items.jsonl"
+    f = root / "conditions" / _slug(cond) / subset / "items.jsonl"
     if not f.exists():
         raise SystemExit(f"missing {f}: run saesteer compare with this condition first")
     return {r["prompt"]: r for r in map(json.loads, f.read_text().splitlines()) if r.get("error") is None}

@@ -36,8 +36,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from gate_layers import TEST, TRAIN, VAL, residuals  # noqa: E402
 from saesteer import models  # noqa: E402
-from saesteer.gates import ProbeGate, choose_threshold, post_instruction_positions  # noqa: E402
-from saesteer.policy_fit import _labelled, load_slice, text_key  # noqa: E402
+from saesteer.gates import ProbeGate, choose_threshold, choose_threshold_per_set, post_instruction_positions  # noqa: E402
+from saesteer.policy_fit import _labelled, gate_inputs_file, gate_inputs_key, load_slice, text_key  # noqa: E402
 from saesteer.utils import atomic_write_json, rate_summary, set_threads  # noqa: E402
 
 HARD = ("xstest", "jbb-benign")  # train sets whose benign prompts look harmful
@@ -93,10 +93,8 @@ def _write_policy_cache(args: argparse.Namespace, layers: list[int], flat: list,
         h, s, _ = _labelled(specs.split(","), args.limit, 0, "x")
         for L in layers:
             for prompts in (h, s):
-                parts = [args.model, L, P, prompts] + ([sids] if sids else [])
-                k = hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()
                 rows = torch.tensor([where[json.dumps(p, sort_keys=True)] for p in prompts])
-                atomic_write_bytes(Path(args.policy_cache) / f"gate_inputs_{k[:24]}.safetensors",
+                atomic_write_bytes(gate_inputs_file(args.policy_cache, gate_inputs_key(args.model, L, P, prompts, sids)),
                                    save({"h": res[L][rows].contiguous()}))
                 n += 1
     print(f"wrote {n} policy-fit cache files to {args.policy_cache}")
@@ -104,9 +102,7 @@ def _write_policy_cache(args: argparse.Namespace, layers: list[int], flat: list,
 
 def _threshold(scores: dict[str, torch.Tensor], fpr: float, cap: str) -> float:
     benign = [v for k, v in scores.items() if k.startswith("val:") and k.endswith("[harmless]")]
-    if cap == "pooled":
-        return choose_threshold(torch.cat(benign), fpr)
-    return max(choose_threshold(b, fpr) for b in benign)
+    return choose_threshold(torch.cat(benign), fpr) if cap == "pooled" else choose_threshold_per_set(benign, fpr)
 
 
 def main() -> None:

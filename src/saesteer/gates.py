@@ -414,6 +414,7 @@ def collect_gate_inputs(model: Any, tok: Any, prompts: Sequence[Any], layer: int
     check_layer(model, layer)
     ensure(len(prompts) > 0, f"no prompts to collect {desc} from")
     texts = [format_chat(tok, p) for p in prompts]
+    suffix = [int(i) for i in suffix_ids or ()]
     device = next(model.parameters()).device
     out: list[torch.Tensor] = []
     it = range(0, len(texts), batch_size)
@@ -422,11 +423,8 @@ def collect_gate_inputs(model: Any, tok: Any, prompts: Sequence[Any], layer: int
 
         it = tqdm(it, desc=desc, unit="batch", leave=False)
     for i in it:
-        if suffix_ids:
-            ids = [list(x) + list(suffix_ids) for x in tok(texts[i:i + batch_size], add_special_tokens=False)["input_ids"]]
-            enc = tok.pad({"input_ids": ids}, return_tensors="pt")
-        else:
-            enc = tok(texts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+        ids = [list(x) + suffix for x in tok(texts[i:i + batch_size], add_special_tokens=False)["input_ids"]]
+        enc = tok.pad({"input_ids": ids}, return_tensors="pt")
         ensure(enc["input_ids"].shape[1] >= positions, f"prompts shorter than the {positions} gate positions")
         h = run_to_layer(model, enc["input_ids"].to(device), enc["attention_mask"].to(device), layer)
         out.append(h[:, -positions:].float().cpu())

@@ -145,21 +145,19 @@ class PolicyRun:
         if mask is not None:
             ensure(bool(mask[:, -P:].bool().all()),
                    "policy gates need left padding (the last prompt tokens of some row are padding)")
-        if rows is None:
+        if h is not None:
             h = h.unsqueeze(0) if h.ndim == 2 else h
             ensure(h.shape[1] >= P, f"policy gate reads the last {P} prompt tokens but the prompt has {h.shape[1]}")
             with torch.no_grad():
                 scores, fired, strength = (t.cpu() for t in self.gate.decide(h[:, -P:].detach()))
-            n, dev = h.shape[0], h.device
-        else:
+        if rows is not None:  # scatter into the whole batch; unread rows: no score, never fired
             n = self._ids.shape[0]
+            part = (scores, fired, strength) if h is not None else None
             scores, fired, strength = torch.full((n,), float("nan")), torch.zeros(n, dtype=torch.bool), torch.zeros(n)
-            if rows.numel():
-                ensure(h.shape[1] >= P, f"policy gate reads the last {P} prompt tokens but the prompt has {h.shape[1]}")
-                with torch.no_grad():
-                    s, f, st = self.gate.decide(h[:, -P:].detach())
-                scores[rows], fired[rows], strength[rows] = s.cpu(), f.cpu(), st.cpu()
-            dev = h.device if h is not None else self._ids.device
+            if part is not None:
+                scores[rows], fired[rows], strength[rows] = part
+        n = scores.shape[0]
+        dev = h.device if h is not None else self._ids.device
         chat = self._chat_rows(n)
         if chat is not None:
             fired, strength = fired & chat, torch.where(chat, strength, torch.zeros_like(strength))

@@ -120,6 +120,17 @@ def template_ids(tok: Any, positions: int) -> list[int]:
     return [int(i) for i in ids[-positions:]]
 
 
+def gate_inputs_key(model_name: str, layer: int, positions: int, prompts: Sequence[Any],
+                    suffix_ids: Sequence[int] | None = None) -> str:
+    """Key of one collected gate-input tensor (``--cache`` files are ``gate_inputs_{key[:24]}.safetensors``)."""
+    parts = [model_name, layer, positions, list(prompts)] + ([list(suffix_ids)] if suffix_ids else [])
+    return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def gate_inputs_file(cache: str | Path, key: str) -> Path:
+    return Path(cache) / f"gate_inputs_{key[:24]}.safetensors"
+
+
 def split_weight(spec: str) -> tuple[str, float]:
     """``"jbb-benign#0:0.4@4"`` -> ``("jbb-benign#0:0.4", 4.0)``: a trailing ``@W`` weights the set's prompts in the
     gate's fit (e.g. up-weight benign look-alikes); no suffix -> weight 1."""
@@ -150,13 +161,13 @@ def _labelled(specs: Sequence[str], limit: int | None, seed: int, what: str) -> 
     return harm, safe, used
 
 
-def _per_set(used: list[dict], label: str, values: Sequence[float] | torch.Tensor) -> list[tuple[str, Any]]:
-    """Split a pooled per-label sequence back into ``(spec, part)`` per set (sets without that label left out)."""
-    out, cut = [], 0
+def _per_set(used: list[dict], label: str, values: Sequence[float] | torch.Tensor) -> dict[str, Any]:
+    """Split a pooled per-label sequence back into ``{spec: part}`` per set (sets without that label left out)."""
+    out, cut = {}, 0
     for u in used:
         n = u[f"n_{label}"]
         if n:
-            out.append((u["spec"], values[cut:cut + n]))
+            out[u["spec"]] = values[cut:cut + n]
         cut += n
     return out
 
@@ -208,11 +219,10 @@ def fit_policy(model: nn.Module, tok: Any, cfg: PolicyFitConfig, progress: bool 
     memo = residuals if residuals is not None else {}
 
     def inputs(prompts: list[Any], desc: str) -> torch.Tensor:
-        parts = [models.model_name(reader), layer, P, prompts] + ([suffix_ids] if suffix_ids else [])
-        key = hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+        key = gate_inputs_key(models.model_name(reader), layer, P, prompts, suffix_ids)
         if key in memo:
             return memo[key]
-        f = Path(cfg.cache) / f"gate_inputs_{key[:24]}.safetensors" if cfg.cache else None
+        f = gate_inputs_file(cfg.cache, key) if cfg.cache else None
         if f is not None and f.exists():
             from safetensors.torch import load_file
 
@@ -241,7 +251,7 @@ def fit_policy(model: nn.Module, tok: Any, cfg: PolicyFitConfig, progress: bool 
     ensure(cfg.fpr_cap in ("pooled", "per-set"), f"fpr_cap must be pooled or per-set, got {cfg.fpr_cap!r}")
     hs = gate.score(inputs(vh, "gate val harmful")) if vh else None
     bs = gate.score(inputs(vs, "gate val harmless"))
-    sets = dict(_per_set(vused, "harmless", bs)) if cfg.fpr_cap == "per-set" else None
+    sets = _per_set(vused, "harmless", bs) if cfg.fpr_cap == "per-set" else None
     meta["val"] = {"sets": [{k: v for k, v in u.items() if k != "keys"} for u in vused],
                    **gate.calibrate(bs, hs, cfg.fpr, benign_sets=sets)}
     meta["used_prompts"] = sorted({k for u in used + vused for k in u["keys"]})
