@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .utils import SaesteerError, atomic_dir, ensure
+from .utils import SaesteerError, atomic_dir, ensure, require_package
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
 
@@ -153,8 +153,16 @@ def assemble_gguf(spec: BuiltinModel) -> Path:
     return out
 
 
+def _require_gguf_support() -> None:
+    """transformers reads GGUF files only with ``gguf`` and ``accelerate`` installed (both base dependencies)."""
+    require_package("gguf", "reading a GGUF model")
+    require_package("accelerate", "reading a GGUF model")
+
+
 def _gguf_to_hf(gguf: Path, dest: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _require_gguf_support()
 
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
@@ -172,6 +180,7 @@ def ensure_converted(name: str, progress: bool = True) -> Path:
     dest = converted_dir(name)
     if is_cached(name):
         return dest
+    _require_gguf_support()
     gguf = assemble_gguf(spec)
     if progress:
         from rich.console import Console
@@ -187,7 +196,8 @@ def resolve_model_path(name_or_path: str) -> tuple[str, dict[str, Any]]:
         return str(ensure_converted(name_or_path)), {}
     p = Path(name_or_path).expanduser()
     if p.suffix == ".gguf":
-        ensure(p.exists(), f"GGUF file not found: {p}")
+        ensure(p.is_file(), f"GGUF file not found: {p}")
+        _require_gguf_support()
         return str(p.parent), {"gguf_file": p.name}
     if p.exists():
         ensure(p.is_dir() and (p / "config.json").exists(), f"{p} is not a Hugging Face model folder (no config.json)")
@@ -212,13 +222,22 @@ def load_model(
         tok = AutoTokenizer.from_pretrained(path, **kw)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
     except OSError as e:  # hub ids without internet, broken folders
-        raise SaesteerError(f"could not load model {name_or_path!r}: {str(e).splitlines()[0]}") from None
+        raise SaesteerError(f"could not load model {name_or_path!r}: {_first_line(e)}") from None
+    except (ValueError, KeyError, RuntimeError) as e:
+        if "gguf_file" not in kw:
+            raise
+        raise SaesteerError(f"could not read GGUF file {name_or_path!r}: {_first_line(e)}") from None
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
     prepare_tokenizer(tok)
     model.to(device).eval()
     model.saesteer_name = name_or_path  # what SAEs record as their model
     return model, tok
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
 
 
 def prepare_tokenizer(tok: Any) -> Any:

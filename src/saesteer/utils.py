@@ -25,6 +25,19 @@ def ensure(cond: bool, msg: str) -> None:
         raise SaesteerError(msg)
 
 
+def require_package(module: str, why: str, pip_name: str | None = None) -> None:
+    """Raise :class:`SaesteerError` naming ``pip install …`` unless ``module`` can be imported."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise SaesteerError(f"{why} needs the Python package {pip_name or module!r}, which is not installed: "
+                            f"pip install {pip_name or module}")
+
+
 # --------------------------------------------------------------------------------------------- atomic writes
 def _check_writable_dir(d: Path) -> None:
     try:
