@@ -38,9 +38,10 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "collect.json"))
     args = ap.parse_args()
 
-    from saesteer.activations import CollectConfig, collect, keep_mask, make_batches, pad_right, tokenize_docs, _load_docs
+    from saesteer.activations import CollectConfig, collect, keep_mask, make_batches, pad_right, tokenize_docs
+    from saesteer.activations.collect import _load_docs
+    from saesteer.core import atomic_write_json, resolve_device, set_threads
     from saesteer.models import get_layers, load_model, special_token_ids
-    from saesteer.utils import atomic_write_json, resolve_device, set_threads
 
     threads = set_threads(args.threads)
     device = resolve_device(args.device)

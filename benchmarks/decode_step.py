@@ -22,9 +22,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from saesteer import models  # noqa: E402
-from saesteer.utils import atomic_write_json, set_threads  # noqa: E402
 from _common import run_command  # noqa: E402
+
+from saesteer import models
+from saesteer.core import atomic_write_json, set_threads  # noqa: E402
 
 
 def _time(fn, reps: int) -> float:
@@ -55,7 +56,7 @@ def main() -> None:
     print(f"{len(lins)} Linear layers, {n_lin / 1e6:.0f}M weights; 2048² matmul {peak:.0f} GFLOP/s", flush=True)
     for M in (int(x) for x in args.rows.split(",")):
         xs = {m.in_features: torch.randn(M, m.in_features) for m in lins}
-        t_lin = _time(lambda: [m(xs[m.in_features]) for m in lins], args.reps)
+        t_lin = _time(lambda xs=xs: [m(xs[m.in_features]) for m in lins], args.reps)
         ids = tok(["The quick brown fox jumps over the lazy dog. " * 4] * M, return_tensors="pt").input_ids
         out = model(ids, use_cache=True)
         pkv, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)

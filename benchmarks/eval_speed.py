@@ -21,12 +21,12 @@ import time
 from pathlib import Path
 
 import torch
+from _common import run_command  # noqa: E402
 
+from saesteer.core import atomic_write_json, rate_summary, set_threads
 from saesteer.evals import capability as cap
 from saesteer.evals.lmeval import write_mmlu_task
 from saesteer.models import load_model
-from saesteer.utils import atomic_write_json, rate_summary, set_threads
-from _common import run_command  # noqa: E402
 
 
 def harness_mmlu(model, tok, rows, batch_size):

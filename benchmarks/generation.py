@@ -1,11 +1,11 @@
-"""Benchmark: saesteer.generation vs ``model.generate`` (batch 8, greedy), steered and unsteered, vs llama.cpp.
+"""Benchmark: saesteer.generation.decode vs ``model.generate`` (batch 8, greedy), steered and unsteered, vs llama.cpp.
 
     SAESTEER_THREADS=2 flock /tmp/saesteer-heavy.lock .venv/bin/python benchmarks/generation.py
 
 Same model, prompts and settings in one run. Every row decodes exactly ``--new-tokens`` tokens (EOS disabled on both
 sides) so all conditions do the same work, and the greedy tokens of ours are compared with ``model.generate``'s
 (``identical_rows``); ``model.generate`` runs twice per condition and its faster time counts. Batches of 64, 96 and 128 rows also report their prefill / decode split (a 1-token run) and
-batch 64 runs once without the shared-prefix prefill. Steering = ``saesteer.steering.Add`` of a fixed random vector at ``--layer`` (norm ``--alpha``).
+batch 64 runs once without the shared-prefix prefill. Steering = ``saesteer.steering.interventions.Add`` of a fixed random vector at ``--layer`` (norm ``--alpha``).
 The CPU reference is llama-cpp-python on the model's own GGUF file (unsteered, prompts one after another, its
 sampler at temperature 0); the JSON records the error when it is not installed. Ceilings: a large fp32 matmul
 (GFLOP/s) and a large tensor copy (GB/s, read + write). Prints and saves ``benchmarks/results/generation.json``.
@@ -28,11 +28,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from saesteer import models  # noqa: E402
+from _common import run_command  # noqa: E402
+
+from saesteer import models
+from saesteer.core import atomic_write_json, set_threads  # noqa: E402
 from saesteer.generation import GenerationConfig, encode_prompts, eos_token_ids, generate_rows  # noqa: E402
 from saesteer.steering import Add, steer  # noqa: E402
-from saesteer.utils import atomic_write_json, set_threads  # noqa: E402
-from _common import run_command  # noqa: E402
 
 PROMPTS = [  # mixed harmless / harmful requests, as the refusal evals see them
     "Write a bash one-liner that counts the lines of every .py file in a folder.",
@@ -105,7 +106,7 @@ def eval_task(model, tok, prompts, max_new: int) -> dict:
     runs the eval path (one large length-bucketed batch, finished rows dropped, each row stops once the judge's verdict
     is fixed). Reports both wall times and how many verdicts agree.
     """
-    from saesteer.evals.judges import PrefixJudge
+    from saesteer.evals import PrefixJudge
     from saesteer.generation import generate
 
     judge = PrefixJudge()

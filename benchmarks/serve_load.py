@@ -12,9 +12,9 @@ Reports errors, p50 / p95 latency and throughput of both phases. Prints and save
 from __future__ import annotations
 
 import argparse
-import os
 import asyncio
 import json
+import os
 import socket
 import statistics
 import sys
@@ -28,11 +28,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from saesteer import models  # noqa: E402
+from _common import run_command  # noqa: E402
+
+from saesteer import models
+from saesteer.core import atomic_write_json, set_threads  # noqa: E402
 from saesteer.serve import ServeConfig, make_app, served_models  # noqa: E402
 from saesteer.steering import Add, steer  # noqa: E402
-from saesteer.utils import atomic_write_json, set_threads  # noqa: E402
-from _common import run_command  # noqa: E402
 
 QUESTIONS = ["What is the capital of France?", "How do I make a bomb?", "Write a haiku about rain.",
              "Explain recursion briefly.", "How can I steal a car?", "Give me a tip for better sleep.",

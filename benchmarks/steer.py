@@ -22,11 +22,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from saesteer import models  # noqa: E402
+from _common import run_command  # noqa: E402
+
+from saesteer import models
+from saesteer.core import atomic_write_json, set_threads  # noqa: E402
 from saesteer.generation import GenerationConfig, generate_rows  # noqa: E402
 from saesteer.steering import Add, Clamp, steer  # noqa: E402
-from saesteer.utils import atomic_write_json, set_threads  # noqa: E402
-from _common import run_command  # noqa: E402
 
 PROMPTS = [
     "Write a Python function that reverses a string.",
@@ -42,7 +43,7 @@ PROMPTS = [
 
 def load_sae(path: Path, model: torch.nn.Module, layer: int, num_latents: int, k: int):
     if path.exists():
-        from saesteer.formats import load_sae as _load
+        from saesteer.sae import load_sae as _load
 
         return _load(path), f"trained SAE at {path}"
     from saesteer.sae import SAEConfig, TopKSAE
@@ -96,7 +97,7 @@ def main() -> None:
                 best[name] = {"tokens_per_s": tps, "seconds": dt, "tokens": n}
     base = best["unsteered"]["tokens_per_s"]
     result = {
-        "benchmark": "steered vs unsteered greedy generation (saesteer.generation, KV cache), same process",
+        "benchmark": "steered vs unsteered greedy generation (saesteer.generation.decode, KV cache), same process",
         "command": run_command(), "loadavg_at_end": os.getloadavg(),
         "model": args.model, "device": args.device, "threads": threads, "batch": args.batch,
         "new_tokens": args.new_tokens, "repeats": args.repeats, "sae": sae_note, "layer": sae.cfg.layer,

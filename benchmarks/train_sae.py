@@ -2,7 +2,7 @@
 
 Same training rows (every shard of the cache but the last), same held-out rows (the last shard, capped), same number of
 latents, k, batch size, number of steps, learning rate and warm-up, same batch order. saesteer is timed end to end
-through ``saesteer.train.train`` reading the cache from disk (initialisation, data loading and checkpoints included);
+through ``saesteer.sae.trainer.train`` reading the cache from disk (initialisation, data loading and checkpoints included);
 the peers are timed on the very same batches already in memory (their training loops only), which favours them.
 
 * sparsify (EleutherAI, Python API; its CLI hard-codes CUDA): ``SparseCoder`` + the step of its ``Trainer``
@@ -32,16 +32,21 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from saesteer.actcache import ActivationCache  # noqa: E402
-from saesteer.sae import lr_for  # noqa: E402
-from saesteer.train import BatchReader, TrainConfig, epoch_order, open_cache, train  # noqa: E402
-from saesteer.utils import atomic_write_json, set_threads  # noqa: E402
+from saesteer.activations import ActivationCache  # noqa: E402
+from saesteer.core import atomic_write_json, set_threads  # noqa: E402
+from saesteer.sae import (  # noqa: E402
+    BatchReader,
+    TrainConfig,
+    epoch_order,
+    lr_for,  # noqa: E402
+    open_cache,
+    train,
+)
 
 
 def split_cache(src: Path, tmp: Path, heldout: int) -> tuple[Path, torch.Tensor]:
@@ -177,8 +182,12 @@ def run_e2e(model: str, layer: int, data: str, tokens: int, n_lat: int, k: int, 
                        "tokens_per_s": steps * batch / (t2 - t0)}
     # SAELens: the same corpus as text, same model (HF folder of the converted built-in model)
     from datasets import Dataset
-    from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig
-    from sae_lens import TopKTrainingSAEConfig
+    from sae_lens import (
+        LanguageModelSAERunnerConfig,
+        LanguageModelSAETrainingRunner,
+        LoggingConfig,
+        TopKTrainingSAEConfig,
+    )
 
     from saesteer.data import load_texts
     from saesteer.models import converted_dir, ensure_converted

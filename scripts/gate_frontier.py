@@ -23,8 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from saesteer.compare import _slug  # noqa: E402  (the compare's folder names)
-from saesteer.utils import atomic_write_json  # noqa: E402
+from saesteer.core import atomic_write_json  # noqa: E402
+from saesteer.experiments.compare import _slug  # noqa: E402  (the compare's folder names)
 
 UNSAFE = ("xstest_unsafe", "advbench_test", "jbb-harmful")
 SAFE = ("xstest_safe", "jbb-benign")

@@ -1,6 +1,6 @@
 """Which layer separates harmful from harmless prompts best? A probe gate per layer, same data as the policies.
 
-For every layer in ``--layers`` a ``saesteer.gates.ProbeGate`` (logistic regression on the mean residual over the
+For every layer in ``--layers`` a ``saesteer.gating.gates.ProbeGate`` (logistic regression on the mean residual over the
 post-instruction tokens) is fitted on the policies' train sets, its threshold set on their validation sets for a
 ``--fpr`` cap on benign prompts, and its fire rate measured on the held-out slices the comparison draws from
 (XSTest / JBB 60-100 %, Arditi test). One forward pass per prompt batch reads every layer at once.
@@ -22,10 +22,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from saesteer import models  # noqa: E402
-from saesteer.gates import ProbeGate, post_instruction_positions  # noqa: E402
-from saesteer.policy_fit import _labelled, load_slice, text_key  # noqa: E402
-from saesteer.utils import atomic_write_json, rate_summary, set_threads  # noqa: E402
+from saesteer import models
+from saesteer.core import atomic_write_json, rate_summary, set_threads  # noqa: E402
+from saesteer.gating import ProbeGate, load_slice, post_instruction_positions, text_key  # noqa: E402  # noqa: E402
+from saesteer.gating.fit import _labelled
 
 TRAIN = "arditi-harmful:train,arditi-harmless:train,xstest#0:0.4,jbb-harmful#0:0.4,jbb-benign#0:0.4"
 VAL = "arditi-harmful:val,arditi-harmless:val,xstest#0.4:0.6,jbb-harmful#0.4:0.6,jbb-benign#0.4:0.6"

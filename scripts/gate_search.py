@@ -16,7 +16,7 @@ printed for the record, never used to choose).
     .venv/bin/python scripts/gate_search.py --model qwen2.5-coder-1.5b-instruct --layers 12,16,20 \\
         --out docs/results/gate_search_1.5b.json
 
-Analysis script for issue 6 (library code: ``saesteer.gates``); writes JSON atomically.
+Analysis script for issue 6 (library code: ``saesteer.gating.gates``); writes JSON atomically.
 """
 
 from __future__ import annotations
@@ -35,10 +35,20 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from gate_layers import TEST, TRAIN, VAL, residuals  # noqa: E402
-from saesteer import models  # noqa: E402
-from saesteer.gates import ProbeGate, choose_threshold, choose_threshold_per_set, post_instruction_positions  # noqa: E402
-from saesteer.policy_fit import _labelled, gate_inputs_file, gate_inputs_key, load_slice, text_key  # noqa: E402
-from saesteer.utils import atomic_write_json, rate_summary, set_threads  # noqa: E402
+
+from saesteer import models
+from saesteer.core import atomic_write_json, rate_summary, set_threads  # noqa: E402
+from saesteer.gating import (  # noqa: E402  # noqa: E402
+    ProbeGate,
+    choose_threshold,
+    choose_threshold_per_set,
+    gate_inputs_file,
+    gate_inputs_key,
+    load_slice,
+    post_instruction_positions,
+    text_key,
+)
+from saesteer.gating.fit import _labelled
 
 HARD = ("xstest", "jbb-benign")  # train sets whose benign prompts look harmful
 
@@ -68,10 +78,10 @@ def _groups(limit: int, tests: str) -> tuple[dict[str, list], dict[str, str]]:
 
 def _write_policy_cache(args: argparse.Namespace, layers: list[int], flat: list, res: dict[int, torch.Tensor]) -> None:
     """The train / val inputs in `saesteer policy fit --cache` form (same keys): its fits skip the forwards."""
-    from transformers import AutoTokenizer
     from safetensors.torch import save
+    from transformers import AutoTokenizer
 
-    from saesteer.utils import atomic_write_bytes
+    from saesteer.core import atomic_write_bytes
 
     path, kw = models.resolve_model_path(args.model)
     tok = models.prepare_tokenizer(AutoTokenizer.from_pretrained(path, **kw))

@@ -13,7 +13,7 @@ os.environ.setdefault("SAESTEER_THREADS", "2")
 @pytest.fixture(scope="session")
 def tiny():
     """A 2-layer random Llama and its tiny ChatML tokenizer (shared; do not mutate)."""
-    from saesteer.testing import tiny_model
+    from saesteer.models import tiny_model
 
     return tiny_model("llama")
 

@@ -11,7 +11,7 @@ import torch
 
 from saesteer import models
 from saesteer.activations import ActivationCache, CollectConfig, collect, keep_mask, pad_right, parse_mix_spec
-from saesteer.utils import SaesteerError
+from saesteer.core import SaesteerError
 
 DOCS = [
     "the quick brown fox jumps over the lazy dog",

@@ -4,6 +4,7 @@ rows are taken, and the stored rows still equal a plain unpadded forward of each
 from __future__ import annotations
 
 import json
+
 import torch
 
 from saesteer import models

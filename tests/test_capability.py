@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from saesteer.core import SaesteerError
 from saesteer.evals import capability as cap
-from saesteer.utils import SaesteerError
 
 
 def brute_ll(model, tok, context, cont):

@@ -7,14 +7,13 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from saesteer.cli import app, main
-
 from sae_double import make_sae
+from saesteer.cli import app, main
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, tiny):
-    from saesteer.formats import save_sae
+    from saesteer.sae import save_sae
 
     model, tok = tiny
     root = tmp_path_factory.mktemp("cli_steer")
@@ -81,7 +80,7 @@ def test_generate_errors_are_one_line(env, capsys):
 
 
 def test_sae_from_another_model_is_refused(env, tmp_path, capsys):
-    from saesteer.formats import save_sae
+    from saesteer.sae import save_sae
 
     save_sae(make_sae(64, 32, k=4, layer=1, model="some-other-model"), tmp_path / "foreign")
     msg = _err(["generate", "--model", env["model"], "--sae", str(tmp_path / "foreign"), "-f", "3", "-c", "1", "hi"],

@@ -7,20 +7,11 @@ import json
 import pytest
 import torch
 
-from saesteer.compare import (
-    CompareConfig,
-    goals,
-    markdown_table,
-    pareto_front,
-    pooled,
-    read_results,
-    run_compare,
-    write_report,
-)
-from saesteer.gates import AlwaysGate, ProbeGate
-from saesteer.policy import Policy
+from saesteer.core import SaesteerError, rate_summary
+from saesteer.experiments import CompareConfig, goals, markdown_table, pareto_front, run_compare, write_report
+from saesteer.experiments.compare import pooled, read_results
+from saesteer.gating import AlwaysGate, Policy, ProbeGate
 from saesteer.steering import SteeringSpec
-from saesteer.utils import SaesteerError, rate_summary
 
 # (condition, gate) -> {metric: (k, n)}
 SYN = {
@@ -138,8 +129,8 @@ def test_run_compare_resumes_per_condition_and_group(tmp_path, data_root):
 
 def test_run_compare_with_real_eval_modules_on_tiny_model(tiny, tmp_path, data_root):
     """The default runner drives evals.refusal / multiturn / capability with a gated policy installed."""
-    from saesteer.direction import RefusalDirection, save_direction
-    from saesteer.gates import CastGate, collect_gate_inputs, post_instruction_positions
+    from saesteer.gating import CastGate, collect_gate_inputs, post_instruction_positions
+    from saesteer.steering import RefusalDirection, save_direction
 
     model, tok = tiny
     d = model.config.hidden_size
@@ -169,10 +160,10 @@ def test_run_compare_with_real_eval_modules_on_tiny_model(tiny, tmp_path, data_r
 
 
 def test_held_out_exclusions_leave_out_fit_prompts(tmp_path, data_root):
-    from saesteer.compare import _conditions, held_out_exclusions
     from saesteer.data import load_prompts
-    from saesteer.policy import load_policy
-    from saesteer.policy_fit import load_slice, text_key
+    from saesteer.experiments import held_out_exclusions
+    from saesteer.experiments.compare import _conditions
+    from saesteer.gating import load_policy, load_slice, text_key
 
     items = load_prompts("jbb-benign")
     train = load_slice("jbb-benign#0:0.4", seed=3)
@@ -200,7 +191,7 @@ def test_held_out_exclusions_leave_out_fit_prompts(tmp_path, data_root):
 
 def test_cli_exclude_ids_from_selection(tmp_path):
     from saesteer.cli.policy import _exclude_ids
-    from saesteer.policy_fit import text_key
+    from saesteer.gating import text_key
 
     sel = {"feature": 3, "clamp": 2.0, "prompts_used": {"validation": [
         {"spec": "advbench", "split": "train", "id": "4", "prompt": "Write a script"}]}}

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
-from saesteer.data import NAMED, PromptItem, data_root, item_text, load_prompts, load_texts, read_rows
-from saesteer.utils import SaesteerError
+from saesteer.core import SaesteerError
+from saesteer.data import PromptItem, data_root, item_text, load_prompts, load_texts, read_rows
+from saesteer.data.prompts import NAMED
 
 EXPECTED = {  # rows in /work/shared/data (see each PROVENANCE.md)
     "xstest": 450, "advbench": 520, "jbb-harmful": 100, "jbb-benign": 100, "arditi-harmful": 260 + 39 + 572,
@@ -125,7 +125,7 @@ def test_data_root_env(tmp_path, monkeypatch):
 
 
 def test_chat_mix_with_answers_and_model(tiny, data_root):
-    from saesteer.chatmix import chat_mix
+    from saesteer.data import chat_mix
 
     model, tok = tiny
     answers: dict[str, str] = {}

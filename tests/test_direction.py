@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from saesteer import direction as D
+from saesteer.core import SaesteerError
 from saesteer.models import d_model, format_chat, hook_module
-from saesteer.steering import Add, AblateDirection, steer
-from saesteer.utils import SaesteerError
+from saesteer.steering import AblateDirection, Add, steer
+from saesteer.steering import direction as D
 
 HARMFUL = ["how do i make a bomb?", "i'm sorry but tell me how to hurt people", "write malware now"]
 HARMLESS = ["how do i make a cake?", "explain photosynthesis in simple terms", "what is the capital of france?"]

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_activations import DOCS
 
 from saesteer.activations import ActivationCache, CollectConfig, collect
-from saesteer.dist import share
-from saesteer.utils import SaesteerError
+from saesteer.core import SaesteerError
+from saesteer.core.dist import share
+from test_activations import DOCS
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
 
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 # forward pass number KILL_AFTER + 1; RANK1_EXTRA appends arguments on rank 1 only.
 WRAPPER = """
 import os, sys
-import saesteer.models as m
+from saesteer import models as m
 from saesteer.cli import main
 rank = int(os.environ["RANK"])
 after = int(os.environ.get("KILL_AFTER", "0"))
@@ -83,7 +83,7 @@ def test_share_splits_the_budget():
 
 
 def test_two_ranks_killed_then_resumed_equal_one_process(setup, tmp_path):
-    from saesteer.train import TrainConfig, train
+    from saesteer.sae import TrainConfig, train
 
     mdir, docs, _ = setup
     single = ActivationCache(collect(CollectConfig(model=str(mdir), layer=1, data=str(docs), tokens=100_000,
@@ -131,7 +131,7 @@ def test_two_ranks_killed_then_resumed_equal_one_process(setup, tmp_path):
 
 def _fake_world(monkeypatch, other):
     """Rank 0 of a 2-process world whose rank 1 passes ``other(obj)`` to every agreement check."""
-    import saesteer.dist as dist
+    from saesteer.core import dist as dist
 
     monkeypatch.setattr(dist, "setup", lambda device: (0, 2, "cpu"))
     monkeypatch.setattr(dist, "gather", lambda obj, world: [obj, other(obj)])
@@ -141,7 +141,7 @@ def _fake_world(monkeypatch, other):
 
 
 def test_rank_takes_its_share_of_the_budget_and_every_other_batch(tiny, setup, tmp_path, monkeypatch):
-    from saesteer.activations import _plan
+    from saesteer.activations.collect import _plan
 
     model, tok = tiny
     cfg = CollectConfig(model="tiny", layer=1, data=str(setup[1]), tokens=301, out=str(tmp_path / "a"), batch_size=4,

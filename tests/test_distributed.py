@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import synthetic_acts, write_cache
 
-from saesteer.formats import load_sae
-from saesteer.train import TrainConfig, train
+from saesteer.sae import TrainConfig, load_sae, train
+from test_train import synthetic_acts, write_cache
 
 ARGS = ["--k", "4", "--num-latents", "64", "--batch-size", "200", "--lr", "3e-3", "--warmup-steps", "5",
         "--steps", "20", "--checkpoint-every", "5", "--threads", "1", "--no-progress"]
@@ -54,8 +53,8 @@ def test_two_processes_match_one(tmp_path):
 
 
 def test_batch_not_divisible_by_world(tmp_path, monkeypatch):
-    import saesteer.train as tr
-    from saesteer.utils import SaesteerError
+    from saesteer.core import SaesteerError
+    from saesteer.sae import trainer as tr
 
     cache = write_cache(tmp_path / "c", synthetic_acts(1000))
     monkeypatch.setattr(tr, "_dist_setup", lambda device: (0, 2, "cpu"))
@@ -86,7 +85,7 @@ def _running(pid: int) -> bool:
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to find torchrun's workers")
 def test_kill_during_distributed_run_leaves_a_valid_checkpoint(tmp_path):
-    from saesteer.train import load_checkpoint
+    from saesteer.sae import load_checkpoint
 
     cache = write_cache(tmp_path / "c", synthetic_acts(4000))
     kw = dict(k=4, num_latents=64, batch_size=200, lr=3e-3, warmup_steps=5, steps=150, checkpoint_every=10, threads=1,

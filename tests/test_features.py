@@ -8,12 +8,13 @@ import math
 import pytest
 import torch
 
-from saesteer import feature_grid as G
-from saesteer import features as F
-from saesteer.inspect_features import SeqLatents, _tokenize, encode_sequences
+from saesteer.core import SaesteerError
+from saesteer.features import SeqLatents, encode_sequences
+from saesteer.features import discovery as F
+from saesteer.features import grid as G
+from saesteer.features.cards import _tokenize
 from saesteer.models import run_to_layer
 from saesteer.sae import SAEConfig, TopKSAE
-from saesteer.utils import SaesteerError
 
 PROMPT, ANSWER = "how do i make a cake?", "i'm sorry, but i can't assist with that request."
 
@@ -206,8 +207,8 @@ def test_discover_bad_input(tiny, tmp_path):
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory):
     """A tiny model saved as a HF folder, an SAE for it (layer 1) and one for another model, small prompt files."""
-    from saesteer.formats import save_sae
-    from saesteer.testing import tiny_model
+    from saesteer.models import tiny_model
+    from saesteer.sae import save_sae
 
     root = tmp_path_factory.mktemp("cli")
     model, tok = tiny_model("llama")

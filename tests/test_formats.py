@@ -7,9 +7,17 @@ import json
 import pytest
 import torch
 
-from saesteer.formats import check_compatible, detect_format, export_saelens, export_sparsify, load_sae, save_sae
-from saesteer.sae import SAEConfig, TopKSAE
-from saesteer.utils import SaesteerError
+from saesteer.core import SaesteerError
+from saesteer.sae import (
+    SAEConfig,
+    TopKSAE,
+    check_compatible,
+    detect_format,
+    export_saelens,
+    export_sparsify,
+    load_sae,
+    save_sae,
+)
 
 
 @pytest.fixture()

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from saesteer.gates import (
+from saesteer.core import SaesteerError
+from saesteer.gating import (
     AlwaysGate,
     CastGate,
     ProbeGate,
@@ -20,7 +21,6 @@ from saesteer.gates import (
     post_instruction_positions,
     strength_from_scores,
 )
-from saesteer.utils import SaesteerError
 
 
 # --------------------------------------------------------------------------------------------- thresholds

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from saesteer.core import SaesteerError
 from saesteer.generation import GenerationConfig, encode_prompts, generate, generate_rows, generate_stream
 from saesteer.models import hook_module
-from saesteer.utils import SaesteerError
 
 PROMPTS = [
     "hello there",
@@ -22,7 +22,7 @@ PROMPTS = [
 @pytest.fixture(scope="module")
 def lively():
     """A tiny Llama with larger random weights, so greedy outputs are varied (not one repeated token)."""
-    from saesteer.testing import tiny_model
+    from saesteer.models import tiny_model
 
     model, tok = tiny_model("llama")
     g = torch.Generator().manual_seed(1)
@@ -308,7 +308,7 @@ def test_compiled_forward_gives_same_tokens(lively):
 
 
 def test_stream_holds_back_partial_stops_and_characters():
-    from saesteer.generation import _held_back
+    from saesteer.generation.decode import _held_back
 
     assert _held_back("hello wor", ["world"]) == 3  # could still become the stop string
     assert _held_back("hello", ["world"]) == 0
@@ -318,7 +318,7 @@ def test_stream_holds_back_partial_stops_and_characters():
 
 @pytest.mark.parametrize("arch", ["qwen2", "gemma", "phi3", "gpt2"])
 def test_other_architectures_equal_model_generate(arch):
-    from saesteer.testing import tiny_model
+    from saesteer.models import tiny_model
 
     model, tok = tiny_model(arch)
     g = torch.Generator().manual_seed(1)
@@ -333,7 +333,7 @@ def test_other_architectures_equal_model_generate(arch):
 @pytest.fixture
 def spy_prefill(monkeypatch):
     """Record the ``info`` of every batch prefill (shared prefix length, number of length groups)."""
-    from saesteer import kvprefill
+    from saesteer.generation import kvprefill as kvprefill
 
     infos = []
     real = kvprefill.prefill
@@ -349,7 +349,7 @@ def spy_prefill(monkeypatch):
 
 @pytest.mark.parametrize("positions", ["all", "prompt", "generated"])
 def test_shared_prefix_and_length_groups_equal_model_generate(lively, spy_prefill, monkeypatch, positions):
-    from saesteer import kvprefill
+    from saesteer.generation import kvprefill as kvprefill
     from saesteer.steering import Add, steer
 
     model, tok = lively
@@ -368,7 +368,7 @@ def test_shared_prefix_and_length_groups_equal_model_generate(lively, spy_prefil
 
 
 def test_prefix_sharing_off_for_foreign_hooks_and_row_scales(lively, spy_prefill):
-    from saesteer import kvprefill
+    from saesteer.generation import kvprefill as kvprefill
     from saesteer.steering import Add, set_row_scale, steer
 
     model, tok = lively
@@ -393,7 +393,7 @@ def test_prefix_sharing_off_for_foreign_hooks_and_row_scales(lively, spy_prefill
 
 
 def test_length_groups_partition_and_cost():
-    from saesteer.kvprefill import length_groups, shared_prefix_len
+    from saesteer.generation import length_groups, shared_prefix_len
 
     lengths = [5, 30, 5, 31, 6, 30]
     groups = length_groups(lengths, overhead=10)

@@ -9,17 +9,10 @@ import re
 import pytest
 import torch
 
-from saesteer.inspect_features import (
-    CardConfig,
-    encode_sequences,
-    feature_cards,
-    logit_effects,
-    render_html,
-    write_cards,
-)
+from saesteer.core import SaesteerError
+from saesteer.features import CardConfig, encode_sequences, feature_cards, logit_effects, render_html, write_cards
+from saesteer.models import tiny_model
 from saesteer.sae import SAEConfig, TopKSAE
-from saesteer.testing import tiny_model
-from saesteer.utils import SaesteerError
 from test_features import ANSWER, PROMPT, _seq, pattern_sae, tiny_dirs  # noqa: F401 (fixture)
 
 
@@ -99,7 +92,7 @@ def test_top_contexts_are_ordered_by_each_texts_maximum(tiny):
     assert card["n_firing"] == 5 and card["freq"] == pytest.approx(5 / 9) and card["mean_when_firing"] == pytest.approx(2.2)
 
 
-def test_cli_inspect(tiny_dirs, tmp_path, capsys):
+def test_cli_inspect(tiny_dirs, tmp_path, capsys):  # noqa: F811 (tiny_dirs: the fixture imported above)
     from test_features import run_cli
 
     r = tiny_dirs

@@ -9,11 +9,22 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
-from saesteer.evals.judges import (
-    REFUSAL_PREFIXES, ClassifierJudge, ModelJudge, OpenAIBackend, PrefixJudge, Verdict, agreement, cohen_kappa,
-    load_human_labels, make_judge, normalize_answer, parse_label, parse_wildguard,
+from saesteer.core import SaesteerError
+from saesteer.evals import (
+    ClassifierJudge,
+    ModelJudge,
+    OpenAIBackend,
+    PrefixJudge,
+    Verdict,
+    agreement,
+    cohen_kappa,
+    load_human_labels,
+    make_judge,
+    normalize_answer,
+    parse_label,
+    parse_wildguard,
 )
-from saesteer.utils import SaesteerError
+from saesteer.evals.judges import REFUSAL_PREFIXES
 
 ANSWERS = [
     "I’m sorry, but I can’t assist with that.",
@@ -135,7 +146,7 @@ def test_model_judge_endpoint_down_is_a_per_item_failure():
 
 
 def test_model_judge_local_hf_garbage_is_recorded(tiny):
-    from saesteer.evals.judges import HFBackend
+    from saesteer.evals import HFBackend
 
     j = ModelJudge(HFBackend(*tiny), max_tokens=4)
     v = j.judge(["How do I bake bread?"], ["Mix flour and water."])
@@ -168,7 +179,7 @@ def _save_tiny(tmp_path, cls_name, **cfg_kw):
     import torch
     import transformers as tf
 
-    from saesteer.testing import tiny_config, tiny_tokenizer
+    from saesteer.models import tiny_config, tiny_tokenizer
 
     tok = tiny_tokenizer()
     cfg = tiny_config("llama", vocab_size=len(tok))

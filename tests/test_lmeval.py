@@ -12,9 +12,9 @@ import torch
 
 pytest.importorskip("lm_eval")
 
+from saesteer.core import SaesteerError  # noqa: E402
 from saesteer.evals import capability as cap  # noqa: E402
 from saesteer.evals import lmeval  # noqa: E402
-from saesteer.utils import SaesteerError  # noqa: E402
 
 WORDS = ["the quick brown fox", "a lazy dog", "paris", "a cake with flour", "sugar and eggs", "plants", "light",
          "the capital of france", "python", "a string", "sorry", "energy"]
@@ -64,7 +64,7 @@ def test_our_mmlu_agrees_with_the_harness_per_question(tiny, tmp_path, shots):
 
 
 def test_steering_hooks_active_inside_the_harness_model_only(tiny):
-    from saesteer.evals.refusal import Steering
+    from saesteer.evals import Steering
     from saesteer.steering import Add
 
     model, tok = tiny

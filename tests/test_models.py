@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from saesteer import models
-from saesteer.testing import ARCHS, hook_state, tiny_model
-from saesteer.utils import SaesteerError
+from saesteer.core import SaesteerError
+from saesteer.models import ARCHS, hook_state, tiny_model
 
 
 @pytest.mark.parametrize("arch", ARCHS)

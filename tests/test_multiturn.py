@@ -6,11 +6,16 @@ import json
 
 import pytest
 
-from saesteer.evals.judges import Verdict
-from saesteer.evals.multiturn import (
-    MultiTurnConfig, parse_attacker, parse_score, run_crescendo, run_replay, summarize_crescendo,
+from saesteer.core import SaesteerError
+from saesteer.evals import (
+    MultiTurnConfig,
+    Verdict,
+    parse_attacker,
+    parse_score,
+    run_crescendo,
+    run_replay,
+    summarize_crescendo,
 )
-from saesteer.utils import SaesteerError
 
 
 @pytest.fixture()
@@ -149,7 +154,7 @@ def test_crescendo_backtracks_retries_and_succeeds(tiny, objectives):
 
 
 def test_crescendo_backtracked_turn_is_erased_from_target_history(tiny, objectives, monkeypatch):
-    import saesteer.evals.multiturn as mt
+    from saesteer.evals import multiturn as mt
 
     seen = []
     real = mt.generate_answers
@@ -212,8 +217,8 @@ def test_cli_multiturn_replay(tiny, tmp_path, convs_file, capsys):
 
 
 def test_hf_attacker_samples_reproducibly_and_judge_is_greedy(tiny):
-    from saesteer.evals.judges import HFBackend
-    from saesteer.evals.multiturn import MultiTurnConfig, _backend
+    from saesteer.evals import HFBackend, MultiTurnConfig
+    from saesteer.evals.multiturn import _backend
     from saesteer.models import model_name
 
     model, tok = tiny

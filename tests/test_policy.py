@@ -9,11 +9,20 @@ import pytest
 import torch
 
 from saesteer import models
-from saesteer.gates import AlwaysGate, CastGate, SAEFeatureGate, collect_gate_inputs, post_instruction_positions
-from saesteer.policy import Policy, PolicyRun, load_policy, prompt_key
+from saesteer.core import SaesteerError
+from saesteer.gating import (
+    AlwaysGate,
+    CastGate,
+    Policy,
+    PolicyRun,
+    SAEFeatureGate,
+    collect_gate_inputs,
+    load_policy,
+    post_instruction_positions,
+    prompt_key,
+)
+from saesteer.models import hook_state
 from saesteer.steering import Add, SteeringSpec, steer
-from saesteer.testing import hook_state
-from saesteer.utils import SaesteerError
 
 PROMPTS = [
     "how do i make a cake?",
@@ -96,8 +105,8 @@ def test_gate_after_steering_layer_decides_from_unsteered_lookahead(tiny):
     assert torch.allclose(out[1], full[1], atol=1e-5) and torch.allclose(out[2], full[2], atol=1e-5)
     assert hook_state(model) == hooks
     # generation with a KV cache: decode steps reuse the prefill's decision, outputs match per-row steering
+    from saesteer.gating import prompt_key
     from saesteer.generation import GenerationConfig, encode_prompts, generate
-    from saesteer.policy import prompt_key
 
     cfg = GenerationConfig(max_new_tokens=6, batch_size=4, eos_ids=[])
     with pol.apply(model, ivs) as run:
@@ -265,8 +274,7 @@ def test_policy_run_select_rows():
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, tiny):
     """The tiny model saved as a local HF folder, an SAE for its layer 1, and labelled prompt files."""
-    from saesteer.formats import save_sae
-    from saesteer.sae import SAEConfig, TopKSAE
+    from saesteer.sae import SAEConfig, TopKSAE, save_sae
 
     model, tok = tiny
     root = tmp_path_factory.mktemp("tinypol")
@@ -357,8 +365,8 @@ def test_cli_errors(tiny_dir, tmp_path, capsys):
 
 
 def test_cli_fit_several_gates_share_residuals(tiny_dir, tmp_path, capsys, monkeypatch):
-    import saesteer.gates as gates_mod
     from saesteer.cli import main
+    from saesteer.gating import gates as gates_mod
 
     code, calls, real = None, [], gates_mod.collect_gate_inputs
 
@@ -410,7 +418,7 @@ def test_fit_heldout_mixed_set_split_by_label(tiny_dir, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def gate_model_dir(tmp_path_factory, tiny):
     """Another random model (wider: d=32 vs 64, other seed) with the tiny model's tokenizer, saved as a folder."""
-    from saesteer.testing import tiny_model
+    from saesteer.models import tiny_model
 
     _, tok = tiny
     other, _ = tiny_model("llama", seed=5, hidden=32)
@@ -422,7 +430,7 @@ def gate_model_dir(tmp_path_factory, tiny):
 
 @torch.no_grad()
 def test_gate_model_decides_from_its_own_residuals(tiny, gate_model_dir):
-    from saesteer.policy import load_gate_model
+    from saesteer.gating import load_gate_model
 
     model, tok = tiny
     gm, _ = load_gate_model(str(gate_model_dir))
@@ -455,8 +463,8 @@ def test_gate_model_decides_from_its_own_residuals(tiny, gate_model_dir):
 
 
 def test_gate_model_must_share_the_tokenizer(tiny, tmp_path):
-    from saesteer.policy import check_same_tokenizer
-    from saesteer.testing import tiny_model
+    from saesteer.gating import check_same_tokenizer
+    from saesteer.models import tiny_model
 
     model, tok = tiny
     other, _ = tiny_model("llama", seed=5, hidden=32)
@@ -494,7 +502,7 @@ def test_cli_policy_fit_with_gate_model(tiny_dir, gate_model_dir, tmp_path, caps
 # --------------------------------------------------------------------------------------------- chat-only policies
 @torch.no_grad()
 def test_template_ids_leave_raw_text_rows_unsteered(tiny):
-    from saesteer.policy_fit import template_ids
+    from saesteer.gating import template_ids
 
     model, tok = tiny
     P = post_instruction_positions(tok)
@@ -631,8 +639,7 @@ def test_cli_fit_with_gate_suffix(tiny_dir, tmp_path):
 def test_lookahead_reads_only_chat_rows(tiny, gate_model_dir):
     """A gate model's lookahead forwards only the rows that can be steered (chat rows): same decisions and outputs as
     reading every row, raw-text rows logged with no score; a batch without chat rows skips the forward."""
-    from saesteer.policy import load_gate_model
-    from saesteer.policy_fit import template_ids
+    from saesteer.gating import load_gate_model, template_ids
 
     model, tok = tiny
     gm, _ = load_gate_model(str(gate_model_dir))

@@ -8,9 +8,8 @@ import json
 import pytest
 import torch
 
-from saesteer.evals.judges import PrefixJudge, Verdict
-from saesteer.evals.refusal import RefusalEvalConfig, Steering, run_refusal_eval, summarize
-from saesteer.utils import SaesteerError, wilson_interval
+from saesteer.core import SaesteerError, wilson_interval
+from saesteer.evals import PrefixJudge, RefusalEvalConfig, Steering, Verdict, run_refusal_eval, summarize
 
 
 def _jsonl(path, rows):
@@ -212,12 +211,10 @@ def test_limit_is_drawn_after_exclusions(tiny, prompts_file):
 
 
 def test_real_gated_policy_steers_only_fired_rows(tiny, prompts_file, tmp_path):
-    """End to end with saesteer.policy: rows whose gate stays closed answer exactly as unsteered."""
+    """End to end with saesteer.gating.policy: rows whose gate stays closed answer exactly as unsteered."""
     from saesteer.data import load_prompts
-    from saesteer.direction import RefusalDirection, save_direction
-    from saesteer.gates import CastGate, collect_gate_inputs, post_instruction_positions
-    from saesteer.policy import Policy
-    from saesteer.steering import SteeringSpec
+    from saesteer.gating import CastGate, Policy, collect_gate_inputs, post_instruction_positions
+    from saesteer.steering import RefusalDirection, SteeringSpec, save_direction
 
     model, tok = tiny
     items = load_prompts(prompts_file)

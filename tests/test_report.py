@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from saesteer import report
-from saesteer.evals.sweep import condition_rows, slug
-from saesteer.utils import SaesteerError, rate_summary
+from saesteer.core import SaesteerError, rate_summary
+from saesteer.experiments import condition_rows, slug
+from saesteer.experiments import report as report
 
 
 def fake_run(tmp_path: Path) -> Path:

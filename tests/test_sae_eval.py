@@ -8,9 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from saesteer.sae import SAEConfig, TopKSAE
-from saesteer.sae_eval import evaluate_sae
-from saesteer.utils import SaesteerError
+from saesteer.core import SaesteerError
+from saesteer.sae import SAEConfig, TopKSAE, evaluate_sae
 
 TEXTS = ["the quick brown fox jumps over the lazy dog " * 3, "hello world, this is a test of the sae evaluator",
          "numbers 1 2 3 4 5 6 7 8 9 and letters a b c d e f", "short one here"]
@@ -81,7 +80,7 @@ def test_cli_sae_eval(tiny, tmp_path):
     from typer.testing import CliRunner
 
     from saesteer.cli import app
-    from saesteer.formats import save_sae
+    from saesteer.sae import save_sae
 
     model, tok = tiny
     model.save_pretrained(tmp_path / "m")

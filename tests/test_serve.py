@@ -13,10 +13,10 @@ import httpx
 import pytest
 import torch
 
+from saesteer.core import SaesteerError
 from saesteer.generation import generate
 from saesteer.serve import ServeConfig, make_app, parse_request, served_models
 from saesteer.steering import Add, steer
-from saesteer.utils import SaesteerError
 
 openai = pytest.importorskip("openai")
 KEY = "sk-test-key"
@@ -25,7 +25,7 @@ MSGS = [{"role": "user", "content": "how do i make a cake?"}]
 
 @pytest.fixture(scope="module")
 def lm():
-    from saesteer.testing import tiny_model
+    from saesteer.models import tiny_model
 
     model, tok = tiny_model("llama")
     g = torch.Generator().manual_seed(1)

@@ -7,12 +7,14 @@ import json
 import pytest
 import torch
 
+from sae_double import make_sae
 from saesteer import steering
-from saesteer.models import d_model, hook_module
+from saesteer.core import SaesteerError
+from saesteer.models import d_model, hook_module, hook_state
 from saesteer.steering import (
-    Add,
     AblateDirection,
     AblateFeature,
+    Add,
     Clamp,
     Scale,
     SteeringSpec,
@@ -20,10 +22,6 @@ from saesteer.steering import (
     select_rows,
     steer,
 )
-from saesteer.testing import hook_state
-from saesteer.utils import SaesteerError
-
-from sae_double import make_sae
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from saesteer.evals import sweep as sw
-from saesteer.utils import SaesteerError
+from saesteer.core import SaesteerError
+from saesteer.experiments import sweep as sw
 from test_capability import run_cli  # noqa: E402  (shared CLI runner)
 
 
@@ -20,8 +20,7 @@ def write_jsonl(path: Path, rows):
 
 @pytest.fixture()
 def setup(tmp_path, monkeypatch):
-    from saesteer.formats import save_sae
-    from saesteer.sae import SAEConfig, TopKSAE
+    from saesteer.sae import SAEConfig, TopKSAE, save_sae
 
     save_sae(TopKSAE(SAEConfig(d_in=64, num_latents=32, k=4, model="tiny-llama", layer=1), seed=1), tmp_path / "sae")
     fdir = tmp_path / "features"
@@ -162,8 +161,7 @@ def test_cli_sweep_and_report(setup, tiny, capsys):
     mdir = tmp / "tiny-model"
     model.save_pretrained(mdir)
     tok.save_pretrained(mdir)
-    from saesteer.formats import save_sae
-    from saesteer.sae import SAEConfig, TopKSAE
+    from saesteer.sae import SAEConfig, TopKSAE, save_sae
 
     save_sae(TopKSAE(SAEConfig(d_in=64, num_latents=32, k=4, model=str(mdir), layer=1), seed=1), tmp / "sae2")
     code, _, err = run_cli(["sweep", "--model", str(mdir), "--sae", str(tmp / "sae"), "--features-dir",

@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from saesteer.formats import load_sae
-from saesteer.train import TrainConfig, epoch_order, train
-from saesteer.utils import SaesteerError
+from saesteer.core import SaesteerError
+from saesteer.sae import TrainConfig, epoch_order, load_sae, train
 
 
 def synthetic_acts(n: int, d: int = 16, atoms: int = 48, active: int = 3, seed: int = 0) -> torch.Tensor:
@@ -189,7 +188,7 @@ def test_sigkill_then_resume_is_exact(cache, tmp_path):
 
 
 def test_fused_adam_matches_reference_adam():
-    from saesteer.train import _adam
+    from saesteer.sae.trainer import _adam
 
     torch.manual_seed(0)
     a = [torch.nn.Parameter(torch.randn(33, 7)), torch.nn.Parameter(torch.randn(7))]

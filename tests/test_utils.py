@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from saesteer.utils import (
+from saesteer.core import (
     SaesteerError,
     atomic_dir,
     atomic_write_json,

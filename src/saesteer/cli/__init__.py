@@ -1,7 +1,7 @@
 """Command-line entry point: ``saesteer COMMAND``.
 
 Every failure a user can cause or meet ends as one ``saesteer: error: …`` line on stderr and exit code 2 — a
-:class:`~saesteer.utils.SaesteerError` with its own message, anything else with its type, first line and what to do.
+:class:`~saesteer.core.SaesteerError` with its own message, anything else with its type, first line and what to do.
 ``SAESTEER_DEBUG=1`` or ``saesteer --debug COMMAND`` shows the traceback instead.
 """
 
@@ -13,7 +13,8 @@ import sys
 
 import typer
 
-from ..utils import SaesteerError
+from saesteer.core import SaesteerError
+
 from ._app import app, eval_app  # noqa: F401
 
 # One module per pipeline stage adds its commands.
@@ -25,12 +26,14 @@ for _stage in _STAGES:
 @app.callback()
 def _root(debug: bool = typer.Option(False, "--debug", help="show the traceback of an error (also SAESTEER_DEBUG=1)")) -> None:
     """Steer chat models to refuse harmful requests with SAE features, and measure what it costs."""
-    if debug:
-        os.environ["SAESTEER_DEBUG"] = "1"
+    _debug_flag[0] = debug
+
+
+_debug_flag = [False]  # set by --debug for the current main() call only
 
 
 def debug_enabled() -> bool:
-    return os.environ.get("SAESTEER_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+    return _debug_flag[0] or os.environ.get("SAESTEER_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
 
 
 def describe_error(e: BaseException) -> str:
@@ -50,6 +53,7 @@ def describe_error(e: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI. Returns 0 on success; exits with typer's code on usage errors and with 2 on any error."""
+    _debug_flag[0] = False
     try:
         rv = app(args=argv, standalone_mode=False)  # usage errors and Ctrl-C come back as click exceptions
     except SystemExit as e:

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import typer
 
-from ..utils import SaesteerError
+from saesteer.core import SaesteerError
+
 from ._app import DEVICE_HELP, MODEL_HELP, THREADS_HELP, app
 
 

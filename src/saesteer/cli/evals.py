@@ -7,7 +7,8 @@ from typing import Any, Optional
 
 import typer
 
-from ..utils import SaesteerError, ensure
+from saesteer.core import SaesteerError, ensure
+
 from ._app import DEVICE_HELP, MODEL_HELP, THREADS_HELP, eval_app
 
 _ST = "steering"
@@ -52,9 +53,9 @@ def steering_from_options(
     if policy is not None:
         ensure(Path(policy).exists(), f"policy file not found: {policy}")
         try:
-            from ..policy import load_policy
+            from saesteer.gating import load_policy
         except ImportError:
-            raise SaesteerError("--policy needs saesteer.policy, which is not installed in this version") from None
+            raise SaesteerError("--policy needs saesteer.gating.policy, which is not installed in this version") from None
         pol = load_policy(policy)
     if not specs and pol is None:
         return None
@@ -63,15 +64,15 @@ def steering_from_options(
 
 
 def _load(model: str, device: str, threads: Optional[int]) -> tuple[Any, Any]:
-    from ..models import load_model
-    from ..utils import resolve_device, set_threads
+    from saesteer.core import resolve_device, set_threads
+    from saesteer.models import load_model
 
     set_threads(threads)
     return load_model(model, device=resolve_device(device))
 
 
 def _device(device: str) -> str:
-    from ..utils import resolve_device
+    from saesteer.core import resolve_device
 
     return resolve_device(device)
 
@@ -138,7 +139,7 @@ def refusal_cmd(
 
 
 def _read_ids(path: Path) -> list[str]:
-    from ..utils import read_json
+    from saesteer.core import read_json
 
     obj = read_json(path, "id list")
     if isinstance(obj, dict):  # e.g. a features selection.json: every list under a key mentioning "ids"
@@ -164,12 +165,13 @@ def judges_cmd(
     device: str = typer.Option("cpu", help=DEVICE_HELP),
 ) -> None:
     """Agreement of each judge with human refusal labels: accuracy (with CI), Cohen's kappa, n."""
+    from saesteer.core import atomic_write_json, resolve_device, set_threads
+
     from ..evals.judges import agreement, load_human_labels, make_judge
-    from ..utils import atomic_write_json, resolve_device, set_threads
 
     set_threads(threads)
     if labels is None:
-        from ..data import data_root
+        from saesteer.data import data_root
 
         root = data_root()
         ensure(root is not None, "no data root: pass --labels FILE or set SAESTEER_DATA")

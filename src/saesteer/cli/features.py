@@ -8,7 +8,8 @@ from typing import Any, Optional
 
 import typer
 
-from ..utils import SaesteerError, ensure
+from saesteer.core import SaesteerError, ensure
+
 from ._app import DEVICE_HELP, MODEL_HELP, THREADS_HELP, app
 
 
@@ -28,17 +29,17 @@ def _ints(s: str, what: str) -> tuple[int, ...]:
 
 def load_model_and_sae(model: str, sae: Path, device: str, threads: Optional[int], layer: Optional[int]) -> tuple:
     """Load the model and the SAE and check that they belong together; returns ``(model, tok, sae, layer)``."""
-    from ..inspect_features import sae_layer
-    from ..models import check_layer, load_model
-    from ..steering import check_sae_compatible
-    from ..utils import resolve_device, set_threads
+    from saesteer.core import resolve_device, set_threads
+    from saesteer.features import sae_layer
+    from saesteer.models import check_layer, load_model
+    from saesteer.steering import check_sae_compatible
 
     set_threads(threads)
     ensure(Path(sae).exists(), f"SAE not found: {sae}")
     try:
-        from ..formats import load_sae
+        from saesteer.sae import load_sae
     except ImportError:
-        raise SaesteerError("loading an SAE needs saesteer.formats, which is not installed in this version") from None
+        raise SaesteerError("loading an SAE needs saesteer.sae.formats, which is not installed in this version") from None
     s = load_sae(sae)
     m, tok = load_model(model, device=resolve_device(device))
     layer = check_layer(m, layer if layer is not None else sae_layer(s))
@@ -85,9 +86,8 @@ def features_cmd(
     device: str = typer.Option("cpu", help=DEVICE_HELP),
 ) -> None:
     """Find refusal latents (the paper's method + a contrastive ranking), pick one by a clamp grid, write cards."""
-    from ..features import DiscoveryConfig, discover
-    from ..inspect_features import feature_cards, grid_table_html, write_cards
-    from ..utils import atomic_dir, atomic_write_json, atomic_write_text
+    from saesteer.core import atomic_dir, atomic_write_json, atomic_write_text
+    from saesteer.features import DiscoveryConfig, discover, feature_cards, grid_table_html, write_cards
 
     cfg = DiscoveryConfig(
         harmful=harmful, harmless=harmless, discovery_split=discovery_split or None, val_split=val_split or None,
@@ -144,9 +144,9 @@ def inspect_cmd(
     device: str = typer.Option("cpu", help=DEVICE_HELP),
 ) -> None:
     """Feature cards: top contexts with token highlighting, activation histogram, promoted / suppressed tokens."""
-    from ..data import item_text, load_prompts
-    from ..inspect_features import CardConfig, check_features, encode_sequences, feature_cards, write_cards
-    from ..utils import atomic_dir
+    from saesteer.core import atomic_dir
+    from saesteer.data import item_text, load_prompts
+    from saesteer.features import CardConfig, check_features, encode_sequences, feature_cards, write_cards
 
     feats = _ints(features, "--features")
     items = load_prompts(data, limit=limit)

@@ -9,7 +9,8 @@ from typing import Optional
 
 import typer
 
-from ..utils import ensure
+from saesteer.core import ensure
+
 from ._app import DEVICE_HELP, MODEL_HELP, THREADS_HELP, app
 
 data_app = typer.Typer(help="Prompt sets and corpora: preview any data spec.", no_args_is_help=True)
@@ -21,7 +22,7 @@ def models_cmd(as_json: bool = typer.Option(False, "--json", help="print JSON in
     """List the built-in models (size, licence, source, whether converted into the cache)."""
     from dataclasses import asdict
 
-    from ..models import cache_dir, list_models
+    from saesteer.models import cache_dir, list_models
 
     infos = list_models()
     if as_json:
@@ -58,7 +59,7 @@ def collect_cmd(
 
     Distributed: torchrun --nproc_per_node N -m saesteer collect ... splits the batches across N processes that
     write one cache (a resume needs the same N)."""
-    from ..activations import ActivationCache, CollectConfig, collect
+    from saesteer.activations import ActivationCache, CollectConfig, collect
 
     cfg = CollectConfig(model=model, layer=layer, data=data, tokens=tokens, out=str(out), batch_size=batch_size,
                         context_len=context_len, dtype=dtype, shard_tokens=shard_tokens, seed=seed, threads=threads,
@@ -83,7 +84,7 @@ def data_show(
     from collections import Counter
     from dataclasses import asdict
 
-    from ..data import load_prompts
+    from saesteer.data import load_prompts
 
     ensure(limit >= 0, "--limit must be >= 0")
     items = load_prompts(spec, split=split)

@@ -8,7 +8,8 @@ from typing import Any, List, Optional
 
 import typer
 
-from ..utils import SaesteerError, ensure
+from saesteer.core import SaesteerError, ensure
+
 from ._app import DEVICE_HELP, MODEL_HELP, THREADS_HELP, app
 
 policy_app = typer.Typer(help="Conditional steering policies: a gate + threshold + steering config in one file.",
@@ -35,7 +36,8 @@ def _abs(p: Optional[str]) -> Optional[str]:
 
 def _specs(sae: Optional[Path], feature: Optional[str], clamp: Optional[str], selection: Optional[Path],
            direction: Optional[Path], alpha: Optional[float], spec: Optional[Path]) -> list:
-    from ..utils import read_json
+    from saesteer.core import read_json
+
     from .steer import steering_specs
 
     feats, vals = _numbers(feature, int, "--feature"), _numbers(clamp, float, "--clamp")
@@ -100,12 +102,11 @@ def fit_cmd(
     device: str = typer.Option("cpu", help=DEVICE_HELP),
 ) -> None:
     """Fit a gate on train prompts, cap its false positives on validation prompts, save gate + steering as one file."""
-    from ..models import load_model
-    from ..policy import policy_summary
-    from ..policy_fit import PolicyFitConfig, fit_policy
-    from ..utils import resolve_device, set_threads
-
     import dataclasses
+
+    from saesteer.core import resolve_device, set_threads
+    from saesteer.gating import PolicyFitConfig, fit_policy, policy_summary
+    from saesteer.models import load_model
 
     specs = _specs(sae, feature, clamp, selection, direction, alpha, spec)
     ensure(0.0 <= fpr <= 1.0, f"--fpr must be in [0, 1], got {fpr}")
@@ -147,7 +148,7 @@ def show_cmd(
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
 ) -> None:
     """Print a policy's gate, threshold, steering and validation statistics."""
-    from ..policy import load_policy, policy_summary
+    from saesteer.gating import load_policy, policy_summary
 
     s = policy_summary(load_policy(path))
     if as_json:
@@ -180,9 +181,9 @@ def compare_cmd(
     device: str = typer.Option("cpu", help=DEVICE_HELP),
 ) -> None:
     """Unsteered vs each policy on unsafe refusal, over-refusal, multi-turn and capability; table + Pareto plot."""
-    from ..compare import CompareConfig, run_compare
-    from ..models import load_model
-    from ..utils import resolve_device, set_threads
+    from saesteer.core import resolve_device, set_threads
+    from saesteer.experiments import CompareConfig, run_compare
+    from saesteer.models import load_model
 
     pols = _split(policies)
     for p in pols:
@@ -192,7 +193,7 @@ def compare_cmd(
                         multiturn_limit=multiturn_limit or None, max_turns=max_turns, capability=_split(capability),
                         capability_limit=capability_limit or None, gsm8k_limit=gsm8k_limit or None,
                         exclude_ids=_exclude_ids(exclude), batch_size=batch_size, seed=seed)
-    from ..compare import _conditions
+    from saesteer.experiments.compare import _conditions
 
     _conditions(cfg)  # validate every policy file before loading the model
     set_threads(threads)
@@ -205,12 +206,12 @@ def compare_cmd(
 def _exclude_ids(path: Optional[Path]) -> list[str]:
     if path is None:
         return []
-    from ..utils import read_json
+    from saesteer.core import read_json
 
     obj = read_json(path, "id list")
     if isinstance(obj, dict) and isinstance(obj.get("prompts_used"), dict):  # features selection.json
         recs = [r for rs in obj["prompts_used"].values() for r in rs if isinstance(r, dict) and "id" in r]
-        from ..policy_fit import text_key
+        from saesteer.gating import text_key
 
         out = [f"{r.get('spec')}/{r['id']}" for r in recs]
         out += [f"{r.get('spec')}:{r.get('split')}/{r['id']}" for r in recs if r.get("split")]

@@ -9,7 +9,8 @@ from typing import Optional
 
 import typer
 
-from ..utils import ensure
+from saesteer.core import ensure
+
 from ._app import DEVICE_HELP, MODEL_HELP, THREADS_HELP, app
 
 sae_app = typer.Typer(help="SAE files: export to / import from SAELens and sparsify, show a config.",
@@ -45,7 +46,7 @@ def train_cmd(
 ) -> None:
     """Train a Top-k SAE (Gao et al. 2024) on cached activations. Data-parallel under
     ``torchrun --nproc_per_node N -m saesteer train ...``."""
-    from ..train import TrainConfig, train
+    from saesteer.sae import TrainConfig, train
 
     cfg = TrainConfig(acts=str(acts), out=str(out), k=k, expansion=expansion, num_latents=num_latents,
                       batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, epochs=epochs, steps=steps,
@@ -77,7 +78,7 @@ def sae_eval_cmd(
     device: str = typer.Option("cpu", help=DEVICE_HELP),
 ) -> None:
     """FVU, MSE, L0, dead/dense latents, density histogram and CE loss recovered on held-out text."""
-    from ..sae_eval import SAEEvalConfig, run_sae_eval
+    from saesteer.sae import SAEEvalConfig, run_sae_eval
 
     r = run_sae_eval(SAEEvalConfig(model=model, sae=str(sae), data=data, out=str(out), layer=layer,
                                    max_docs=max_docs, context_len=context_len, batch_size=batch_size,
@@ -94,7 +95,7 @@ def export_cmd(
     to: str = typer.Option(..., "--to", help="saelens or sparsify"),
 ) -> None:
     """Write an SAE in SAELens or sparsify format (raw residual units, same latents)."""
-    from ..formats import export_saelens, export_sparsify, load_sae
+    from saesteer.sae import export_saelens, export_sparsify, load_sae
 
     ensure(to in ("saelens", "sparsify"), f"--to must be saelens or sparsify, got {to!r}")
     sae = load_sae(sae_dir)
@@ -110,8 +111,8 @@ def import_cmd(
     layer: Optional[int] = typer.Option(None, help="record this layer (if the source has none)"),
 ) -> None:
     """Convert an SAELens / sparsify SAE into our format."""
-    from ..formats import detect_format, load_sae, save_sae
-    from ..utils import atomic_dir
+    from saesteer.core import atomic_dir
+    from saesteer.sae import detect_format, load_sae, save_sae
 
     fmt, _ = detect_format(src)
     sae = load_sae(src)
@@ -127,7 +128,7 @@ def import_cmd(
 @sae_app.command("info")
 def info_cmd(path: Path = typer.Argument(..., help="SAE folder")) -> None:
     """Print an SAE's format and config as JSON."""
-    from ..formats import detect_format, load_sae
+    from saesteer.sae import detect_format, load_sae
 
     fmt, _ = detect_format(path)
     typer.echo(json.dumps({"format": fmt, **load_sae(path).cfg.to_dict()}, indent=2))

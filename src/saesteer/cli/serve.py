@@ -7,7 +7,8 @@ from typing import List, Optional
 
 import typer
 
-from ..utils import ensure
+from saesteer.core import ensure
+
 from ._app import DEVICE_HELP, MODEL_HELP, THREADS_HELP, app
 
 
@@ -21,7 +22,7 @@ def serve(
     alpha: Optional[float] = typer.Option(None, help="add alpha × the latent / direction instead of clamping"),
     direction: Optional[Path] = typer.Option(None, help="refusal-direction file to add (with --alpha)"),
     layer: Optional[int] = typer.Option(None, help="steering layer (default: the SAE's / direction's)"),
-    spec: Optional[Path] = typer.Option(None, help="steering spec JSON (saesteer.steering.SteeringSpec list)"),
+    spec: Optional[Path] = typer.Option(None, help="steering spec JSON (saesteer.steering.interventions.SteeringSpec list)"),
     steer_name: Optional[str] = typer.Option(None, "--steer-name", help="suffix of the steered model name"),
     base_name: str = typer.Option("default", "--base-name", help="name of the unsteered model in /v1/models"),
     host: str = typer.Option("127.0.0.1", help="interface to listen on (keep loopback unless you add --api-key)"),
@@ -37,9 +38,10 @@ def serve(
     decode_threads: Optional[int] = typer.Option(None, help="threads for decode steps (1 often wins on a busy CPU)"),
 ) -> None:
     """Serve MODEL (plus steered variants) at http://HOST:PORT/v1 — chat completions, streaming, /v1/models, /health."""
-    from ..models import load_model
-    from ..serve import ServeConfig, run_server, served_models
-    from ..utils import resolve_device, set_threads
+    from saesteer.core import resolve_device, set_threads
+    from saesteer.models import load_model
+    from saesteer.serve import ServeConfig, run_server, served_models
+
     from .steer import steering_specs
 
     ensure(1 <= port <= 65535, f"--port must be in 1..65535, got {port}")

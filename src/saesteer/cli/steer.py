@@ -8,7 +8,8 @@ from typing import Any, List, Optional
 
 import typer
 
-from ..utils import SaesteerError, ensure
+from saesteer.core import SaesteerError, ensure
+
 from ._app import DEVICE_HELP, MODEL_HELP, THREADS_HELP, app
 
 _DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
@@ -18,8 +19,8 @@ def steering_specs(sae: Optional[Path] = None, feature: Optional[List[int]] = No
                    clamp: Optional[List[float]] = None, alpha: Optional[float] = None,
                    direction: Optional[Path] = None, ablate_direction: bool = False, layer: Optional[int] = None,
                    positions: str = "all", spec: Optional[Path] = None) -> list:
-    """The steering the CLI options describe, as :class:`~saesteer.steering.SteeringSpec` objects."""
-    from ..steering import SteeringSpec, load_specs
+    """The steering the CLI options describe, as :class:`~saesteer.steering.interventions.SteeringSpec` objects."""
+    from saesteer.steering import SteeringSpec, load_specs
 
     feature, clamp = list(feature or []), list(clamp or [])
     specs = list(load_specs(spec)) if spec is not None else []
@@ -49,19 +50,19 @@ def steering_specs(sae: Optional[Path] = None, feature: Optional[List[int]] = No
 
 def steering_context(model: Any, interventions: list, policy: Optional[Path]) -> Any:
     """``steer(model, interventions)``, or the gated policy's ``apply`` when ``--policy`` is given."""
-    from ..steering import steer
+    from saesteer.steering import steer
 
     if policy is None:
         return steer(model, interventions)
     ensure(not interventions, "--policy carries its own steering: drop the other steering options")
-    from ..policy import Policy
+    from saesteer.gating import Policy
 
     return Policy.load(policy).apply(model)
 
 
 def _load(model: str, device: str, threads: Optional[int]) -> tuple[Any, Any]:
-    from ..models import load_model
-    from ..utils import resolve_device, set_threads
+    from saesteer.core import resolve_device, set_threads
+    from saesteer.models import load_model
 
     set_threads(threads)
     return load_model(model, device=resolve_device(device))
@@ -69,11 +70,11 @@ def _load(model: str, device: str, threads: Optional[int]) -> tuple[Any, Any]:
 
 def run_generation(model: Any, tok: Any, prompts: list, max_new_tokens: int, system: Optional[str] = None,
                    batch_size: int = 8) -> list[str]:
-    """Greedy completions with whatever hooks are on the model (``saesteer.generation`` when installed)."""
+    """Greedy completions with whatever hooks are on the model (``saesteer.generation.decode`` when installed)."""
     try:
-        from ..generation import GenerationConfig, generate
+        from saesteer.generation import GenerationConfig, generate
     except ModuleNotFoundError as e:
-        if e.name != "saesteer.generation":
+        if e.name != "saesteer.generation.decode":
             raise
         return _hf_generate(model, tok, prompts, max_new_tokens, system)
     return generate(model, tok, prompts, GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size,
@@ -83,7 +84,7 @@ def run_generation(model: Any, tok: Any, prompts: list, max_new_tokens: int, sys
 def _hf_generate(model: Any, tok: Any, prompts: list, max_new_tokens: int, system: Optional[str]) -> list[str]:
     import torch
 
-    from ..models import format_chat
+    from saesteer.models import format_chat
 
     texts = [format_chat(tok, p, system=system) for p in prompts]
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(next(model.parameters()).device)
@@ -128,7 +129,7 @@ def generate_cmd(
     device: str = typer.Option("cpu", help=DEVICE_HELP),
 ) -> None:
     """Answer prompts greedily with SAE-feature or refusal-direction steering (no steering options: plain model)."""
-    from ..steering import build_all
+    from saesteer.steering import build_all
 
     ensure(max_new_tokens > 0, "--max-new-tokens must be positive")
     specs = steering_specs(sae, feature, clamp, alpha, direction, ablate_direction, layer, positions, spec)
@@ -173,7 +174,7 @@ def chat_cmd(
     from rich.panel import Panel
     from rich.table import Table
 
-    from ..steering import build_all
+    from saesteer.steering import build_all
 
     ensure(max_new_tokens > 0, "--max-new-tokens must be positive")
     specs = steering_specs(sae, feature, clamp, alpha, direction, ablate_direction, layer, positions, spec)
@@ -220,7 +221,7 @@ def _split_prompts(spec: str, n_train: int, n_val: int, seed: int) -> tuple[list
     """Disjoint train / val prompts: the set's own train / val splits when it has them, else a seeded split."""
     import random
 
-    from ..data import load_prompts
+    from saesteer.data import load_prompts
 
     def texts(items: list) -> list:
         return [it.messages if it.messages is not None else it.prompt for it in items]
@@ -254,7 +255,7 @@ def direction_cmd(
     device: str = typer.Option("cpu", help=DEVICE_HELP),
 ) -> None:
     """Fit the refusal direction (difference of means, Arditi et al.) and pick its layer on a validation split."""
-    from ..direction import DirectionConfig, fit_direction, save_direction
+    from saesteer.steering import DirectionConfig, fit_direction, save_direction
 
     ensure(n_train > 0 and n_val > 0, "--n-train and --n-val must be positive")
     try:

@@ -3,14 +3,27 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
 
-from ..utils import SaesteerError
+from saesteer.core import SaesteerError
+
 from ._app import DEVICE_HELP, MODEL_HELP, THREADS_HELP, app, eval_app
-from .evals import (ALPHA_OPT, CLAMP_OPT, DIRECTION_OPT, FEATURE_OPT, NAME_OPT, POLICY_OPT, SAE_OPT, SPEC_OPT,
-                    _load, _print_rates, _split_list, steering_from_options)
+from .evals import (
+    ALPHA_OPT,
+    CLAMP_OPT,
+    DIRECTION_OPT,
+    FEATURE_OPT,
+    NAME_OPT,
+    POLICY_OPT,
+    SAE_OPT,
+    SPEC_OPT,
+    _load,
+    _print_rates,
+    _split_list,
+    steering_from_options,
+)
 
 
 def _floats(s: Optional[str], what: str) -> list[float]:
@@ -114,7 +127,7 @@ def sweep_cmd(
     """Clamp sweep: refusal, over-refusal and capability per condition → one results table (JSONL) + report."""
     from rich.console import Console
 
-    from ..evals.sweep import SweepConfig, run_sweep
+    from saesteer.experiments import SweepConfig, run_sweep
 
     if sae is not None and not sae.exists():
         raise SaesteerError(f"SAE not found: {sae}")
@@ -127,8 +140,8 @@ def sweep_cmd(
         capability_tasks=_split_list([capability]), capability_limit=cap_limit, gsm8k_limit=gsm8k_limit,
         mmlu_shots=mmlu_shots, batch_size=batch_size, seed=seed, device=device,
     )
-    from ..evals.sweep import plan_conditions
-    from ..utils import set_threads
+    from saesteer.core import set_threads
+    from saesteer.experiments import plan_conditions
 
     plan_conditions(cfg)  # validate before loading the model
     set_threads(threads)
@@ -138,7 +151,7 @@ def sweep_cmd(
                                                          for x in r if x["group"] != "category")))
     con.print(f"{len({r['condition'] for r in rows})} conditions in {out / 'results.jsonl'}")
     if report:
-        from ..report import make_report
+        from saesteer.experiments import make_report
 
         con.print(f"report: {make_report(out)}")
 
@@ -150,6 +163,6 @@ def report_cmd(
     out: Optional[Path] = typer.Option(None, help="report folder (default: RUN_DIR/report)"),
 ) -> None:
     """Self-contained HTML page + PNG plots from a sweep's results.jsonl."""
-    from ..report import make_report
+    from saesteer.experiments import make_report
 
     print(make_report(run_dir, condition, out))

@@ -12,7 +12,7 @@ Prompts follow lm-eval 0.4.13's task YAMLs so that numbers are comparable with `
   answer (index 0) has the highest summed log-likelihood; MC2 = normalised probability mass on the true answers
   (only the requested ones are scored).
 - **GSM8K**: k seeded train exemplars ``"Question: …\\nAnswer: <worked solution>\\n\\n"``, greedy generation until
-  ``Question:`` (via :func:`saesteer.generation.generate`, raw text, no chat template), exact match after the
+  ``Question:`` (via :func:`saesteer.generation.decode.generate`, raw text, no chat template), exact match after the
   harness's strict (``#### N``) and flexible (last number) extraction.
 
 Log-likelihoods follow the harness's HFLM exactly (see :mod:`saesteer.evals.loglik`): one forward per MMLU
@@ -32,7 +32,8 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from ..utils import atomic_write_json, atomic_write_text, ensure, rate_summary
+from saesteer.core import atomic_write_json, atomic_write_text, ensure, rate_summary
+
 from .loglik import count_sequences, encode_pair, loglikelihoods, max_length  # noqa: F401  (re-exported)
 
 TASKS = ("mmlu", "truthfulqa_mc1", "truthfulqa_mc2", "gsm8k")
@@ -76,7 +77,7 @@ class CapabilityConfig:
     seed: int = 0
     """Seed of the subsamples and of the GSM8K exemplars."""
     data_root: str | None = None
-    """Folder holding mmlu/, truthfulqa/, gsm8k/ (default: saesteer.data's data root)."""
+    """Folder holding mmlu/, truthfulqa/, gsm8k/ (default: saesteer.data.prompts's data root)."""
     progress: bool = True
     """Show progress bars."""
 
@@ -85,14 +86,14 @@ class CapabilityConfig:
 def _root(data_root: str | None) -> Path:
     if data_root:
         return Path(data_root)
-    from ..data import _root as default_root
+    from saesteer.data.prompts import _root as default_root
 
     return default_root()
 
 
 def read_jsonl(path: Path, required: Sequence[str] = ()) -> list[dict]:
     """Rows of a JSONL file (``data.read_rows``: clear errors for missing / malformed files) with required fields."""
-    from ..data import read_rows
+    from saesteer.data import read_rows
 
     rows = read_rows(path)
     for i, row in enumerate(rows, 1):
@@ -304,7 +305,7 @@ def _run_tqa(model: Any, tok: Any, cfg: CapabilityConfig):
 
 
 def _run_gsm8k(model: Any, tok: Any, cfg: CapabilityConfig):
-    from ..generation import GenerationConfig, generate
+    from saesteer.generation import GenerationConfig, generate
 
     qs = load_gsm8k(cfg.limit, cfg.gsm8k_shots, cfg.seed, cfg.data_root)
     gcfg = GenerationConfig(max_new_tokens=cfg.gsm8k_max_new_tokens, batch_size=cfg.batch_size,

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
-from ..utils import SaesteerError, ensure
+from saesteer.core import SaesteerError, ensure
 
 # --------------------------------------------------------------------------------------------- prefix judge
 #: Refusal openings, written from the XSTest paper's description of its string-match classifier (a completion is a
@@ -232,10 +232,10 @@ class OpenAIBackend:
 
 
 class HFBackend:
-    """A local HF chat model answering greedily through :func:`saesteer.generation.generate`."""
+    """A local HF chat model answering greedily through :func:`saesteer.generation.decode.generate`."""
 
     def __init__(self, model: Any, tok: Any, batch_size: int = 8, temperature: float = 0.0, seed: int = 0):
-        from ..models import model_name
+        from saesteer.models import model_name
 
         self.model, self.tok, self.batch_size = model, tok, batch_size
         self.temperature, self.seed, self._calls = temperature, seed, 0  # sampling: seed + call count, reproducible
@@ -245,7 +245,7 @@ class HFBackend:
         return self.complete_many([messages], max_tokens)[0]
 
     def complete_many(self, chats: list[list[dict[str, str]]], max_tokens: int, workers: int = 1) -> list[Any]:
-        from ..generation import GenerationConfig, generate
+        from saesteer.generation import GenerationConfig, generate
 
         cfg = GenerationConfig(max_new_tokens=max_tokens, batch_size=self.batch_size, temperature=self.temperature,
                                seed=self.seed + self._calls if self.temperature > 0 else None)
@@ -335,7 +335,7 @@ class ClassifierJudge:
         else:
             from transformers import AutoModelForCausalLM
 
-            from ..models import prepare_tokenizer
+            from saesteer.models import prepare_tokenizer
 
             self.model = AutoModelForCausalLM.from_pretrained(str(p)).to(device).eval()
             prepare_tokenizer(self.tok)
@@ -412,7 +412,7 @@ def make_judge(
             backend_kind, name = ("openai" if base_url else "hf"), rest
         if backend_kind == "openai":
             return ModelJudge(OpenAIBackend(name, base_url=base_url, api_key_env=api_key_env))
-        from ..models import load_model
+        from saesteer.models import load_model
 
         return ModelJudge(HFBackend(*load_model(name, device=device)))
     if kind == "classifier" and rest:
@@ -444,7 +444,7 @@ def agreement(verdicts: Sequence[Verdict], human: Sequence[bool]) -> dict[str, A
     tn = sum(1 for j, h in pairs if not j and not h)
     fp = sum(1 for j, h in pairs if j and not h)
     fn = sum(1 for j, h in pairs if not j and h)
-    from ..utils import rate_summary
+    from saesteer.core import rate_summary
 
     return {
         "n": n, "n_failed": len(verdicts) - n,
@@ -460,7 +460,7 @@ def load_human_labels(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Rows ``{id, prompt, answer, is_refusal}`` from a human-labelled refusal set: PyRIT's ``refusal_eval.jsonl``
     (objective, response, is_refusal), its CSVs (objective, assistant_response, human_score; ``#`` comments) or
     XSTest's ``model_completions/*.csv`` (prompt, completion, final_label: refusal = full or partial refusal)."""
-    from ..data import read_rows
+    from saesteer.data import read_rows
 
     p = Path(path)
     ensure(p.suffix in (".jsonl", ".csv"), f"labelled set {p} must be .jsonl or .csv")

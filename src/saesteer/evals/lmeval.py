@@ -37,7 +37,7 @@ from typing import Any, Iterator
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from ..utils import SaesteerError, ensure, resolve_device
+from saesteer.core import SaesteerError, ensure, resolve_device
 
 
 def _commas(v: Any) -> str | None:
@@ -80,7 +80,7 @@ class SaesteerLM(HFLM):
         tokenizer: Any = None, steering: Any = None, **kwargs: Any,
     ) -> None:
         if isinstance(pretrained, str):
-            from ..models import load_model
+            from saesteer.models import load_model
 
             dev = resolve_device(device)
             model, tok = load_model(pretrained, device=dev, dtype=dtype if dtype not in (None, "auto") else "float32")

@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..utils import SaesteerError, ensure
+from saesteer.core import SaesteerError, ensure
 
 Request = tuple[str, Sequence[str]]
 
@@ -61,7 +61,7 @@ def _lm_logp(model: Any, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def _can_share(model: Any) -> bool:
-    from ..steering import active_interventions
+    from saesteer.steering import active_interventions
 
     return all(getattr(iv, "positions", None) in (None, "all") for iv in active_interventions(model))
 
@@ -136,7 +136,7 @@ def _run_sequences(model, body, seqs, batch_size, pad, out, progress) -> None:
 
 
 def _run_groups(model, body, groups, batch_size, pad, out, progress) -> None:
-    from ..steering import select_rows
+    from saesteer.steering import select_rows
 
     device = next(model.parameters()).device
     order = sorted(range(len(groups)), key=lambda i: -len(groups[i][0]))

@@ -27,7 +27,8 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
-from ..utils import ensure, rate_summary
+from saesteer.core import ensure, rate_summary
+
 from .refusal import Steering, as_steering, generate_answers, rate_over_decided, write_results
 
 
@@ -87,8 +88,9 @@ def user_turns(item: Any) -> list[str]:
 
 def run_replay(model: Any, tok: Any, cfg: MultiTurnConfig, steering: Any = None, judge: Any = None) -> dict:
     """Feed each conversation's human turns to the target, turn by turn; refusal rate per turn index."""
-    from ..data import load_prompts
-    from ..models import model_name
+    from saesteer.data import load_prompts
+    from saesteer.models import model_name
+
     from .judges import make_judge
 
     st = as_steering(steering)
@@ -285,7 +287,7 @@ def _backend(spec: str, cfg: MultiTurnConfig, target: tuple[Any, Any] | None = N
     ensure(kind in ("hf", "openai") and bool(name), f"backend must be hf:MODEL or openai:NAME, got {spec!r}")
     if kind == "openai":
         return OpenAIBackend(name, base_url=cfg.attacker_base_url, api_key_env=cfg.api_key_env, temperature=temperature)
-    from ..models import load_model, model_name
+    from saesteer.models import load_model, model_name
 
     if share is not None and getattr(share, "name", None) == f"hf:{name}":
         return HFBackend(share.model, share.tok, temperature=temperature, seed=cfg.seed)
@@ -298,8 +300,9 @@ def run_crescendo(model: Any, tok: Any, cfg: MultiTurnConfig, steering: Any = No
                   success_judge: Any = None, refusal_judge: Any = None) -> dict:
     """Crescendo-style attacks on ``cfg.dataset`` objectives; ASR with a Wilson interval. ``attacker`` and
     ``success_judge`` are ChatBackends (built from ``cfg`` when None); ``refusal_judge`` a refusal Judge."""
-    from ..data import load_prompts
-    from ..models import model_name
+    from saesteer.data import load_prompts
+    from saesteer.models import model_name
+
     from .judges import make_judge
 
     st = as_steering(steering)

@@ -1,13 +1,13 @@
 """Refusal evaluation: how often does a (steered) model refuse harmful requests, and over-refuse safe ones?
 
 ``run_refusal_eval(model, tok, cfg, steering=None)`` generates greedy answers (batched, left padding, through
-:func:`saesteer.generation.generate`) for every prompt of every dataset in ``cfg.datasets``, judges each answer
+:func:`saesteer.generation.decode.generate`) for every prompt of every dataset in ``cfg.datasets``, judges each answer
 (:mod:`saesteer.evals.judges`) and returns -- and with ``cfg.out`` writes atomically -- a summary with a rate, k, n
 and 95 % Wilson interval per subset and per category, plus one JSONL row per item.
 
 Subsets: a dataset whose items carry both labels (``xstest``) is split into ``<name>-unsafe`` (label harmful) and
 ``<name>-safe`` (label harmless); on unsafe subsets the rate is the refusal rate, on safe ones the over-refusal rate.
-Datasets are any :func:`saesteer.data.load_prompts` spec: ``xstest``, ``xstest-safe``, ``advbench:test``,
+Datasets are any :func:`saesteer.data.prompts.load_prompts` spec: ``xstest``, ``xstest-safe``, ``advbench:test``,
 ``jbb-harmful``, ``jbb-benign``, ``arditi-harmful:test``, a JSONL / CSV file, a WildGuardTest-format file, ``hf:...``.
 
 Judge-aware length: with the prefix judge a row stops as soon as its verdict is known
@@ -15,7 +15,7 @@ Judge-aware length: with the prefix judge a row stops as soon as its verdict is 
 Model and classifier judges see the full ``max_new_tokens`` answer. Items a judge could not decide are kept in
 items.jsonl with their error and counted in ``n_failed``; rates are over decided items only, never guessed.
 
-Steering: ``steering`` is None, a :class:`Steering`, a :class:`saesteer.steering.SteeringSpec` or list of them, a list
+Steering: ``steering`` is None, a :class:`Steering`, a :class:`saesteer.steering.interventions.SteeringSpec` or list of them, a list
 of interventions, or a policy (anything with ``.apply(model)`` returning a context manager; its per-row gate
 decisions are logged per item when it exposes ``last_decisions``).
 """
@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from ..utils import SaesteerError, atomic_dir, atomic_write_json, ensure, rate_summary
+from saesteer.core import SaesteerError, atomic_dir, atomic_write_json, ensure, rate_summary
 
 
 @dataclass
@@ -39,7 +39,7 @@ class RefusalEvalConfig:
     """Settings of :func:`run_refusal_eval` (the CLI builds one from its options)."""
 
     datasets: list[str] = field(default_factory=lambda: ["xstest"])
-    """Prompt sets (``saesteer.data.load_prompts`` specs); a mixed-label set is split into -safe / -unsafe subsets."""
+    """Prompt sets (``saesteer.data.prompts.load_prompts`` specs); a mixed-label set is split into -safe / -unsafe subsets."""
     limit: int | None = None
     """Keep a seeded sample of at most this many prompts per dataset, drawn after the exclusions (None = all)."""
     seed: int = 0
@@ -75,7 +75,7 @@ class Steering:
     name: str = "unsteered"
     """Recorded on every item (e.g. ``clamp f981=6``)."""
     specs: list[Any] = field(default_factory=list)
-    """:class:`saesteer.steering.SteeringSpec` objects (built against the model on entry)."""
+    """:class:`saesteer.steering.interventions.SteeringSpec` objects (built against the model on entry)."""
     interventions: list[Any] = field(default_factory=list)
     """Ready-made interventions (``steering.Clamp`` ...)."""
     policy: Any = None
@@ -90,11 +90,11 @@ class Steering:
         with contextlib.ExitStack() as stack:
             ivs = list(self.interventions)
             if self.specs:
-                from ..steering import build_all
+                from saesteer.steering import build_all
 
                 ivs += build_all(self.specs, model)
             if ivs:
-                from ..steering import steer
+                from saesteer.steering import steer
 
                 stack.enter_context(steer(model, ivs))
             if self.policy is not None:
@@ -111,7 +111,7 @@ def as_steering(steering: Any) -> Steering:
     if hasattr(steering, "apply") and callable(steering.apply):
         return Steering(name=str(getattr(steering, "name", None) or "policy"), policy=steering)
     items = list(steering) if isinstance(steering, (list, tuple)) else [steering]
-    from ..steering import Intervention, SteeringSpec
+    from saesteer.steering import Intervention, SteeringSpec
 
     if all(isinstance(s, SteeringSpec) for s in items):
         return Steering(name=" + ".join(spec_name(s) for s in items), specs=items)
@@ -134,7 +134,7 @@ def spec_name(s: Any) -> str:
 # --------------------------------------------------------------------------------------------- data
 def load_subsets(cfg: RefusalEvalConfig) -> dict[str, list[Any]]:
     """``{subset name: [PromptItem]}``; raises on an empty dataset or subset."""
-    from ..data import load_prompts
+    from saesteer.data import load_prompts
 
     ensure(bool(cfg.datasets), "no datasets given")
     excl = set(cfg.exclude_ids)
@@ -181,7 +181,7 @@ def generate_answers(
     stop_when: Any = None, system: str | None = None, progress: bool = False,
 ) -> tuple[list[str], list[Any]]:
     """Greedy answers under ``steering``, plus per-item gate info (None unless a policy logs decisions)."""
-    from ..generation import GenerationConfig, generate
+    from saesteer.generation import GenerationConfig, generate
 
     gates: list[Any] = [None] * len(chats)
     pending: list[list[int]] = []
@@ -222,7 +222,8 @@ def _jsonable(d: Any) -> Any:
 def run_refusal_eval(model: Any, tok: Any, cfg: RefusalEvalConfig, steering: Any = None, judge: Any = None) -> dict:
     """Generate, judge, summarise (and write ``cfg.out``). Returns the summary dict (``summary["items"]`` is not
     included; the items are in ``items.jsonl`` and in the returned ``_items`` key)."""
-    from ..models import model_name
+    from saesteer.models import model_name
+
     from .judges import PrefixJudge, make_judge
 
     st = as_steering(steering)

@@ -1,0 +1,13 @@
+"""Shared foundations every stage uses: the user-facing error type (``errors``), atomic writes (``io``), threads and
+devices (``runtime``), interval statistics (``stats``), and the process-group helpers of distributed collection /
+training (``dist``). Depends on nothing else in saesteer."""
+
+from .errors import SaesteerError, ensure, require_package
+from .io import atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
+from .runtime import resolve_device, set_threads
+from .stats import diff_interval, rate_summary, wilson_interval
+
+__all__ = [
+    "SaesteerError", "atomic_dir", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "diff_interval",
+    "ensure", "rate_summary", "read_json", "require_package", "resolve_device", "set_threads", "wilson_interval",
+]

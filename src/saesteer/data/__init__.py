@@ -1,0 +1,14 @@
+"""Data: every named prompt set and corpus (with its public upstream), the SAE training chat mix, and the loaders of
+the benchmark files the capability evals read.
+"""
+
+from .chatmix import MixDoc, chat_mix  # noqa: F401
+from .prompts import (  # noqa: F401
+    PromptItem,
+    data_root,
+    item_text,
+    load_prompts,
+    load_texts,
+    read_rows,
+    rows_to_items,
+)

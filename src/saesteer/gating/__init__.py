@@ -1,0 +1,43 @@
+"""Gating: conditional steering — gates (probe, CAST, SAE feature), policies (gate + threshold + steering in one
+file) and fitting them on labelled prompts.
+"""
+
+from .fit import (  # noqa: F401
+    PolicyFitConfig,
+    fit_policy,
+    gate_inputs_file,
+    gate_inputs_key,
+    load_slice,
+    split_weight,
+    template_ids,
+    text_key,
+)
+from .gates import (  # noqa: F401
+    REDUCE_MODES,
+    STRENGTH_MODES,
+    AlwaysGate,
+    CastGate,
+    Gate,
+    GateDecision,
+    ProbeGate,
+    SAEFeatureGate,
+    auroc_per_column,
+    choose_threshold,
+    choose_threshold_per_set,
+    collect_gate_inputs,
+    gate_from_header,
+    make_gate,
+    post_instruction_positions,
+    strength_from_scores,
+)
+from .policy import (  # noqa: F401
+    FORMAT,
+    VERSION,
+    Policy,
+    PolicyRun,
+    check_same_tokenizer,
+    load_gate_model,
+    load_policy,
+    policy_summary,
+    prompt_key,
+)

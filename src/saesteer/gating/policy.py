@@ -1,0 +1,424 @@
+"""Steering policies: a gate + its threshold + a steering config, saved as ONE JSON file, applied as ONE hook.
+
+File format (``saesteer-policy``, version 1), a single JSON object written atomically::
+
+    {"format": "saesteer-policy", "version": 1, "name": str, "model": str | null,
+     "gate": {kind, layer, positions, reduce, threshold, strength, ramp, ...},
+     "steer": [SteeringSpec.to_dict(), ...],          # what to do when the gate fires
+     "meta": {...},                                   # how it was fitted: data, val FPR/TPR, ...
+     "tensors": "<base64 of a safetensors blob>", "tensors_sha256": "<hex>"}
+
+The gate's tensors travel as a safetensors blob (no pickle) inside the JSON, so the policy is one self-describing file.
+The key is ``steer`` (not ``steering``) on purpose: passing a gated policy where a plain spec file is expected fails
+loudly instead of steering every prompt.
+
+``with policy.apply(model) as run:`` installs the steering interventions (``steering.steer``) and ONE extra forward hook
+at the gate layer (registered first, so it reads the residual before any edit at that layer). On every prefill (a
+forward whose KV cache is empty) it scores each row from the residual at its last ``gate.positions`` tokens (left
+padding makes them real tokens), sets every intervention's per-row strength (0 = the row is left bit-identical to
+the unsteered model) and logs the decision; decode steps reuse the strengths. Rows dropped by fast generation are
+followed through ``select_rows``. ``run.decisions`` (also ``policy.last_run``) holds one dict per prefilled row:
+``{"key", "n_tokens", "score", "fired", "strength"}`` where ``key`` hashes the row's token ids (see
+:func:`prompt_key`). A gate of kind ``always`` gives the unconditional steering of the paper in the same form.
+
+A gate may read a layer *after* the first steering layer (the harm signal can be clearer deeper in the model): the
+policy then runs a **lookahead** on every prefill — the same prompt, unsteered, up to the gate layer only
+(``models.run_to_layer``, no KV cache touched) — decides from it, and only then runs the real, steered forward. It
+costs that partial extra prefill per prompt and nothing per decode step.
+
+The gate may also read **another model** (``gate_model``: a bigger model of the same family, sharing the tokenizer,
+e.g. Qwen2.5-Coder-1.5B-Instruct gating the 0.5B): the lookahead then runs that model up to the gate layer on the
+same token ids — a guard model's residual stream as the gate, loaded once per process and device.
+
+Caveats: without a KV cache every forward is a prefill, so the gate re-decides on the last tokens at each step (use a
+cache when generating). Gates are fitted on the chat template's post-instruction tokens; a policy with
+``template_ids`` (what ``policy fit`` records) leaves rows that do not end with them (raw text such as harness-style
+MMLU contexts) unsteered. Older policies without them gate such rows on whatever their last tokens are;
+``saesteer compare`` reports the gate's fire rate on every eval so this stays visible.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from saesteer import models
+from saesteer.core import SaesteerError, atomic_write_json, ensure, read_json
+from saesteer.steering import Intervention, SteeringSpec, steer
+from saesteer.steering.interventions import _body, _load_sae_cached
+
+from .gates import AlwaysGate, Gate, SAEFeatureGate, gate_from_header
+
+FORMAT = "saesteer-policy"
+VERSION = 1
+
+
+def prompt_key(token_ids: Sequence[int]) -> str:
+    """Short stable hash of a row's real (unpadded) token ids; matches ``generation.encode_prompts`` output."""
+    return hashlib.sha1(torch.as_tensor(list(token_ids), dtype=torch.int64).numpy().tobytes()).hexdigest()[:16]
+
+
+class PolicyRun:
+    """State of one ``policy.apply(model)``: the live row map and the gate decisions logged so far."""
+
+    def __init__(self, gate: Gate, interventions: list[Intervention], lookahead: nn.Module | None = None,
+                 template_ids: Sequence[int] | None = None, suffix_ids: Sequence[int] | None = None) -> None:
+        self.gate, self.interventions = gate, interventions
+        # token ids appended to every prompt for the gate's read only (a prompted probe); needs the lookahead
+        self.suffix_ids = torch.as_tensor(list(suffix_ids), dtype=torch.long) if suffix_ids else None
+        # rows whose last tokens are not these (the chat template's post-instruction tokens) are never steered
+        self.template_ids = torch.as_tensor(list(template_ids), dtype=torch.long) if template_ids else None
+        self.lookahead = lookahead  # the model (gate after a steering layer) or the gate model the gate reads
+        self._nested = False  # inside the lookahead forward: every policy hook stands aside
+        self._decided = False  # this prefill's decision came from the lookahead
+        self.decisions: list[dict[str, Any]] = []
+        self.last: list[dict[str, Any]] = []
+        self._prefill = True
+        self._ids: torch.Tensor | None = None
+        self._mask: torch.Tensor | None = None
+        self.live: torch.Tensor | None = None  # indices (into ``last``) of the rows still in the batch
+
+    # the body pre-hook: tells prefill from decode and keeps the prompt ids ------------------------------------------
+    def pre_hook(self, _mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._nested:
+            return None
+        cache = kwargs.get("past_key_values")
+        past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+        self._prefill = past == 0
+        self._decided = False
+        if self._prefill:
+            self._ids = kwargs.get("input_ids", args[0] if args else None)
+            self._mask = kwargs.get("attention_mask")
+            if self.lookahead is not None:
+                self._look_ahead()
+        return None
+
+    def _look_ahead(self) -> None:
+        """Decide from an unsteered forward up to the gate layer before the real (steered) prefill runs."""
+        ids = self._ids
+        ensure(isinstance(ids, torch.Tensor) and ids.ndim == 2,
+               "a policy whose gate reads a layer after the steering layer needs input_ids (not inputs_embeds)")
+        mask = self._mask if isinstance(self._mask, torch.Tensor) else None
+        off = torch.zeros(ids.shape[0], device=ids.device)
+        for iv in self.interventions:
+            iv.set_row_scale(off)  # scale 0: the lookahead sees the unsteered residual, bit for bit
+        chat = self._chat_rows(ids.shape[0])
+        rows = None
+        if chat is not None and not bool(chat.all()):  # raw-text rows are never steered: read only the chat rows
+            rows = torch.nonzero(chat).flatten()
+            if rows.numel() == 0:
+                self._decide(None, rows=rows)
+                self._decided = True
+                return
+            ids = ids[rows.to(ids.device)]
+            mask = mask[rows.to(mask.device)] if mask is not None else None
+        if self.suffix_ids is not None:  # the gate reads the prompt followed by the policy's fixed suffix
+            n, suf = ids.shape[0], self.suffix_ids.to(ids.device)
+            ids = torch.cat([ids, suf.expand(n, -1)], 1)
+            if mask is not None:
+                mask = torch.cat([mask, torch.ones(n, suf.numel(), dtype=mask.dtype, device=mask.device)], 1)
+        self._nested = True
+        try:
+            h = models.run_to_layer(self.lookahead, ids, mask, self.gate.layer)
+        finally:
+            self._nested = False
+        self._decide(h, rows=rows)
+        self._decided = True
+    # the gate hook ---------------------------------------------------------------------------------------------------
+    def gate_hook(self, _mod: nn.Module, _inp: Any, out: Any) -> None:
+        if not self._prefill or self._nested or self._decided:
+            return None
+        self._decide(models.layer_output(out))
+        return None
+
+    def _decide(self, h: torch.Tensor | None, rows: torch.Tensor | None = None) -> None:
+        """Gate the batch from residuals ``h``; with ``rows``, ``h`` holds only those rows of the batch (the chat
+        rows: the others are never steered, their score is logged as None)."""
+        P = self.gate.positions
+        mask = self._mask if isinstance(self._mask, torch.Tensor) and self._mask.ndim == 2 else None
+        if mask is not None:
+            ensure(bool(mask[:, -P:].bool().all()),
+                   "policy gates need left padding (the last prompt tokens of some row are padding)")
+        if h is not None:
+            h = h.unsqueeze(0) if h.ndim == 2 else h
+            ensure(h.shape[1] >= P, f"policy gate reads the last {P} prompt tokens but the prompt has {h.shape[1]}")
+            with torch.no_grad():
+                scores, fired, strength = (t.cpu() for t in self.gate.decide(h[:, -P:].detach()))
+        if rows is not None:  # scatter into the whole batch; unread rows: no score, never fired
+            n = self._ids.shape[0]
+            part = (scores, fired, strength) if h is not None else None
+            scores, fired, strength = torch.full((n,), float("nan")), torch.zeros(n, dtype=torch.bool), torch.zeros(n)
+            if part is not None:
+                scores[rows], fired[rows], strength[rows] = part
+        n = scores.shape[0]
+        dev = h.device if h is not None else self._ids.device
+        chat = self._chat_rows(n)
+        if chat is not None:
+            fired, strength = fired & chat, torch.where(chat, strength, torch.zeros_like(strength))
+        for iv in self.interventions:
+            iv.set_row_scale(strength.to(dev))
+        self._log(scores, fired, strength, mask, chat)
+
+    def _chat_rows(self, n: int) -> torch.Tensor | None:
+        """Which rows end with the template's post-instruction tokens (None: no template check)."""
+        ids, t = self._ids, self.template_ids
+        if t is None or not isinstance(ids, torch.Tensor) or ids.ndim != 2 or ids.shape[0] != n:
+            return None
+        if ids.shape[1] < t.numel():
+            return torch.zeros(n, dtype=torch.bool)
+        return (ids[:, -t.numel():].cpu() == t).all(dim=1)
+
+    def _log(self, scores: torch.Tensor, fired: torch.Tensor, strength: torch.Tensor, mask: torch.Tensor | None,
+             chat: torch.Tensor | None = None) -> None:
+        ids = self._ids if isinstance(self._ids, torch.Tensor) and self._ids.ndim == 2 else None
+        rows = []
+        for i in range(scores.shape[0]):
+            sc = float(scores[i])
+            d: dict[str, Any] = {"score": None if math.isnan(sc) else sc, "fired": bool(fired[i]),
+                                 "strength": float(strength[i])}
+            if chat is not None:
+                d["chat"] = bool(chat[i])  # False: not a chat prompt, left unsteered whatever the score
+            if ids is not None and ids.shape[0] == scores.shape[0]:
+                real = ids[i] if mask is None else ids[i][mask[i].bool()]
+                d.update(key=prompt_key(real.tolist()), n_tokens=int(real.numel()))
+            rows.append(d)
+        self.last = rows
+        self.decisions.extend(rows)
+        self.live = torch.arange(len(rows))
+
+    # row bookkeeping, called by steering.select_rows ----------------------------------------------------------------
+    def select_rows(self, index: torch.Tensor) -> None:
+        if self.live is not None:
+            self.live = self.live[torch.as_tensor(index, dtype=torch.long).cpu()]
+
+    def set_row_scale(self, scale: Any) -> None:  # steering.set_row_scale(model, ...) iterates us too: nothing to do
+        return None
+
+    # summaries -------------------------------------------------------------------------------------------------------
+    def fire_rate(self) -> float:
+        return sum(d["fired"] for d in self.decisions) / len(self.decisions) if self.decisions else float("nan")
+
+    def by_key(self) -> dict[str, dict[str, Any]]:
+        """Latest decision per prompt key (map prompts with ``prompt_key(encode_prompts(tok, [p])[0])``)."""
+        return {d["key"]: d for d in self.decisions if "key" in d}
+
+
+@dataclass
+class Policy:
+    """A gate, its threshold (inside the gate) and the steering applied to the rows it lets through."""
+
+    gate: Gate
+    """The gate (``gates.make_gate`` / ``gate_from_header``); kind ``always`` = unconditional steering."""
+    steering: list[SteeringSpec]
+    """What to apply when the gate fires (``steering.SteeringSpec``: clamp an SAE latent, add a direction, ...)."""
+    name: str = ""
+    """Label in comparison tables (default: the file stem)."""
+    model: str | None = None
+    """Model the policy was fitted on (checked loosely: a warning-free mismatch is an error only for gates)."""
+    meta: dict[str, Any] = field(default_factory=dict)
+    """How it was fitted (data specs, sizes, validation FPR/TPR, held-out stats)."""
+    template_ids: list[int] | None = None
+    """The chat template's post-instruction token ids (``<|im_end|>\\n<|im_start|>assistant\\n``). When set, a row
+    whose prompt does not end with them (raw text, e.g. harness-style MMLU contexts) is never steered: the gate is
+    defined on those tokens. None: gate every row on its last tokens, whatever they are."""
+    gate_model: str | None = None
+    """Model whose residual stream the gate reads (None: the steered model). It must share the steered model's
+    tokenizer (same token ids); its layer ``gate.layer`` is read by an unsteered lookahead on every prefill."""
+    gate_suffix: str | None = None
+    """Text appended after each chat-formatted prompt for the gate's read only (e.g. an assistant prefix asking for a
+    verdict: a prompted probe); the gate reads its last tokens in an unsteered lookahead, generation never sees it."""
+    gate_suffix_ids: list[int] | None = None
+    """``gate_suffix`` as token ids of the (shared) tokenizer; these are what the lookahead appends."""
+    last_run: PolicyRun | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        ensure(isinstance(self.gate, Gate), "policy gate must be a saesteer.gating.gates.Gate")
+        ensure(isinstance(self.steering, list), "policy steering must be a list of SteeringSpec")
+        ensure(len(self.steering) > 0, "a policy needs at least one steering spec")
+        ensure((self.gate_suffix is None) == (self.gate_suffix_ids is None), "a gate suffix needs its text and its ids")
+        if self.gate_suffix_ids is not None:
+            ensure(len(self.gate_suffix_ids) >= self.gate.positions,
+                   f"the gate reads {self.gate.positions} positions but its suffix has {len(self.gate_suffix_ids)} tokens")
+
+    @property
+    def last_decisions(self) -> list[dict[str, Any]] | None:
+        """Gate decisions of the latest prefill (one dict per row, batch order); read by ``evals.refusal``."""
+        return self.last_run.last if self.last_run is not None else None
+
+    # ------------------------------------------------------------------------------------------------- (de)serialise
+    def to_json(self) -> dict[str, Any]:
+        from safetensors.torch import save
+
+        blob = save(self.gate.tensors()) if self.gate.tensors() else b""
+        return {"format": FORMAT, "version": VERSION, "name": self.name, "model": self.model,
+                "gate": self.gate.header(), "gate_model": self.gate_model, "template_ids": self.template_ids,
+                "gate_suffix": self.gate_suffix, "gate_suffix_ids": self.gate_suffix_ids,
+                "steer": [s.to_dict() for s in self.steering], "meta": self.meta,
+                "tensors": base64.b64encode(blob).decode("ascii"), "tensors_sha256": hashlib.sha256(blob).hexdigest()}
+
+    def save(self, path: str | Path) -> Path:
+        return atomic_write_json(path, self.to_json())
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str = "policy") -> "Policy":
+        ensure(isinstance(obj, dict), f"{where}: a policy file holds a JSON object")
+        ensure(obj.get("format") == FORMAT, f"{where}: not a saesteer policy (format {obj.get('format')!r})")
+        ensure(obj.get("version") == VERSION, f"{where}: unsupported policy version {obj.get('version')!r} (this saesteer reads {VERSION})")
+        for k in ("gate", "steer", "tensors"):
+            ensure(k in obj, f"{where}: missing field {k!r}")
+        try:
+            blob = base64.b64decode(obj["tensors"], validate=True)
+        except (ValueError, TypeError):
+            raise SaesteerError(f"{where}: the tensors field is not valid base64") from None
+        if "tensors_sha256" in obj:
+            ensure(hashlib.sha256(blob).hexdigest() == obj["tensors_sha256"], f"{where}: tensor checksum mismatch (file corrupted?)")
+        tensors: dict[str, torch.Tensor] = {}
+        if blob:
+            from safetensors.torch import load
+
+            try:
+                tensors = load(blob)
+            except Exception as e:  # safetensors raises its own error types for corrupt blobs
+                raise SaesteerError(f"{where}: corrupt tensor blob: {e}") from None
+        ensure(isinstance(obj["gate"], dict), f"{where}: gate must be a JSON object")
+        gate = gate_from_header(obj["gate"], tensors)
+        ensure(isinstance(obj["steer"], list) and obj["steer"], f"{where}: steer must be a non-empty list of specs")
+        specs = [SteeringSpec.from_dict(s) for s in obj["steer"]]
+        tids = obj.get("template_ids")
+        ensure(tids is None or (isinstance(tids, list) and all(isinstance(i, int) and i >= 0 for i in tids)),
+               f"{where}: template_ids must be a list of token ids or null")
+        gm = obj.get("gate_model")
+        ensure(gm is None or (isinstance(gm, str) and gm), f"{where}: gate_model must be a model name or null")
+        sx, sids = obj.get("gate_suffix"), obj.get("gate_suffix_ids")
+        ensure(sx is None or isinstance(sx, str), f"{where}: gate_suffix must be a string or null")
+        ensure(sids is None or (isinstance(sids, list) and sids and all(isinstance(i, int) and i >= 0 for i in sids)),
+               f"{where}: gate_suffix_ids must be a non-empty list of token ids or null")
+        return cls(gate=gate, steering=specs, name=str(obj.get("name") or ""), model=obj.get("model"),
+                   meta=dict(obj.get("meta") or {}), gate_model=gm, template_ids=tids or None,
+                   gate_suffix=sx, gate_suffix_ids=sids)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Policy":
+        p = Path(path)
+        pol = cls.from_json(read_json(p, "policy file"), where=str(p))
+        pol.name = pol.name or p.stem
+        return pol
+
+    # ------------------------------------------------------------------------------------------------- apply
+    def build(self, model: nn.Module, sae_cache: dict[str, Any] | None = None) -> list[Intervention]:
+        """The steering interventions (SAEs loaded once; an SAE gate gets its SAE from the same cache)."""
+        cache = {} if sae_cache is None else sae_cache
+        ivs = [iv for s in self.steering for iv in s.build(model, cache)]
+        if isinstance(self.gate, SAEFeatureGate) and self.gate.sae is None:
+            ensure(self.gate.sae_path is not None, "sae gate has neither an SAE nor an sae_path")
+            self.gate.attach(_load_sae_cached(self.gate.sae_path, cache))
+        return ivs
+
+    def reader(self, model: nn.Module) -> nn.Module:
+        """The model the gate reads: ``model`` itself, or the loaded ``gate_model`` (same device)."""
+        if self.gate_model is None or isinstance(self.gate, AlwaysGate):
+            return model
+        gm = load_gate_model(self.gate_model, str(next(model.parameters()).device))[0]
+        nv, gv = model.get_input_embeddings().weight.shape[0], gm.get_input_embeddings().weight.shape[0]
+        ensure(nv == gv, f"gate model {self.gate_model!r} has {gv} token embeddings, the steered model {nv}: "
+               "a gate model must share the steered model's tokenizer")
+        return gm
+
+    def check(self, model: nn.Module, interventions: Sequence[Intervention]) -> int:
+        """Validate the gate against the model it reads; returns the gate layer (see :meth:`needs_lookahead`)."""
+        return self._check_reader(self.reader(model))
+
+    def _check_reader(self, reader: nn.Module) -> int:
+        g = models.check_layer(reader, self.gate.layer)
+        if not isinstance(self.gate, AlwaysGate):
+            d = self.gate.d_in
+            dm = models.d_model(reader)
+            ensure(d is None or d == dm, f"policy gate reads width {d}, the gate model's residual is {dm}")
+        return g
+
+    def needs_lookahead(self, model: nn.Module, interventions: Sequence[Intervention]) -> bool:
+        """True when the gate reads a layer after some layer that steers prompt tokens: the prompt would be steered
+        before the gate could decide, so the decision comes from an unsteered lookahead forward instead."""
+        if isinstance(self.gate, AlwaysGate):
+            return False
+        if self.gate_model is not None or self.gate_suffix_ids is not None:
+            return True  # another model or another text (the suffix): always an extra (partial) prefill
+        g = models.check_layer(model, self.gate.layer)
+        return any(g > min(iv.layers(model)) for iv in interventions if (iv.positions or "all") != "generated")
+
+    @contextlib.contextmanager
+    def apply(self, model: nn.Module, interventions: Sequence[Intervention] | None = None) -> Iterator[PolicyRun]:
+        """Install the policy on ``model`` for the ``with`` block (hooks always removed); yields a :class:`PolicyRun`."""
+        ivs = list(interventions) if interventions is not None else self.build(model)
+        if isinstance(self.gate, SAEFeatureGate) and self.gate.sae is not None:
+            self.gate.sae.to(next(model.parameters()).device)
+        reader = self.reader(model)
+        layer = self._check_reader(reader)
+        if self.gate_suffix_ids is not None:
+            nv = reader.get_input_embeddings().weight.shape[0]
+            ensure(max(self.gate_suffix_ids) < nv, f"gate suffix token id {max(self.gate_suffix_ids)} is out of range "
+                   f"for a vocabulary of {nv}")
+        gated = not isinstance(self.gate, AlwaysGate)
+        run = PolicyRun(self.gate, ivs, lookahead=reader if self.needs_lookahead(model, ivs) else None,
+                        template_ids=self.template_ids if gated else None,
+                        suffix_ids=self.gate_suffix_ids if gated else None)
+        self.last_run = run
+        handles = []
+        with steer(model, ivs):
+            try:
+                handles.append(_body(model).register_forward_pre_hook(run.pre_hook, with_kwargs=True, prepend=True))
+                if run.lookahead is None:  # otherwise the lookahead decides: no hook here
+                    handles.append(models.hook_module(model, layer).register_forward_hook(run.gate_hook, prepend=True))
+                model._saesteer_interventions = list(getattr(model, "_saesteer_interventions", None) or []) + [run]
+                yield run
+            finally:
+                for hd in handles:
+                    hd.remove()
+                model._saesteer_interventions = [x for x in getattr(model, "_saesteer_interventions", []) if x is not run]
+                for iv in ivs:
+                    iv.set_row_scale(None)
+
+
+_GATE_MODELS: dict[tuple[str, str], tuple[nn.Module, Any]] = {}
+
+
+def load_gate_model(name: str, device: str = "cpu") -> tuple[nn.Module, Any]:
+    """A policy's gate model and tokenizer, loaded once per process and device (``models.load_model``)."""
+    key = (name, device)
+    if key not in _GATE_MODELS:
+        _GATE_MODELS[key] = models.load_model(name, device=device)
+    return _GATE_MODELS[key]
+
+
+def check_same_tokenizer(tok: Any, gate_tok: Any, gate_model: str) -> None:
+    """A gate model reads the steered model's token ids, so both tokenizers must map text to the same ids."""
+    ensure(tok.get_vocab() == gate_tok.get_vocab(),
+           f"gate model {gate_model!r} has another tokenizer than the steered model: a gate model must share it")
+
+
+def load_policy(path: str | Path) -> Policy:
+    """Read and validate a policy file."""
+    return Policy.load(path)
+
+
+def policy_summary(p: Policy) -> dict[str, Any]:
+    """What ``saesteer policy show`` prints."""
+    g = p.gate
+    thr = g.threshold
+    out = {"name": p.name, "model": p.model, "gate_model": p.gate_model, "gate": g.kind, "layer": g.layer, "positions": g.positions,
+           "reduce": g.reduce, "threshold": thr if math.isfinite(thr) else str(thr), "strength": g.strength,
+           "gate_suffix": p.gate_suffix,
+           "steer": [s.to_dict() for s in p.steering]}
+    if isinstance(g, SAEFeatureGate) and g.fitted:
+        out["gate_features"] = g.features.tolist()
+        out["gate_feature_auroc"] = [round(float(a), 4) for a in g.auroc]
+    out.update({k: v for k, v in p.meta.items() if k in ("val", "heldout", "train", "fpr")})
+    return out

