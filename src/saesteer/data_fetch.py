@@ -25,7 +25,6 @@ from saesteer.data_sources import REGISTRY, DataFile, DataSet, Source, get_set, 
 from saesteer.utils import SaesteerError, ensure
 
 STAGING = ".saesteer-downloads"
-_CHUNK = 1 << 16
 _PROGRESS_MIN = 1 << 20  # show a progress bar from 1 MiB
 
 
@@ -58,7 +57,9 @@ def _http_download(url: str, part: Path, *, retries: int = 3, progress: bool = T
     last: Exception | None = None
     for _attempt in range(retries + 1):
         have = part.stat().st_size if part.exists() else 0
-        headers = {"Range": f"bytes={have}-"} if have else {}
+        headers = {"Accept-Encoding": "identity"}  # byte offsets must be those of the file itself
+        if have:
+            headers["Range"] = f"bytes={have}-"
         try:
             with httpx.stream("GET", url, headers=headers, follow_redirects=True, timeout=timeout) as r:
                 if r.status_code == 416 and have:  # nothing left to send: the part is complete (or junk)
@@ -77,7 +78,7 @@ def _http_download(url: str, part: Path, *, retries: int = 3, progress: bool = T
                                desc=part.name.removesuffix(".part"), leave=False)
                 try:
                     with open(part, mode) as f:
-                        for chunk in r.iter_bytes(_CHUNK):
+                        for chunk in r.iter_raw():  # unbuffered: what arrived before a drop is kept
                             f.write(chunk)
                             if bar is not None:
                                 bar.update(len(chunk))

@@ -44,6 +44,16 @@ class Source:
     def kind(self) -> str:
         return "hf" if self.repo_id else "url"
 
+    def short(self) -> str:
+        """A compact form for tables: ``gh:owner/repo@commit7``, ``hf:repo_id@rev`` or the host of a URL."""
+        if self.repo_id:
+            return f"hf:{self.repo_id}@{self.revision[:7]}"
+        gh = "https://raw.githubusercontent.com/"
+        if self.url.startswith(gh):
+            owner, repo, rev = self.url[len(gh):].split("/")[:3]
+            return f"gh:{owner}/{repo}@{rev[:7]}"
+        return self.url.split("/")[2] if "://" in self.url else self.url
+
     def describe(self) -> str:
         s = f"hf://{self.repo_type}s/{self.repo_id}@{self.revision}/{self.filename}" if self.repo_id else self.url
         return s + (f"!{self.member}" if self.member else "")
@@ -114,6 +124,15 @@ class DataSet:
     @property
     def source(self) -> str:
         return "; ".join(dict.fromkeys(f.describe() for f in self.files))
+
+    @property
+    def short_source(self) -> str:
+        """Compact origin(s) of the set's files, with how they are made (verbatim / converted / manual)."""
+        parts = []
+        for f in self.files:
+            srcs = f.sources or tuple(i.sources[0] for i in f.inputs if i.sources)
+            parts.append(", ".join(dict.fromkeys(s.short() for s in srcs)) + ("" if f.how == "verbatim" else f" ({f.how})"))
+        return "; ".join(dict.fromkeys(parts))
 
 
 # --------------------------------------------------------------------------------------------- registry
@@ -352,7 +371,7 @@ def get_set(name: str) -> DataSet:
 def set_for_path(rel: str) -> DataSet | None:
     """The set that owns the file ``rel`` (relative to the data root), or None."""
     rel = Path(rel).as_posix()
-    return next((s for s in _SETS if any(f.path == rel for f in s.files)), None)
+    return next((s for s in REGISTRY.values() if any(f.path == rel for f in s.files)), None)
 
 
 # --------------------------------------------------------------------------------------------- resolution
@@ -436,3 +455,21 @@ def set_location(name: str) -> tuple[str, Path] | None:
         if all((root / f.path).is_file() for f in ds.files):
             return origin, root
     return None
+
+
+def list_sets() -> list[dict]:
+    """One row per named set for ``saesteer data list``: source, licence, size, sha256 per file, where present."""
+    rows = []
+    for ds in REGISTRY.values():
+        loc = set_location(ds.name)
+        rows.append({
+            "name": ds.name, "aliases": list(ds.aliases), "description": ds.description, "licence": ds.licence,
+            "citation": ds.citation, "homepage": ds.homepage, "size": ds.size, "fetchable": ds.fetchable,
+            "present": loc is not None, "where": f"{loc[0]}:{loc[1]}" if loc else None, "source": ds.source,
+            "short_source": ds.short_source,
+            "files": [{"path": f.path, "sha256": f.sha256, "size": f.size, "how": f.how, "source": f.describe(),
+                       "mirrors": [s.describe() for s in f.sources] or
+                       [[s.describe() for s in i.sources] for i in f.inputs],
+                       "note": f.note} for f in ds.files],
+        })
+    return rows
