@@ -405,6 +405,11 @@ def test_cli_data_fetch(isolated, server, monkeypatch, capsys):
     assert code == 0 and (dsrc.user_data_dir() / "toy" / "toy.jsonl").is_file()
     code, out, _ = _cli(["data", "list", "--json"], capsys)
     assert next(r for r in json.loads(out) if r["name"] == "toy")["where"].startswith("user:")
+    for name in list(REGISTRY):  # --all over a registry of the toy set and one manual set
+        if name not in ("toy", "wikipedia"):
+            monkeypatch.delitem(REGISTRY, name)
+    code, out, _ = _cli(["data", "fetch", "--all", "--dest", str(dest)], capsys)
+    assert code == 0 and "present  toy" in out and "skipped  wikipedia" in out
     for argv, msg in ((["data", "fetch"], "pass --all"), (["data", "fetch", "nope"], "unknown data set"),
                       (["data", "fetch", "wikipedia", "--dest", str(dest)], "cannot be fetched automatically")):
         code, _, err = _cli(argv, capsys)

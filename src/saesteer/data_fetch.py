@@ -33,7 +33,7 @@ class FetchResult:
     set: str
     path: str
     status: str
-    """``present`` (already there with the right checksum) or ``fetched``."""
+    """``present`` (already there with the right checksum), ``fetched``, or ``skipped`` (no automatic source)."""
     source: str = ""
 
 
@@ -228,7 +228,7 @@ def fetch_sets(names: list[str] | None = None, *, dest: str | os.PathLike | None
     """Fetch the named sets (None: all fetchable ones) into ``dest`` (default: the user data dir)."""
     dest_p = Path(dest).expanduser() if dest else user_data_dir()
     dest_p.mkdir(parents=True, exist_ok=True)
-    sets: list[DataSet] = [get_set(n) for n in names] if names else [s for s in REGISTRY.values() if s.fetchable]
+    sets: list[DataSet] = [get_set(n) for n in names] if names else list(REGISTRY.values())
     out: list[FetchResult] = []
     seen: set[str] = set()
     for ds in sets:
@@ -236,6 +236,9 @@ def fetch_sets(names: list[str] | None = None, *, dest: str | os.PathLike | None
             if f.path in seen:
                 continue
             seen.add(f.path)
+            if not names and not f.fetchable:  # --all: say what has no automatic source instead of failing
+                out.append(FetchResult(ds.name, f.path, "skipped", f.note))
+                continue
             status, how = fetch_file(f, dest_p, force=force, progress=progress)
             out.append(FetchResult(ds.name, f.path, status, how))
     return out

@@ -143,5 +143,5 @@ def data_fetch(
     ensure(bool(names) != all_sets, "name the sets to fetch, or pass --all (not both)")
     results = fetch_sets(None if all_sets else list(names or []), dest=dest, force=force)
     for r in results:
-        typer.echo(f"{r.status:8s} {r.set:16s} {r.path}" + (f"  ← {r.source}" if r.status == "fetched" else ""))
+        typer.echo(f"{r.status:8s} {r.set:16s} {r.path}" + (f"  ← {r.source}" if r.status in ("fetched", "skipped") else ""))
     typer.echo(f"data dir: {dest or user_data_dir()}")
