@@ -115,9 +115,13 @@ def test_file_errors(tmp_path):
 
 
 def test_data_root_env(tmp_path, monkeypatch):
+    from saesteer.data import sources as data_sources
+
     monkeypatch.setenv("SAESTEER_DATA", str(tmp_path))
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))  # a missing file falls through: dev root, user dir
+    monkeypatch.setattr(data_sources, "dev_data_root", lambda: None)
     assert data_root() == tmp_path
-    with pytest.raises(SaesteerError, match="data file not found"):
+    with pytest.raises(SaesteerError, match="run `saesteer data fetch advbench`"):
         load_prompts("advbench")
     monkeypatch.setenv("SAESTEER_DATA", str(tmp_path / "nope"))
     with pytest.raises(SaesteerError, match="not a directory"):

@@ -171,11 +171,9 @@ def judges_cmd(
 
     set_threads(threads)
     if labels is None:
-        from saesteer.data import data_root
+        from saesteer.data import resolve_file
 
-        root = data_root()
-        ensure(root is not None, "no data root: pass --labels FILE or set SAESTEER_DATA")
-        labels = root / "pyrit_refusal_eval" / "refusal_eval.jsonl"
+        labels = resolve_file("pyrit-refusal", "pyrit_refusal_eval/refusal_eval.jsonl")
     rows = load_human_labels(labels)
     if limit is not None:
         import random

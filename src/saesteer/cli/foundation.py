@@ -1,4 +1,4 @@
-"""``saesteer models``, ``saesteer collect`` and ``saesteer data show``."""
+"""``saesteer models``, ``saesteer collect`` and ``saesteer data show | list | fetch``."""
 
 from __future__ import annotations
 
@@ -103,3 +103,46 @@ def data_show(
         text = it.prompt if it.messages is None else " | ".join(f"{m['role']}: {m['content']}" for m in it.messages)
         t.add_row(it.id, it.label or "", it.category or "", (text or "")[:300])
     Console().print(t)
+
+
+@data_app.command("list")
+def data_list(as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table")) -> None:
+    """Every named set: upstream source, licence, size, sha256 and where it is present (resolution order)."""
+    from saesteer.data.sources import list_sets, search_roots
+
+    rows = list_sets()
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    roots = " → ".join(f"{o}={p}" for o, p in search_roots())
+    t = Table(title=f"named data sets (resolution: {roots})")
+    for c in ("name", "licence", "MB", "sha256", "present", "source"):
+        t.add_column(c, overflow="fold", no_wrap=c in ("MB", "sha256", "present"))
+    for r in rows:
+        name = "\n".join([r["name"], *r["aliases"]])
+        sha = "\n".join(f["sha256"][:12] for f in r["files"])
+        where = r["where"].split(":", 1)[0] if r["where"] else ("no" if r["fetchable"] else "no (manual)")
+        t.add_row(name, r["licence"].split(" (")[0], f"{r['size'] / 1e6:.2f}", sha, where, r["short_source"])
+    Console(width=max(Console().width, 120)).print(t)
+    typer.echo("full addresses, per-file sha256 and citations: saesteer data list --json")
+
+
+@data_app.command("fetch")
+def data_fetch(
+    names: Optional[list[str]] = typer.Argument(None, help="named sets to fetch (see `saesteer data list`)"),
+    all_sets: bool = typer.Option(False, "--all", help="fetch every set that has an automatic source"),
+    dest: Optional[Path] = typer.Option(None, help="data dir to write to (default: the user data dir)"),
+    force: bool = typer.Option(False, help="download again even when the file is present and verified"),
+) -> None:
+    """Download named sets with checksum verification and atomic writes (resumes interrupted downloads)."""
+    from saesteer.data.fetch import fetch_sets
+    from saesteer.data.sources import user_data_dir
+
+    ensure(bool(names) != all_sets, "name the sets to fetch, or pass --all (not both)")
+    results = fetch_sets(None if all_sets else list(names or []), dest=dest, force=force)
+    for r in results:
+        typer.echo(f"{r.status:8s} {r.set:16s} {r.path}" + (f"  ← {r.source}" if r.status in ("fetched", "skipped") else ""))
+    typer.echo(f"data dir: {dest or user_data_dir()}")

@@ -3,6 +3,7 @@ the benchmark files the capability evals read.
 """
 
 from .chatmix import MixDoc, chat_mix  # noqa: F401
+from .fetch import FetchResult, fetch_sets  # noqa: F401
 from .prompts import (  # noqa: F401
     PromptItem,
     data_root,
@@ -11,4 +12,14 @@ from .prompts import (  # noqa: F401
     load_texts,
     read_rows,
     rows_to_items,
+)
+from .sources import (  # noqa: F401
+    REGISTRY,
+    DataSet,
+    find_file,
+    get_set,
+    list_sets,
+    resolve_file,
+    search_roots,
+    user_data_dir,
 )

@@ -29,6 +29,8 @@ from typing import Any, Callable
 
 from saesteer.core import SaesteerError, ensure
 
+from .sources import resolve_file, search_roots
+
 Message = dict[str, str]
 
 
@@ -59,25 +61,10 @@ class PromptItem:
 
 # --------------------------------------------------------------------------------------------- data root
 def data_root() -> Path | None:
-    """``SAESTEER_DATA``, else ``../shared/data`` relative to the cwd (or a parent) or to the repository."""
-    env = os.environ.get("SAESTEER_DATA")
-    if env:
-        p = Path(env).expanduser()
-        ensure(p.is_dir(), f"SAESTEER_DATA={env} is not a directory")
-        return p
-    repo = Path(__file__).resolve().parents[2]
-    for base in [Path.cwd(), *Path.cwd().parents, repo]:
-        cand = base.parent / "shared" / "data"
-        if cand.is_dir():
-            return cand
-    return None
+    """The first data root that exists: ``SAESTEER_DATA``, ``../shared/data`` (cwd, a parent, or the repository), the
+    user data dir of ``saesteer data fetch``. Files resolve one by one in that order: :func:`resolve_file`."""
 
-
-def _root() -> Path:
-    root = data_root()
-    if root is None:
-        raise SaesteerError("no data root: set SAESTEER_DATA or put the data in ../shared/data")
-    return root
+    return next((p for _, p in search_roots() if p.is_dir()), None)
 
 
 # --------------------------------------------------------------------------------------------- file readers
@@ -195,7 +182,7 @@ def rows_to_items(rows: list[dict[str, Any]], source: str, column: str | None = 
 
 # --------------------------------------------------------------------------------------------- named sets
 def _jsonl(rel: str) -> list[dict[str, Any]]:
-    return read_rows(_root() / rel)
+    return read_rows(resolve_file(None, rel))
 
 
 def _xstest(split: str | None) -> list[PromptItem]:
@@ -226,7 +213,7 @@ def _arditi(kind: str) -> Callable[[str | None], list[PromptItem]]:
         ensure(split in (None, "train", "val", "test"), f"arditi splits are train / val / test, not {split!r}")
         out = []
         for s in [split] if split else ["train", "val", "test"]:
-            rows = read_rows(_root() / "refusal_direction_splits" / f"{kind}_{s}.json")
+            rows = read_rows(resolve_file(f"arditi-{kind}", f"refusal_direction_splits/{kind}_{s}.json"))
             for i, r in enumerate(rows):
                 out.append(PromptItem(id=f"{s}-{i}", prompt=str(r["instruction"]), label=kind,
                                       category=r.get("category"), source=f"arditi-{kind}:{s}"))
@@ -259,8 +246,7 @@ def _simple(rel_by_split: dict[str | None, str], col: str, name: str, label: str
 
 def _wikitext2(split: str | None) -> list[PromptItem]:
     ensure(split is None, "wikitext2 has no splits (it is the raw test set)")
-    path = _root() / "wikitext2_raw_test" / "wiki.test.raw"
-    ensure(path.exists(), f"data file not found: {path}")
+    path = resolve_file("wikitext2", "wikitext2_raw_test/wiki.test.raw")
     arts: list[str] = []
     for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
         s = line.strip()

@@ -83,12 +83,13 @@ class CapabilityConfig:
 
 
 # --------------------------------------------------------------------------------------------- data
-def _root(data_root: str | None) -> Path:
+def _file(data_root: str | None, rel: str) -> Path:
+    """``data_root / rel`` when a root is given, else the file in the data resolution order (env, dev, user dir)."""
     if data_root:
-        return Path(data_root)
-    from saesteer.data.prompts import _root as default_root
+        return Path(data_root) / rel
+    from saesteer.data import resolve_file
 
-    return default_root()
+    return resolve_file(None, rel)
 
 
 def read_jsonl(path: Path, required: Sequence[str] = ()) -> list[dict]:
@@ -136,12 +137,11 @@ def mmlu_prompt(row: dict, shots: Sequence[dict] = ()) -> str:
 
 
 def load_mmlu(limit: int | None, shots: int, seed: int, data_root: str | None = None) -> list[dict]:
-    root = _root(data_root) / "mmlu"
     req = ("subject", "question", "choices", "answer")
-    test = stratified_sample(read_jsonl(root / "mmlu_test.jsonl", req), "subject", limit, seed)
+    test = stratified_sample(read_jsonl(_file(data_root, "mmlu/mmlu_test.jsonl"), req), "subject", limit, seed)
     dev: dict[str, list[dict]] = {}
     if shots:
-        for r in read_jsonl(root / "mmlu_dev.jsonl", req):
+        for r in read_jsonl(_file(data_root, "mmlu/mmlu_dev.jsonl"), req):
             dev.setdefault(r["subject"], []).append(r)
     items = []
     for r in test:
@@ -152,7 +152,7 @@ def load_mmlu(limit: int | None, shots: int, seed: int, data_root: str | None = 
 
 
 def load_truthfulqa(limit: int | None, seed: int, data_root: str | None = None) -> list[dict]:
-    rows = read_jsonl(_root(data_root) / "truthfulqa" / "truthfulqa_mc.jsonl", ("question", "mc1_targets", "mc2_targets"))
+    rows = read_jsonl(_file(data_root, "truthfulqa/truthfulqa_mc.jsonl"), ("question", "mc1_targets", "mc2_targets"))
     if limit is not None and limit < len(rows):
         rows = random.Random(seed).sample(rows, limit)
     items = []
@@ -167,12 +167,11 @@ def load_truthfulqa(limit: int | None, seed: int, data_root: str | None = None) 
 
 
 def load_gsm8k(limit: int | None, shots: int, seed: int, data_root: str | None = None) -> list[dict]:
-    root = _root(data_root) / "gsm8k"
-    test = read_jsonl(root / "test.jsonl", ("question", "answer"))
+    test = read_jsonl(_file(data_root, "gsm8k/test.jsonl"), ("question", "answer"))
     rng = random.Random(seed)
     if limit is not None and limit < len(test):
         test = rng.sample(test, limit)
-    ex = rng.sample(read_jsonl(root / "train.jsonl", ("question", "answer")), shots) if shots else []
+    ex = rng.sample(read_jsonl(_file(data_root, "gsm8k/train.jsonl"), ("question", "answer")), shots) if shots else []
     prefix = "".join(f"Question: {e['question']}\nAnswer: {e['answer']}\n\n" for e in ex)
     return [{"id": i, "question": r["question"], "prompt": f"{prefix}Question: {r['question']}\nAnswer:",
              "target": r["answer"]} for i, r in enumerate(test)]
