@@ -1,5 +1,7 @@
 """SAE files: our format, SAELens (``cfg.json`` + ``sae_weights.safetensors``, architecture ``topk``) and EleutherAI
-sparsify (layer folder with ``cfg.json`` + ``sae.safetensors``). ``load_sae`` detects which one a path holds.
+sparsify (layer folder with ``cfg.json`` + ``sae.safetensors``). ``load_sae`` detects which one a path holds; it
+also reads the published layouts and architectures of :mod:`saesteer.sae_archs` (Gemma Scope, dictionary_learning,
+SAELens standard / JumpReLU / BatchTopK).
 
 Ours: ``saesteer.json`` (the :class:`~saesteer.sae.SAEConfig` plus a format tag) and ``saesteer.safetensors``
 (``W_enc``, ``b_enc``, ``W_dec``, ``b_dec`` in scaled units; ``input_scale`` in the config). Exports fold the input
@@ -156,45 +158,36 @@ def _load_sparsify(path: Path, device: str) -> TopKSAE:
 
 
 # --------------------------------------------------------------------------------------------- detection
-def detect_format(path: str | os.PathLike) -> tuple[str, Path]:
-    """("saesteer" | "saelens" | "sparsify", folder). A sparsify run folder with one layer folder is accepted."""
-    p = Path(path)
-    if p.is_file():
-        p = p.parent
-    ensure(p.is_dir(), f"SAE not found: {path}")
-    if (p / OWN_CFG).exists():
-        return "saesteer", p
-    if (p / CFG).exists() and (p / SAELENS_WEIGHTS).exists():
-        return "saelens", p
-    if (p / CFG).exists() and (p / SPARSIFY_WEIGHTS).exists():
-        return "sparsify", p
-    subs = sorted(q for q in p.iterdir() if q.is_dir() and (q / CFG).exists() and (q / SPARSIFY_WEIGHTS).exists())
-    if len(subs) == 1:
-        return "sparsify", subs[0]
-    if subs:
-        raise SaesteerError(f"{p} holds several sparsify SAEs ({', '.join(q.name for q in subs)}); pass one folder")
-    raise SaesteerError(f"{p} holds no SAE (expected {OWN_CFG}, SAELens {CFG}+{SAELENS_WEIGHTS} or sparsify "
-                        f"{CFG}+{SPARSIFY_WEIGHTS})")
+def detect_format(path: str | os.PathLike, hookpoint: str | None = None) -> tuple[str, Path]:
+    """(layout, folder): "saesteer" | "saelens" | "sparsify" | "gemmascope" | "dictionary_learning". A folder with
+    one SAE below it is accepted; with several, ``hookpoint`` (or ``PATH:HOOKPOINT``) picks one
+    (:func:`saesteer.sae_archs.loaders.resolve`)."""
+    from saesteer.sae_archs.loaders import resolve
+
+    return resolve(path, hookpoint)
 
 
-def load_sae(path: str | os.PathLike, device: str = "cpu") -> TopKSAE:
-    """Load an SAE in our, SAELens or sparsify format (auto-detected)."""
-    fmt, p = detect_format(path)
-    try:
-        return {"saesteer": _load_own, "saelens": _load_saelens, "sparsify": _load_sparsify}[fmt](p, device)
-    except (KeyError, TypeError, ValueError) as e:
-        raise SaesteerError(f"malformed {fmt} SAE in {p}: {type(e).__name__}: {e}") from None
+def load_sae(path: str | os.PathLike, device: str = "cpu", hookpoint: str | None = None) -> Any:
+    """Load an SAE of any supported layout and architecture (auto-detected; :mod:`saesteer.sae_archs`)."""
+    from saesteer.sae_archs.loaders import load_any
+
+    return load_any(path, device, hookpoint)
 
 
-def check_compatible(sae: TopKSAE, model: Any, layer: int) -> None:
+def check_compatible(sae: Any, model: Any, layer: int) -> None:
     """Raise SaesteerError when the SAE was trained on another model, layer or residual width."""
-    from .models import check_layer, d_model, model_name
+    from .models import check_layer, d_model, model_name, n_layers
 
     width = d_model(model)
     ensure(width == sae.d_in, f"the SAE reads width {sae.d_in}, but the model's residual stream has width {width}")
     layer = check_layer(model, layer)
+    ensure(sae.cfg.layer < 0 or sae.cfg.layer < n_layers(model),
+           f"the SAE reads layer {sae.cfg.layer} ({getattr(sae.cfg, 'hook_name', '') or 'no hook name'}), but the "
+           f"model has {n_layers(model)} layers")
     if sae.cfg.layer >= 0:
         ensure(sae.cfg.layer == layer, f"the SAE was trained on layer {sae.cfg.layer}, not layer {layer}")
     name = model_name(model)
     if sae.cfg.model and name and name != "unknown":
-        ensure(sae.cfg.model == name, f"the SAE was trained on model {sae.cfg.model!r}, not {name!r}")
+        from saesteer.sae_archs.hookpoints import same_model
+
+        ensure(same_model(sae.cfg.model, name), f"the SAE was trained on model {sae.cfg.model!r}, not {name!r}")
