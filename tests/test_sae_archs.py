@@ -377,3 +377,12 @@ def test_cli_sae_info(tmp_path, capsys):
         main(["sae", "info", str(tmp_path), "--hookpoint", "layer_9"])
     assert e.value.code == 2 and "available: gemma-scope-2b-pt-res/layer_1/width_16k/average_l0_5" in \
         capsys.readouterr().err
+
+
+def test_export_refuses_other_architectures(tmp_path):
+    from saesteer.formats import export_saelens, save_sae
+
+    with pytest.raises(SaesteerError, match="only Top-k SAEs.*this one is jumprelu"):
+        export_saelens(_tied("jumprelu"), tmp_path / "o")
+    with pytest.raises(SaesteerError, match="only Top-k SAEs"):
+        save_sae(_tied("relu"), tmp_path / "s")

@@ -46,10 +46,16 @@ def _layer_from_hook(name: str) -> int:
     return int(m.group(1)) if m else -1
 
 
+def _need_topk(sae: Any) -> None:
+    ensure(isinstance(sae, TopKSAE), f"only Top-k SAEs with unit-norm decoder rows can be written in this format; "
+                                     f"this one is {getattr(sae, 'arch', type(sae).__name__)} (steer with its own files)")
+
+
 # --------------------------------------------------------------------------------------------- our format
 def save_sae(sae: TopKSAE, path: str | os.PathLike) -> Path:
     """Write ``saesteer.safetensors`` then ``saesteer.json`` into ``path`` (each atomically; the config last, so a
     folder is only recognised as an SAE once both are complete)."""
+    _need_topk(sae)
     path = Path(path)
     atomic_write_bytes(path / OWN_WEIGHTS, _st_bytes(dict(sae.state_dict())))
     atomic_write_json(path / OWN_CFG, {"format": "saesteer-sae", "version": 1, **sae.cfg.to_dict()})
@@ -82,6 +88,7 @@ def _build(cfg: SAEConfig, sd: dict[str, torch.Tensor], path: Path, device: str)
 # --------------------------------------------------------------------------------------------- SAELens
 def export_saelens(sae: TopKSAE, out: str | os.PathLike) -> Path:
     """SAELens ``topk`` SAE folder (loads with ``sae_lens.SAE.load_from_disk``), raw units."""
+    _need_topk(sae)
     s = sae.input_scale
     cfg = {"d_in": sae.d_in, "d_sae": sae.num_latents, "dtype": sae.cfg.dtype, "device": "cpu",
            "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
@@ -124,6 +131,7 @@ def _load_saelens(path: Path, device: str) -> TopKSAE:
 def export_sparsify(sae: TopKSAE, out: str | os.PathLike) -> Path:
     """sparsify run folder ``out/layers.L/{cfg.json, sae.safetensors}`` (``SparseCoder.load_from_disk`` on the layer
     folder, or ``SparseCoder.load_many(out, local=True)``). Returns the layer folder."""
+    _need_topk(sae)
     s = sae.input_scale
     hook = f"layers.{sae.cfg.layer}" if sae.cfg.layer >= 0 else "sae"
     cfg = {"activation": "topk", "expansion_factor": max(1, sae.num_latents // sae.d_in), "normalize_decoder": True,

@@ -34,7 +34,9 @@ def load_model_and_sae(model: str, sae: Path, device: str, threads: Optional[int
     from ..utils import resolve_device, set_threads
 
     set_threads(threads)
-    ensure(Path(sae).exists(), f"SAE not found: {sae}")
+    from saesteer.sae_archs.hookpoints import sae_path_exists
+
+    ensure(sae_path_exists(sae), f"SAE not found: {sae}")
     try:
         from ..formats import load_sae
     except ImportError:

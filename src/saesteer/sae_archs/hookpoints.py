@@ -12,7 +12,9 @@ gives layer -1 (unknown: the caller must name the layer).
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 
 from saesteer.utils import SaesteerError
 
@@ -74,3 +76,18 @@ def same_model(a: str, b: str) -> bool:
         return s.strip().rstrip("/").split("/")[-1].lower()
 
     return norm(a) == norm(b)
+
+
+def split_hookpoint(path: str | os.PathLike, hookpoint: str | None = None) -> tuple[Path, str | None]:
+    """``FOLDER:HOOKPOINT`` → (FOLDER, HOOKPOINT) when the whole string is not an existing path."""
+    s = str(path)
+    if hookpoint is None and ":" in s and not Path(s).exists():
+        base, _, hp = s.rpartition(":")
+        if base and hp and Path(base).expanduser().exists():
+            return Path(base).expanduser(), hp
+    return Path(s).expanduser(), hookpoint
+
+
+def sae_path_exists(path: str | os.PathLike) -> bool:
+    """Whether an SAE path (``FOLDER`` or ``FOLDER:HOOKPOINT``) names something on disk."""
+    return split_hookpoint(path)[0].exists()

@@ -37,6 +37,7 @@ from saesteer.sae_archs.base import ArchConfig, make_sae
 from saesteer.sae_archs.hookpoints import (
     layer_from_hookpoint,
     model_from_gemmascope_path,
+    split_hookpoint,
 )
 from saesteer.utils import SaesteerError, ensure, read_json
 
@@ -62,16 +63,6 @@ def folder_kind(p: Path) -> str | None:
     if (p / DL_WEIGHTS).exists():
         return "dictionary_learning"
     return None
-
-
-def split_hookpoint(path: str | os.PathLike, hookpoint: str | None = None) -> tuple[Path, str | None]:
-    """``FOLDER:HOOKPOINT`` → (FOLDER, HOOKPOINT) when the whole string is not an existing path."""
-    s = str(path)
-    if hookpoint is None and ":" in s and not Path(s).exists():
-        base, _, hp = s.rpartition(":")
-        if base and hp and Path(base).expanduser().exists():
-            return Path(base).expanduser(), hp
-    return Path(s).expanduser(), hookpoint
 
 
 def sub_saes(p: Path) -> list[Path]:
