@@ -386,3 +386,38 @@ def test_export_refuses_other_architectures(tmp_path):
         export_saelens(_tied("jumprelu"), tmp_path / "o")
     with pytest.raises(SaesteerError, match="only Top-k SAEs"):
         save_sae(_tied("relu"), tmp_path / "s")
+
+
+def test_dictionary_learning_topk_and_jumprelu(x, tmp_path):
+    g = torch.Generator().manual_seed(7)
+    enc, b, dec, bd = (torch.randn(N, D, generator=g) * 0.5, torch.randn(N, generator=g) * 0.5,
+                       torch.randn(D, N, generator=g) * 0.5, torch.randn(D, generator=g) * 0.5)
+    sd = {"encoder.weight": enc, "encoder.bias": b, "decoder.weight": dec, "b_dec": bd,
+          "threshold": torch.tensor(-1.0), "k": torch.tensor(5, dtype=torch.int)}
+    _dl_write(tmp_path / "tk", "AutoEncoderTopK", sd, sub="")
+    sae = load_sae(tmp_path / "tk")
+    assert (sae.arch, sae.k, sae.cfg.layer, sae.cfg.hook_name) == ("topk", 5, 1, "resid_post_layer_1")
+    post = torch.relu((x - bd) @ enc.T + b)
+    top = post.topk(5, dim=-1)  # dictionary_learning AutoEncoderTopK.encode
+    ref = torch.zeros_like(post).scatter(-1, top.indices, top.values)
+    _check_interface(sae, x, ref, lambda a: a @ dec.T + bd)
+    th = torch.rand(N, generator=g) * 0.8 + 0.05
+    jr = {"W_enc": enc.T.contiguous(), "b_enc": b, "W_dec": dec.T.contiguous(), "b_dec": bd, "threshold": th}
+    _dl_write(tmp_path / "jr", "JumpReluAutoEncoder", jr, sub="resid_post_layer_0", layer=0)
+    sae = load_sae(tmp_path / "jr")
+    pre = x @ enc.T + b  # JumpReluAutoEncoder: apply_b_dec_to_input is False by default
+    assert sae.arch == "jumprelu" and sae.cfg.layer == 0
+    _check_interface(sae, x, torch.relu(pre * (pre > th)), lambda a: a @ dec.T + bd)
+
+
+def test_saelens_old_style_config(x, tmp_path):
+    ref = _saelens_sae("jumprelu")
+    ref.save_model(tmp_path / "old")
+    cfg = json.loads((tmp_path / "old" / "cfg.json").read_text())
+    cfg.pop("metadata")
+    cfg.update(hook_name="blocks.2.hook_resid_pre", hook_layer=2, model_name="gemma-2-2b")
+    (tmp_path / "old" / "cfg.json").write_text(json.dumps(cfg))
+    sae = load_sae(tmp_path / "old")
+    assert (sae.cfg.layer, sae.cfg.model, sae.cfg.hook_name) == (1, "gemma-2-2b", "blocks.2.hook_resid_pre")
+    with torch.no_grad():
+        _check_interface(sae, x, ref.encode(x), ref.decode)

@@ -12,7 +12,6 @@ scale into the biases so that the other libraries see raw residual units and enc
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +38,6 @@ def _st_load(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except Exception as e:  # noqa: BLE001 - safetensors raises several types on corrupt files
         raise SaesteerError(f"cannot read SAE weights {path}: {e}") from None
-
-
-def _layer_from_hook(name: str) -> int:
-    m = re.search(r"(?:layers|blocks|h)\.(\d+)", name or "")
-    return int(m.group(1)) if m else -1
 
 
 def _need_topk(sae: Any) -> None:
@@ -102,31 +96,6 @@ def export_saelens(sae: TopKSAE, out: str | os.PathLike) -> Path:
     return Path(out)
 
 
-def _load_saelens(path: Path, device: str) -> TopKSAE:
-    c = read_json(path / CFG, "SAELens config")
-    arch = c.get("architecture", "standard")
-    ensure(arch == "topk", f"{path}: only SAELens 'topk' SAEs are supported, this one is {arch!r}")
-    ensure(c.get("normalize_activations", "none") == "none",
-           f"{path}: normalize_activations={c.get('normalize_activations')!r} is not supported (fold it first)")
-    ensure(c.get("reshape_activations", "none") == "none", f"{path}: reshaped (attention hook_z) SAEs are not supported")
-    sd = _st_load(path / SAELENS_WEIGHTS)
-    for k in ("W_enc", "b_enc", "W_dec", "b_dec"):
-        ensure(k in sd, f"SAELens weights in {path} lack {k}")
-    W_enc, b_enc, W_dec, b_dec = sd["W_enc"].float().t(), sd["b_enc"].float(), sd["W_dec"].float(), sd["b_dec"].float()
-    if not c.get("apply_b_dec_to_input", True):  # pre = W x + b = W (x - b_dec) + (b + W b_dec)
-        b_enc = b_enc + W_enc @ b_dec
-    n = W_dec.norm(dim=1)
-    if c.get("rescale_acts_by_decoder_norm", False):  # their pre-acts are scaled by ‖W_dec‖ and divided back on decode
-        W_enc, b_enc, W_dec = W_enc * n[:, None], b_enc * n, W_dec / n[:, None]
-    md = c.get("metadata") or {}
-    hook = md.get("hook_name") or c.get("hook_name") or ""
-    layer = md.get("saesteer_layer")
-    cfg = SAEConfig(d_in=int(c["d_in"]), num_latents=int(c["d_sae"]), k=int(c["k"]),
-                    model=md.get("model_name") or c.get("model_name") or "", hook_name=hook,
-                    layer=int(layer) if layer is not None else _layer_from_hook(hook))
-    return _build(cfg, {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}, path, device)
-
-
 # --------------------------------------------------------------------------------------------- sparsify
 def export_sparsify(sae: TopKSAE, out: str | os.PathLike) -> Path:
     """sparsify run folder ``out/layers.L/{cfg.json, sae.safetensors}`` (``SparseCoder.load_from_disk`` on the layer
@@ -144,25 +113,6 @@ def export_sparsify(sae: TopKSAE, out: str | os.PathLike) -> Path:
         (tmp / hook / SPARSIFY_WEIGHTS).write_bytes(_st_bytes(w))
         atomic_write_json(tmp / hook / CFG, cfg)
     return Path(out) / hook
-
-
-def _load_sparsify(path: Path, device: str) -> TopKSAE:
-    c = read_json(path / CFG, "sparsify config")
-    ensure(c.get("activation", "topk") == "topk", f"{path}: only top-k sparse coders are supported")
-    ensure(not c.get("skip_connection") and not c.get("transcode"), f"{path}: transcoders / skip connections are "
-                                                                    f"not supported")
-    sd = _st_load(path / SPARSIFY_WEIGHTS)
-    for k in ("encoder.weight", "encoder.bias", "W_dec", "b_dec"):
-        ensure(k in sd, f"sparsify weights in {path} lack {k}")
-    d_in = int(c["d_in"])
-    n_lat = int(c.get("num_latents") or d_in * int(c.get("expansion_factor", 32)))
-    meta = c.get("saesteer") or {}
-    layer = meta.get("layer", _layer_from_hook(path.name))
-    cfg = SAEConfig(d_in=d_in, num_latents=n_lat, k=int(c.get("k", 32)), model=meta.get("model", ""),
-                    layer=int(layer), hook_name=meta.get("hook_name") or (f"model.layers.{layer}" if layer >= 0 else ""))
-    sd2 = {"W_enc": sd["encoder.weight"].float(), "b_enc": sd["encoder.bias"].float(), "W_dec": sd["W_dec"].float(),
-           "b_dec": sd["b_dec"].float()}
-    return _build(cfg, sd2, path, device)
 
 
 # --------------------------------------------------------------------------------------------- detection
