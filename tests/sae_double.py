@@ -1,4 +1,4 @@
-"""A tied, orthonormal Top-k SAE for steering tests (the real ``saesteer.sae.topk.TopKSAE`` when it exists)."""
+"""A tied, orthonormal Top-k SAE for steering tests (the real ``saesteer.sae.model.TopKSAE`` when it exists)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from torch import nn
 
 
 class _DoubleSAE(nn.Module):
-    """Minimal Top-k SAE with the TopKSAE API and unit convention (raw-unit latents; used only without saesteer.sae.topk)."""
+    """Minimal Top-k SAE with the TopKSAE API and unit convention (raw-unit latents; used only without saesteer.sae.model)."""
 
     def __init__(self, cfg):
         super().__init__()

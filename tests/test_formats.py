@@ -130,8 +130,8 @@ def test_bad_files(sae, tmp_path):
         load_sae(tmp_path / "t")
     export_saelens(sae, tmp_path / "j")
     cfg = json.loads((tmp_path / "j" / "cfg.json").read_text())
-    (tmp_path / "j" / "cfg.json").write_text(json.dumps({**cfg, "architecture": "jumprelu"}))
-    with pytest.raises(SaesteerError, match="only SAELens 'topk'"):
+    (tmp_path / "j" / "cfg.json").write_text(json.dumps({**cfg, "architecture": "gated"}))
+    with pytest.raises(SaesteerError, match="architecture 'gated' is not supported"):
         load_sae(tmp_path / "j")
     (tmp_path / "j" / "cfg.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "d_sae"}))
     with pytest.raises(SaesteerError, match="malformed saelens"):
@@ -173,7 +173,7 @@ def test_cli_export_import(sae, x, tmp_path):
     assert res.exit_code == 0, res.output
     with torch.no_grad():
         torch.testing.assert_close(load_sae(tmp_path / "back")(x), sae(x), atol=1e-4, rtol=1e-4)
-    res = r.invoke(app, ["sae", "info", str(tmp_path / "back")])
+    res = r.invoke(app, ["sae", "info", "--json", str(tmp_path / "back")])
     assert json.loads(res.output)["num_latents"] == 256
     import subprocess
     import sys

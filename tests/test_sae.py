@@ -85,7 +85,7 @@ def test_bad_inputs():
 def test_sparse_training_pass_matches_dense_autograd(aux, block, monkeypatch):
     """Sparse kernels equal dense autograd; on CPU the encoder works in row blocks of any size (0: one block); AuxK
     runs on sparse entries or on dense dead columns (fewer dead latents than k_aux: all of them are selected)."""
-    from saesteer.sae import topk as sae_mod
+    from saesteer.sae import model as sae_mod
 
     monkeypatch.setattr(sae_mod, "_CPU_BLOCK_ROWS", block)
     torch.manual_seed(1)

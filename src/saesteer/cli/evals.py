@@ -43,7 +43,9 @@ def steering_from_options(
     except ValueError:
         raise SaesteerError(f"--feature must be integers and --clamp numbers (got {feature!r}, {clamp!r})") from None
     if sae is not None:
-        ensure(Path(sae).exists(), f"SAE not found: {sae}")
+        from saesteer.sae.archs.hookpoints import sae_path_exists
+
+        ensure(sae_path_exists(sae), f"SAE not found: {sae}")
         ensure(bool(feats) and bool(vals), "SAE steering needs --sae, --feature and --clamp")
         ensure(len(vals) in (1, len(feats)), f"{len(feats)} features but {len(vals)} clamp values")
     if direction is not None:

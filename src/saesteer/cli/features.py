@@ -35,7 +35,9 @@ def load_model_and_sae(model: str, sae: Path, device: str, threads: Optional[int
     from saesteer.steering import check_sae_compatible
 
     set_threads(threads)
-    ensure(Path(sae).exists(), f"SAE not found: {sae}")
+    from saesteer.sae.archs.hookpoints import sae_path_exists
+
+    ensure(sae_path_exists(sae), f"SAE not found: {sae}")
     try:
         from saesteer.sae import load_sae
     except ImportError:

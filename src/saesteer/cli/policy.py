@@ -48,7 +48,9 @@ def _specs(sae: Optional[Path], feature: Optional[str], clamp: Optional[str], se
         feats = feats or [int(sel["feature"])]
         vals = vals or [float(sel["clamp"])]
     if sae is not None:
-        ensure(Path(sae).exists(), f"SAE not found: {sae}")
+        from saesteer.sae.archs.hookpoints import sae_path_exists
+
+        ensure(sae_path_exists(sae), f"SAE not found: {sae}")
     if direction is not None:
         ensure(Path(direction).exists(), f"direction file not found: {direction}")
     specs = steering_specs(sae=sae, feature=feats, clamp=vals, alpha=alpha, direction=direction, spec=spec)

@@ -105,17 +105,19 @@ def export_cmd(
 
 @sae_app.command("import")
 def import_cmd(
-    src: Path = typer.Argument(..., help="SAELens or sparsify SAE folder"),
+    src: Path = typer.Argument(..., help="SAELens or sparsify Top-k SAE folder"),
     out: Path = typer.Argument(..., help="output folder (our format)"),
     model: Optional[str] = typer.Option(None, help="record this model name (if the source has none)"),
     layer: Optional[int] = typer.Option(None, help="record this layer (if the source has none)"),
 ) -> None:
     """Convert an SAELens / sparsify SAE into our format."""
     from saesteer.core import atomic_dir
-    from saesteer.sae import detect_format, load_sae, save_sae
+    from saesteer.sae import TopKSAE, detect_format, load_sae, save_sae
 
     fmt, _ = detect_format(src)
     sae = load_sae(src)
+    ensure(isinstance(sae, TopKSAE), f"only Top-k SAEs with unit-norm decoder rows convert to our format; this one "
+                                     f"is {getattr(sae, 'arch', '?')} (steer with it directly: any command takes its path)")
     if model:
         sae.cfg.model = model
     if layer is not None:
@@ -126,9 +128,29 @@ def import_cmd(
 
 
 @sae_app.command("info")
-def info_cmd(path: Path = typer.Argument(..., help="SAE folder")) -> None:
-    """Print an SAE's format and config as JSON."""
-    from saesteer.sae import detect_format, load_sae
+def info_cmd(
+    path: Path = typer.Argument(..., help="SAE folder or file (any supported layout; FOLDER:HOOKPOINT picks one)"),
+    hookpoint: Optional[str] = typer.Option(None, "--hookpoint", help="which SAE of a folder holding several "
+                                                                        "(sub-folder name, e.g. layers.5)"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON (the summary plus the full config)"),
+) -> None:
+    """Print an SAE's architecture, width, hook point, layer, model and source."""
+    from saesteer.sae import load_sae
 
-    fmt, _ = detect_format(path)
-    typer.echo(json.dumps({"format": fmt, **load_sae(path).cfg.to_dict()}, indent=2))
+    sae = load_sae(path, hookpoint=hookpoint)
+    info = sae.info() if hasattr(sae, "info") else {}
+    if as_json:
+        cfg = sae.cfg.to_dict() if hasattr(sae.cfg, "to_dict") else {}
+        typer.echo(json.dumps({"format": info.get("source"), **cfg, **info}, indent=2))
+        return
+    layer = info.get("layer", -1)
+    rows = [("architecture", info.get("architecture")), ("width", f"{info.get('num_latents')} latents"),
+            ("d_in", info.get("d_in"))]
+    if info.get("k"):
+        rows.append(("k", info.get("k")))
+    rows += [("hook point", info.get("hook_name") or "(none recorded)"),
+             ("layer", layer if layer is not None and layer >= 0 else "unknown"),
+             ("model", info.get("model") or "unknown"), ("source", info.get("source")),
+             ("path", info.get("path") or str(path)), ("dtype", info.get("dtype"))]
+    for key, val in rows:
+        typer.echo(f"{key:<13}{val}")

@@ -46,9 +46,10 @@ class SeqLatents:
     text: str
     token_ids: list[int]
     acts: torch.Tensor
-    """[T, k] top-k activations (zeros where not encoded)."""
+    """[T, w] active latents' activations (zeros where not encoded); w = k for Top-k SAEs, else the sequence's
+    largest number of active latents per token."""
     idx: torch.Tensor
-    """[T, k] their latent ids."""
+    """[T, w] their latent ids."""
     valid: torch.Tensor
     """[T] encoded positions (not position 0, not special tokens)."""
     post: torch.Tensor
@@ -145,12 +146,15 @@ def encode_sequences(
             if max_norm_ratio is not None and bool(valid.any()):
                 norms = h[r, T - n :].float().norm(dim=-1).cpu()
                 valid &= norms <= max_norm_ratio * norms[valid].median()
-            acts = torch.zeros(n, int(sae.k))
-            idx = torch.zeros(n, int(sae.k), dtype=torch.long)
+            a = j = None
             if bool(valid.any()):
                 x = h[r, T - n :][valid.to(h.device)].to(device=sae.W_dec.device, dtype=sdt)
                 ensure(bool(torch.isfinite(x).all()), "the model produced non-finite activations")
-                a, j = sae.encode(x)
+                a, j = sae.encode(x)  # width k (Top-k) or the most active latents of a row (ReLU / JumpReLU)
+            width = a.shape[-1] if a is not None else max(1, int(getattr(sae, "k", 0) or 0))
+            acts = torch.zeros(n, width)
+            idx = torch.zeros(n, width, dtype=torch.long)
+            if a is not None:
                 acts[valid], idx[valid] = a.float().cpu(), j.long().cpu()
             hp = h[r, T - n :][(post & valid).to(h.device)]
             resid = hp.float().mean(0).cpu() if hp.shape[0] else None

@@ -1,6 +1,19 @@
-"""SAEs: the Top-k SAE we train, its trainer, the file formats of other libraries, and its quality metrics.
+"""SAEs: the Top-k SAE we train (``model``), its trainer, the published architectures and file layouts others train
+in (``archs``: SAELens ReLU / JumpReLU / TopK / BatchTopK, Gemma Scope, sparsify, dictionary_learning) behind one
+interface, loading / saving / exporting (``formats``), and quality metrics (``quality``).
 """
 
+from .archs import (  # noqa: F401
+    ARCHS,
+    BaseSAE,
+    BatchTopKSAE,
+    JumpReLUSAE,
+    ReLUSAE,
+    layer_from_hookpoint,
+    sae_info,
+    sae_path_exists,
+    split_hookpoint,
+)
 from .formats import (  # noqa: F401
     check_compatible,
     detect_format,
@@ -9,19 +22,19 @@ from .formats import (  # noqa: F401
     load_sae,
     save_sae,
 )
+from .model import (  # noqa: F401
+    SAEConfig,
+    TopKSAE,
+    geometric_median,
+    lr_for,
+    sparse_decode,
+)
 from .quality import (  # noqa: F401
     DENSE_THRESHOLD,
     SAEEvalConfig,
     evaluate_sae,
     plot_density,
     run_sae_eval,
-)
-from .topk import (  # noqa: F401
-    SAEConfig,
-    TopKSAE,
-    geometric_median,
-    lr_for,
-    sparse_decode,
 )
 from .trainer import (  # noqa: F401
     CKPT_DIR,

@@ -1,7 +1,9 @@
 """SAE files: our format, SAELens (``cfg.json`` + ``sae_weights.safetensors``, architecture ``topk``) and EleutherAI
-sparsify (layer folder with ``cfg.json`` + ``sae.safetensors``). ``load_sae`` detects which one a path holds.
+sparsify (layer folder with ``cfg.json`` + ``sae.safetensors``). ``load_sae`` detects which one a path holds; it
+also reads the published layouts and architectures of :mod:`saesteer.sae.archs` (Gemma Scope, dictionary_learning,
+SAELens standard / JumpReLU / BatchTopK).
 
-Ours: ``saesteer.json`` (the :class:`~saesteer.sae.topk.SAEConfig` plus a format tag) and ``saesteer.safetensors``
+Ours: ``saesteer.json`` (the :class:`~saesteer.sae.model.SAEConfig` plus a format tag) and ``saesteer.safetensors``
 (``W_enc``, ``b_enc``, ``W_dec``, ``b_dec`` in scaled units; ``input_scale`` in the config). Exports fold the input
 scale into the biases so that the other libraries see raw residual units and encode the same latent values as
 :meth:`TopKSAE.encode`. Neither library is needed to read or write its format.
@@ -10,7 +12,6 @@ scale into the biases so that the other libraries see raw residual units and enc
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import torch
 
 from saesteer.core import SaesteerError, atomic_dir, atomic_write_bytes, atomic_write_json, ensure, read_json
 
-from .topk import SAEConfig, TopKSAE
+from .model import SAEConfig, TopKSAE
 
 OWN_CFG, OWN_WEIGHTS = "saesteer.json", "saesteer.safetensors"
 SAELENS_WEIGHTS, SPARSIFY_WEIGHTS, CFG = "sae_weights.safetensors", "sae.safetensors", "cfg.json"
@@ -40,15 +41,16 @@ def _st_load(path: Path) -> dict[str, torch.Tensor]:
         raise SaesteerError(f"cannot read SAE weights {path}: {e}") from None
 
 
-def _layer_from_hook(name: str) -> int:
-    m = re.search(r"(?:layers|blocks|h)\.(\d+)", name or "")
-    return int(m.group(1)) if m else -1
+def _need_topk(sae: Any) -> None:
+    ensure(isinstance(sae, TopKSAE), f"only Top-k SAEs with unit-norm decoder rows can be written in this format; "
+                                     f"this one is {getattr(sae, 'arch', type(sae).__name__)} (steer with its own files)")
 
 
 # --------------------------------------------------------------------------------------------- our format
 def save_sae(sae: TopKSAE, path: str | os.PathLike) -> Path:
     """Write ``saesteer.safetensors`` then ``saesteer.json`` into ``path`` (each atomically; the config last, so a
     folder is only recognised as an SAE once both are complete)."""
+    _need_topk(sae)
     path = Path(path)
     atomic_write_bytes(path / OWN_WEIGHTS, _st_bytes(dict(sae.state_dict())))
     atomic_write_json(path / OWN_CFG, {"format": "saesteer-sae", "version": 1, **sae.cfg.to_dict()})
@@ -81,6 +83,7 @@ def _build(cfg: SAEConfig, sd: dict[str, torch.Tensor], path: Path, device: str)
 # --------------------------------------------------------------------------------------------- SAELens
 def export_saelens(sae: TopKSAE, out: str | os.PathLike) -> Path:
     """SAELens ``topk`` SAE folder (loads with ``sae_lens.SAE.load_from_disk``), raw units."""
+    _need_topk(sae)
     s = sae.input_scale
     cfg = {"d_in": sae.d_in, "d_sae": sae.num_latents, "dtype": sae.cfg.dtype, "device": "cpu",
            "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
@@ -94,35 +97,11 @@ def export_saelens(sae: TopKSAE, out: str | os.PathLike) -> Path:
     return Path(out)
 
 
-def _load_saelens(path: Path, device: str) -> TopKSAE:
-    c = read_json(path / CFG, "SAELens config")
-    arch = c.get("architecture", "standard")
-    ensure(arch == "topk", f"{path}: only SAELens 'topk' SAEs are supported, this one is {arch!r}")
-    ensure(c.get("normalize_activations", "none") == "none",
-           f"{path}: normalize_activations={c.get('normalize_activations')!r} is not supported (fold it first)")
-    ensure(c.get("reshape_activations", "none") == "none", f"{path}: reshaped (attention hook_z) SAEs are not supported")
-    sd = _st_load(path / SAELENS_WEIGHTS)
-    for k in ("W_enc", "b_enc", "W_dec", "b_dec"):
-        ensure(k in sd, f"SAELens weights in {path} lack {k}")
-    W_enc, b_enc, W_dec, b_dec = sd["W_enc"].float().t(), sd["b_enc"].float(), sd["W_dec"].float(), sd["b_dec"].float()
-    if not c.get("apply_b_dec_to_input", True):  # pre = W x + b = W (x - b_dec) + (b + W b_dec)
-        b_enc = b_enc + W_enc @ b_dec
-    n = W_dec.norm(dim=1)
-    if c.get("rescale_acts_by_decoder_norm", False):  # their pre-acts are scaled by ‖W_dec‖ and divided back on decode
-        W_enc, b_enc, W_dec = W_enc * n[:, None], b_enc * n, W_dec / n[:, None]
-    md = c.get("metadata") or {}
-    hook = md.get("hook_name") or c.get("hook_name") or ""
-    layer = md.get("saesteer_layer")
-    cfg = SAEConfig(d_in=int(c["d_in"]), num_latents=int(c["d_sae"]), k=int(c["k"]),
-                    model=md.get("model_name") or c.get("model_name") or "", hook_name=hook,
-                    layer=int(layer) if layer is not None else _layer_from_hook(hook))
-    return _build(cfg, {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}, path, device)
-
-
 # --------------------------------------------------------------------------------------------- sparsify
 def export_sparsify(sae: TopKSAE, out: str | os.PathLike) -> Path:
     """sparsify run folder ``out/layers.L/{cfg.json, sae.safetensors}`` (``SparseCoder.load_from_disk`` on the layer
     folder, or ``SparseCoder.load_many(out, local=True)``). Returns the layer folder."""
+    _need_topk(sae)
     s = sae.input_scale
     hook = f"layers.{sae.cfg.layer}" if sae.cfg.layer >= 0 else "sae"
     cfg = {"activation": "topk", "expansion_factor": max(1, sae.num_latents // sae.d_in), "normalize_decoder": True,
@@ -137,65 +116,37 @@ def export_sparsify(sae: TopKSAE, out: str | os.PathLike) -> Path:
     return Path(out) / hook
 
 
-def _load_sparsify(path: Path, device: str) -> TopKSAE:
-    c = read_json(path / CFG, "sparsify config")
-    ensure(c.get("activation", "topk") == "topk", f"{path}: only top-k sparse coders are supported")
-    ensure(not c.get("skip_connection") and not c.get("transcode"), f"{path}: transcoders / skip connections are "
-                                                                    f"not supported")
-    sd = _st_load(path / SPARSIFY_WEIGHTS)
-    for k in ("encoder.weight", "encoder.bias", "W_dec", "b_dec"):
-        ensure(k in sd, f"sparsify weights in {path} lack {k}")
-    d_in = int(c["d_in"])
-    n_lat = int(c.get("num_latents") or d_in * int(c.get("expansion_factor", 32)))
-    meta = c.get("saesteer") or {}
-    layer = meta.get("layer", _layer_from_hook(path.name))
-    cfg = SAEConfig(d_in=d_in, num_latents=n_lat, k=int(c.get("k", 32)), model=meta.get("model", ""),
-                    layer=int(layer), hook_name=meta.get("hook_name") or (f"model.layers.{layer}" if layer >= 0 else ""))
-    sd2 = {"W_enc": sd["encoder.weight"].float(), "b_enc": sd["encoder.bias"].float(), "W_dec": sd["W_dec"].float(),
-           "b_dec": sd["b_dec"].float()}
-    return _build(cfg, sd2, path, device)
-
-
 # --------------------------------------------------------------------------------------------- detection
-def detect_format(path: str | os.PathLike) -> tuple[str, Path]:
-    """("saesteer" | "saelens" | "sparsify", folder). A sparsify run folder with one layer folder is accepted."""
-    p = Path(path)
-    if p.is_file():
-        p = p.parent
-    ensure(p.is_dir(), f"SAE not found: {path}")
-    if (p / OWN_CFG).exists():
-        return "saesteer", p
-    if (p / CFG).exists() and (p / SAELENS_WEIGHTS).exists():
-        return "saelens", p
-    if (p / CFG).exists() and (p / SPARSIFY_WEIGHTS).exists():
-        return "sparsify", p
-    subs = sorted(q for q in p.iterdir() if q.is_dir() and (q / CFG).exists() and (q / SPARSIFY_WEIGHTS).exists())
-    if len(subs) == 1:
-        return "sparsify", subs[0]
-    if subs:
-        raise SaesteerError(f"{p} holds several sparsify SAEs ({', '.join(q.name for q in subs)}); pass one folder")
-    raise SaesteerError(f"{p} holds no SAE (expected {OWN_CFG}, SAELens {CFG}+{SAELENS_WEIGHTS} or sparsify "
-                        f"{CFG}+{SPARSIFY_WEIGHTS})")
+def detect_format(path: str | os.PathLike, hookpoint: str | None = None) -> tuple[str, Path]:
+    """(layout, folder): "saesteer" | "saelens" | "sparsify" | "gemmascope" | "dictionary_learning". A folder with
+    one SAE below it is accepted; with several, ``hookpoint`` (or ``PATH:HOOKPOINT``) picks one
+    (:func:`saesteer.sae.archs.loaders.resolve`)."""
+    from saesteer.sae.archs.loaders import resolve
+
+    return resolve(path, hookpoint)
 
 
-def load_sae(path: str | os.PathLike, device: str = "cpu") -> TopKSAE:
-    """Load an SAE in our, SAELens or sparsify format (auto-detected)."""
-    fmt, p = detect_format(path)
-    try:
-        return {"saesteer": _load_own, "saelens": _load_saelens, "sparsify": _load_sparsify}[fmt](p, device)
-    except (KeyError, TypeError, ValueError) as e:
-        raise SaesteerError(f"malformed {fmt} SAE in {p}: {type(e).__name__}: {e}") from None
+def load_sae(path: str | os.PathLike, device: str = "cpu", hookpoint: str | None = None) -> Any:
+    """Load an SAE of any supported layout and architecture (auto-detected; :mod:`saesteer.sae.archs`)."""
+    from saesteer.sae.archs.loaders import load_any
+
+    return load_any(path, device, hookpoint)
 
 
-def check_compatible(sae: TopKSAE, model: Any, layer: int) -> None:
+def check_compatible(sae: Any, model: Any, layer: int) -> None:
     """Raise SaesteerError when the SAE was trained on another model, layer or residual width."""
-    from saesteer.models import check_layer, d_model, model_name
+    from saesteer.models import check_layer, d_model, model_name, n_layers
 
     width = d_model(model)
     ensure(width == sae.d_in, f"the SAE reads width {sae.d_in}, but the model's residual stream has width {width}")
     layer = check_layer(model, layer)
+    ensure(sae.cfg.layer < 0 or sae.cfg.layer < n_layers(model),
+           f"the SAE reads layer {sae.cfg.layer} ({getattr(sae.cfg, 'hook_name', '') or 'no hook name'}), but the "
+           f"model has {n_layers(model)} layers")
     if sae.cfg.layer >= 0:
         ensure(sae.cfg.layer == layer, f"the SAE was trained on layer {sae.cfg.layer}, not layer {layer}")
     name = model_name(model)
     if sae.cfg.model and name and name != "unknown":
-        ensure(sae.cfg.model == name, f"the SAE was trained on model {sae.cfg.model!r}, not {name!r}")
+        from saesteer.sae.archs.hookpoints import same_model
+
+        ensure(same_model(sae.cfg.model, name), f"the SAE was trained on model {sae.cfg.model!r}, not {name!r}")

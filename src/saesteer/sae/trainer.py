@@ -30,7 +30,7 @@ from saesteer.core import SaesteerError, atomic_write_bytes, atomic_write_json, 
 from saesteer.core import dist as ddp
 from saesteer.core.dist import setup as _dist_setup
 
-from .topk import SAEConfig, TopKSAE, lr_for
+from .model import SAEConfig, TopKSAE, lr_for
 
 CKPT_DIR = "checkpoints"
 CKPT_FILE = "state.pt"

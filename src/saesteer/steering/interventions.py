@@ -7,8 +7,9 @@
 Conventions (all in the model's *raw* residual units):
 
 * An SAE latent edit changes only the part of the residual the SAE attributes to that latent and keeps the SAE's
-  error term: ``x' = x + (a_new - a_f(x)) * u_f``. ``a_f(x)`` is the latent's value in the SAE's **top-k encoding**
-  (``sae.encode``; 0 when the latent is not among the k active ones), and ``u_f = decode(e_f) - decode(0)`` is what one
+  error term: ``x' = x + (a_new - a_f(x)) * u_f``. ``a_f(x)`` is the latent's activation in the SAE's own encoding
+  (``sae.latent_acts``: for Top-k 0 when the latent is not among the k active ones, for JumpReLU its thresholded
+  value), and ``u_f = decode(e_f) - decode(0)`` is what one
   latent unit adds to the SAE's reconstruction. Clamp values are therefore in the SAE's own latent units (the units
   ``sae.encode`` reports and feature cards show), whatever input scaling the SAE folds in.
   ``Clamp``: ``a_new = c``; ``Scale``: ``a_new = factor * a_f``; ``AblateFeature``: ``a_new = 0``.
@@ -189,7 +190,10 @@ class _LatentEdit(Intervention):
         self._feat_t = torch.as_tensor(self.features, dtype=torch.long, device=dev)
 
     def current(self, h: torch.Tensor) -> torch.Tensor:
-        """``[..., m]`` top-k activations of the edited features (0 where inactive)."""
+        """``[..., m]`` activations of the edited features (0 where inactive): the SAE's ``latent_acts`` (any
+        architecture; JumpReLU: the thresholded value), else its top-k encoding."""
+        if hasattr(self.sae, "latent_acts"):
+            return self.sae.latent_acts(h, self._feat_t).to(h.dtype)
         top_acts, top_idx = self.sae.encode(h)
         match = top_idx.unsqueeze(-2) == self._feat_t[:, None]  # [..., m, k]
         return (top_acts.unsqueeze(-2) * match.to(top_acts.dtype)).sum(-1)
@@ -318,7 +322,7 @@ Ablate = AblateFeature  # ARCHITECTURE.md name
 class PositionTracker:
     """Reads the KV-cache length at each forward of the model body, to tell prompt from generated positions.
 
-    A caller that feeds one prompt in several forwards (``saesteer.generation.kvprefill``: a shared prefix, then the rest)
+    A caller that feeds one prompt in several forwards (``saesteer.generation.decode.kvprefill``: a shared prefix, then the rest)
     tells it where the prompt ends with :meth:`set_prompt_len`."""
 
     def __init__(self) -> None:
@@ -494,7 +498,7 @@ class SteeringSpec:
         """Load the SAE / direction this spec names and return its interventions (``sae_cache`` reuses SAEs)."""
         pos = self.positions
         if self.kind in ("add", "ablate_direction") and self.direction is not None:
-            from .direction import load_direction
+            from saesteer.steering import load_direction
 
             dvec = load_direction(self.direction)
             mm = models.model_name(model)

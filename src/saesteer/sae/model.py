@@ -211,7 +211,14 @@ class _SparseTopKEncode(torch.autograd.Function):
 
 
 class TopKSAE(nn.Module):
-    """Top-k SAE. Public methods take and return raw residual-stream units (see the module docstring)."""
+    """Top-k SAE. Public methods take and return raw residual-stream units (see the module docstring).
+
+    Satisfies the common SAE interface of :mod:`saesteer.sae.archs.base` (``arch``, ``source``, ``latent_acts``,
+    ``decode_dense``, ``info``)."""
+
+    arch = "topk"
+    source = "saesteer"
+    path = ""
 
     def __init__(self, cfg: SAEConfig, device: str | torch.device = "cpu", seed: int | None = 0):
         super().__init__()
@@ -297,6 +304,22 @@ class TopKSAE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Reconstruction of ``x`` (raw units, same shape)."""
         return self.decode(*self.encode(x)).to(x.dtype)
+
+    def latent_acts(self, x: torch.Tensor, features: Any) -> torch.Tensor:
+        """``[..., m]`` top-k activations of the latents ``features`` (0 where not among the k active ones)."""
+        feats = torch.as_tensor(features, dtype=torch.long, device=self.W_enc.device).reshape(-1)
+        vals, idx = self.encode(x)
+        match = idx.unsqueeze(-2) == feats[:, None]  # [..., m, k]
+        return (vals.unsqueeze(-2) * match.to(vals.dtype)).sum(-1)
+
+    def decode_dense(self, acts: torch.Tensor) -> torch.Tensor:
+        """Reconstruction in raw units from dense latents ``[..., num_latents]``."""
+        return acts.to(self.W_dec.dtype) @ self.W_dec + self.b_dec / self.input_scale
+
+    def info(self) -> dict[str, Any]:
+        from saesteer.sae.archs.base import sae_info
+
+        return sae_info(self)
 
     # ----------------------------------------------------------------------------------------------- training
     def _scratch(self, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
