@@ -26,8 +26,10 @@ from torch import nn
 
 
 def main() -> None:
+    from saesteer.models import DEFAULT_MODEL
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
+    ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--layer", type=int, default=12)
     ap.add_argument("--data", default="hh-helpful")
     ap.add_argument("--tokens", type=int, default=16384)
@@ -39,7 +41,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from saesteer.activations import CollectConfig, collect, keep_mask, make_batches, pad_right, tokenize_docs
-    from saesteer.activations.collect import _load_docs
+    from saesteer.activations.collect import load_docs
     from saesteer.core import atomic_write_json, resolve_device, set_threads
     from saesteer.models import get_layers, load_model, special_token_ids
 
@@ -55,7 +57,7 @@ def main() -> None:
         collect(cfg, model, tok)
         end_to_end = time.perf_counter() - t0
         meta = json.loads(Path(cfg.out, "meta.json").read_text())
-        docs, _ = _load_docs(cfg, model, tok, Path(tmp))
+        docs, _ = load_docs(cfg, model, tok, Path(tmp))
     n_kept, loop_rate, n_batches = meta["n_tokens"], meta["tokens_per_s_last_run"], meta["next_batch"]
     seqs = tokenize_docs(tok, docs, args.context_len)
     batches = make_batches([len(s) for s in seqs], args.batch_size, cfg.seed)[:n_batches]

@@ -26,7 +26,7 @@ from _common import run_command  # noqa: E402
 from saesteer.core import atomic_write_json, rate_summary, set_threads
 from saesteer.evals import capability as cap
 from saesteer.evals.lmeval import write_mmlu_task
-from saesteer.models import load_model
+from saesteer.models import DEFAULT_MODEL, load_model
 
 
 def harness_mmlu(model, tok, rows, batch_size):
@@ -67,7 +67,7 @@ def ours_mmlu(model, tok, questions, batch_size):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
+    ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--n", type=int, default=150, help="MMLU questions (seeded, stratified by subject; 0-shot)")
     ap.add_argument("--tqa-n", type=int, default=60, help="TruthfulQA-MC1 questions for the accuracy report (0: skip)")
     ap.add_argument("--batch-size", type=int, default=8)

@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from saesteer.activations import ActivationCache  # noqa: E402
 from saesteer.core import atomic_write_json, set_threads  # noqa: E402
+from saesteer.models import DEFAULT_MODEL
 from saesteer.sae import (  # noqa: E402
     BatchReader,
     TrainConfig,
@@ -226,7 +227,7 @@ def main() -> None:
     ap.add_argument("--extra-bf16", action="store_true", help="also time saesteer with bfloat16 selection (extra row)")
     ap.add_argument("--skip", default="", help="comma list of peers to skip: sparsify,saelens,e2e")
     ap.add_argument("--e2e-tokens", type=int, default=0, help="raw text → SAE comparison budget (0: skip)")
-    ap.add_argument("--e2e-model", default="qwen2.5-coder-0.5b-instruct")
+    ap.add_argument("--e2e-model", default=DEFAULT_MODEL)
     ap.add_argument("--e2e-layer", type=int, default=12)
     ap.add_argument("--e2e-data", default="wikitext2")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_sae.json"))

@@ -24,14 +24,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 from saesteer.core import atomic_write_json  # noqa: E402
-from saesteer.experiments.compare import _slug  # noqa: E402  (the compare's folder names)
+from saesteer.experiments import slug  # noqa: E402  (the compare's folder names)
 
 UNSAFE = ("xstest_unsafe", "advbench_test", "jbb-harmful")
 SAFE = ("xstest_safe", "jbb-benign")
 
 
 def _items(root: Path, cond: str, subset: str) -> dict[str, dict]:
-    f = root / "conditions" / _slug(cond) / subset / "items.jsonl"
+    f = root / "conditions" / slug(cond) / subset / "items.jsonl"
     if not f.exists():
         raise SystemExit(f"missing {f}: run saesteer compare with this condition first")
     return {r["prompt"]: r for r in map(json.loads, f.read_text().splitlines()) if r.get("error") is None}

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from saesteer import models
 from saesteer.core import atomic_write_json, rate_summary, set_threads  # noqa: E402
 from saesteer.gating import ProbeGate, load_slice, post_instruction_positions, text_key  # noqa: E402  # noqa: E402
-from saesteer.gating.fit import _labelled
+from saesteer.gating.fit import labelled_prompts
 
 TRAIN = "arditi-harmful:train,arditi-harmless:train,xstest#0:0.4,jbb-harmful#0:0.4,jbb-benign#0:0.4"
 VAL = "arditi-harmful:val,arditi-harmless:val,xstest#0.4:0.6,jbb-harmful#0.4:0.6,jbb-benign#0.4:0.6"
@@ -70,8 +70,8 @@ def main() -> None:
         del models.get_layers(model)[keep:]
         model.config.num_hidden_layers = keep
     P = post_instruction_positions(tok)
-    th, ts, used = _labelled(TRAIN.split(","), args.limit, 0, "train")
-    vh, vs, vused = _labelled(VAL.split(","), args.limit, 0, "val")
+    th, ts, used = labelled_prompts(TRAIN.split(","), args.limit, 0, "train")
+    vh, vs, vused = labelled_prompts(VAL.split(","), args.limit, 0, "val")
     seen = {k for u in used + vused for k in u["keys"]}
     tests: dict[str, list] = {}
     for spec in TEST.split(","):

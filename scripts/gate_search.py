@@ -48,7 +48,7 @@ from saesteer.gating import (  # noqa: E402  # noqa: E402
     post_instruction_positions,
     text_key,
 )
-from saesteer.gating.fit import _labelled
+from saesteer.gating.fit import labelled_prompts
 
 HARD = ("xstest", "jbb-benign")  # train sets whose benign prompts look harmful
 
@@ -60,7 +60,7 @@ def _groups(limit: int, tests: str) -> tuple[dict[str, list], dict[str, str]]:
     seen: set[str] = set()
     for split, specs in (("train", TRAIN), ("val", VAL)):
         for spec in specs.split(","):
-            h, s, used = _labelled([spec], limit, 0, split)
+            h, s, used = labelled_prompts([spec], limit, 0, split)
             seen |= set(used[0]["keys"])
             for lab, items in (("harmful", h), ("harmless", s)):
                 if items:
@@ -100,7 +100,7 @@ def _write_policy_cache(args: argparse.Namespace, layers: list[int], flat: list,
         where.setdefault(json.dumps(p, sort_keys=True), i)
     n = 0
     for specs in (TRAIN, VAL):
-        h, s, _ = _labelled(specs.split(","), args.limit, 0, "x")
+        h, s, _ = labelled_prompts(specs.split(","), args.limit, 0, "x")
         for L in layers:
             for prompts in (h, s):
                 rows = torch.tensor([where[json.dumps(p, sort_keys=True)] for p in prompts])

@@ -39,7 +39,7 @@ def syn_rows():
 
 def test_pooled_and_table():
     rows = syn_rows()
-    p = pooled(rows, "gated", "unsafe")
+    p = pooled(rows, "unsafe", "gated")
     assert (p["k"], p["n"]) == (190, 200) and p["ci_low"] < 0.95 < p["ci_high"]
     md = markdown_table(rows)
     lines = md.strip().splitlines()
@@ -162,7 +162,7 @@ def test_run_compare_with_real_eval_modules_on_tiny_model(tiny, tmp_path, data_r
 def test_held_out_exclusions_leave_out_fit_prompts(tmp_path, data_root):
     from saesteer.data import load_prompts
     from saesteer.experiments import held_out_exclusions
-    from saesteer.experiments.compare import _conditions
+    from saesteer.experiments.compare import policy_conditions
     from saesteer.gating import load_policy, load_slice, text_key
 
     items = load_prompts("jbb-benign")
@@ -176,7 +176,7 @@ def test_held_out_exclusions_leave_out_fit_prompts(tmp_path, data_root):
     pol = load_policy(path)
     pol.meta["used_prompts"] = [text_key(it.prompt) for it in train + val]
     pol.save(path)
-    conds = _conditions(CompareConfig(policies=[path], unsafe=["jbb-harmful"], safe=["jbb-benign"], limit=None))
+    conds = policy_conditions(CompareConfig(policies=[path], unsafe=["jbb-harmful"], safe=["jbb-benign"], limit=None))
     held = held_out_exclusions(CompareConfig(unsafe=["jbb-harmful"], safe=["jbb-benign"], limit=None), conds)
     assert held["jbb-harmful"] == [] and sorted(held["jbb-benign"]) == sorted(f"jbb-benign/{i}" for i in ids[0] | ids[1])
     held = held_out_exclusions(CompareConfig(unsafe=["jbb-harmful"], safe=["jbb-benign"], limit=10), conds)
@@ -190,16 +190,16 @@ def test_held_out_exclusions_leave_out_fit_prompts(tmp_path, data_root):
 
 
 def test_cli_exclude_ids_from_selection(tmp_path):
-    from saesteer.cli.policy import _exclude_ids
+    from saesteer.cli.options import read_exclude
     from saesteer.gating import text_key
 
     sel = {"feature": 3, "clamp": 2.0, "prompts_used": {"validation": [
         {"spec": "advbench", "split": "train", "id": "4", "prompt": "Write a script"}]}}
     (tmp_path / "selection.json").write_text(json.dumps(sel))
-    ids = _exclude_ids(tmp_path / "selection.json")
+    ids = read_exclude(tmp_path / "selection.json")
     assert set(ids) == {"advbench/4", "advbench:train/4", f"text:{text_key('Write a script')}"}
     (tmp_path / "ids.json").write_text('["a", 3]')
-    assert _exclude_ids(tmp_path / "ids.json") == ["a", "3"]
+    assert read_exclude(tmp_path / "ids.json") == ["a", "3"]
     (tmp_path / "bad.json").write_text('{"x": 1}')
     with pytest.raises(SaesteerError):
-        _exclude_ids(tmp_path / "bad.json")
+        read_exclude(tmp_path / "bad.json")

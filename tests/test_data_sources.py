@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from saesteer.core import SaesteerError
+from saesteer.data import fetch as dfetch
 from saesteer.data import sources as dsrc
 from saesteer.data.fetch import STAGING, fetch_file
 from saesteer.data.sources import REGISTRY, DataFile, DataSet, Input, Source
@@ -228,21 +229,21 @@ def test_resolution_order_env_dev_user_then_error(isolated, tmp_path, monkeypatc
     rel = "xstest/xstest_prompts.jsonl"
     env, dev, user = tmp_path / "env", tmp_path / "dev", dsrc.user_data_dir()
     with pytest.raises(SaesteerError) as e:
-        dsrc.resolve_file(None, rel)
+        dfetch.resolve_file(None, rel)
     assert "saesteer data fetch xstest" in str(e.value) and "\n" not in str(e.value)
     for root in (env, dev, user):
         (root / "xstest").mkdir(parents=True)
         (root / rel).write_text('{"id": 1, "prompt": "p", "label": "safe"}\n')
-    assert dsrc.resolve_file("xstest", rel) == user / rel
+    assert dfetch.resolve_file("xstest", rel) == user / rel
     monkeypatch.setattr(dsrc, "dev_data_root", lambda: dev)
-    assert dsrc.resolve_file("xstest", rel) == dev / rel
+    assert dfetch.resolve_file("xstest", rel) == dev / rel
     monkeypatch.setenv("SAESTEER_DATA", str(env))
-    assert dsrc.resolve_file("xstest", rel) == env / rel
+    assert dfetch.resolve_file("xstest", rel) == env / rel
     (env / rel).unlink()  # a file missing under SAESTEER_DATA falls through to the next root
-    assert dsrc.resolve_file("xstest", rel) == dev / rel
+    assert dfetch.resolve_file("xstest", rel) == dev / rel
     monkeypatch.setenv("SAESTEER_DATA", str(tmp_path / "nope"))
     with pytest.raises(SaesteerError, match="not a directory"):
-        dsrc.resolve_file("xstest", rel)
+        dfetch.resolve_file("xstest", rel)
 
 
 def test_loaders_read_through_the_resolver(isolated):

@@ -12,7 +12,7 @@ from saesteer.core import SaesteerError
 from saesteer.features import SeqLatents, encode_sequences
 from saesteer.features import discovery as F
 from saesteer.features import grid as G
-from saesteer.features.cards import _tokenize
+from saesteer.features.latents import _tokenize
 from saesteer.models import run_to_layer
 from saesteer.sae import SAEConfig, TopKSAE
 

@@ -125,12 +125,15 @@ def test_stop_when_ends_rows_early(lively):
 
 
 class RowAdd:
-    """A per-row steering intervention following the contract: adds vecs[row] at a layer; select_rows slices."""
+    """A per-row steering intervention following the contract (registered in ``models.hooks``): adds vecs[row] at a
+    layer; select_rows slices."""
 
     def __init__(self, model, layer, vecs):
+        from saesteer.models import hooks
+
         self.vecs, self.calls = vecs, []
-        self.handle = hook_module(model, layer).register_forward_hook(self.hook)
-        model._saesteer_interventions = [self]
+        self.hs = hooks.install(model, self, members=[self])
+        hooks.register_forward_hook(hook_module(model, layer), self.hook, self.hs)
 
     def hook(self, mod, inp, out):
         self.calls.append(out.shape[0])
@@ -141,8 +144,9 @@ class RowAdd:
         self.vecs = self.vecs[index]
 
     def remove(self, model):
-        self.handle.remove()
-        del model._saesteer_interventions
+        from saesteer.models import hooks
+
+        hooks.uninstall(model, self.hs)
 
 
 def test_row_dropping_keeps_per_row_hooks_aligned(lively):
@@ -368,24 +372,24 @@ def test_shared_prefix_and_length_groups_equal_model_generate(lively, spy_prefil
 
 
 def test_prefix_sharing_off_for_foreign_hooks_and_row_scales(lively, spy_prefill):
-    from saesteer.generation import kvprefill as kvprefill
+    from saesteer.models.hooks import hook_sets, prefix_shareable
     from saesteer.steering import Add, set_row_scale, steer
 
     model, tok = lively
-    assert kvprefill.sharing_trackers(model) == []
+    assert prefix_shareable(model) and hook_sets(model) == []
     seen = []
     h = hook_module(model, 0).register_forward_hook(lambda m, i, o: seen.append(o.shape[:2]))
     try:
-        assert kvprefill.sharing_trackers(model) is None
+        assert not prefix_shareable(model)  # a hook saesteer did not install
         generate(model, tok, PROMPTS, max_new_tokens=2, eos_ids=[], bucket_by_length=False)
     finally:
         h.remove()
     width = max(map(len, encode_prompts(tok, PROMPTS)))
     assert seen[0] == (len(PROMPTS), width) and spy_prefill[-1] == {"shared": 0, "groups": 1}
     with steer(model, [Add(vector=torch.ones(64), alpha=1.0, layer=0)]):
-        assert len(kvprefill.sharing_trackers(model)) == 1
+        assert prefix_shareable(model) and len(hook_sets(model)) == 1
         set_row_scale(model, torch.ones(len(PROMPTS)))
-        assert kvprefill.sharing_trackers(model) is None  # per-row strengths: every row prefilled in full
+        assert not prefix_shareable(model)  # per-row strengths: every row prefilled in full
     out_on = generate(model, tok, PROMPTS[:5], max_new_tokens=8, eos_ids=[])  # all start with "<|im_start|>user\n"
     assert spy_prefill[-1]["shared"] > 0
     assert generate(model, tok, PROMPTS[:5], max_new_tokens=8, eos_ids=[], share_prefix=False) == out_on

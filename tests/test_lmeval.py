@@ -64,8 +64,7 @@ def test_our_mmlu_agrees_with_the_harness_per_question(tiny, tmp_path, shots):
 
 
 def test_steering_hooks_active_inside_the_harness_model_only(tiny):
-    from saesteer.evals import Steering
-    from saesteer.steering import Add
+    from saesteer.steering import Add, Steering
 
     model, tok = tiny
     reqs = [("the quick brown fox", [" the", " a"])]

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from saesteer.core import SaesteerError, wilson_interval
-from saesteer.evals import PrefixJudge, RefusalEvalConfig, Steering, Verdict, run_refusal_eval, summarize
+from saesteer.evals import PrefixJudge, RefusalEvalConfig, Verdict, run_refusal_eval, summarize
+from saesteer.steering import Steering
 
 
 def _jsonl(path, rows):

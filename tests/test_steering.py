@@ -11,6 +11,7 @@ from sae_double import make_sae
 from saesteer import steering
 from saesteer.core import SaesteerError
 from saesteer.models import d_model, hook_module, hook_state
+from saesteer.models import hooks as model_hooks
 from saesteer.steering import (
     AblateDirection,
     AblateFeature,
@@ -56,7 +57,7 @@ def test_clamp_reencodes_to_value_and_keeps_error_term(sae):
     h = torch.randn(2, 5, sae.cfg.d_in) * 0.3 + (6 * sae.W_dec[3] + 7 * sae.W_dec[7]).detach() / s
     assert bool((sae.encode_dense(h)[..., [3, 7]] > 0).all())
     iv = Clamp(sae, [3, 7], [9.0, 11.0])
-    iv._vecs = steering.latent_vectors(sae, iv.features)
+    iv._vecs = sae.latent_vectors(iv.features)
     iv._feat_t = torch.tensor(iv.features)
     with torch.no_grad():
         out = iv.apply(h, None)
@@ -69,7 +70,7 @@ def test_clamp_reencodes_to_value_and_keeps_error_term(sae):
         h0 = torch.randn(1, 3, sae.cfg.d_in) * 0.3 + 6 * sae.W_dec[1].detach() / s
         a12 = sae.encode_dense(h0)[..., 12]
         iv12 = Clamp(sae, [12], [4.0])
-        iv12._vecs, iv12._feat_t = steering.latent_vectors(sae, [12]), torch.tensor([12])
+        iv12._vecs, iv12._feat_t = sae.latent_vectors([12]), torch.tensor([12])
         u = iv12._vecs[0]
         expect = h0 + (4.0 - a12).unsqueeze(-1) * u
         assert torch.allclose(iv12.apply(h0, None), expect, atol=1e-5)
@@ -83,9 +84,9 @@ def test_scale_and_ablate_feature_math(sae):
         top_acts, top_idx = sae.encode(h)
     f = int(top_idx[0, 0, 0])  # active at position 0
     a = sae.encode_dense(h)[..., f]
-    u = steering.latent_vectors(sae, [f])[0]
+    u = sae.latent_vectors([f])[0]
     for iv, target in ((Scale(sae, [f], factor=3.0), 3 * a), (AblateFeature(sae, [f]), torch.zeros_like(a))):
-        iv._vecs, iv._feat_t = steering.latent_vectors(sae, [f]), torch.tensor([f])
+        iv._vecs, iv._feat_t = sae.latent_vectors([f]), torch.tensor([f])
         out = iv.apply(h, None)
         assert torch.allclose(out, h + (target - a).unsqueeze(-1) * u, atol=1e-5)
     assert a[0, 0] > 0
@@ -98,16 +99,16 @@ def test_hooks_removed_bit_identical_also_after_exception(tiny, sae):
     hooks = hook_state(model)
     with steer(model, [Clamp(sae, [5], [20.0]), Add(torch.ones(d_model(model)), 0.5, layer=0)]):
         steered = _logits(model, batch)
-        assert len(model._saesteer_interventions) == 2
+        assert len(steering.active_interventions(model)) == 2
     assert not torch.equal(base, steered)
     assert torch.equal(_logits(model, batch), base)
-    assert not hasattr(model, "_saesteer_interventions")
+    assert steering.active_interventions(model) == [] and model_hooks.hook_sets(model) == []
     with pytest.raises(RuntimeError, match="boom"):
         with steer(model, Clamp(sae, [5], [20.0])):
             _logits(model, batch)
             raise RuntimeError("boom")
     assert torch.equal(_logits(model, batch), base)
-    assert not hasattr(model, "_saesteer_interventions")
+    assert steering.active_interventions(model) == [] and model_hooks.hook_sets(model) == []
     assert hook_state(model) == hooks
 
 
@@ -221,9 +222,9 @@ def test_nested_steer_lists_interventions(tiny, sae):
     a, b = Clamp(sae, [1], [1.0]), Add(torch.zeros(d_model(model)), 1.0, layer=0)
     with steer(model, a):
         with steer(model, b):
-            assert model._saesteer_interventions == [a, b]
-        assert model._saesteer_interventions == [a]
-    assert not hasattr(model, "_saesteer_interventions")
+            assert steering.active_interventions(model) == [a, b]
+        assert steering.active_interventions(model) == [a]
+    assert steering.active_interventions(model) == [] and model_hooks.hook_sets(model) == []
 
 
 def test_validation_errors(tiny, sae):
@@ -261,7 +262,7 @@ def test_validation_errors(tiny, sae):
             pass
     with pytest.raises(SaesteerError, match="zero direction"):
         AblateDirection(torch.zeros(d_model(model)))
-    assert not hasattr(model, "_saesteer_interventions")
+    assert steering.active_interventions(model) == [] and model_hooks.hook_sets(model) == []
 
 
 def test_spec_roundtrip_and_errors(tmp_path):

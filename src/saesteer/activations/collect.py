@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from saesteer.core import SaesteerError, atomic_write_bytes, atomic_write_json, ensure, read_json
+from saesteer.models import DEFAULT_MODEL
 
 FORMAT, VERSION = "saesteer-activations", 1
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -45,7 +46,7 @@ _IDENTITY = ("model", "layer", "data", "context_len", "batch_size", "dtype", "sh
 class CollectConfig:
     """Settings of one activation collection (shared by ``saesteer collect`` and the API)."""
 
-    model: str = "qwen2.5-coder-0.5b-instruct"
+    model: str = DEFAULT_MODEL
     """Built-in model name, local HF folder, local .gguf file or hub id."""
     layer: int = 12
     """Decoder layer whose output (the residual stream after it) is collected; negative counts from the end."""
@@ -139,7 +140,7 @@ def parse_mix_spec(spec: str) -> dict[str, int]:
     return kw
 
 
-def _load_docs(cfg: CollectConfig, model: Any, tok: Any, out: Path) -> tuple[list[tuple[str, bool]], dict[str, Any]]:
+def load_docs(cfg: CollectConfig, model: Any, tok: Any, out: Path) -> tuple[list[tuple[str, bool]], dict[str, Any]]:
     from saesteer.data import load_prompts
 
     if cfg.data.split(":")[0] == "chat-mix":
@@ -283,7 +284,7 @@ def _new_meta(cfg: CollectConfig, model: Any, layer: int, n_docs: int, extra: di
 
 def _collect(cfg: CollectConfig, model: Any, tok: Any, out: Path, meta: dict[str, Any] | None, layer: int,
              device: str) -> Path:
-    docs, extra = _load_docs(cfg, model, tok, out)
+    docs, extra = load_docs(cfg, model, tok, out)
     seqs, batches = _plan(cfg, tok, docs)
     if meta is None:
         meta = _new_meta(cfg, model, layer, len(docs), extra)
@@ -397,7 +398,7 @@ def _collect_dist(cfg: CollectConfig, model: Any, tok: Any, rank: int, world: in
         mix = cfg.data.split(":")[0] == "chat-mix"  # rank 0 first: it answers the mix's prompts once, caching them
         if mix and rank != 0:
             dist.barrier(world)
-        docs, extra = _load_docs(cfg, model, tok, out)
+        docs, extra = load_docs(cfg, model, tok, out)
         if mix and rank == 0:
             dist.barrier(world)
         seqs, batches = _plan(cfg, tok, docs)

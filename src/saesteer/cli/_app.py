@@ -13,8 +13,3 @@ app = typer.Typer(
 )
 eval_app = typer.Typer(help="Evaluations: refusal, multi-turn attacks, capability.", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
-
-# Options shared by many commands (typer reads the defaults from these objects).
-MODEL_HELP = "built-in model name (see `saesteer models`), local HF folder, local .gguf file or hub id"
-DEVICE_HELP = "cpu, cuda, cuda:N or auto"
-THREADS_HELP = "torch intra-op threads (default: SAESTEER_THREADS or torch's default)"

@@ -17,7 +17,8 @@ import typer
 
 from saesteer.core import SaesteerError
 
-from ._app import DEVICE_HELP, MODEL_HELP, THREADS_HELP, app
+from ._app import app
+from .options import DEVICE_HELP, THREADS_HELP, model_option
 
 
 @dataclass
@@ -143,7 +144,7 @@ def demo_stages(model: str, out: Path, layer: int, b: DemoBudget, common: list[s
 
 @app.command()
 def demo(
-    model: str = typer.Option("qwen2.5-coder-0.5b-instruct", help=MODEL_HELP),
+    model: str = model_option(),
     out: Path = typer.Option(Path("runs/demo"), help="run folder (every stage writes below it)"),
     layer: int = typer.Option(12, help="residual-stream layer for the SAE (mid-depth of the default model)"),
     budget: str = typer.Option("small", help="small (~45 min on 2 CPU cores) or tiny (a smoke run)"),

@@ -1,107 +1,33 @@
-"""``saesteer eval refusal | multiturn | judges``: refusal and over-refusal rates, multi-turn attacks, judge agreement."""
+"""``saesteer eval refusal | multiturn | judges | capability | lm-eval``: refusal and over-refusal rates, multi-turn
+attacks, judge agreement, capability tasks and lm-eval-harness with the steered model."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
 
-from saesteer.core import SaesteerError, ensure
+from saesteer.core import SaesteerError, ensure, resolve_device
 
-from ._app import DEVICE_HELP, MODEL_HELP, THREADS_HELP, eval_app
-
-_ST = "steering"
-
-
-def _opt(default: Any, help: str, **kw: Any) -> Any:
-    return typer.Option(default, help=help, rich_help_panel=kw.pop("panel", None), **kw)
-
-
-# Steering options shared by the eval commands.
-SAE_OPT = _opt(None, "SAE folder (any format) whose feature(s) to clamp", panel=_ST)
-FEATURE_OPT = _opt(None, "SAE latent index, or several comma-separated", panel=_ST)
-CLAMP_OPT = _opt(None, "clamp value(s) in the SAE's latent units (one, or one per feature)", panel=_ST)
-DIRECTION_OPT = _opt(None, "refusal-direction file to add (saesteer direction)", panel=_ST)
-ALPHA_OPT = _opt(1.0, "coefficient of the added direction", panel=_ST)
-SPEC_OPT = _opt(None, "steering spec JSON (one spec, a list, or {\"steering\": [...]})", panel=_ST)
-POLICY_OPT = _opt(None, "conditional steering policy file (saesteer policy fit)", panel=_ST)
-NAME_OPT = _opt(None, "name recorded for this steering config (default: derived from the options)", panel=_ST)
-
-
-def steering_from_options(
-    sae: Optional[Path], feature: Optional[str], clamp: Optional[str], direction: Optional[Path], alpha: float,
-    spec: Optional[Path], policy: Optional[Path], name: Optional[str] = None,
-) -> Any:
-    """Build a :class:`saesteer.evals.refusal.Steering` from the CLI's steering options (None = unsteered)."""
-    from ..evals.refusal import Steering, spec_name
-    from .steer import steering_specs
-
-    try:
-        feats = [int(f) for f in str(feature).split(",") if f.strip()] if feature is not None else []
-        vals = [float(v) for v in str(clamp).split(",") if v.strip()] if clamp is not None else []
-    except ValueError:
-        raise SaesteerError(f"--feature must be integers and --clamp numbers (got {feature!r}, {clamp!r})") from None
-    if sae is not None:
-        from saesteer.sae.archs.hookpoints import sae_path_exists
-
-        ensure(sae_path_exists(sae), f"SAE not found: {sae}")
-        ensure(bool(feats) and bool(vals), "SAE steering needs --sae, --feature and --clamp")
-        ensure(len(vals) in (1, len(feats)), f"{len(feats)} features but {len(vals)} clamp values")
-    if direction is not None:
-        ensure(Path(direction).exists(), f"direction file not found: {direction}")
-    specs = steering_specs(sae=sae, feature=feats, clamp=vals, alpha=alpha, direction=direction, spec=spec)
-    pol = None
-    if policy is not None:
-        ensure(Path(policy).exists(), f"policy file not found: {policy}")
-        try:
-            from saesteer.gating import load_policy
-        except ImportError:
-            raise SaesteerError("--policy needs saesteer.gating.policy, which is not installed in this version") from None
-        pol = load_policy(policy)
-    if not specs and pol is None:
-        return None
-    parts = [spec_name(s) for s in specs] + ([f"policy {Path(policy).stem}"] if pol is not None else [])
-    return Steering(name=name or " + ".join(parts), specs=specs, policy=pol)
-
-
-def _load(model: str, device: str, threads: Optional[int]) -> tuple[Any, Any]:
-    from saesteer.core import resolve_device, set_threads
-    from saesteer.models import load_model
-
-    set_threads(threads)
-    return load_model(model, device=resolve_device(device))
-
-
-def _device(device: str) -> str:
-    from saesteer.core import resolve_device
-
-    return resolve_device(device)
-
-
-def _split_list(values: list[str]) -> list[str]:
-    return [v.strip() for x in values for v in x.split(",") if v.strip()]
-
-
-def _print_rates(title: str, rows: list[tuple[str, dict]], extra: str = "") -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(title=title)
-    for c in ("set", "rate", "k / n", "95% CI", "failed"):
-        t.add_column(c)
-    for name, r in rows:
-        t.add_row(name, f"{r['rate']:.3f}", f"{r['k']} / {r['n']}", f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]",
-                  str(r.get("n_failed", 0)))
-    con = Console()
-    con.print(t)
-    if extra:
-        con.print(extra)
+from ._app import eval_app
+from .common import load, print_rates, split_list
+from .options import (
+    DEVICE_HELP,
+    EVAL_STEERING,
+    EXCLUDE_HELP,
+    THREADS_HELP,
+    SteeringOptions,
+    model_option,
+    read_exclude,
+    steering_options,
+)
 
 
 @eval_app.command("refusal")
+@steering_options(*EVAL_STEERING)
 def refusal_cmd(
-    model: str = typer.Option("qwen2.5-coder-0.5b-instruct", help=MODEL_HELP),
+    model: str = model_option(),
     dataset: list[str] = typer.Option(["xstest"], help="prompt set(s): xstest, advbench:test, jbb-harmful, "
                                       "jbb-benign, arditi-harmful:test, a .jsonl/.csv file, hf:...; repeat or comma"),
     limit: Optional[int] = typer.Option(None, help="seeded sample of at most N prompts per dataset"),
@@ -114,40 +40,28 @@ def refusal_cmd(
     early_stop: bool = typer.Option(True, help="prefix judge: stop each answer once its verdict is known"),
     batch_size: int = typer.Option(16, help="prompts decoded together"),
     system: Optional[str] = typer.Option(None, help="system prompt (default: the chat template's)"),
-    exclude: Optional[Path] = typer.Option(None, help="JSON list of item ids to leave out (e.g. used for discovery)"),
-    sae: Optional[Path] = SAE_OPT, feature: Optional[str] = FEATURE_OPT, clamp: Optional[str] = CLAMP_OPT,
-    direction: Optional[Path] = DIRECTION_OPT, alpha: float = ALPHA_OPT, spec: Optional[Path] = SPEC_OPT,
-    policy: Optional[Path] = POLICY_OPT, name: Optional[str] = NAME_OPT,
+    exclude: Optional[Path] = typer.Option(None, help=EXCLUDE_HELP),
+    steering: SteeringOptions = None,  # type: ignore[assignment]  (filled by @steering_options)
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
 ) -> None:
     """Refusal rate (unsafe sets) and over-refusal rate (safe sets) with 95 % Wilson intervals."""
     from ..evals.refusal import RefusalEvalConfig, run_refusal_eval
 
-    steering = steering_from_options(sae, feature, clamp, direction, alpha, spec, policy, name)
+    st = steering.to_steering()
     cfg = RefusalEvalConfig(
-        datasets=_split_list(dataset), limit=limit, seed=seed, judge=judge, judge_base_url=judge_base_url,
+        datasets=split_list(dataset), limit=limit, seed=seed, judge=judge, judge_base_url=judge_base_url,
         judge_api_key_env=judge_api_key_env, max_new_tokens=max_new_tokens, early_stop=early_stop,
-        batch_size=batch_size, system=system, exclude_ids=_read_ids(exclude) if exclude else [], out=str(out),
-        device=_device(device),
+        batch_size=batch_size, system=system, exclude_ids=read_exclude(exclude), out=str(out),
+        device=resolve_device(device),
     )
-    m, tok = _load(model, device, threads)
-    s = run_refusal_eval(m, tok, cfg, steering=steering)
+    m, tok = load(model, device, threads)
+    s = run_refusal_eval(m, tok, cfg, steering=st)
     extra = f"{s['n_items']} items, generation {s['seconds_generate']:.1f} s → {out}"
     if s["n_failed"]:
         extra += f"\n[yellow]warning: the judge failed on {s['n_failed']} items (see 'error' in items.jsonl); " \
                  "rates are over the judged items[/yellow]"
-    _print_rates(f"refusal ({s['steering']}, judge {s['judge']})", list(s["subsets"].items()), extra)
-
-
-def _read_ids(path: Path) -> list[str]:
-    from saesteer.core import read_json
-
-    obj = read_json(path, "id list")
-    if isinstance(obj, dict):  # e.g. a features selection.json: every list under a key mentioning "ids"
-        obj = [i for k, v in obj.items() if "ids" in k.lower() and isinstance(v, list) for i in v]
-    ensure(isinstance(obj, list), f"{path}: expected a JSON list of ids")
-    return [str(i) for i in obj]
+    print_rates(f"refusal ({s['steering']}, judge {s['judge']})", list(s["subsets"].items()), extra)
 
 
 @eval_app.command("judges")
@@ -183,7 +97,7 @@ def judges_cmd(
         ensure(limit >= 1, f"--limit must be ≥ 1, got {limit}")
         rows = random.Random(seed).sample(rows, min(limit, len(rows)))
     results = {}
-    for spec in _split_list(judge):
+    for spec in split_list(judge):
         j = make_judge(spec, base_url=judge_base_url, api_key_env=judge_api_key_env, device=resolve_device(device),
                        refusal_label=refusal_label)
         verdicts = j.judge([r["prompt"] for r in rows], [r["answer"] for r in rows])
@@ -208,8 +122,9 @@ def judges_cmd(
 
 
 @eval_app.command("multiturn")
+@steering_options(*EVAL_STEERING)
 def multiturn_cmd(
-    model: str = typer.Option("qwen2.5-coder-0.5b-instruct", help=MODEL_HELP),
+    model: str = model_option(),
     mode: str = typer.Option("replay", help="replay (fixed human turns, refusal per turn) or crescendo (attacker)"),
     dataset: Optional[str] = typer.Option(None, help="replay: conversations (default hh-harmless); crescendo: "
                                           "objectives (default jbb-harmful)"),
@@ -227,9 +142,7 @@ def multiturn_cmd(
     success_judge: Optional[str] = typer.Option(None, help="success judge backend (default: the attacker)"),
     max_backtracks: int = typer.Option(3, help="crescendo: refused turns the attacker may retract"),
     system: Optional[str] = typer.Option(None, help="target system prompt (default: the chat template's)"),
-    sae: Optional[Path] = SAE_OPT, feature: Optional[str] = FEATURE_OPT, clamp: Optional[str] = CLAMP_OPT,
-    direction: Optional[Path] = DIRECTION_OPT, alpha: float = ALPHA_OPT, spec: Optional[Path] = SPEC_OPT,
-    policy: Optional[Path] = POLICY_OPT, name: Optional[str] = NAME_OPT,
+    steering: SteeringOptions = None,  # type: ignore[assignment]  (filled by @steering_options)
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
 ) -> None:
@@ -237,21 +150,72 @@ def multiturn_cmd(
     from ..evals.multiturn import MultiTurnConfig, run_crescendo, run_replay
 
     ensure(mode in ("replay", "crescendo"), f"--mode must be replay or crescendo, got {mode!r}")
-    steering = steering_from_options(sae, feature, clamp, direction, alpha, spec, policy, name)
+    st = steering.to_steering()
     cfg = MultiTurnConfig(
         mode=mode, dataset=dataset, limit=limit, seed=seed, max_turns=max_turns, min_turns=min_turns,
         max_new_tokens=max_new_tokens, batch_size=batch_size, system=system, judge=judge, attacker=attacker,
         attacker_base_url=attacker_base_url, api_key_env=api_key_env, success_judge=success_judge,
-        max_backtracks=max_backtracks, out=str(out), device=_device(device),
+        max_backtracks=max_backtracks, out=str(out), device=resolve_device(device),
     )
-    m, tok = _load(model, device, threads)
+    m, tok = load(model, device, threads)
     if mode == "replay":
-        s = run_replay(m, tok, cfg, steering=steering)
+        s = run_replay(m, tok, cfg, steering=st)
         rows = [(f"turn {t}", r) for t, r in s["per_turn"].items()]
         rows += [(f"refused by turn {t}", r) for t, r in s["cumulative"].items()]
-        _print_rates(f"multi-turn replay ({s['steering']}, {s['n_conversations']} conversations)", rows, f"→ {out}")
+        print_rates(f"multi-turn replay ({s['steering']}, {s['n_conversations']} conversations)", rows, f"→ {out}")
     else:
-        s = run_crescendo(m, tok, cfg, steering=steering)
-        _print_rates(f"crescendo ASR ({s['steering']}, attacker {s['attacker']})",
+        s = run_crescendo(m, tok, cfg, steering=st)
+        print_rates(f"crescendo ASR ({s['steering']}, attacker {s['attacker']})",
                      [("attack success", {**s["asr"], "n_failed": s["n_failed"]})],
                      f"mean turns {s['mean_turns']:.2f}, mean backtracks {s['mean_backtracks']:.2f} → {out}")
+
+
+@eval_app.command("capability")
+@steering_options(*EVAL_STEERING)
+def capability_cmd(
+    model: str = model_option(),
+    tasks: str = typer.Option("mmlu,truthfulqa_mc1", help="comma-separated: mmlu, truthfulqa_mc1, truthfulqa_mc2, gsm8k"),
+    limit: Optional[int] = typer.Option(100, help="questions per task (seeded subsample; MMLU stratified by subject)"),
+    mmlu_shots: int = typer.Option(0, help="MMLU exemplars from the dev split (harness format)"),
+    gsm8k_shots: int = typer.Option(4, help="GSM8K exemplars from the train split"),
+    gsm8k_max_new_tokens: int = typer.Option(192, help="greedy tokens per GSM8K answer"),
+    batch_size: int = typer.Option(8, help="sequences per forward / generation batch"),
+    seed: int = typer.Option(0, help="seed of the subsamples"),
+    data_root: Optional[Path] = typer.Option(None, help="folder with mmlu/, truthfulqa/, gsm8k/ (default: data root)"),
+    out: Optional[Path] = typer.Option(None, help="write summary.json + items.jsonl here"),
+    steering: SteeringOptions = None,  # type: ignore[assignment]  (filled by @steering_options)
+    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
+) -> None:
+    """MMLU, TruthfulQA MC1/MC2 and GSM8K in lm-eval's formats, steered or not, with 95 % intervals."""
+    from ..evals.capability import CapabilityConfig, run_capability, write_capability
+
+    st = steering.to_steering()
+    cfg = CapabilityConfig(tasks=tuple(split_list([tasks])), limit=limit, mmlu_shots=mmlu_shots,
+                           gsm8k_shots=gsm8k_shots, gsm8k_max_new_tokens=gsm8k_max_new_tokens, batch_size=batch_size,
+                           seed=seed, data_root=str(data_root) if data_root else None)
+    if data_root is not None and not data_root.is_dir():
+        raise SaesteerError(f"data root not found: {data_root}")
+    m, tok = load(model, device, threads)
+    summ, items = run_capability(m, tok, cfg, steering=st)
+    label = st.name if st is not None else "unsteered"
+    if out is not None:
+        write_capability(out, cfg, summ, items, {"model": model, "steering": label})
+    rows = [(k, v) for k, v in summ.items() if "/" not in k]
+    print_rates(f"capability ({label})", rows, f"→ {out}" if out else "")
+
+
+@eval_app.command("lm-eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+                  add_help_option=False)
+def lmeval_cmd(ctx: typer.Context) -> None:
+    """lm-evaluation-harness's CLI with the `saesteer` model registered (all lm_eval options pass through), e.g.
+    `saesteer eval lm-eval run --model saesteer --model_args pretrained=M,sae=S,feature=F,clamp=C --tasks T`."""
+    try:
+        from ..evals.lmeval import main
+    except ImportError as e:
+        raise SaesteerError(f"lm-eval is not installed ({e}); pip install 'lm-eval[hf]'") from None
+    try:
+        main(list(ctx.args))
+    except SystemExit as e:
+        if e.code not in (0, None):
+            raise

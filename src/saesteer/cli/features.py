@@ -10,7 +10,8 @@ import typer
 
 from saesteer.core import SaesteerError, ensure
 
-from ._app import DEVICE_HELP, MODEL_HELP, THREADS_HELP, app
+from ._app import app
+from .options import DEVICE_HELP, THREADS_HELP, model_option
 
 
 def _floats(s: str, what: str) -> tuple[float, ...]:
@@ -30,7 +31,6 @@ def _ints(s: str, what: str) -> tuple[int, ...]:
 def load_model_and_sae(model: str, sae: Path, device: str, threads: Optional[int], layer: Optional[int]) -> tuple:
     """Load the model and the SAE and check that they belong together; returns ``(model, tok, sae, layer)``."""
     from saesteer.core import resolve_device, set_threads
-    from saesteer.features import sae_layer
     from saesteer.models import check_layer, load_model
     from saesteer.steering import check_sae_compatible
 
@@ -44,7 +44,7 @@ def load_model_and_sae(model: str, sae: Path, device: str, threads: Optional[int
         raise SaesteerError("loading an SAE needs saesteer.sae.formats, which is not installed in this version") from None
     s = load_sae(sae)
     m, tok = load_model(model, device=resolve_device(device))
-    layer = check_layer(m, layer if layer is not None else sae_layer(s))
+    layer = check_layer(m, layer if layer is not None else s.require_layer())
     check_sae_compatible(s, m, layer)
     s.to(next(m.parameters()).device)
     return m, tok, s, layer
@@ -58,7 +58,7 @@ def _console() -> Any:
 
 @app.command("features")
 def features_cmd(
-    model: str = typer.Option("qwen2.5-coder-0.5b-instruct", help=MODEL_HELP),
+    model: str = model_option(),
     sae: Path = typer.Option(..., help="SAE folder (our format, SAELens or sparsify)"),
     out: Path = typer.Option(..., help="output folder (candidates/ranking/grid/selection JSON, cards)"),
     harmful: str = typer.Option("arditi-harmful", help="harmful prompt set (data spec)"),
@@ -131,7 +131,7 @@ def features_cmd(
 
 @app.command("inspect")
 def inspect_cmd(
-    model: str = typer.Option("qwen2.5-coder-0.5b-instruct", help=MODEL_HELP),
+    model: str = model_option(),
     sae: Path = typer.Option(..., help="SAE folder (our format, SAELens or sparsify)"),
     features: str = typer.Option(..., help="latent indices, comma-separated"),
     data: str = typer.Option(..., help="texts or prompts (data spec); prompts are chat-formatted"),
@@ -148,13 +148,13 @@ def inspect_cmd(
     """Feature cards: top contexts with token highlighting, activation histogram, promoted / suppressed tokens."""
     from saesteer.core import atomic_dir
     from saesteer.data import item_text, load_prompts
-    from saesteer.features import CardConfig, check_features, encode_sequences, feature_cards, write_cards
+    from saesteer.features import CardConfig, encode_sequences, feature_cards, write_cards
 
     feats = _ints(features, "--features")
     items = load_prompts(data, limit=limit)
     ensure(len(items) > 0, f"{data}: no texts")
     m, tok, s, layer = load_model_and_sae(model, sae, device, threads, layer)
-    check_features(s, feats)
+    s.check_features(feats)
     texts: list[Any] = []
     for it in items:  # conversations as formatted text; prompts as a chat turn (or plain text with --raw)
         t = item_text(it, tok)

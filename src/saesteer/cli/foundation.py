@@ -11,7 +11,8 @@ import typer
 
 from saesteer.core import ensure
 
-from ._app import DEVICE_HELP, MODEL_HELP, THREADS_HELP, app
+from ._app import app
+from .options import DEVICE_HELP, THREADS_HELP, model_option
 
 data_app = typer.Typer(help="Prompt sets and corpora: preview any data spec.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
@@ -41,7 +42,7 @@ def models_cmd(as_json: bool = typer.Option(False, "--json", help="print JSON in
 
 @app.command("collect")
 def collect_cmd(
-    model: str = typer.Option("qwen2.5-coder-0.5b-instruct", help=MODEL_HELP),
+    model: str = model_option(),
     layer: int = typer.Option(..., help="decoder layer whose output (residual stream) is collected"),
     data: str = typer.Option("chat-mix", help="chat-mix[:text=N,chat=N,harmful=N,harmless=N,answer=N,repeat=N] or any data spec"),
     tokens: int = typer.Option(100_000, help="activation rows to collect"),

@@ -8,9 +8,18 @@ from typing import Any, List, Optional
 
 import typer
 
-from saesteer.core import SaesteerError, ensure
+from saesteer.core import ensure
 
-from ._app import DEVICE_HELP, MODEL_HELP, THREADS_HELP, app
+from ._app import app
+from .options import (
+    DEVICE_HELP,
+    EXCLUDE_HELP,
+    THREADS_HELP,
+    SteeringOptions,
+    model_option,
+    read_exclude,
+    steering_options,
+)
 
 policy_app = typer.Typer(help="Conditional steering policies: a gate + threshold + steering config in one file.",
                          no_args_is_help=True)
@@ -21,39 +30,21 @@ def _split(values: Optional[List[str]]) -> list[str]:
     return [v.strip() for x in (values or []) for v in str(x).split(",") if v.strip()]
 
 
-def _numbers(text: Optional[str], kind: type, what: str) -> list:
-    if text is None:
-        return []
-    try:
-        return [kind(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise SaesteerError(f"{what} must be comma-separated {kind.__name__}s, got {text!r}") from None
-
-
 def _abs(p: Optional[str]) -> Optional[str]:
     return str(Path(p).expanduser().resolve()) if p else p
 
 
-def _specs(sae: Optional[Path], feature: Optional[str], clamp: Optional[str], selection: Optional[Path],
-           direction: Optional[Path], alpha: Optional[float], spec: Optional[Path]) -> list:
+def _specs(steering: SteeringOptions, selection: Optional[Path]) -> list:
+    """The policy's own steering: the steering options, with feature / clamp from a features ``selection.json``."""
     from saesteer.core import read_json
 
-    from .steer import steering_specs
-
-    feats, vals = _numbers(feature, int, "--feature"), _numbers(clamp, float, "--clamp")
     if selection is not None:
         sel = read_json(selection, "feature selection")
         ensure(isinstance(sel, dict) and "feature" in sel and "clamp" in sel,
                f"{selection}: no chosen feature/clamp (run `saesteer features` with its grid search)")
-        feats = feats or [int(sel["feature"])]
-        vals = vals or [float(sel["clamp"])]
-    if sae is not None:
-        from saesteer.sae.archs.hookpoints import sae_path_exists
-
-        ensure(sae_path_exists(sae), f"SAE not found: {sae}")
-    if direction is not None:
-        ensure(Path(direction).exists(), f"direction file not found: {direction}")
-    specs = steering_specs(sae=sae, feature=feats, clamp=vals, alpha=alpha, direction=direction, spec=spec)
+        steering.feature = steering.feature or [str(int(sel["feature"]))]
+        steering.clamp = steering.clamp or [str(float(sel["clamp"]))]
+    specs = steering.specs()
     ensure(len(specs) > 0, "no steering given: use --sae/--feature/--clamp, --selection, --direction or --spec")
     for s in specs:  # policies are used from other folders: store absolute paths
         s.sae, s.direction = _abs(s.sae), _abs(s.direction)
@@ -61,16 +52,12 @@ def _specs(sae: Optional[Path], feature: Optional[str], clamp: Optional[str], se
 
 
 @policy_app.command("fit")
+@steering_options("sae", "feature", "clamp", "alpha", "direction", "spec")
 def fit_cmd(
     out: Path = typer.Option(..., help="policy file to write (JSON)"),
-    model: str = typer.Option("qwen2.5-coder-0.5b-instruct", help=MODEL_HELP),
-    sae: Optional[Path] = typer.Option(None, help="SAE folder whose feature(s) the policy clamps"),
-    feature: Optional[str] = typer.Option(None, help="SAE latent(s) to clamp, comma-separated"),
-    clamp: Optional[str] = typer.Option(None, help="clamp value(s) in latent units (one, or one per feature)"),
+    model: str = model_option(),
+    steering: SteeringOptions = None,  # type: ignore[assignment]  (the policy's steering; @steering_options)
     selection: Optional[Path] = typer.Option(None, help="selection.json of `saesteer features` (feature + clamp)"),
-    direction: Optional[Path] = typer.Option(None, help="refusal-direction file to add instead (saesteer direction)"),
-    alpha: Optional[float] = typer.Option(None, help="coefficient of the added direction / SAE latent"),
-    spec: Optional[Path] = typer.Option(None, help="steering spec JSON (instead of / besides the options above)"),
     gate: str = typer.Option("probe", help="sae | probe | cast | always (unconditional); several comma-separated "
                               "share one residual collection (then --out needs {gate})"),
     gate_layer: Optional[int] = typer.Option(None, help="layer the gate reads (default: the steering layer)"),
@@ -110,7 +97,7 @@ def fit_cmd(
     from saesteer.gating import PolicyFitConfig, fit_policy, policy_summary
     from saesteer.models import load_model
 
-    specs = _specs(sae, feature, clamp, selection, direction, alpha, spec)
+    specs = _specs(steering, selection)
     ensure(0.0 <= fpr <= 1.0, f"--fpr must be in [0, 1], got {fpr}")
     kinds = _split([gate])
     ensure(len(kinds) > 0, "--gate is empty")
@@ -163,7 +150,7 @@ def show_cmd(
 def compare_cmd(
     out: Path = typer.Option(..., help="output folder (results.jsonl, table.md, table.html, pareto.png)"),
     policies: List[str] = typer.Option([], help="policy files, comma-separated or repeated"),
-    model: str = typer.Option("qwen2.5-coder-0.5b-instruct", help=MODEL_HELP),
+    model: str = model_option(),
     unsteered: bool = typer.Option(True, help="include the unsteered model"),
     unsafe: List[str] = typer.Option(["xstest:unsafe,advbench:test,jbb-harmful"], help="harmful prompt sets"),
     safe: List[str] = typer.Option(["xstest:safe,jbb-benign"], help="safe prompt sets (over-refusal)"),
@@ -176,7 +163,7 @@ def compare_cmd(
     capability: List[str] = typer.Option(["mmlu,truthfulqa_mc1,gsm8k"], help="capability tasks ('' = none)"),
     capability_limit: Optional[int] = typer.Option(100, help="questions per MMLU / TruthfulQA task"),
     gsm8k_limit: Optional[int] = typer.Option(30, help="GSM8K questions"),
-    exclude: Optional[Path] = typer.Option(None, help="JSON of prompt ids to hold out (e.g. a features selection.json)"),
+    exclude: Optional[Path] = typer.Option(None, help=EXCLUDE_HELP),
     batch_size: int = typer.Option(16, help="prompts per batch"),
     seed: int = typer.Option(0, help="seed of every subsample"),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
@@ -194,29 +181,12 @@ def compare_cmd(
                         limit=limit or None, max_new_tokens=max_new_tokens, judge=judge, multiturn=multiturn,
                         multiturn_limit=multiturn_limit or None, max_turns=max_turns, capability=_split(capability),
                         capability_limit=capability_limit or None, gsm8k_limit=gsm8k_limit or None,
-                        exclude_ids=_exclude_ids(exclude), batch_size=batch_size, seed=seed)
-    from saesteer.experiments.compare import _conditions
+                        exclude_ids=read_exclude(exclude), batch_size=batch_size, seed=seed)
+    from saesteer.experiments import policy_conditions
 
-    _conditions(cfg)  # validate every policy file before loading the model
+    policy_conditions(cfg)  # validate every policy file before loading the model
     set_threads(threads)
     m, tok = load_model(model, device=resolve_device(device))
     run_compare(m, tok, cfg, say=lambda s: typer.echo(s, err=True))
     typer.echo((out / "table.md").read_text())
     typer.echo(f"wrote {out}/table.md, table.html, pareto.png, goals.json, results.jsonl")
-
-
-def _exclude_ids(path: Optional[Path]) -> list[str]:
-    if path is None:
-        return []
-    from saesteer.core import read_json
-
-    obj = read_json(path, "id list")
-    if isinstance(obj, dict) and isinstance(obj.get("prompts_used"), dict):  # features selection.json
-        recs = [r for rs in obj["prompts_used"].values() for r in rs if isinstance(r, dict) and "id" in r]
-        from saesteer.gating import text_key
-
-        out = [f"{r.get('spec')}/{r['id']}" for r in recs]
-        out += [f"{r.get('spec')}:{r.get('split')}/{r['id']}" for r in recs if r.get("split")]
-        return out + [f"text:{text_key(r['prompt'])}" for r in recs if r.get("prompt")]
-    ensure(isinstance(obj, list), f"{path}: expected a JSON list of ids or a features selection.json")
-    return [str(i) for i in obj]

@@ -11,7 +11,8 @@ import typer
 
 from saesteer.core import ensure
 
-from ._app import DEVICE_HELP, MODEL_HELP, THREADS_HELP, app
+from ._app import app
+from .options import DEVICE_HELP, MODEL_HELP, THREADS_HELP
 
 sae_app = typer.Typer(help="SAE files: export to / import from SAELens and sparsify, show a config.",
                       no_args_is_help=True)

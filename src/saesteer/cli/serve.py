@@ -3,26 +3,23 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import typer
 
 from saesteer.core import ensure
+from saesteer.models import DEFAULT_MODEL
 
-from ._app import DEVICE_HELP, MODEL_HELP, THREADS_HELP, app
+from ._app import app
+from .options import DEVICE_HELP, MODEL_HELP, THREADS_HELP, SteeringOptions, steering_options
 
 
 @app.command()
+@steering_options("sae", "feature", "clamp", "alpha", "direction", "layer", "spec")
 def serve(
-    model: str = typer.Option("qwen2.5-coder-0.5b-instruct", "--model", "-m", help=MODEL_HELP),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help=MODEL_HELP),
     policy: Optional[Path] = typer.Option(None, help="policy file (conditional steering) served as NAME+<file stem>"),
-    sae: Optional[Path] = typer.Option(None, help="SAE folder for --feature / --clamp (served as NAME+refusal-clamp)"),
-    feature: Optional[List[int]] = typer.Option(None, help="SAE latent(s) to steer (repeatable)"),
-    clamp: Optional[List[float]] = typer.Option(None, help="clamp value per --feature (latent units)"),
-    alpha: Optional[float] = typer.Option(None, help="add alpha × the latent / direction instead of clamping"),
-    direction: Optional[Path] = typer.Option(None, help="refusal-direction file to add (with --alpha)"),
-    layer: Optional[int] = typer.Option(None, help="steering layer (default: the SAE's / direction's)"),
-    spec: Optional[Path] = typer.Option(None, help="steering spec JSON (saesteer.steering.interventions.SteeringSpec list)"),
+    steering: SteeringOptions = None,  # type: ignore[assignment]  (served as NAME+refusal-clamp; @steering_options)
     steer_name: Optional[str] = typer.Option(None, "--steer-name", help="suffix of the steered model name"),
     base_name: str = typer.Option("default", "--base-name", help="name of the unsteered model in /v1/models"),
     host: str = typer.Option("127.0.0.1", help="interface to listen on (keep loopback unless you add --api-key)"),
@@ -42,17 +39,14 @@ def serve(
     from saesteer.models import load_model
     from saesteer.serve import ServeConfig, run_server, served_models
 
-    from .steer import steering_specs
-
     ensure(1 <= port <= 65535, f"--port must be in 1..65535, got {port}")
     ensure(max_batch >= 1 and max_queue >= 1 and max_tokens_limit >= 1, "--max-batch/--max-queue/--max-tokens-limit must be >= 1")
-    specs = steering_specs(sae=sae, feature=feature, clamp=clamp, alpha=alpha, direction=direction, layer=layer,
-                           spec=spec)
+    specs = steering.specs()
     if policy is not None:
         ensure(policy.exists(), f"policy file not found: {policy}")
     set_threads(threads)
     m, tok = load_model(model, device=resolve_device(device))
-    name = steer_name or ("refusal-clamp" if sae is not None and clamp else None)
+    name = steer_name or ("refusal-clamp" if steering.sae is not None and steering.clamp else None)
     served = served_models(m, base=base_name, policy=str(policy) if policy else None,
                            specs=[s.to_dict() for s in specs] or None, steer_name=name)
     cfg = ServeConfig(host=host, port=port, api_key=api_key, max_batch=max_batch, max_queue=max_queue,

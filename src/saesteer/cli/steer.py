@@ -10,54 +10,8 @@ import typer
 
 from saesteer.core import SaesteerError, ensure
 
-from ._app import DEVICE_HELP, MODEL_HELP, THREADS_HELP, app
-
-_DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
-
-
-def steering_specs(sae: Optional[Path] = None, feature: Optional[List[int]] = None,
-                   clamp: Optional[List[float]] = None, alpha: Optional[float] = None,
-                   direction: Optional[Path] = None, ablate_direction: bool = False, layer: Optional[int] = None,
-                   positions: str = "all", spec: Optional[Path] = None) -> list:
-    """The steering the CLI options describe, as :class:`~saesteer.steering.interventions.SteeringSpec` objects."""
-    from saesteer.steering import SteeringSpec, load_specs
-
-    feature, clamp = list(feature or []), list(clamp or [])
-    specs = list(load_specs(spec)) if spec is not None else []
-    if sae is not None:
-        ensure(bool(feature), "--sae needs at least one --feature")
-        if clamp:
-            specs.append(SteeringSpec(kind="clamp", sae=str(sae), features=feature, values=clamp, layer=layer,
-                                      positions=positions))
-        else:
-            ensure(alpha is not None and len(feature) == 1,
-                   "with --sae give --clamp C (per feature) or --alpha A with one --feature")
-            specs.append(SteeringSpec(kind="add", sae=str(sae), features=feature, alpha=alpha, layer=layer,
-                                      positions=positions))
-    else:
-        ensure(not feature and not clamp, "--feature / --clamp need --sae")
-    if direction is not None:
-        if ablate_direction:
-            specs.append(SteeringSpec(kind="ablate_direction", direction=str(direction), layer=layer,
-                                      positions=positions))
-        else:
-            specs.append(SteeringSpec(kind="add", direction=str(direction), alpha=1.0 if alpha is None else alpha,
-                                      layer=layer, positions=positions))
-    else:
-        ensure(not ablate_direction, "--ablate-direction needs --direction")
-    return specs
-
-
-def steering_context(model: Any, interventions: list, policy: Optional[Path]) -> Any:
-    """``steer(model, interventions)``, or the gated policy's ``apply`` when ``--policy`` is given."""
-    from saesteer.steering import steer
-
-    if policy is None:
-        return steer(model, interventions)
-    ensure(not interventions, "--policy carries its own steering: drop the other steering options")
-    from saesteer.gating import Policy
-
-    return Policy.load(policy).apply(model)
+from ._app import app
+from .options import DEVICE_HELP, THREADS_HELP, SteeringOptions, model_option, steering_options
 
 
 def _load(model: str, device: str, threads: Optional[int]) -> tuple[Any, Any]:
@@ -70,57 +24,23 @@ def _load(model: str, device: str, threads: Optional[int]) -> tuple[Any, Any]:
 
 def run_generation(model: Any, tok: Any, prompts: list, max_new_tokens: int, system: Optional[str] = None,
                    batch_size: int = 8) -> list[str]:
-    """Greedy completions with whatever hooks are on the model (``saesteer.generation.decode`` when installed)."""
-    try:
-        from saesteer.generation import GenerationConfig, generate
-    except ModuleNotFoundError as e:
-        if e.name != "saesteer.generation.decode":
-            raise
-        return _hf_generate(model, tok, prompts, max_new_tokens, system)
+    """Greedy completions with whatever hooks are on the model."""
+    from saesteer.generation import GenerationConfig, generate
+
     return generate(model, tok, prompts, GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size,
                                                           system=system))
 
 
-def _hf_generate(model: Any, tok: Any, prompts: list, max_new_tokens: int, system: Optional[str]) -> list[str]:
-    import torch
-
-    from saesteer.models import format_chat
-
-    texts = [format_chat(tok, p, system=system) for p in prompts]
-    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(next(model.parameters()).device)
-    with torch.inference_mode():
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-    return tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-
-
-_STEER_OPTS = dict(
-    sae=typer.Option(None, help="SAE folder (our format, SAELens or sparsify)"),
-    feature=typer.Option(None, "--feature", "-f", help="SAE latent index (repeat for several)"),
-    clamp=typer.Option(None, "--clamp", "-c", help="clamp value in latent units (one, or one per --feature)"),
-    alpha=typer.Option(None, help="activation-addition coefficient (for --direction, or one --feature without --clamp)"),
-    direction=typer.Option(None, help="refusal direction file from `saesteer direction`"),
-    ablate_direction=typer.Option(False, "--ablate-direction", help="project --direction out at every layer"),
-    layer=typer.Option(None, help="layer to steer (default: the SAE's / direction's layer)"),
-    positions=typer.Option("all", help="all / prompt / generated"),
-    spec=typer.Option(None, help="steering spec JSON (one spec, a list, or {\"steering\": [...]})"),
-    policy=typer.Option(None, help="steering policy file (gate + steering, from `saesteer policy`)"),
-)
+_GEN_STEERING = ("sae", "feature", "clamp", "alpha", "direction", "ablate_direction", "layer", "positions", "spec",
+                 "policy")
 
 
 @app.command("generate")
+@steering_options(*_GEN_STEERING, short=True)
 def generate_cmd(
     prompts: List[str] = typer.Argument(..., help="prompt(s) to answer"),
-    model: str = typer.Option(_DEFAULT_MODEL, help=MODEL_HELP),
-    sae: Optional[Path] = _STEER_OPTS["sae"],
-    feature: Optional[List[int]] = _STEER_OPTS["feature"],
-    clamp: Optional[List[float]] = _STEER_OPTS["clamp"],
-    alpha: Optional[float] = _STEER_OPTS["alpha"],
-    direction: Optional[Path] = _STEER_OPTS["direction"],
-    ablate_direction: bool = _STEER_OPTS["ablate_direction"],
-    layer: Optional[int] = _STEER_OPTS["layer"],
-    positions: str = _STEER_OPTS["positions"],
-    spec: Optional[Path] = _STEER_OPTS["spec"],
-    policy: Optional[Path] = _STEER_OPTS["policy"],
+    model: str = model_option(),
+    steering: SteeringOptions = None,  # type: ignore[assignment]  (filled by @steering_options)
     compare: bool = typer.Option(False, "--compare", help="also print the unsteered answer"),
     max_new_tokens: int = typer.Option(64, help="tokens to generate per answer"),
     system: Optional[str] = typer.Option(None, help="system prompt"),
@@ -129,13 +49,13 @@ def generate_cmd(
     device: str = typer.Option("cpu", help=DEVICE_HELP),
 ) -> None:
     """Answer prompts greedily with SAE-feature or refusal-direction steering (no steering options: plain model)."""
-    from saesteer.steering import build_all
+    from saesteer.steering import as_steering
 
     ensure(max_new_tokens > 0, "--max-new-tokens must be positive")
-    specs = steering_specs(sae, feature, clamp, alpha, direction, ablate_direction, layer, positions, spec)
+    st = as_steering(steering.to_steering())
+    specs = st.specs
     m, tok = _load(model, device, threads)
-    ivs = build_all(specs, m)
-    with steering_context(m, ivs, policy):
+    with st.context(m):
         steered = run_generation(m, tok, list(prompts), max_new_tokens, system)
     plain = run_generation(m, tok, list(prompts), max_new_tokens, system) if compare else None
     for i, p in enumerate(prompts):
@@ -151,18 +71,10 @@ def generate_cmd(
 
 
 @app.command("chat")
+@steering_options(*_GEN_STEERING, short=True)
 def chat_cmd(
-    model: str = typer.Option(_DEFAULT_MODEL, help=MODEL_HELP),
-    sae: Optional[Path] = _STEER_OPTS["sae"],
-    feature: Optional[List[int]] = _STEER_OPTS["feature"],
-    clamp: Optional[List[float]] = _STEER_OPTS["clamp"],
-    alpha: Optional[float] = _STEER_OPTS["alpha"],
-    direction: Optional[Path] = _STEER_OPTS["direction"],
-    ablate_direction: bool = _STEER_OPTS["ablate_direction"],
-    layer: Optional[int] = _STEER_OPTS["layer"],
-    positions: str = _STEER_OPTS["positions"],
-    spec: Optional[Path] = _STEER_OPTS["spec"],
-    policy: Optional[Path] = _STEER_OPTS["policy"],
+    model: str = model_option(),
+    steering: SteeringOptions = None,  # type: ignore[assignment]  (filled by @steering_options)
     side_by_side: bool = typer.Option(False, "--side-by-side", help="show steered and unsteered answers together"),
     max_new_tokens: int = typer.Option(128, help="tokens per answer"),
     system: Optional[str] = typer.Option(None, help="system prompt"),
@@ -174,15 +86,13 @@ def chat_cmd(
     from rich.panel import Panel
     from rich.table import Table
 
-    from saesteer.steering import build_all
+    from saesteer.steering import as_steering
 
     ensure(max_new_tokens > 0, "--max-new-tokens must be positive")
-    specs = steering_specs(sae, feature, clamp, alpha, direction, ablate_direction, layer, positions, spec)
+    st = as_steering(steering.to_steering())
     m, tok = _load(model, device, threads)
-    ivs = build_all(specs, m)
     con = Console()
-    label = ", ".join(f"{s.kind}" + (f" {s.features}" if s.features else "") for s in specs) or (
-        f"policy {policy}" if policy else "none")
+    label = st.name if (st.specs or st.policy is not None) else "none"
     con.print(f"[bold]saesteer chat[/] · {model} · steering: {label} · /reset, /exit")
     hist_s: list[dict[str, str]] = []
     hist_u: list[dict[str, str]] = []
@@ -201,11 +111,11 @@ def chat_cmd(
             con.print("[dim]history cleared[/]")
             continue
         hist_s.append({"role": "user", "content": text})
-        with steering_context(m, ivs, policy):
+        with st.context(m):
             ans_s = run_generation(m, tok, [hist_s], max_new_tokens, system, batch_size=1)[0]
         hist_s.append({"role": "assistant", "content": ans_s})
         if not side_by_side:
-            con.print(Panel(ans_s, title="steered" if ivs or policy else "model", title_align="left"))
+            con.print(Panel(ans_s, title="steered" if st.specs or st.policy is not None else "model", title_align="left"))
             continue
         hist_u.append({"role": "user", "content": text})
         ans_u = run_generation(m, tok, [hist_u], max_new_tokens, system, batch_size=1)[0]
@@ -241,7 +151,7 @@ def _split_prompts(spec: str, n_train: int, n_val: int, seed: int) -> tuple[list
 @app.command("direction")
 def direction_cmd(
     out: Path = typer.Option(..., help="output file (.safetensors; a .json sidecar is written next to it)"),
-    model: str = typer.Option(_DEFAULT_MODEL, help=MODEL_HELP),
+    model: str = model_option(),
     harmful: str = typer.Option("arditi-harmful", help="harmful prompt set (data spec)"),
     harmless: str = typer.Option("arditi-harmless", help="harmless prompt set (data spec)"),
     n_train: int = typer.Option(64, help="prompts per class for the means"),

@@ -1,4 +1,4 @@
-"""``saesteer eval capability``, ``saesteer eval lm-eval``, ``saesteer sweep`` and ``saesteer report``."""
+"""``saesteer sweep`` and ``saesteer report``."""
 
 from __future__ import annotations
 
@@ -9,21 +9,9 @@ import typer
 
 from saesteer.core import SaesteerError
 
-from ._app import DEVICE_HELP, MODEL_HELP, THREADS_HELP, app, eval_app
-from .evals import (
-    ALPHA_OPT,
-    CLAMP_OPT,
-    DIRECTION_OPT,
-    FEATURE_OPT,
-    NAME_OPT,
-    POLICY_OPT,
-    SAE_OPT,
-    SPEC_OPT,
-    _load,
-    _print_rates,
-    _split_list,
-    steering_from_options,
-)
+from ._app import app
+from .common import split_list
+from .options import DEVICE_HELP, THREADS_HELP, model_option
 
 
 def _floats(s: Optional[str], what: str) -> list[float]:
@@ -44,62 +32,10 @@ def _ints(s: Optional[str], what: str) -> list[int]:
         raise SaesteerError(f"{what} must be comma-separated integers, got {s!r}") from None
 
 
-@eval_app.command("capability")
-def capability_cmd(
-    model: str = typer.Option("qwen2.5-coder-0.5b-instruct", help=MODEL_HELP),
-    tasks: str = typer.Option("mmlu,truthfulqa_mc1", help="comma-separated: mmlu, truthfulqa_mc1, truthfulqa_mc2, gsm8k"),
-    limit: Optional[int] = typer.Option(100, help="questions per task (seeded subsample; MMLU stratified by subject)"),
-    mmlu_shots: int = typer.Option(0, help="MMLU exemplars from the dev split (harness format)"),
-    gsm8k_shots: int = typer.Option(4, help="GSM8K exemplars from the train split"),
-    gsm8k_max_new_tokens: int = typer.Option(192, help="greedy tokens per GSM8K answer"),
-    batch_size: int = typer.Option(8, help="sequences per forward / generation batch"),
-    seed: int = typer.Option(0, help="seed of the subsamples"),
-    data_root: Optional[Path] = typer.Option(None, help="folder with mmlu/, truthfulqa/, gsm8k/ (default: data root)"),
-    out: Optional[Path] = typer.Option(None, help="write summary.json + items.jsonl here"),
-    sae: Optional[Path] = SAE_OPT, feature: Optional[str] = FEATURE_OPT, clamp: Optional[str] = CLAMP_OPT,
-    direction: Optional[Path] = DIRECTION_OPT, alpha: float = ALPHA_OPT, spec: Optional[Path] = SPEC_OPT,
-    policy: Optional[Path] = POLICY_OPT, name: Optional[str] = NAME_OPT,
-    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
-    device: str = typer.Option("cpu", help=DEVICE_HELP),
-) -> None:
-    """MMLU, TruthfulQA MC1/MC2 and GSM8K in lm-eval's formats, steered or not, with 95 % intervals."""
-    from ..evals.capability import CapabilityConfig, run_capability, write_capability
-
-    steering = steering_from_options(sae, feature, clamp, direction, alpha, spec, policy, name)
-    cfg = CapabilityConfig(tasks=tuple(_split_list([tasks])), limit=limit, mmlu_shots=mmlu_shots,
-                           gsm8k_shots=gsm8k_shots, gsm8k_max_new_tokens=gsm8k_max_new_tokens, batch_size=batch_size,
-                           seed=seed, data_root=str(data_root) if data_root else None)
-    if data_root is not None and not data_root.is_dir():
-        raise SaesteerError(f"data root not found: {data_root}")
-    m, tok = _load(model, device, threads)
-    summ, items = run_capability(m, tok, cfg, steering=steering)
-    label = steering.name if steering is not None else "unsteered"
-    if out is not None:
-        write_capability(out, cfg, summ, items, {"model": model, "steering": label})
-    rows = [(k, v) for k, v in summ.items() if "/" not in k]
-    _print_rates(f"capability ({label})", rows, f"→ {out}" if out else "")
-
-
-@eval_app.command("lm-eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-                  add_help_option=False)
-def lmeval_cmd(ctx: typer.Context) -> None:
-    """lm-evaluation-harness's CLI with the `saesteer` model registered (all lm_eval options pass through), e.g.
-    `saesteer eval lm-eval run --model saesteer --model_args pretrained=M,sae=S,feature=F,clamp=C --tasks T`."""
-    try:
-        from ..evals.lmeval import main
-    except ImportError as e:
-        raise SaesteerError(f"lm-eval is not installed ({e}); pip install 'lm-eval[hf]'") from None
-    try:
-        main(list(ctx.args))
-    except SystemExit as e:
-        if e.code not in (0, None):
-            raise
-
-
 @app.command("sweep")
 def sweep_cmd(
     out: Path = typer.Option(..., help="run folder (results.jsonl, conditions/, report/); re-running resumes"),
-    model: str = typer.Option("qwen2.5-coder-0.5b-instruct", help=MODEL_HELP),
+    model: str = model_option(),
     sae: Optional[Path] = typer.Option(None, help="SAE folder whose latents are clamped"),
     features_dir: Optional[Path] = typer.Option(None, help="`saesteer features` output: chosen feature, control, "
                                                 "max activations, prompts to hold out"),
@@ -136,8 +72,8 @@ def sweep_cmd(
         features=_ints(feature, "--feature"), clamps=_floats(clamps, "--clamps"), relative_clamps=_floats(relative, "--relative"),
         control=control, control_clamps=_floats(control_clamps, "--control-clamps") if control_clamps else None,
         direction=str(direction) if direction else None, alphas=_floats(alphas, "--alphas"),
-        unsafe=_split_list([unsafe]), safe=_split_list([safe]), refusal_limit=limit, max_new_tokens=max_new_tokens,
-        capability_tasks=_split_list([capability]), capability_limit=cap_limit, gsm8k_limit=gsm8k_limit,
+        unsafe=split_list([unsafe]), safe=split_list([safe]), refusal_limit=limit, max_new_tokens=max_new_tokens,
+        capability_tasks=split_list([capability]), capability_limit=cap_limit, gsm8k_limit=gsm8k_limit,
         mmlu_shots=mmlu_shots, batch_size=batch_size, seed=seed, device=device,
     )
     from saesteer.core import set_threads

@@ -3,7 +3,7 @@ the benchmark files the capability evals read.
 """
 
 from .chatmix import MixDoc, chat_mix  # noqa: F401
-from .fetch import FetchResult, fetch_sets  # noqa: F401
+from .fetch import FetchResult, fetch_on_demand, fetch_sets, resolve_file  # noqa: F401
 from .prompts import (  # noqa: F401
     PromptItem,
     data_root,
@@ -19,7 +19,6 @@ from .sources import (  # noqa: F401
     find_file,
     get_set,
     list_sets,
-    resolve_file,
     search_roots,
     user_data_dir,
 )

@@ -23,7 +23,17 @@ from pathlib import Path
 
 from saesteer.core import SaesteerError, ensure
 
-from .sources import REGISTRY, DataFile, DataSet, Source, get_set, user_data_dir
+from .sources import (
+    REGISTRY,
+    DataFile,
+    DataSet,
+    Source,
+    find_file,
+    get_set,
+    search_roots,
+    set_for_path,
+    user_data_dir,
+)
 
 STAGING = ".saesteer-downloads"
 _PROGRESS_MIN = 1 << 20  # show a progress bar from 1 MiB
@@ -243,3 +253,34 @@ def fetch_sets(names: list[str] | None = None, *, dest: str | os.PathLike | None
             status, how = fetch_file(f, dest_p, force=force, progress=progress)
             out.append(FetchResult(ds.name, f.path, status, how))
     return out
+
+
+# --------------------------------------------------------------------------------------------- resolution
+def fetch_on_demand() -> bool:
+    """``SAESTEER_FETCH`` is set to 1 / true / yes."""
+    return os.environ.get("SAESTEER_FETCH", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def resolve_file(set_name: str | None, rel: str, *, fetch: bool | None = None) -> Path:
+    """The path of data file ``rel`` (relative to a data root), searched in resolution order.
+
+    ``set_name`` names the set for the error message and for fetching (default: the set that owns ``rel``). When the
+    file is nowhere, ``fetch`` (default: ``SAESTEER_FETCH``) fetches the set into the user data dir; otherwise a
+    :class:`SaesteerError` names ``saesteer data fetch NAME``."""
+    rel = Path(rel).as_posix()
+    found = find_file(rel)
+    if found is not None:
+        return found[1]
+    ds = get_set(set_name) if set_name else set_for_path(rel)
+    name = ds.name if ds else None
+    if fetch is None:
+        fetch = fetch_on_demand()
+    if fetch and ds is not None:
+        fetch_sets([ds.name])
+        found = find_file(rel)
+        if found is not None:
+            return found[1]
+    where = ", ".join(f"{o}={r}" for o, r in search_roots())
+    hint = (f"run `saesteer data fetch {name}` (or set SAESTEER_FETCH=1, or SAESTEER_DATA=DIR)" if name
+            else "set SAESTEER_DATA=DIR")
+    raise SaesteerError(f"data set {name or rel!r} not found (looked for {rel} under {where}); {hint}")

@@ -29,7 +29,8 @@ from typing import Any, Callable
 
 from saesteer.core import SaesteerError, ensure
 
-from .sources import resolve_file, search_roots
+from .fetch import resolve_file
+from .sources import search_roots
 
 Message = dict[str, str]
 

@@ -64,13 +64,10 @@ from .multiturn import (  # noqa: F401
 )
 from .refusal import (  # noqa: F401
     RefusalEvalConfig,
-    Steering,
-    as_steering,
     generate_answers,
     load_subsets,
     rate_over_decided,
     run_refusal_eval,
-    spec_name,
     summarize,
     user_text,
     write_results,

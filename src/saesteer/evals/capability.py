@@ -208,7 +208,7 @@ def steering_context(model: Any, steering: Any) -> contextlib.AbstractContextMan
     SteeringSpec(s), interventions, a policy), or a zero-argument callable returning a context manager."""
     if callable(steering) and not hasattr(steering, "apply") and not isinstance(steering, (list, tuple)):
         return steering()
-    from .refusal import as_steering
+    from saesteer.steering import as_steering
 
     return as_steering(steering).context(model)
 

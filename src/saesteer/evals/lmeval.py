@@ -38,35 +38,25 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from saesteer.core import SaesteerError, ensure, resolve_device
-
-
-def _commas(v: Any) -> str | None:
-    if v is None or v == "":
-        return None
-    if isinstance(v, (list, tuple)):
-        return ",".join(str(x) for x in v)
-    return str(v).replace("+", ",").replace(";", ",")
+from saesteer.models import DEFAULT_MODEL
 
 
 def steering_from_args(
     sae: str | None = None, feature: Any = None, clamp: Any = None, direction: str | None = None,
     alpha: Any = None, spec: str | None = None, policy: str | None = None, layer: Any = None,
 ) -> Any:
-    """Build a ``refusal.Steering`` from lm-eval style model_args (None when nothing asks for steering), through the
-    same code as the eval commands' ``--sae/--feature/--clamp/--direction/--alpha/--spec/--policy`` options."""
-    from ..cli.evals import steering_from_options
+    """A :class:`saesteer.steering.Steering` from lm-eval style model_args (None when nothing asks for steering),
+    through the same translator as every command's steering options (:func:`saesteer.gating.steering_from_options`;
+    lists may be written ``1+2`` since model_args are comma-separated)."""
+    from saesteer.gating import steering_from_options
 
-    if sae is None and (feature not in (None, "") or clamp not in (None, "")):
+    if not sae and (feature not in (None, "") or clamp not in (None, "")):
         raise SaesteerError("SAE steering needs sae=PATH, feature=F and clamp=C together")
-    st = steering_from_options(
-        Path(sae) if sae else None, _commas(feature), _commas(clamp), Path(direction) if direction else None,
-        float(alpha) if alpha not in (None, "") else 1.0, Path(spec) if spec else None,
-        Path(policy) if policy else None,
+    return steering_from_options(
+        sae=sae or None, feature=feature, clamp=clamp, direction=direction or None,
+        alpha=float(alpha) if alpha not in (None, "") else None, spec=spec or None, policy=policy or None,
+        layer=int(layer) if layer not in (None, "") else None,
     )
-    if st is not None and layer not in (None, ""):
-        for s in st.specs:
-            s.layer = int(layer)
-    return st
 
 
 @register_model("saesteer")
@@ -74,7 +64,7 @@ class SaesteerLM(HFLM):
     """HFLM whose forwards and generations run under saesteer steering (see the module docstring)."""
 
     def __init__(
-        self, pretrained: Any = "qwen2.5-coder-0.5b-instruct", sae: str | None = None, feature: Any = None,
+        self, pretrained: Any = DEFAULT_MODEL, sae: str | None = None, feature: Any = None,
         clamp: Any = None, direction: str | None = None, alpha: Any = None, spec: str | None = None,
         policy: str | None = None, layer: Any = None, device: str | None = "cpu", dtype: Any = "float32",
         tokenizer: Any = None, steering: Any = None, **kwargs: Any,

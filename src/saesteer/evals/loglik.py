@@ -8,7 +8,7 @@ keeping their last ``max_length + 1`` tokens, float32 log-softmax. Three executi
 1. **single-token choices** (MMLU's ``" A"`` … ``" D"``): ONE forward of the context, the candidates read at its last
    position;
 2. **shared prefix** (TruthfulQA's answers after a long primer): the context runs once with a KV cache, the cache is
-   repeated per choice (``Cache.reorder_cache``; live steering row states follow through ``steering.select_rows``),
+   repeated per choice (``Cache.reorder_cache``; live steering row states follow through ``models.hooks.select_rows``),
    and only the continuation tokens run for each choice;
 3. **one sequence per choice** ``(ctx + cont)[:-1]`` otherwise (truncation needed, one choice, or steering that
    distinguishes prompt from generated positions, which a cached continuation would change).

@@ -28,8 +28,9 @@ from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 from saesteer.core import ensure, rate_summary
+from saesteer.steering import Steering, as_steering
 
-from .refusal import Steering, as_steering, generate_answers, rate_over_decided, write_results
+from .refusal import generate_answers, rate_over_decided, write_results
 
 
 @dataclass

@@ -22,16 +22,16 @@ decisions are logged per item when it exposes ``last_decisions``).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import random
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
-from saesteer.core import SaesteerError, atomic_dir, atomic_write_json, ensure, rate_summary
+from saesteer.core import atomic_dir, atomic_write_json, ensure, rate_summary
+from saesteer.steering import Steering, as_steering
 
 
 @dataclass
@@ -66,69 +66,6 @@ class RefusalEvalConfig:
     """Device for a local judge model (the evaluated model stays where it is)."""
     progress: bool = True
     """Show progress on stderr."""
-
-
-@dataclass
-class Steering:
-    """A named steering config for evals: SAE / direction specs, or a policy object (``.apply(model)``)."""
-
-    name: str = "unsteered"
-    """Recorded on every item (e.g. ``clamp f981=6``)."""
-    specs: list[Any] = field(default_factory=list)
-    """:class:`saesteer.steering.interventions.SteeringSpec` objects (built against the model on entry)."""
-    interventions: list[Any] = field(default_factory=list)
-    """Ready-made interventions (``steering.Clamp`` ...)."""
-    policy: Any = None
-    """A conditional-steering policy: ``policy.apply(model)`` is a context manager."""
-
-    @property
-    def gated(self) -> bool:
-        return self.policy is not None
-
-    @contextlib.contextmanager
-    def context(self, model: Any) -> Iterator[Any]:
-        with contextlib.ExitStack() as stack:
-            ivs = list(self.interventions)
-            if self.specs:
-                from saesteer.steering import build_all
-
-                ivs += build_all(self.specs, model)
-            if ivs:
-                from saesteer.steering import steer
-
-                stack.enter_context(steer(model, ivs))
-            if self.policy is not None:
-                stack.enter_context(self.policy.apply(model))
-            yield self
-
-
-def as_steering(steering: Any) -> Steering:
-    """Normalise what callers pass as ``steering`` into a :class:`Steering`."""
-    if steering is None:
-        return Steering()
-    if isinstance(steering, Steering):
-        return steering
-    if hasattr(steering, "apply") and callable(steering.apply):
-        return Steering(name=str(getattr(steering, "name", None) or "policy"), policy=steering)
-    items = list(steering) if isinstance(steering, (list, tuple)) else [steering]
-    from saesteer.steering import Intervention, SteeringSpec
-
-    if all(isinstance(s, SteeringSpec) for s in items):
-        return Steering(name=" + ".join(spec_name(s) for s in items), specs=items)
-    if all(isinstance(s, Intervention) for s in items):
-        return Steering(name=" + ".join(type(s).__name__.lower() for s in items), interventions=items)
-    raise SaesteerError(f"cannot steer with {type(steering).__name__}: pass specs, interventions or a policy")
-
-
-def spec_name(s: Any) -> str:
-    """A short human name for a SteeringSpec (``clamp f981=6``, ``add dir x2``)."""
-    if s.kind == "clamp":
-        return "clamp " + ",".join(f"f{f}={v:g}" for f, v in zip(s.features, s.values * len(s.features)))
-    if s.kind in ("add", "ablate_direction") and s.direction:
-        return f"{s.kind} {Path(s.direction).stem}" + (f" x{s.alpha:g}" if s.kind == "add" else "")
-    if s.kind == "scale":
-        return "scale " + ",".join(f"f{f}" for f in s.features) + f" x{s.factor:g}"
-    return f"{s.kind} " + ",".join(f"f{f}" for f in s.features) + (f" x{s.alpha:g}" if s.kind == "add" else "")
 
 
 # --------------------------------------------------------------------------------------------- data

@@ -1,4 +1,5 @@
-"""Experiments: clamp sweeps, policy comparisons with tables / goals / Pareto plots, and HTML reports.
+"""Experiments: clamp sweeps (``sweep``), policy comparisons with tables / goals / Pareto plots (``compare``), HTML
+reports (``report``), and the one results format they share (``results``: ``results.jsonl``, folder names, pooling).
 """
 
 from .compare import (  # noqa: F401
@@ -11,6 +12,7 @@ from .compare import (  # noqa: F401
     markdown_table,
     pareto_front,
     pareto_plot,
+    policy_conditions,
     run_compare,
     table_cells,
     write_report,
@@ -27,6 +29,7 @@ from .report import (  # noqa: F401
     plot_tradeoff,
     render_html,
 )
+from .results import RESULTS, pooled, read_results, results_file, slug, write_results  # noqa: F401
 from .sweep import (  # noqa: F401
     EVAL_KEYS,
     SweepConfig,
@@ -34,5 +37,4 @@ from .sweep import (  # noqa: F401
     excluded_ids,
     plan_conditions,
     run_sweep,
-    slug,
 )

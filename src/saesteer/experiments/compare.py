@@ -28,6 +28,8 @@ from typing import Any, Callable, Sequence
 
 from saesteer.core import atomic_write_json, atomic_write_text, diff_interval, ensure, rate_summary
 
+from .results import pooled, read_results, slug, write_results
+
 GROUPS = ("unsafe", "safe", "multiturn", "capability")
 CAP_METRICS = ("mmlu", "truthfulqa_mc1", "truthfulqa_mc2", "gsm8k_strict", "gsm8k_flexible")
 
@@ -79,17 +81,6 @@ class CompareConfig:
 
 
 # --------------------------------------------------------------------------------------------- results file
-def read_results(out: str | Path) -> list[dict[str, Any]]:
-    p = Path(out) / "results.jsonl"
-    if not p.exists():
-        return []
-    return [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def _write_results(out: Path, rows: Sequence[dict[str, Any]]) -> None:
-    atomic_write_text(out / "results.jsonl", "".join(json.dumps(r, default=str) + "\n" for r in rows))
-
-
 def _row(cond: dict[str, Any], group: str, metric: str, summ: dict[str, Any], **extra: Any) -> dict[str, Any]:
     keep = {k: summ.get(k) for k in ("rate", "k", "n", "ci_low", "ci_high")}
     return {"condition": cond["condition"], "gate": cond["gate"], "steer": cond["steer"], "group": group,
@@ -97,7 +88,7 @@ def _row(cond: dict[str, Any], group: str, metric: str, summ: dict[str, Any], **
 
 
 # --------------------------------------------------------------------------------------------- evaluation
-def _conditions(cfg: CompareConfig) -> list[dict[str, Any]]:
+def policy_conditions(cfg: CompareConfig) -> list[dict[str, Any]]:
     from saesteer.gating import load_policy
 
     conds: list[dict[str, Any]] = []
@@ -105,7 +96,7 @@ def _conditions(cfg: CompareConfig) -> list[dict[str, Any]]:
         conds.append({"condition": "unsteered", "gate": "none", "steer": "", "policy": None})
     for path in cfg.policies:
         pol = load_policy(path)
-        from saesteer.evals import spec_name
+        from saesteer.steering import spec_name
 
         conds.append({"condition": pol.name, "gate": pol.gate.kind, "steer": " + ".join(spec_name(s) for s in pol.steering),
                       "policy": pol, "path": str(path)})
@@ -156,7 +147,7 @@ def _eval_refusal(model: Any, tok: Any, cfg: CompareConfig, cond: dict, group: s
         rcfg = RefusalEvalConfig(datasets=[spec], limit=None, seed=cfg.seed, judge=cfg.judge,
                                  max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
                                  exclude_ids=list(cfg.exclude_ids), progress=cfg.progress,
-                                 out=str(out / "conditions" / _slug(cond["condition"]) / _slug(spec)))
+                                 out=str(out / "conditions" / slug(cond["condition"]) / slug(spec)))
         summ = run_refusal_eval(model, tok, rcfg, steering=cond["policy"])
         for sub, s in summ["subsets"].items():
             fire = _gate_rate([r for r in summ.get("_items", []) if r["subset"] == sub])
@@ -176,7 +167,7 @@ def _eval_multiturn(model: Any, tok: Any, cfg: CompareConfig, cond: dict, out: P
 
     mcfg = MultiTurnConfig(mode="replay", dataset=cfg.multiturn_data, limit=cfg.multiturn_limit,
                            max_turns=cfg.max_turns, seed=cfg.seed, batch_size=cfg.batch_size, judge=cfg.judge,
-                           progress=cfg.progress, out=str(out / "conditions" / _slug(cond["condition"]) / "multiturn"),
+                           progress=cfg.progress, out=str(out / "conditions" / slug(cond["condition"]) / "multiturn"),
                            **({"max_new_tokens": cfg.max_new_tokens} if cfg.max_new_tokens else {}))
     summ = run_replay(model, tok, mcfg, steering=cond["policy"])
     items = summ.get("_items", [])
@@ -206,13 +197,9 @@ def _eval_capability(model: Any, tok: Any, cfg: CompareConfig, cond: dict, out: 
         for metric, s in summ.items():
             if metric in CAP_METRICS:
                 rows.append(_row(cond, "capability", metric, s, gate_fire_rate=fire))
-        d = out / "conditions" / _slug(cond["condition"])
+        d = out / "conditions" / slug(cond["condition"])
         atomic_write_text(d / f"capability_{'_'.join(ts)}.jsonl", "".join(json.dumps(i, default=str) + "\n" for i in items))
     return rows
-
-
-def _slug(s: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in s)[:80] or "x"
 
 
 Runner = Callable[[Any, Any, CompareConfig, dict, str, Path], list[dict]]
@@ -231,7 +218,7 @@ def run_compare(model: Any, tok: Any, cfg: CompareConfig, runner: Runner | None 
     """Evaluate every condition × group not yet in ``OUT/results.jsonl``; write the report; return all rows."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    conds = _conditions(cfg)
+    conds = policy_conditions(cfg)
     runner = runner or _default_runner
     groups = [g for g in GROUPS if (g != "multiturn" or cfg.multiturn) and (g != "capability" or cfg.capability)
               and (g != "unsafe" or cfg.unsafe) and (g != "safe" or cfg.safe)]
@@ -251,20 +238,12 @@ def run_compare(model: Any, tok: Any, cfg: CompareConfig, runner: Runner | None 
             for r in new:
                 r.setdefault("seconds_group", round(time.perf_counter() - t0, 1))
             rows = rows + new
-            _write_results(out, rows)
+            write_results(out, rows)
     write_report(rows, out)
     return rows
 
 
 # --------------------------------------------------------------------------------------------- report
-def pooled(rows: Sequence[dict], condition: str, group: str) -> dict[str, Any] | None:
-    """Sum k and n over a condition's datasets in a group → one rate with its Wilson interval."""
-    rs = [r for r in rows if r["condition"] == condition and r["group"] == group and r.get("k") is not None]
-    if not rs:
-        return None
-    return rate_summary(sum(int(r["k"]) for r in rs), sum(int(r["n"]) for r in rs))
-
-
 def _cell(r: dict | None) -> str:
     if r is None or r.get("rate") is None:
         return "–"
@@ -299,7 +278,7 @@ def table_cells(rows: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
         line = [c, first.get("gate", ""), first.get("steer", "")]
         for g, m in cols:
             if m.endswith("(pooled)"):
-                line.append(_cell(pooled(rows, c, g)))
+                line.append(_cell(pooled(rows, g, c)))
             else:
                 line.append(_cell(next((r for r in rows if r["condition"] == c and r["metric"] == m), None)))
         fired = [gate_fired(rows, c, g) for g in groups]
@@ -333,8 +312,8 @@ def goals(rows: Sequence[dict]) -> dict[str, Any]:
         if info[c].get("gate") in ("none", "always"):
             continue
         res: dict[str, Any] = {}
-        u0, uc = pooled(rows, base, "unsafe"), pooled(rows, c, "unsafe")
-        uu = pooled(rows, unc, "unsafe") if unc else None
+        u0, uc = pooled(rows, "unsafe", base), pooled(rows, "unsafe", c)
+        uu = pooled(rows, "unsafe", unc) if unc else None
         if u0 and uc and uu and uu["rate"] > u0["rate"]:
             kept = (uc["rate"] - u0["rate"]) / (uu["rate"] - u0["rate"])
             res["unsafe_gain_kept"] = {"value": kept, "target": ">= 0.90", "ok": kept >= 0.9}
@@ -361,7 +340,7 @@ def pareto_plot(rows: Sequence[dict], path: str | Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     conds = list(dict.fromkeys(r["condition"] for r in rows))
-    pts = [(c, pooled(rows, c, "safe"), pooled(rows, c, "unsafe")) for c in conds]
+    pts = [(c, pooled(rows, "safe", c), pooled(rows, "unsafe", c)) for c in conds]
     pts = [(c, s, u) for c, s, u in pts if s and u]
     if not pts:
         return None

@@ -23,7 +23,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from saesteer.core import atomic_dir, ensure, rate_summary
+from saesteer.core import atomic_dir, ensure
+
+from .results import pooled, read_results, slug
 
 COLORS = {"unsteered": "#444444", "clamp": "#1f77b4", "control": "#2ca02c", "direction": "#d62728"}
 
@@ -31,7 +33,6 @@ COLORS = {"unsteered": "#444444", "clamp": "#1f77b4", "control": "#2ca02c", "dir
 def load_run(run_dir: str | Path) -> tuple[list[dict], dict]:
     from saesteer.core import read_json
 
-    from .sweep import read_results
 
     run = Path(run_dir)
     ensure(run.is_dir(), f"run folder not found: {run}")
@@ -42,16 +43,6 @@ def load_run(run_dir: str | Path) -> tuple[list[dict], dict]:
         ensure(not missing, f"{run}/results.jsonl: row {i} lacks {', '.join(missing)}")
     meta = read_json(run / "sweep.json", "sweep config") if (run / "sweep.json").exists() else {}
     return rows, meta
-
-
-def pooled(rows: list[dict], group: str) -> dict[str, dict]:
-    """Per condition: the rate over all sets of ``group`` pooled (sum k / sum n) with a Wilson interval."""
-    acc: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    for r in rows:
-        if r["group"] == group and r.get("k") is not None:
-            acc[r["condition"]][0] += int(r["k"])
-            acc[r["condition"]][1] += int(r["n"])
-    return {c: rate_summary(k, n) for c, (k, n) in acc.items()}
 
 
 def conditions(rows: list[dict]) -> list[dict]:
@@ -176,7 +167,6 @@ def plot_categories(rows: list[dict], chosen: str | None) -> bytes | None:
 
 def examples(run: Path, rows: list[dict], chosen: str | None, per_group: int = 4) -> list[dict]:
     """Same prompt, unsteered vs ``chosen`` answer: the first ``per_group`` items of each subset."""
-    from .sweep import slug
 
     if chosen is None:
         return []

@@ -25,7 +25,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from saesteer.core import SaesteerError, atomic_write_json, atomic_write_text, ensure, read_json
+from saesteer.core import atomic_write_json, atomic_write_text, ensure, read_json
+from saesteer.models import DEFAULT_MODEL
+
+from .results import read_results, slug
 
 EVAL_KEYS = ("model", "sae", "unsafe", "safe", "refusal_limit", "max_new_tokens", "capability_tasks",
              "capability_limit", "gsm8k_limit", "mmlu_shots", "seed")
@@ -37,7 +40,7 @@ class SweepConfig:
 
     out: str = "runs/sweep"
     """Run folder: results.jsonl, sweep.json, conditions/<slug>/..."""
-    model: str = "qwen2.5-coder-0.5b-instruct"
+    model: str = DEFAULT_MODEL
     """Model to steer (built-in name, HF folder, .gguf or hub id)."""
     sae: str | None = None
     """SAE folder whose latents are clamped (needed for feature / control conditions)."""
@@ -85,10 +88,6 @@ class SweepConfig:
     """Device of the model."""
     progress: bool = True
     """Progress bars."""
-
-
-def slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._=-]+", "_", name).strip("_") or "condition"
 
 
 def _features_info(cfg: SweepConfig) -> tuple[dict, dict[int, float]]:
@@ -151,19 +150,6 @@ def excluded_ids(cfg: SweepConfig) -> list[str]:
     return sorted({f"{s}/{r['id']}" for r in used for s in cfg.unsafe + cfg.safe if base(str(r.get("spec", ""))) == base(s)})
 
 
-def read_results(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise SaesteerError(f"{path}: line {i} is not valid JSON (delete the file to start over)") from None
-    return rows
-
-
 def condition_rows(cond: dict, refusal: dict | None, capability: dict | None, unsafe: list[str]) -> list[dict]:
     """Results-table rows of one condition from the refusal summary and the capability summaries."""
     base = {k: cond.get(k) for k in ("kind", "feature", "clamp", "clamp_from", "alpha")}
@@ -192,12 +178,11 @@ def run_sweep(cfg: SweepConfig, model: Any = None, tok: Any = None,
     from saesteer.evals import (
         CapabilityConfig,
         RefusalEvalConfig,
-        Steering,
         run_capability,
         run_refusal_eval,
         write_capability,
     )
-    from saesteer.steering import SteeringSpec
+    from saesteer.steering import Steering, SteeringSpec
 
     out = Path(cfg.out)
     conds = plan_conditions(cfg)

@@ -1,20 +1,15 @@
-"""Features: per-token latents, refusal-feature discovery (candidates, contrastive ranking, clamp grid) and feature cards.
+"""Features: per-token SAE latents (``latents``), refusal-feature discovery — paper candidates, contrastive
+ranking — (``discovery``), the clamp grid search (``grid``) and feature cards (``cards``).
 """
 
 from .cards import (  # noqa: F401
     CardConfig,
-    SeqLatents,
-    check_features,
-    dense_mean,
-    encode_sequences,
     feature_cards,
     final_norm_weight,
     grid_table_html,
     histogram,
     logit_effects,
     render_html,
-    sae_layer,
-    sae_layer_or_none,
     write_cards,
 )
 from .discovery import (  # noqa: F401
@@ -41,4 +36,9 @@ from .grid import (  # noqa: F401
     heldout_check,
     make_scorer,
     refusal_judge,
+)
+from .latents import (  # noqa: F401
+    SeqLatents,
+    dense_mean,
+    encode_sequences,
 )

@@ -38,8 +38,8 @@ import torch
 
 from saesteer.core import SaesteerError, diff_interval, ensure
 
-from .cards import SeqLatents, dense_mean, encode_sequences, sae_layer
 from .grid import clamp_values, grid_search, heldout_check, make_scorer, refusal_judge
+from .latents import SeqLatents, dense_mean, encode_sequences
 
 
 @dataclass
@@ -351,7 +351,7 @@ def discover(
     ensure(cfg.n_archetypes >= 1 and cfg.n_contrast >= cfg.n_archetypes,
            f"need 1 ≤ n_archetypes ({cfg.n_archetypes}) ≤ n_contrast ({cfg.n_contrast})")
     ensure(cfg.val_limit >= 1 and cfg.max_new_tokens >= 1 and cfg.min_refusal_tokens >= 1, "limits must be ≥ 1")
-    layer = cfg.layer if cfg.layer is not None else sae_layer(sae)
+    layer = cfg.layer if cfg.layer is not None else sae.require_layer()
     n_lat = int(sae.num_latents)
     for f in cfg.features:
         ensure(0 <= f < n_lat, f"feature {f} is out of range: the SAE has {n_lat} latents (0..{n_lat - 1})")

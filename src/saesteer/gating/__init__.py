@@ -2,6 +2,7 @@
 file) and fitting them on labelled prompts.
 """
 
+from .config import specs_from_options, split_values, steering_from_options  # noqa: F401
 from .fit import (  # noqa: F401
     PolicyFitConfig,
     fit_policy,

@@ -23,8 +23,7 @@ from torch import nn
 
 from saesteer import models
 from saesteer.core import SaesteerError, atomic_write_bytes, ensure, rate_summary
-from saesteer.steering import SteeringSpec
-from saesteer.steering.interventions import _load_sae_cached
+from saesteer.steering import SteeringSpec, load_sae_cached
 
 from .policy import Policy, check_same_tokenizer, load_gate_model
 
@@ -147,7 +146,7 @@ def split_weight(spec: str) -> tuple[str, float]:
     return base, weight
 
 
-def _labelled(specs: Sequence[str], limit: int | None, seed: int, what: str) -> tuple[list[Any], list[Any], list[dict]]:
+def labelled_prompts(specs: Sequence[str], limit: int | None, seed: int, what: str) -> tuple[list[Any], list[Any], list[dict]]:
     """Harmful and harmless prompts of ``specs`` (in order); per set: its name, weight and per-label counts."""
     harm, safe, used = [], [], []
     for full in specs:
@@ -207,7 +206,7 @@ def fit_policy(model: nn.Module, tok: Any, cfg: PolicyFitConfig, progress: bool 
     if cfg.gate == "sae":
         sae_path = cfg.sae or next((s.sae for s in cfg.steering if s.sae), None)
         ensure(sae_path is not None, "an sae gate needs an SAE (--gate-sae or an SAE in the steering spec)")
-        sae = _load_sae_cached(sae_path, cache)
+        sae = load_sae_cached(sae_path, cache)
         kw.update(sae=sae, sae_path=str(Path(sae_path).expanduser().resolve()), top_m=cfg.top_m)
     gate = make_gate(cfg.gate, layer, P, **kw)
     meta: dict[str, Any] = {"fpr": cfg.fpr, "positions": P}
@@ -238,7 +237,7 @@ def fit_policy(model: nn.Module, tok: Any, cfg: PolicyFitConfig, progress: bool 
                 atomic_write_bytes(f, save({"h": memo[key].contiguous()}))
         return memo[key]
 
-    th, ts, used = _labelled(cfg.train, cfg.limit, cfg.seed, "train")
+    th, ts, used = labelled_prompts(cfg.train, cfg.limit, cfg.seed, "train")
     ensure(len(th) >= 2 and len(ts) >= 2, "train sets need >= 2 harmful and >= 2 harmless prompts")
     weights = {}
     if any(u["weight"] != 1.0 for u in used):
@@ -248,7 +247,7 @@ def fit_policy(model: nn.Module, tok: Any, cfg: PolicyFitConfig, progress: bool 
     gate.fit(inputs(th, "gate train harmful"), inputs(ts, "gate train harmless"), **weights)
     meta["train"] = {"sets": [{k: v for k, v in u.items() if k != "keys"} for u in used], "n_harmful": len(th),
                      "n_harmless": len(ts)}
-    vh, vs, vused = _labelled(cfg.val, cfg.limit, cfg.seed, "val")
+    vh, vs, vused = labelled_prompts(cfg.val, cfg.limit, cfg.seed, "val")
     ensure(len(vs) > 0, "validation sets hold no harmless prompts: the FPR cap needs benign scores")
     ensure(cfg.fpr_cap in ("pooled", "per-set"), f"fpr_cap must be pooled or per-set, got {cfg.fpr_cap!r}")
     hs = gate.score(inputs(vh, "gate val harmful")) if vh else None

@@ -52,8 +52,7 @@ from torch import nn
 
 from saesteer import models
 from saesteer.core import SaesteerError, atomic_write_json, ensure, read_json
-from saesteer.steering import Intervention, SteeringSpec, steer
-from saesteer.steering.interventions import _body, _load_sae_cached
+from saesteer.steering import Intervention, SteeringSpec, load_sae_cached, steer
 
 from .gates import AlwaysGate, Gate, SAEFeatureGate, gate_from_header
 
@@ -194,7 +193,7 @@ class PolicyRun:
         self.decisions.extend(rows)
         self.live = torch.arange(len(rows))
 
-    # row bookkeeping, called by steering.select_rows ----------------------------------------------------------------
+    # row bookkeeping, called through models.hooks.select_rows ----------------------------------------------------------------
     def select_rows(self, index: torch.Tensor) -> None:
         if self.live is not None:
             self.live = self.live[torch.as_tensor(index, dtype=torch.long).cpu()]
@@ -319,7 +318,7 @@ class Policy:
         ivs = [iv for s in self.steering for iv in s.build(model, cache)]
         if isinstance(self.gate, SAEFeatureGate) and self.gate.sae is None:
             ensure(self.gate.sae_path is not None, "sae gate has neither an SAE nor an sae_path")
-            self.gate.attach(_load_sae_cached(self.gate.sae_path, cache))
+            self.gate.attach(load_sae_cached(self.gate.sae_path, cache))
         return ivs
 
     def reader(self, model: nn.Module) -> nn.Module:
@@ -371,18 +370,16 @@ class Policy:
                         template_ids=self.template_ids if gated else None,
                         suffix_ids=self.gate_suffix_ids if gated else None)
         self.last_run = run
-        handles = []
         with steer(model, ivs):
+            hs = models.hooks.install(model, run, members=[run])
             try:
-                handles.append(_body(model).register_forward_pre_hook(run.pre_hook, with_kwargs=True, prepend=True))
+                models.hooks.register_forward_pre_hook(models.model_body(model), run.pre_hook, hs, with_kwargs=True,
+                                                       prepend=True)
                 if run.lookahead is None:  # otherwise the lookahead decides: no hook here
-                    handles.append(models.hook_module(model, layer).register_forward_hook(run.gate_hook, prepend=True))
-                model._saesteer_interventions = list(getattr(model, "_saesteer_interventions", None) or []) + [run]
+                    models.hooks.register_forward_hook(models.hook_module(model, layer), run.gate_hook, hs, prepend=True)
                 yield run
             finally:
-                for hd in handles:
-                    hd.remove()
-                model._saesteer_interventions = [x for x in getattr(model, "_saesteer_interventions", []) if x is not run]
+                models.hooks.uninstall(model, hs)
                 for iv in ivs:
                     iv.set_row_scale(None)
 

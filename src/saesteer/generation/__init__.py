@@ -19,5 +19,4 @@ from .kvprefill import (  # noqa: F401
     length_groups,
     prefill,
     shared_prefix_len,
-    sharing_trackers,
 )

@@ -3,7 +3,7 @@
 ``generate(model, tok, prompts, GenerationConfig(...))`` chat-formats the prompts, sorts them by length into batches
 (left padding, HF-style position ids), prefills each batch once and then feeds one token per step with the KV cache.
 Rows that finish (EOS, a stop string, ``stop_when``, their token budget) are dropped from the batch at once: the
-cache rows are sliced, and every live steering intervention is told through ``steering.select_rows(model, index)``
+cache rows are sliced, and every live hook owner is told through ``models.hooks.select_rows(model, index)``
 (or each intervention's ``select_rows``), so per-row steering stays aligned with its row.
 
 Prefill (``saesteer.generation.kvprefill``): the batch's common token prefix (chat template + system prompt: 24 of ~40 tokens
@@ -28,7 +28,6 @@ Semantics worth knowing:
 
 from __future__ import annotations
 
-import importlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
@@ -37,6 +36,7 @@ import torch
 
 from saesteer.core import SaesteerError, ensure, set_threads
 from saesteer.models import format_chat
+from saesteer.models import hooks as model_hooks
 
 from . import kvprefill as kvprefill
 
@@ -160,22 +160,6 @@ def encode_prompts(tok: Any, prompts: Sequence[Prompt], raw: bool = False, syste
     return out
 
 
-def _select_rows(model: Any, index: torch.Tensor) -> None:
-    """Tell live steering interventions which rows of the batch remain (contract in ARCHITECTURE.md)."""
-    try:
-        steering = importlib.import_module("saesteer.steering.interventions")
-    except ModuleNotFoundError as e:
-        if e.name != "saesteer.steering.interventions":
-            raise
-        steering = None
-    fn = getattr(steering, "select_rows", None)
-    if fn is not None:
-        fn(model, index)
-        return
-    for iv in list(getattr(model, "_saesteer_interventions", None) or []):
-        iv.select_rows(index)
-
-
 def _forward_fn(model: Any, compile_: bool) -> Callable[..., Any]:
     if not compile_:
         return model
@@ -291,7 +275,7 @@ def _loop(forward, model, tok, live, eos, logits, mask, last, cache, need_text, 
             index = torch.tensor(keep, device=device)
             cache.batch_select_indices(index)
             mask, last = mask[index], last[index]
-            _select_rows(model, index)
+            model_hooks.select_rows(model, index)
             live = [live[j] for j in keep]
         inp = torch.tensor([[r.out_ids[-1]] for r in live], dtype=torch.long, device=device)
         mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)

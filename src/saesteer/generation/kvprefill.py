@@ -13,10 +13,11 @@ Where the rest of the prompts differ much in length, it is prefilled in groups o
 sees the same tokens at the same positions as a plain left-padded prefill, so greedy outputs equal
 ``model.generate`` (up to float rounding of different matmul shapes, as any change of batch or padding).
 
-Sharing and grouping are used only where it cannot change what hooks see: every forward hook on the model must come from
-``saesteer.steering.interventions`` (other hooks, e.g. policy gates, may read each row's whole prompt) and no live intervention
-may have a per-row scale. ``steering``'s position trackers are told the full prompt length, so ``positions="prompt"``
-and ``"generated"`` edit the same positions as with one prefill.
+Sharing and grouping are used only where it cannot change what hooks see (:func:`saesteer.models.hooks.prefix_shareable`):
+every forward hook on the model was registered in :mod:`saesteer.models.hooks` by an owner that declares itself
+position-wise (steering without per-row scales; a policy gate reads each row's whole prompt and is not). The owners are
+told the full prompt length (:func:`~saesteer.models.hooks.set_prompt_len`), so ``positions="prompt"`` and
+``"generated"`` edit the same positions as with one prefill.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import os
 from typing import Any, Callable, Sequence
 
 import torch
+
+from saesteer.models import hooks as model_hooks
 
 MIN_SHARED = 4
 """Shortest common prefix (tokens) worth a separate forward."""
@@ -38,33 +41,6 @@ def shared_prefix_len(prompts: Sequence[Sequence[int]]) -> int:
         return 0
     n = len(os.path.commonprefix([list(p) for p in prompts]))
     return min(n, min(map(len, prompts)) - 1)
-
-
-def _hook_fns(model: torch.nn.Module) -> list[Any]:
-    from torch.nn.modules import module as nn_module
-
-    fns: list[Any] = []
-    for name in ("_global_forward_hooks", "_global_forward_pre_hooks"):
-        fns += list(getattr(nn_module, name, {}).values())
-    for mod in model.modules():
-        fns += list(mod._forward_hooks.values()) + list(mod._forward_pre_hooks.values())
-    return fns
-
-
-def sharing_trackers(model: torch.nn.Module) -> list[Any] | None:
-    """The steering position trackers to update when the prefix may be shared, or ``None`` when it may not."""
-    from saesteer import steering
-
-    trackers = []
-    for fn in _hook_fns(model):
-        if not str(getattr(fn, "__module__", "")).startswith(steering.__name__ + "."):
-            return None  # a hook we do not know may read the whole prompt of each row
-        owner = getattr(fn, "__self__", None)
-        if isinstance(owner, steering.PositionTracker):
-            trackers.append(owner)
-    if any(getattr(iv, "row_scale", None) is not None for iv in steering.active_interventions(model)):
-        return None
-    return trackers
 
 
 def _plain_dynamic(cache: Any) -> bool:
@@ -116,8 +92,8 @@ def prefill(
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
-    trackers = sharing_trackers(model) if share and _plain_dynamic(cache) else None
-    P = shared_prefix_len(prompts) if trackers is not None else 0
+    sharing = share and _plain_dynamic(cache) and model_hooks.prefix_shareable(model)
+    P = shared_prefix_len(prompts) if sharing else 0
     P = P if P >= MIN_SHARED else 0
     B, width = len(prompts), max(len(p) for p in prompts) - P
     total = P + width
@@ -133,9 +109,9 @@ def prefill(
     kw = dict(use_cache=True, logits_to_keep=1)
     if P:
         forward(input_ids=ids[:1, :P], attention_mask=mask[:1, :P], position_ids=pos[:1, :P], past_key_values=cache, **kw)
-    for t in trackers or ():
-        t.set_prompt_len(total)  # every position up to ``total`` is prompt, whatever the forwards' split
-    groups = length_groups([len(p) - P for p in prompts]) if trackers is not None else [list(range(B))]
+    if sharing:
+        model_hooks.set_prompt_len(model, total)  # every position up to ``total`` is prompt, whatever the split
+    groups = length_groups([len(p) - P for p in prompts]) if sharing else [list(range(B))]
     info = {"shared": P, "groups": len(groups)}
     if len(groups) == 1:
         cache.batch_repeat_interleave(B)

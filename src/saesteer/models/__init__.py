@@ -3,6 +3,7 @@ model (built-in name, local HF folder, local GGUF file, hub id), its decoder lay
 layer L is read and written — the chat format, and tiny random models of each architecture for tests.
 """
 
+from . import hooks  # noqa: F401,E402  (the registry of saesteer-installed hooks: models.hooks)
 from .builtin import (  # noqa: F401
     BUILTIN_MODELS,
     DEFAULT_MODEL,
@@ -25,6 +26,7 @@ from .layers import (  # noqa: F401
     hook_module,
     hook_name,
     layer_output,
+    model_body,
     n_layers,
     replace_layer_output,
     run_to_layer,

@@ -12,6 +12,12 @@ from saesteer.core import SaesteerError
 _LAYER_PATHS = ("model.layers", "model.language_model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers")
 
 
+def model_body(model: nn.Module) -> nn.Module:
+    """The decoder stack without the LM head (``model.model`` for most architectures): where a forward starts."""
+    body = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    return body if isinstance(body, nn.Module) else model
+
+
 def get_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder blocks of a causal LM (Llama, Qwen2, Mistral, Gemma, Phi-3, GPT-2, NeoX, OPT style)."""
     for path in _LAYER_PATHS:

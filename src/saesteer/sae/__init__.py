@@ -9,17 +9,17 @@ from .archs import (  # noqa: F401
     BatchTopKSAE,
     JumpReLUSAE,
     ReLUSAE,
+    detect_format,
     layer_from_hookpoint,
+    load_sae,
     sae_info,
     sae_path_exists,
     split_hookpoint,
 )
 from .formats import (  # noqa: F401
     check_compatible,
-    detect_format,
     export_saelens,
     export_sparsify,
-    load_sae,
     save_sae,
 )
 from .model import (  # noqa: F401

@@ -57,15 +57,17 @@ def save_sae(sae: TopKSAE, path: str | os.PathLike) -> Path:
     return path
 
 
-def _load_own(path: Path, device: str) -> TopKSAE:
+def load_own(path: Path, device: str = "cpu") -> TopKSAE:
+    """Read our own format (``saesteer.json`` + ``saesteer.safetensors``) from folder ``path``."""
     d = read_json(path / OWN_CFG, "SAE config")
     ensure(d.get("format") == "saesteer-sae", f"{path / OWN_CFG} is not a saesteer SAE config")
     cfg = SAEConfig.from_dict(d)
     sd = _st_load(path / OWN_WEIGHTS)
-    return _build(cfg, sd, path, device)
+    return build_topk(cfg, sd, path, device)
 
 
-def _build(cfg: SAEConfig, sd: dict[str, torch.Tensor], path: Path, device: str) -> TopKSAE:
+def build_topk(cfg: SAEConfig, sd: dict[str, torch.Tensor], path: Path, device: str) -> TopKSAE:
+    """Our :class:`TopKSAE` from a state dict, checking shapes, finiteness and unit-norm decoder rows."""
     want = {"W_enc": (cfg.num_latents, cfg.d_in), "b_enc": (cfg.num_latents,), "W_dec": (cfg.num_latents, cfg.d_in),
             "b_dec": (cfg.d_in,)}
     for k, shape in want.items():
@@ -114,23 +116,6 @@ def export_sparsify(sae: TopKSAE, out: str | os.PathLike) -> Path:
         (tmp / hook / SPARSIFY_WEIGHTS).write_bytes(_st_bytes(w))
         atomic_write_json(tmp / hook / CFG, cfg)
     return Path(out) / hook
-
-
-# --------------------------------------------------------------------------------------------- detection
-def detect_format(path: str | os.PathLike, hookpoint: str | None = None) -> tuple[str, Path]:
-    """(layout, folder): "saesteer" | "saelens" | "sparsify" | "gemmascope" | "dictionary_learning". A folder with
-    one SAE below it is accepted; with several, ``hookpoint`` (or ``PATH:HOOKPOINT``) picks one
-    (:func:`saesteer.sae.archs.loaders.resolve`)."""
-    from saesteer.sae.archs.loaders import resolve
-
-    return resolve(path, hookpoint)
-
-
-def load_sae(path: str | os.PathLike, device: str = "cpu", hookpoint: str | None = None) -> Any:
-    """Load an SAE of any supported layout and architecture (auto-detected; :mod:`saesteer.sae.archs`)."""
-    from saesteer.sae.archs.loaders import load_any
-
-    return load_any(path, device, hookpoint)
 
 
 def check_compatible(sae: Any, model: Any, layer: int) -> None:

@@ -30,6 +30,8 @@ from torch import nn
 
 from saesteer.core import SaesteerError, ensure
 
+from .interface import SAEMethods
+
 _CPU_BLOCK_ROWS = 0  # rows per encoder block on CPU (0: one block)
 _DENSE_AUX_FACTOR = 8  # AuxK on dense dead columns when n_dead <= this × k_aux (else sparse entries)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -210,7 +212,7 @@ class _SparseTopKEncode(torch.autograd.Function):
         return grad_x, grad_b_dec, grad_W, grad_b, None, None, None, None, None, None
 
 
-class TopKSAE(nn.Module):
+class TopKSAE(SAEMethods, nn.Module):
     """Top-k SAE. Public methods take and return raw residual-stream units (see the module docstring).
 
     Satisfies the common SAE interface of :mod:`saesteer.sae.archs.base` (``arch``, ``source``, ``latent_acts``,

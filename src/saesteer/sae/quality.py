@@ -204,7 +204,7 @@ def run_sae_eval(cfg: SAEEvalConfig) -> dict[str, Any]:
     from saesteer.data import load_texts
     from saesteer.models import check_layer, load_model
 
-    from .formats import load_sae
+    from .archs import load_sae
 
     set_threads(cfg.threads)
     sae = load_sae(cfg.sae)

@@ -1,9 +1,9 @@
-"""Steering: interventions on the residual stream (clamp / scale / ablate a latent, add / ablate a direction), the hooks
-that install them, the serialisable steering spec, and the Arditi refusal direction.
+"""Steering: interventions on the residual stream (clamp / scale / ablate an SAE latent with its error term kept, add
+or ablate a direction) in ``interventions``; installing them as hooks for a ``with`` block in ``hooks``
+(:func:`steer`); the serialisable steering spec in ``spec``; the Arditi refusal direction in ``direction``.
 """
 
 from .direction import (  # noqa: F401
-    REFUSAL_PREFIXES,
     DirectionConfig,
     RefusalDirection,
     default_layers,
@@ -15,26 +15,18 @@ from .direction import (  # noqa: F401
     refusal_token_ids,
     save_direction,
 )
+from .hooks import PositionTracker, active_interventions, select_rows, set_row_scale, steer  # noqa: F401
 from .interventions import (  # noqa: F401
     KINDS,
     POSITIONS,
+    Ablate,
     AblateDirection,
     AblateFeature,
     Add,
     Clamp,
     Intervention,
-    PositionTracker,
     Scale,
-    SteeringSpec,
-    active_interventions,
-    build_all,
     check_sae_compatible,
-    latent_vectors,
-    load_specs,
-    sae_d_in,
-    sae_layer,
-    sae_num_latents,
-    select_rows,
-    set_row_scale,
-    steer,
+    finite,
 )
+from .spec import Steering, SteeringSpec, as_steering, build_all, load_sae_cached, load_specs, spec_name  # noqa: F401

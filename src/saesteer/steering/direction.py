@@ -32,7 +32,8 @@ from torch import nn
 from saesteer import models
 from saesteer.core import SaesteerError, atomic_write_bytes, atomic_write_json, ensure, read_json
 
-from .interventions import AblateDirection, Add, steer
+from .hooks import steer
+from .interventions import AblateDirection, Add
 
 REFUSAL_PREFIXES = ("I'm sorry", "I am sorry", "I cannot", "I can't", "Sorry", "As an AI", "I apologize",
                     "Unfortunately", "I'm unable")

@@ -18,9 +18,9 @@ from .hookpoints import (
     split_hookpoint,
 )
 from .jumprelu import JumpReLUSAE
-from .loaders import load_any, resolve
+from .loaders import detect_format, load_any, load_sae, resolve
 from .relu import ReLUSAE
 from .topk import TopKDecSAE
 
-__all__ = ["ARCHS", "ArchConfig", "BaseSAE", "BatchTopKSAE", "JumpReLUSAE", "ReLUSAE", "TopKDecSAE", "layer_from_hookpoint",
+__all__ = ["ARCHS", "ArchConfig", "BaseSAE", "BatchTopKSAE", "detect_format", "load_sae", "JumpReLUSAE", "ReLUSAE", "TopKDecSAE", "layer_from_hookpoint",
     "load_any", "make_sae", "register_arch", "resolve", "sae_info", "sae_path_exists", "same_model", "split_hookpoint"]

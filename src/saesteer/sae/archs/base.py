@@ -32,6 +32,8 @@ from torch import nn
 
 from saesteer.core import SaesteerError, ensure
 
+from ..interface import SAEMethods
+
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
@@ -88,7 +90,7 @@ def make_sae(arch: str, cfg: ArchConfig, weights: dict[str, torch.Tensor], devic
     return sae.to(device).eval()
 
 
-class BaseSAE(nn.Module):
+class BaseSAE(SAEMethods, nn.Module):
     """Linear encoder, an element-wise (or per-token top-k) activation, linear decoder. Subclasses set ``_act``."""
 
     arch: ClassVar[str] = "base"

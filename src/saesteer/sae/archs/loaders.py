@@ -41,6 +41,9 @@ from saesteer.sae.archs.hookpoints import (
     split_hookpoint,
 )
 
+from ..formats import build_topk, load_own
+from ..model import SAEConfig
+
 OWN_CFG, CFG = "saesteer.json", "cfg.json"
 SAELENS_WEIGHTS, SPARSIFY_WEIGHTS = "sae_weights.safetensors", "sae.safetensors"
 GS_NPZ, GS_ST, GS_CFG = "params.npz", "params.safetensors", "config.json"
@@ -139,12 +142,9 @@ def _topk(cfg: ArchConfig, w: dict[str, torch.Tensor], device: str) -> Any:
     """Our TopKSAE when the encoder reads ``x - b_dec`` and decoder rows are unit-norm, else :class:`TopKDecSAE`."""
     if cfg.apply_b_dec_to_input and _unit_rows(w["W_dec"]) and 0 < cfg.k < cfg.num_latents and \
             cfg.dtype in ("float32", "float16", "bfloat16"):
-        from saesteer.sae import SAEConfig
-        from saesteer.sae.formats import _build
-
         sc = SAEConfig(d_in=cfg.d_in, num_latents=cfg.num_latents, k=cfg.k, model=cfg.model, layer=cfg.layer,
                        hook_name=cfg.hook_name, dtype=cfg.dtype)
-        sae = _build(sc, {k: w[k].float() for k in ("W_enc", "b_enc", "W_dec", "b_dec")}, Path(cfg.path), device)
+        sae = build_topk(sc, {k: w[k].float() for k in ("W_enc", "b_enc", "W_dec", "b_dec")}, Path(cfg.path), device)
         sae.source = cfg.source
         sae.path = cfg.path
         return sae
@@ -163,9 +163,7 @@ def _layer(hook: str, *fallbacks: Any) -> int:
 
 # --------------------------------------------------------------------------------------------- saesteer
 def _load_own(p: Path, device: str) -> Any:
-    from saesteer.sae.formats import _load_own as load
-
-    sae = load(p, device)
+    sae = load_own(p, device)
     sae.path = str(p)
     return sae
 
@@ -341,3 +339,14 @@ def load_any(path: str | os.PathLike, device: str = "cpu", hookpoint: str | None
         return LOADERS[kind](p, device)
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise SaesteerError(f"malformed {kind} SAE in {p}: {type(e).__name__}: {e}") from None
+
+
+def detect_format(path: str | os.PathLike, hookpoint: str | None = None) -> tuple[str, Path]:
+    """(layout, folder): "saesteer" | "saelens" | "sparsify" | "gemmascope" | "dictionary_learning". A folder with
+    one SAE below it is accepted; with several, ``hookpoint`` (or ``PATH:HOOKPOINT``) picks one (:func:`resolve`)."""
+    return resolve(path, hookpoint)
+
+
+def load_sae(path: str | os.PathLike, device: str = "cpu", hookpoint: str | None = None) -> Any:
+    """Load an SAE of any supported layout and architecture (auto-detected; :mod:`saesteer.sae.archs`)."""
+    return load_any(path, device, hookpoint)

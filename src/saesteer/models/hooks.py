@@ -1,0 +1,117 @@
+"""The hooks saesteer installed on a model, and what the decoder may ask of them.
+
+Steering (:func:`saesteer.steering.steer`) and conditional policies (:mod:`saesteer.gating`) register each set of
+forward hooks they install here, with an *owner* object. The decoder (:mod:`saesteer.generation`) then, without
+knowing either of them:
+
+- keeps per-row state aligned when finished rows leave the batch (:func:`select_rows` → ``owner.select_rows``);
+- tells position-aware owners where a prompt fed in several forwards ends (:func:`set_prompt_len`);
+- prefills a shared prompt prefix once only when every hook on the model is registered here and its owner says that
+  is exact (:func:`prefix_shareable` → ``owner.prefix_safe()``).
+
+An owner implements any of ``select_rows(index)``, ``set_prompt_len(n)`` and ``prefix_safe() -> bool`` (absent:
+no per-row state / not position-aware / not safe). Hooks installed by other code are counted by
+:func:`unregistered_hooks` — torch has no public listing of a module's hooks, so that one function reads its hook
+dictionaries — and they turn prefix sharing off.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+
+@dataclass(eq=False)
+class HookSet:
+    """One registration: the owner, the torch handles it installed and the objects :func:`active` lists."""
+
+    owner: Any
+    handles: list[Any] = field(default_factory=list)
+    members: list[Any] = field(default_factory=list)
+    fns: list[Callable[..., Any]] = field(default_factory=list)
+
+
+_LIVE: weakref.WeakKeyDictionary[nn.Module, list[HookSet]] = weakref.WeakKeyDictionary()
+
+
+def register_forward_hook(module: nn.Module, fn: Callable[..., Any], hs: HookSet, **kw: Any) -> None:
+    """``module.register_forward_hook(fn, **kw)``, recorded in ``hs``."""
+    hs.handles.append(module.register_forward_hook(fn, **kw))
+    hs.fns.append(fn)
+
+
+def register_forward_pre_hook(module: nn.Module, fn: Callable[..., Any], hs: HookSet, **kw: Any) -> None:
+    """``module.register_forward_pre_hook(fn, **kw)``, recorded in ``hs``."""
+    hs.handles.append(module.register_forward_pre_hook(fn, **kw))
+    hs.fns.append(fn)
+
+
+def install(model: nn.Module, owner: Any, members: Sequence[Any] = ()) -> HookSet:
+    """Register a new (still empty) hook set of ``owner`` on ``model``; add hooks with :func:`register_forward_hook`."""
+    hs = HookSet(owner=owner, members=list(members))
+    _LIVE.setdefault(model, []).append(hs)
+    return hs
+
+
+def uninstall(model: nn.Module, hs: HookSet) -> None:
+    """Remove every hook of ``hs`` and forget it (idempotent)."""
+    for h in hs.handles:
+        h.remove()
+    hs.handles.clear()
+    live = _LIVE.get(model)
+    if live is not None:
+        live[:] = [x for x in live if x is not hs]
+        if not live:
+            del _LIVE[model]
+
+
+def hook_sets(model: nn.Module) -> list[HookSet]:
+    return list(_LIVE.get(model, ()))
+
+
+def active(model: nn.Module) -> list[Any]:
+    """The members of every live hook set on ``model``, in installation order (nested blocks stack)."""
+    return [m for hs in hook_sets(model) for m in hs.members]
+
+
+def select_rows(model: nn.Module, index: torch.Tensor) -> None:
+    """Keep only rows ``index`` (into the current batch) of every owner's per-row state; no-op when none."""
+    for hs in hook_sets(model):
+        fn = getattr(hs.owner, "select_rows", None)
+        if fn is not None:
+            fn(index)
+
+
+def set_prompt_len(model: nn.Module, n: int) -> None:
+    """Positions ``< n`` are prompt, whatever split of forwards filled the KV cache."""
+    for hs in hook_sets(model):
+        fn = getattr(hs.owner, "set_prompt_len", None)
+        if fn is not None:
+            fn(int(n))
+
+
+def unregistered_hooks(model: nn.Module) -> int:
+    """Forward (pre-)hooks on ``model``'s modules, or global ones, that no registered hook set installed."""
+    from torch.nn.modules import module as nn_module
+
+    known = {id(f) for hs in hook_sets(model) for f in hs.fns}
+    fns: list[Any] = []
+    for name in ("_global_forward_hooks", "_global_forward_pre_hooks"):
+        fns += list(getattr(nn_module, name, {}).values())
+    for mod in model.modules():
+        fns += list(getattr(mod, "_forward_hooks", {}).values()) + list(getattr(mod, "_forward_pre_hooks", {}).values())
+    return sum(id(f) not in known for f in fns)
+
+
+def prefix_shareable(model: nn.Module) -> bool:
+    """True when prefilling a common prompt prefix once (and the rest per row) gives the same hidden states: every
+    hook is registered here and every owner declares itself position-wise (``prefix_safe()``)."""
+    for hs in hook_sets(model):
+        fn = getattr(hs.owner, "prefix_safe", None)
+        if fn is None or not fn():
+            return False
+    return unregistered_hooks(model) == 0
