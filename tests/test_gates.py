@@ -7,13 +7,12 @@ import math
 import pytest
 import torch
 
-from saesteer.core import SaesteerError
+from saesteer.core import SaesteerError, auroc
 from saesteer.gating import (
     AlwaysGate,
     CastGate,
     ProbeGate,
     SAEFeatureGate,
-    auroc_per_column,
     choose_threshold,
     choose_threshold_per_set,
     collect_gate_inputs,
@@ -81,7 +80,7 @@ def test_auroc_matches_sklearn():
     neg = torch.randn(60, 5, generator=g)
     pos[:, 3] = 0
     neg[:, 3] = 0  # all ties → 0.5
-    a = auroc_per_column(pos, neg)
+    a = auroc(pos, neg)
     y = [1] * 40 + [0] * 60
     for j in range(5):
         assert a[j].item() == pytest.approx(roc_auc_score(y, torch.cat([pos[:, j], neg[:, j]]).numpy()), abs=1e-12)

@@ -5,9 +5,9 @@ training (``dist``). Depends on nothing else in saesteer."""
 from .errors import SaesteerError, ensure, require_package
 from .io import atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 from .runtime import resolve_device, set_threads
-from .stats import diff_interval, rate_summary, wilson_interval
+from .stats import auroc, diff_interval, rate_summary, wilson_interval
 
 __all__ = [
     "SaesteerError", "atomic_dir", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "diff_interval",
-    "ensure", "rate_summary", "read_json", "require_package", "resolve_device", "set_threads", "wilson_interval",
+    "auroc", "ensure", "rate_summary", "read_json", "require_package", "resolve_device", "set_threads", "wilson_interval",
 ]

@@ -34,3 +34,17 @@ def diff_interval(k1: int, n1: int, k2: int, n2: int, z: float = 1.959964) -> tu
     lo = d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2)
     hi = d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
     return (d, lo, hi)
+
+
+def auroc(pos, neg):
+    """Column-wise AUROC of scores ``pos [n1, m]`` (label 1) against ``neg [n0, m]`` (label 0), ties counting 1/2
+    (Mann-Whitney U from average ranks), as float64; NaN columns when a group is empty."""
+    import torch
+    from scipy.stats import rankdata
+
+    n1, n0 = pos.shape[0], neg.shape[0]
+    if n1 == 0 or n0 == 0:
+        return torch.full((pos.shape[1],), float("nan"), dtype=torch.float64)
+    x = torch.cat([pos, neg]).double().cpu().numpy()
+    ranks = torch.from_numpy(rankdata(x, axis=0, method="average"))
+    return (ranks[:n1].sum(0) - n1 * (n1 + 1) / 2) / (n1 * n0)

@@ -2,6 +2,16 @@
 the benchmark files the capability evals read.
 """
 
+from .benchmarks import (  # noqa: F401
+    LETTERS,
+    TQA_PRIMER,
+    load_gsm8k,
+    load_mmlu,
+    load_truthfulqa,
+    mmlu_prompt,
+    read_jsonl,
+    stratified_sample,
+)
 from .chatmix import MixDoc, chat_mix  # noqa: F401
 from .fetch import FetchResult, fetch_on_demand, fetch_sets, resolve_file  # noqa: F401
 from .prompts import (  # noqa: F401

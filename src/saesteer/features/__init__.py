@@ -16,7 +16,6 @@ from .discovery import (  # noqa: F401
     Discovery,
     DiscoveryConfig,
     Prompt,
-    auroc,
     contrast,
     contrastive_ranking,
     direction_latents,

@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from saesteer.core import SaesteerError, diff_interval, ensure
+from saesteer.core import SaesteerError, auroc, diff_interval, ensure
 
 from .grid import clamp_values, grid_search, heldout_check, make_scorer, refusal_judge
 from .latents import SeqLatents, dense_mean, encode_sequences
@@ -148,22 +148,6 @@ def discovery_and_val(spec: str, cfg: DiscoveryConfig, n_disc: int) -> tuple[lis
 
 
 # --------------------------------------------------------------------------------------------- metrics
-def auroc(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
-    """Column-wise AUROC of scores ``pos [n1, F]`` (label 1) against ``neg [n2, F]`` (label 0); ties count 1/2.
-
-    NaN columns when a group is empty.
-    """
-    from scipy.stats import rankdata
-
-    n1, n2 = pos.shape[0], neg.shape[0]
-    if n1 == 0 or n2 == 0:
-        return torch.full((pos.shape[1],), float("nan"))
-    x = torch.cat([pos, neg]).double().numpy()
-    ranks = torch.from_numpy(rankdata(x, axis=0, method="average"))
-    u = ranks[:n1].sum(0) - n1 * (n1 + 1) / 2
-    return (u / (n1 * n2)).float()
-
-
 def _mean_or_nan(x: torch.Tensor) -> torch.Tensor:
     return x.mean(0) if x.shape[0] else torch.full((x.shape[1],), float("nan"))
 
@@ -171,7 +155,7 @@ def _mean_or_nan(x: torch.Tensor) -> torch.Tensor:
 def contrast(pos: torch.Tensor, neg: torch.Tensor) -> dict[str, torch.Tensor]:
     """Difference of means, AUROC and per-group mean of ``pos [n1, F]`` vs ``neg [n2, F]``."""
     mp, mn = _mean_or_nan(pos), _mean_or_nan(neg)
-    return {"diff": mp - mn, "auroc": auroc(pos, neg), "mean_pos": mp, "mean_neg": mn}
+    return {"diff": mp - mn, "auroc": auroc(pos, neg).float(), "mean_pos": mp, "mean_neg": mn}
 
 
 def firing_counts(seq: SeqLatents, mask: torch.Tensor, num_latents: int) -> torch.Tensor:

@@ -24,12 +24,11 @@ ramp that is 0 at the threshold). Rows that do not fire always get strength exac
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 
-from saesteer.core import SaesteerError, ensure
+from saesteer.core import SaesteerError, auroc, ensure
 
 STRENGTH_MODES = ("hard", "linear", "sigmoid")
 REDUCE_MODES = ("mean", "last")
@@ -75,29 +74,7 @@ def strength_from_scores(scores: torch.Tensor, threshold: float, mode: str = "ha
     return torch.where(fired, out, torch.zeros_like(out))
 
 
-def auroc_per_column(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
-    """AUROC of every column of ``pos [n1, m]`` vs ``neg [n0, m]`` (ties count 1/2), via average ranks."""
-    from scipy.stats import rankdata
-
-    x = torch.cat([pos, neg]).double().numpy()
-    ranks = torch.from_numpy(rankdata(x, axis=0))
-    n1, n0 = pos.shape[0], neg.shape[0]
-    return (ranks[:n1].sum(0) - n1 * (n1 + 1) / 2) / (n1 * n0)
-
-
 # --------------------------------------------------------------------------------------------- gates
-@dataclass
-class GateDecision:
-    """One row's gate outcome (logged per item)."""
-
-    score: float
-    fired: bool
-    strength: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"score": self.score, "fired": self.fired, "strength": self.strength}
-
-
 class Gate:
     """Base class: pooling, threshold, strength and (de)serialisation. Subclasses define fit/score/tensors."""
 
@@ -338,7 +315,7 @@ class SAEFeatureGate(Gate):
     def fit(self, harmful: torch.Tensor, harmless: torch.Tensor) -> "Gate":
         _check_fit_inputs(harmful, harmless)
         ah, ab = self.latents(harmful), self.latents(harmless)
-        auc = auroc_per_column(ah, ab)
+        auc = auroc(ah, ab)
         m = min(self.top_m, auc.numel())
         self.features = torch.argsort((auc - 0.5).abs(), descending=True, stable=True)[:m]
         self.auroc = auc[self.features].float()
