@@ -468,7 +468,7 @@ def _common(req: Any, cfg: ServeConfig, served: dict[str, Any], saes: dict[str, 
     if bad:
         raise _HTTPError(400, f"unsupported parameter(s): {', '.join(bad)} (this server does not implement them)",
                          code="unsupported_parameter", param=bad[0])
-    mt = default_max_tokens if max_tokens is None else max_tokens
+    mt = min(default_max_tokens, cfg.max_tokens_limit) if max_tokens is None else max_tokens
     if not 1 <= mt <= cfg.max_tokens_limit:
         raise _HTTPError(400, f"max_tokens must be between 1 and {cfg.max_tokens_limit}, got {mt}", param="max_tokens")
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
@@ -480,11 +480,19 @@ def _common(req: Any, cfg: ServeConfig, served: dict[str, Any], saes: dict[str, 
     if req.stream_options is not None and not stream:
         raise _HTTPError(400, "stream_options is only allowed with stream: true", param="stream_options")
     return {"model": req.model, "max_tokens": mt, "stop": stop, "seed": req.seed,
-            "temperature": _range(req.temperature, "temperature", 1.0, 0.0, 2.0),
+            "temperature": _temperature(_range(req.temperature, "temperature", 1.0, 0.0, 2.0)),
             "top_p": _range(req.top_p, "top_p", 1.0, 0.0, 1.0, lo_open=True),
             "n": _int_range(req.n, "n", 1, 1, cfg.max_n), "stream": stream,
             "include_usage": bool(req.stream_options and req.stream_options.include_usage),
             "steer": _resolve_steering(req.steering, req.model, served, saes, cfg)}
+
+
+MIN_TEMPERATURE = 1e-4
+"""Temperatures below this decode greedily (logits / 1e-313 overflow to inf; the limit is the argmax anyway)."""
+
+
+def _temperature(t: float) -> float:
+    return t if t >= MIN_TEMPERATURE else 0.0
 
 
 def parse_request(body: Any, cfg: ServeConfig, served: dict[str, Any], saes: dict[str, Any] | None = None
