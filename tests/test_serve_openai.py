@@ -268,3 +268,11 @@ def test_completions_endpoint_raw_prompts(client, app, lm):
     text = "".join(c.choices[0].text for c in client.completions.create(model="default", prompt=prompt, max_tokens=6,
                                                                         temperature=0, stream=True) if c.choices)
     assert text == ref
+
+
+def test_deeply_nested_body_is_not_a_500(http):
+    for depth in (900, 5000):
+        raw = '{"model": "default", "messages": ' + "[" * depth + "]" * depth + "}"
+        r = http.post("/v1/chat/completions", content=raw, headers=H)
+        assert r.status_code in (400, 422), r.text[:200]
+        assert "error" in r.json()

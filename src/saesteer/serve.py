@@ -332,24 +332,24 @@ def _content(c: Any, i: int) -> str:
     return "".join(parts)
 
 
-def _bad_text(x: Any, path: str = "body") -> str | None:
-    """Where a string of the decoded JSON holds a lone surrogate (``"\\ud800"``): the tokenizer cannot encode it."""
-    if isinstance(x, str):
-        try:
-            x.encode("utf-8")
-        except UnicodeEncodeError:
-            return path
-        return None
-    if isinstance(x, dict):
-        for k, v in x.items():
-            bad = _bad_text(k, path) or _bad_text(v, f"{path}.{k}" if isinstance(k, str) else path)
-            if bad:
-                return bad
-    elif isinstance(x, list):
-        for i, v in enumerate(x):
-            bad = _bad_text(v, f"{path}[{i}]")
-            if bad:
-                return bad
+def _bad_text(body: Any) -> str | None:
+    """Where a string of the decoded JSON holds a lone surrogate (``"\\ud800"``): the tokenizer cannot encode it.
+
+    Iterative: a body nested as deep as ``json.loads`` allows must not overflow the stack here."""
+    stack: list[tuple[Any, str]] = [(body, "body")]
+    while stack:
+        x, path = stack.pop()
+        if isinstance(x, str):
+            try:
+                x.encode("utf-8")
+            except UnicodeEncodeError:
+                return path
+        elif isinstance(x, dict):
+            for k, v in x.items():
+                stack.append((k, path))
+                stack.append((v, f"{path}.{k}" if isinstance(k, str) and len(path) < 200 else path))
+        elif isinstance(x, list):
+            stack.extend((v, f"{path}[{i}]" if len(path) < 200 else path) for i, v in enumerate(x))
     return None
 
 
