@@ -177,3 +177,12 @@ def test_steering_limits_endpoint(live):
     info = httpx.get(live.url + "/v1/steering", headers={"Authorization": f"Bearer {KEY}"}).json()
     assert info["saes"] == {"main": {"layer": 0, "num_latents": 32}} and info["max_features"] == 2
     assert "default+clamp" in info["policies"]
+
+
+def test_cli_allow_sae_must_exist(monkeypatch, capsys):
+    from saesteer.cli import main
+
+    monkeypatch.delenv("SAESTEER_API_KEY", raising=False)
+    with pytest.raises(SystemExit) as ei:
+        main(["serve", "--allow-sae", "x=/nonexistent/sae", "--port", "8123"])
+    assert ei.value.code == 2 and "SAE folder not found" in capsys.readouterr().err
