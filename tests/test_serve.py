@@ -15,8 +15,9 @@ import torch
 
 from saesteer.core import SaesteerError
 from saesteer.generation import generate
-from saesteer.serve import ServeConfig, make_app, parse_request, served_models
+from saesteer.serve import ServeConfig, parse_request, served_models
 from saesteer.steering import Add, steer
+from serve_live import Live
 
 openai = pytest.importorskip("openai")
 KEY = "sk-test-key"
@@ -35,32 +36,6 @@ def lm():
                 p.copy_(torch.randn(p.shape, generator=g) * 0.15)
     vec = torch.randn(64, generator=torch.Generator().manual_seed(2)) * 3
     return model, tok, vec
-
-
-class Live:
-    def __init__(self, model, tok, served, cfg):
-        self.app = make_app(model, tok, served, cfg)
-        import uvicorn
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        t0 = time.time()
-        while not self.server.started:
-            assert time.time() - t0 < 20, "server did not start"
-            time.sleep(0.02)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def client(self, key=KEY):
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=60)
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-        self.app.state.engine.close()
 
 
 @pytest.fixture(scope="module")

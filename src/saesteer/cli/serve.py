@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -22,7 +22,14 @@ def serve(
     steering: SteeringOptions = None,  # type: ignore[assignment]  (served as NAME+refusal-clamp; @steering_options)
     steer_name: Optional[str] = typer.Option(None, "--steer-name", help="suffix of the steered model name"),
     base_name: str = typer.Option("default", "--base-name", help="name of the unsteered model in /v1/models"),
-    host: str = typer.Option("127.0.0.1", help="interface to listen on (keep loopback unless you add --api-key)"),
+    host: str = typer.Option("127.0.0.1", help="interface to listen on (non-loopback needs --api-key or --insecure)"),
+    insecure: bool = typer.Option(False, "--insecure", help="allow a non-loopback --host without an API key"),
+    docs: bool = typer.Option(False, "--docs", help="serve /docs, /redoc, /openapi.json (behind the API key)"),
+    allow_sae: Optional[List[str]] = typer.Option(
+        None, "--allow-sae", help="SAE folder (NAME=PATH or PATH; repeatable) that requests may steer with "
+        "(extra_body steering.features); --sae is allowed too, as 'sae'"),
+    steer_max_features: int = typer.Option(8, help="most per-request steering feature edits"),
+    steer_max_value: float = typer.Option(200.0, help="largest |clamp| / |add| of a per-request feature edit"),
     port: int = typer.Option(8000, help="TCP port"),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="SAESTEER_API_KEY",
                                           help="require 'Authorization: Bearer KEY' (env SAESTEER_API_KEY)"),
@@ -38,8 +45,16 @@ def serve(
     from saesteer.core import resolve_device, set_threads
     from saesteer.models import load_model
     from saesteer.serve import ServeConfig, run_server, served_models
+    from saesteer.serve.server import check_bind
 
     ensure(1 <= port <= 65535, f"--port must be in 1..65535, got {port}")
+    check_bind(host, api_key, insecure)
+    saes: dict[str, str] = {}
+    for item in ([f"sae={steering.sae}"] if steering.sae is not None else []) + list(allow_sae or []):
+        name, path = item.split("=", 1) if "=" in item else (Path(item).name, item)
+        ensure(name not in saes, f"--allow-sae name {name!r} given twice")
+        ensure(Path(path).exists(), f"SAE folder not found: {path}")
+        saes[name] = path
     ensure(max_batch >= 1 and max_queue >= 1 and max_tokens_limit >= 1, "--max-batch/--max-queue/--max-tokens-limit must be >= 1")
     specs = steering.specs()
     if policy is not None:
@@ -51,7 +66,10 @@ def serve(
                            specs=[s.to_dict() for s in specs] or None, steer_name=name)
     cfg = ServeConfig(host=host, port=port, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
                       max_tokens_limit=max_tokens_limit, max_body_bytes=max_body_bytes,
-                      decode_threads=decode_threads)
+                      decode_threads=decode_threads, insecure=insecure, docs=docs,
+                      steer_max_features=steer_max_features, steer_max_value=steer_max_value)
     typer.echo(f"saesteer: serving {', '.join(served)} on http://{host}:{port}/v1"
                + (" (API key required)" if api_key else ""), err=True)
-    run_server(m, tok, served, cfg)
+    if saes:
+        typer.echo(f"saesteer: per-request steering may use SAE(s) {', '.join(saes)}", err=True)
+    run_server(m, tok, served, cfg, saes=saes or None)

@@ -117,6 +117,10 @@ class Row:
     emitted: int = 0
     finish_reason: str | None = None
     cancelled: bool = False
+    logprobs: int | None = None
+    """Record log-probabilities: ``None`` = no; ``k >= 0``: the chosen token's plus the ``k`` most likely tokens'."""
+    token_logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
+    """Per token of ``out_ids`` (when ``logprobs`` is set): (token id, log-prob, [(id, log-prob) of the top k])."""
 
     @property
     def done(self) -> bool:
@@ -187,6 +191,20 @@ def _sample(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
             probs = probs.to(gen.device)
         nxt[j] = torch.multinomial(probs / probs.sum(), 1, generator=gen).to(nxt.device)[0]
     return nxt
+
+
+def _logprobs(logits: torch.Tensor, rows: list[Row], nxt: list[int]) -> list[Any]:
+    """(token, log-prob, top-k) of each row that asks for log-probabilities (raw model distribution), else None."""
+    want = [j for j, r in enumerate(rows) if r.logprobs is not None]
+    out: list[Any] = [None] * len(rows)
+    if not want:
+        return out
+    lp = torch.log_softmax(logits[want].float(), -1).cpu()
+    for k, j in enumerate(want):
+        top = lp[k].topk(min(rows[j].logprobs, lp.shape[-1])) if rows[j].logprobs else None
+        alts = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+        out[j] = (nxt[j], float(lp[k, nxt[j]]), alts)
+    return out
 
 
 def _held_back(text: str, stops: Sequence[str]) -> int:
@@ -266,7 +284,11 @@ def _loop(forward, model, tok, live, eos, logits, mask, last, cache, need_text, 
         # isfinite(logits).all(), which cost ~10% of a 128-row decode step
         ensure(bool(torch.isfinite(logits.sum(-1)).all()), "the model produced NaN/inf logits (check the steering values)")
         nxt = _sample(logits, live).tolist()
+        lps = _logprobs(logits, live, nxt)
         events = [_advance(r, t, eos, tok, need_text, skip_special) for r, t in zip(live, nxt)]
+        for r, lp in zip(live, lps):
+            if lp is not None and len(r.token_logprobs) < len(r.out_ids):  # the token was kept (not EOS)
+                r.token_logprobs.append(lp)
         yield events
         keep = [j for j, r in enumerate(live) if not r.done]
         if not keep:
