@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import typer
 
-from saesteer.core import SaesteerError, ensure
+from saesteer.core import SaesteerError, check_output_path, ensure
 
 from ._app import DEVICE_HELP, MODEL_HELP, THREADS_HELP, eval_app
 
@@ -122,6 +122,7 @@ def refusal_cmd(
     device: str = typer.Option("cpu", help=DEVICE_HELP),
 ) -> None:
     """Refusal rate (unsafe sets) and over-refusal rate (safe sets) with 95 % Wilson intervals."""
+    check_output_path(out)  # before any work: a bad path fails fast
     from ..evals.refusal import RefusalEvalConfig, run_refusal_eval
 
     steering = steering_from_options(sae, feature, clamp, direction, alpha, spec, policy, name)
@@ -167,6 +168,7 @@ def judges_cmd(
     device: str = typer.Option("cpu", help=DEVICE_HELP),
 ) -> None:
     """Agreement of each judge with human refusal labels: accuracy (with CI), Cohen's kappa, n."""
+    check_output_path(out, "file")  # before any work: a bad path fails fast
     from saesteer.core import atomic_write_json, resolve_device, set_threads
 
     from ..evals.judges import agreement, load_human_labels, make_judge
@@ -234,6 +236,7 @@ def multiturn_cmd(
     device: str = typer.Option("cpu", help=DEVICE_HELP),
 ) -> None:
     """Multi-turn refusal: replay red-team conversations turn by turn, or run Crescendo-style attacks (ASR)."""
+    check_output_path(out)  # before any work: a bad path fails fast
     from ..evals.multiturn import MultiTurnConfig, run_crescendo, run_replay
 
     ensure(mode in ("replay", "crescendo"), f"--mode must be replay or crescendo, got {mode!r}")

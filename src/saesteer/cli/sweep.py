@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from saesteer.core import SaesteerError
+from saesteer.core import SaesteerError, check_output_path
 
 from ._app import DEVICE_HELP, MODEL_HELP, THREADS_HELP, app, eval_app
 from .evals import (
@@ -63,6 +63,7 @@ def capability_cmd(
     device: str = typer.Option("cpu", help=DEVICE_HELP),
 ) -> None:
     """MMLU, TruthfulQA MC1/MC2 and GSM8K in lm-eval's formats, steered or not, with 95 % intervals."""
+    check_output_path(out)  # before any work: a bad path fails fast
     from ..evals.capability import CapabilityConfig, run_capability, write_capability
 
     steering = steering_from_options(sae, feature, clamp, direction, alpha, spec, policy, name)
@@ -125,6 +126,7 @@ def sweep_cmd(
     device: str = typer.Option("cpu", help=DEVICE_HELP),
 ) -> None:
     """Clamp sweep: refusal, over-refusal and capability per condition → one results table (JSONL) + report."""
+    check_output_path(out)  # before any work: a bad path fails fast
     from rich.console import Console
 
     from saesteer.experiments import SweepConfig, run_sweep
@@ -163,6 +165,7 @@ def report_cmd(
     out: Optional[Path] = typer.Option(None, help="report folder (default: RUN_DIR/report)"),
 ) -> None:
     """Self-contained HTML page + PNG plots from a sweep's results.jsonl."""
+    check_output_path(out)  # before any work: a bad path fails fast
     from saesteer.experiments import make_report
 
     print(make_report(run_dir, condition, out))
