@@ -239,3 +239,16 @@ def test_ctrl_c_during_train_prints_interrupted_and_resume_has_unique_steps(cach
     subprocess.run([*cmd, "--resume", "--stop-at-step", str(at + 30)], check=True, capture_output=True, timeout=300)
     steps = _steps(out)
     assert steps == sorted(set(steps)) and steps[-1] == at + 30, steps
+
+
+def test_sae_import_refuses_negative_layer(tmp_path):
+    """No model to count layers from: ``sae import --layer -1`` would record -1 (\"unknown\"); it is one error line."""
+    from saesteer.sae import SAEConfig, TopKSAE, export_saelens, load_sae
+
+    s = TopKSAE(SAEConfig(d_in=16, num_latents=32, k=4, model="tiny", layer=1, hook_name="model.layers.1"), seed=0)
+    export_saelens(s, tmp_path / "sl")
+    code, _, err = in_process("sae", "import", str(tmp_path / "sl"), str(tmp_path / "back"), "--layer", "-1")
+    assert code == 2 and "absolute layer" in one_error_line(err) and not (tmp_path / "back").exists()
+    code, _, err = in_process("sae", "import", str(tmp_path / "sl"), str(tmp_path / "back"), "--layer", "0")
+    assert code == 0, err
+    assert load_sae(tmp_path / "back").cfg.layer == 0

@@ -125,6 +125,7 @@ def import_cmd(
     if model:
         sae.cfg.model = model
     if layer is not None:
+        ensure(layer >= 0, f"--layer must be the absolute layer index here (no model to count from), got {layer}")
         sae.cfg.layer, sae.cfg.hook_name = layer, f"model.layers.{layer}"
     with atomic_dir(out) as tmp:
         save_sae(sae, tmp)
