@@ -4,6 +4,7 @@
 from .cache import (  # noqa: F401
     FORMAT,
     ActivationCache,
+    same_layer,
 )
 from .collect import (  # noqa: F401
     CollectConfig,

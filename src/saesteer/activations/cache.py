@@ -189,3 +189,16 @@ class ActivationCache:
             if tid is not None:
                 ensure(tid.shape[0] == a.shape[0], f"shard {i}: token_ids has {tid.shape[0]} rows, acts {a.shape[0]}")
         return {"n_tokens": total, "n_shards": self.n_shards, "mean_norm": norm_sum / max(total, 1), "max_norm": norm_max}
+
+
+def same_layer(meta: dict[str, Any], layer: int) -> bool:
+    """Whether ``layer`` (negative counts from the end) names the layer a cache's ``meta`` holds. ``meta["layer"]``
+    is always the absolute index; the recorded ``n_layers`` resolves a negative one, and older caches (without it)
+    still match the exact ``--layer`` they were collected with."""
+    have = meta.get("layer")
+    if have is not None and int(have) == layer:
+        return True
+    n = meta.get("n_layers")
+    if layer < 0 and n and -int(n) <= layer and have is not None:
+        return layer % int(n) == int(have)
+    return meta.get("config", {}).get("layer") == layer

@@ -178,9 +178,11 @@ def _prepare_out(cfg: CollectConfig) -> tuple[Path, dict[str, Any] | None, bool]
             raise SaesteerError(f"output folder {out} is not empty and holds no activation cache (use another --out)")
         meta = read_json(meta_path, "activation cache meta")
         old = meta.get("config", {})
-        diff = [k for k in _IDENTITY if old.get(k) != cfg.identity()[k]]
+        diff = [k for k in _IDENTITY if k != "layer" and old.get(k) != cfg.identity()[k]]
+        if not same_layer(meta, cfg.layer):
+            diff.insert(1, "layer")
         if diff:
-            what = ", ".join(f"{k}={old.get(k)!r} vs {cfg.identity()[k]!r}" for k in diff)
+            what = ", ".join(f"{k}={(meta if k == 'layer' else old).get(k)!r} vs {cfg.identity()[k]!r}" for k in diff)
             raise SaesteerError(f"{out} holds a different collection ({what}); use another --out or --overwrite")
         if not cfg.resume and not meta.get("complete"):
             raise SaesteerError(f"{out} holds an unfinished collection; resume it or pass --overwrite")
@@ -270,14 +272,14 @@ def _plan(cfg: CollectConfig, tok: Any, docs: list[tuple[str, bool]]) -> tuple[l
 
 def _new_meta(cfg: CollectConfig, model: Any, layer: int, n_docs: int, extra: dict[str, Any]) -> dict[str, Any]:
     from saesteer import __version__
-    from saesteer.models import d_model, model_name
+    from saesteer.models import d_model, model_name, n_layers
 
-    return {
-        "format": FORMAT, "version": VERSION, "model": model_name(model), "layer": layer,
+    return {  # the layer as the absolute index (--layer -1 is stored as n_layers - 1), in meta and its config
+        "format": FORMAT, "version": VERSION, "model": model_name(model), "layer": layer, "n_layers": n_layers(model),
         "hook_name": f"model.layers.{layer}", "d_model": d_model(model), "dtype": cfg.dtype, "n_tokens": 0,
         "shards": [], "data_spec": cfg.data, "complete": False, "next_batch": 0, "n_docs": n_docs,
         "context_len": cfg.context_len, "excluded": "position 0, BOS, padding and all special tokens",
-        "config": cfg.identity(), "saesteer_version": __version__, "norm_sum": 0.0, "norm_max": 0.0,
+        "config": {**cfg.identity(), "layer": layer}, "saesteer_version": __version__, "norm_sum": 0.0, "norm_max": 0.0,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **extra,
     }
 
@@ -439,4 +441,4 @@ def _collect_dist(cfg: CollectConfig, model: Any, tok: Any, rank: int, world: in
     return out
 
 
-from .cache import ActivationCache  # noqa: E402,F401  (the reader lives in its own module)
+from .cache import ActivationCache, same_layer  # noqa: E402,F401  (the reader lives in its own module)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import typer
 
-from saesteer.core import SaesteerError
+from saesteer.core import SaesteerError, check_output_path
 
 from ._app import app
 from .options import DEVICE_HELP, THREADS_HELP, model_option
@@ -152,6 +152,7 @@ def demo(
     device: str = typer.Option("cpu", help=DEVICE_HELP),
 ) -> None:
     """Run the whole pipeline on MODEL with small budgets and print the comparison table."""
+    check_output_path(out)  # before any work: a bad path fails fast
     if budget not in BUDGETS:
         raise SaesteerError(f"unknown --budget {budget!r}: choose from {', '.join(BUDGETS)}")
     common = ["--device", device] + (["--threads", str(threads)] if threads else [])

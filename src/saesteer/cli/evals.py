@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from saesteer.core import SaesteerError, ensure, resolve_device
+from saesteer.core import SaesteerError, check_output_path, ensure, resolve_device
 
 from ._app import eval_app
 from .common import load, print_rates, split_list
@@ -46,6 +46,7 @@ def refusal_cmd(
     device: str = typer.Option("cpu", help=DEVICE_HELP),
 ) -> None:
     """Refusal rate (unsafe sets) and over-refusal rate (safe sets) with 95 % Wilson intervals."""
+    check_output_path(out)  # before any work: a bad path fails fast
     from ..evals.refusal import RefusalEvalConfig, run_refusal_eval
 
     st = steering.to_steering()
@@ -81,6 +82,7 @@ def judges_cmd(
     device: str = typer.Option("cpu", help=DEVICE_HELP),
 ) -> None:
     """Agreement of each judge with human refusal labels: accuracy (with CI), Cohen's kappa, n."""
+    check_output_path(out, "file")  # before any work: a bad path fails fast
     from saesteer.core import atomic_write_json, resolve_device, set_threads
 
     from ..evals.judges import agreement, load_human_labels, make_judge
@@ -147,6 +149,7 @@ def multiturn_cmd(
     device: str = typer.Option("cpu", help=DEVICE_HELP),
 ) -> None:
     """Multi-turn refusal: replay red-team conversations turn by turn, or run Crescendo-style attacks (ASR)."""
+    check_output_path(out)  # before any work: a bad path fails fast
     from ..evals.multiturn import MultiTurnConfig, run_crescendo, run_replay
 
     ensure(mode in ("replay", "crescendo"), f"--mode must be replay or crescendo, got {mode!r}")
@@ -188,6 +191,7 @@ def capability_cmd(
     device: str = typer.Option("cpu", help=DEVICE_HELP),
 ) -> None:
     """MMLU, TruthfulQA MC1/MC2 and GSM8K in lm-eval's formats, steered or not, with 95 % intervals."""
+    check_output_path(out)  # before any work: a bad path fails fast
     from ..evals.capability import CapabilityConfig, run_capability, write_capability
 
     st = steering.to_steering()

@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import typer
 
-from saesteer.core import SaesteerError, ensure
+from saesteer.core import SaesteerError, check_output_path, ensure
 
 from ._app import app
 from .options import DEVICE_HELP, THREADS_HELP, model_option
@@ -88,6 +88,7 @@ def features_cmd(
     device: str = typer.Option("cpu", help=DEVICE_HELP),
 ) -> None:
     """Find refusal latents (the paper's method + a contrastive ranking), pick one by a clamp grid, write cards."""
+    check_output_path(out)  # before any work: a bad path fails fast
     from saesteer.core import atomic_dir, atomic_write_json, atomic_write_text
     from saesteer.features import DiscoveryConfig, discover, feature_cards, grid_table_html, write_cards
 
@@ -146,6 +147,7 @@ def inspect_cmd(
     device: str = typer.Option("cpu", help=DEVICE_HELP),
 ) -> None:
     """Feature cards: top contexts with token highlighting, activation histogram, promoted / suppressed tokens."""
+    check_output_path(out)  # before any work: a bad path fails fast
     from saesteer.core import atomic_dir
     from saesteer.data import item_text, load_prompts
     from saesteer.features import CardConfig, encode_sequences, feature_cards, write_cards

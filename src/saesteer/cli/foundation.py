@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from saesteer.core import ensure
+from saesteer.core import check_output_path, ensure
 
 from ._app import app
 from .options import DEVICE_HELP, THREADS_HELP, model_option
@@ -60,6 +60,7 @@ def collect_cmd(
 
     Distributed: torchrun --nproc_per_node N -m saesteer collect ... splits the batches across N processes that
     write one cache (a resume needs the same N)."""
+    check_output_path(out)  # before any work: a bad path fails fast
     from saesteer.activations import ActivationCache, CollectConfig, collect
 
     cfg = CollectConfig(model=model, layer=layer, data=data, tokens=tokens, out=str(out), batch_size=batch_size,
@@ -139,6 +140,7 @@ def data_fetch(
     force: bool = typer.Option(False, help="download again even when the file is present and verified"),
 ) -> None:
     """Download named sets with checksum verification and atomic writes (resumes interrupted downloads)."""
+    check_output_path(dest, what="--dest")  # before any work: a bad path fails fast
     from saesteer.data.fetch import fetch_sets
     from saesteer.data.sources import user_data_dir
 

@@ -8,7 +8,7 @@ from typing import Any, List, Optional
 
 import typer
 
-from saesteer.core import ensure
+from saesteer.core import check_output_path, ensure
 
 from ._app import app
 from .options import (
@@ -91,6 +91,7 @@ def fit_cmd(
     device: str = typer.Option("cpu", help=DEVICE_HELP),
 ) -> None:
     """Fit a gate on train prompts, cap its false positives on validation prompts, save gate + steering as one file."""
+    check_output_path(out, "file")  # before any work: a bad path fails fast
     import dataclasses
 
     from saesteer.core import resolve_device, set_threads
@@ -170,6 +171,7 @@ def compare_cmd(
     device: str = typer.Option("cpu", help=DEVICE_HELP),
 ) -> None:
     """Unsteered vs each policy on unsafe refusal, over-refusal, multi-turn and capability; table + Pareto plot."""
+    check_output_path(out)  # before any work: a bad path fails fast
     from saesteer.core import resolve_device, set_threads
     from saesteer.experiments import CompareConfig, run_compare
     from saesteer.models import load_model

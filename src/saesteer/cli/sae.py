@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from saesteer.core import ensure
+from saesteer.core import check_output_path, ensure
 
 from ._app import app
 from .options import DEVICE_HELP, MODEL_HELP, THREADS_HELP
@@ -47,6 +47,7 @@ def train_cmd(
 ) -> None:
     """Train a Top-k SAE (Gao et al. 2024) on cached activations. Data-parallel under
     ``torchrun --nproc_per_node N -m saesteer train ...``."""
+    check_output_path(out)  # before any work: a bad path fails fast
     from saesteer.sae import TrainConfig, train
 
     cfg = TrainConfig(acts=str(acts), out=str(out), k=k, expansion=expansion, num_latents=num_latents,
@@ -79,6 +80,7 @@ def sae_eval_cmd(
     device: str = typer.Option("cpu", help=DEVICE_HELP),
 ) -> None:
     """FVU, MSE, L0, dead/dense latents, density histogram and CE loss recovered on held-out text."""
+    check_output_path(out, "file")  # before any work: a bad path fails fast
     from saesteer.sae import SAEEvalConfig, run_sae_eval
 
     r = run_sae_eval(SAEEvalConfig(model=model, sae=str(sae), data=data, out=str(out), layer=layer,
@@ -96,6 +98,7 @@ def export_cmd(
     to: str = typer.Option(..., "--to", help="saelens or sparsify"),
 ) -> None:
     """Write an SAE in SAELens or sparsify format (raw residual units, same latents)."""
+    check_output_path(out, what="OUT")  # before any work: a bad path fails fast
     from saesteer.sae import export_saelens, export_sparsify, load_sae
 
     ensure(to in ("saelens", "sparsify"), f"--to must be saelens or sparsify, got {to!r}")
@@ -112,6 +115,7 @@ def import_cmd(
     layer: Optional[int] = typer.Option(None, help="record this layer (if the source has none)"),
 ) -> None:
     """Convert an SAELens / sparsify SAE into our format."""
+    check_output_path(out, what="OUT")  # before any work: a bad path fails fast
     from saesteer.core import atomic_dir
     from saesteer.sae import TopKSAE, detect_format, load_sae, save_sae
 
@@ -122,6 +126,7 @@ def import_cmd(
     if model:
         sae.cfg.model = model
     if layer is not None:
+        ensure(layer >= 0, f"--layer must be the absolute layer index here (no model to count from), got {layer}")
         sae.cfg.layer, sae.cfg.hook_name = layer, f"model.layers.{layer}"
     with atomic_dir(out) as tmp:
         save_sae(sae, tmp)

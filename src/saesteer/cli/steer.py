@@ -8,7 +8,7 @@ from typing import Any, List, Optional
 
 import typer
 
-from saesteer.core import SaesteerError, ensure
+from saesteer.core import SaesteerError, check_output_path, ensure
 
 from ._app import app
 from .options import DEVICE_HELP, THREADS_HELP, SteeringOptions, model_option, steering_options
@@ -165,6 +165,7 @@ def direction_cmd(
     device: str = typer.Option("cpu", help=DEVICE_HELP),
 ) -> None:
     """Fit the refusal direction (difference of means, Arditi et al.) and pick its layer on a validation split."""
+    check_output_path(out, "file")  # before any work: a bad path fails fast
     from saesteer.steering import DirectionConfig, fit_direction, save_direction
 
     ensure(n_train > 0 and n_val > 0, "--n-train and --n-val must be positive")

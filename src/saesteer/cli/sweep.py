@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from saesteer.core import SaesteerError
+from saesteer.core import SaesteerError, check_output_path
 
 from ._app import app
 from .common import split_list
@@ -61,6 +61,7 @@ def sweep_cmd(
     device: str = typer.Option("cpu", help=DEVICE_HELP),
 ) -> None:
     """Clamp sweep: refusal, over-refusal and capability per condition → one results table (JSONL) + report."""
+    check_output_path(out)  # before any work: a bad path fails fast
     from rich.console import Console
 
     from saesteer.experiments import SweepConfig, run_sweep
@@ -99,6 +100,7 @@ def report_cmd(
     out: Optional[Path] = typer.Option(None, help="report folder (default: RUN_DIR/report)"),
 ) -> None:
     """Self-contained HTML page + PNG plots from a sweep's results.jsonl."""
+    check_output_path(out)  # before any work: a bad path fails fast
     from saesteer.experiments import make_report
 
     print(make_report(run_dir, condition, out))

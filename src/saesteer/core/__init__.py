@@ -3,11 +3,19 @@ devices (``runtime``), interval statistics (``stats``), and the process-group he
 training (``dist``). Depends on nothing else in saesteer."""
 
 from .errors import SaesteerError, ensure, require_package
-from .io import atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
+from .io import (
+    atomic_dir,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    check_output_path,
+    read_json,
+)
 from .runtime import resolve_device, set_threads
 from .stats import auroc, diff_interval, rate_summary, wilson_interval
 
 __all__ = [
-    "SaesteerError", "atomic_dir", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "diff_interval",
-    "auroc", "ensure", "rate_summary", "read_json", "require_package", "resolve_device", "set_threads", "wilson_interval",
+    "SaesteerError", "atomic_dir", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "auroc",
+    "check_output_path", "diff_interval", "ensure", "rate_summary", "read_json", "require_package", "resolve_device",
+    "set_threads", "wilson_interval",
 ]

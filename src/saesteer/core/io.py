@@ -22,6 +22,34 @@ def _check_writable_dir(d: Path) -> None:
         raise SaesteerError(f"output directory {d} is not writable")
 
 
+def check_output_path(path: str | os.PathLike | None, kind: str = "dir", what: str = "--out") -> Path | None:
+    """Check, before any work starts, that ``path`` can be written as a folder (``kind="dir"``) or a file
+    (``kind="file"``): no regular file where a folder is needed (or the reverse), and the nearest existing folder
+    on the way accepts new entries. Creates nothing (a probe entry is made and removed at once). Returns the path
+    (``None`` passes through); raises :class:`SaesteerError` with one line naming ``what``."""
+    if path is None:
+        return None
+    if kind not in ("dir", "file"):
+        raise ValueError(f"kind must be 'dir' or 'file', got {kind!r}")
+    p = Path(path).expanduser()
+    if p.exists():
+        if kind == "dir" and not p.is_dir():
+            raise SaesteerError(f"{what} {p} exists and is not a folder")
+        if kind == "file" and p.is_dir():
+            raise SaesteerError(f"{what} {p} is a folder, not a file")
+    probe_in = p if kind == "dir" and p.is_dir() else p.parent
+    anc = probe_in
+    while not anc.exists() and not anc.is_symlink() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise SaesteerError(f"cannot write {what} {p}: {anc} is a file, not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=anc, prefix=".saesteer-probe."))
+    except OSError as e:
+        raise SaesteerError(f"cannot write {what} {p}: {anc} is not writable ({e.strerror or e})") from None
+    return p
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -25,8 +25,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from saesteer.activations import ActivationCache
-from saesteer.core import SaesteerError, atomic_write_bytes, atomic_write_json, ensure, set_threads
+from saesteer.activations import ActivationCache, same_layer
+from saesteer.core import (
+    SaesteerError,
+    atomic_write_bytes,
+    atomic_write_json,
+    check_output_path,
+    ensure,
+    set_threads,
+)
 from saesteer.core import dist as ddp
 from saesteer.core.dist import setup as _dist_setup
 
@@ -198,8 +205,8 @@ def _validate(cfg: TrainConfig, cache: ActivationCache) -> None:
     if cfg.model is not None:
         ensure(m.get("model") == cfg.model, f"cache {cache.path} holds activations of model {m.get('model')!r}, "
                                             f"not {cfg.model!r}")
-    if cfg.layer is not None:
-        ensure(int(m.get("layer", -10**9)) == cfg.layer,
+    if cfg.layer is not None:  # --layer -1 names the cache's absolute layer (n_layers - 1) too
+        ensure(same_layer(m, cfg.layer),
                f"cache {cache.path} holds layer {m.get('layer')} activations, not layer {cfg.layer}")
     ensure(cfg.batch_size > 0 and cfg.k > 0, "batch_size and k must be positive")
     ensure(cfg.epochs > 0 or (cfg.steps or 0) > 0, "epochs (or steps) must be positive")
@@ -224,6 +231,7 @@ def _train(cfg: TrainConfig) -> TopKSAE | None:
     from .formats import save_sae
 
     set_threads(cfg.threads)
+    check_output_path(cfg.out)
     rank, world, device = _dist_setup(cfg.device)
     cache = open_cache(cfg.acts)
     _validate(cfg, cache)
@@ -293,7 +301,10 @@ def _train(cfg: TrainConfig) -> TopKSAE | None:
                 "train_cfg": {k: v for k, v in asdict(cfg).items() if isinstance(v, (int, float, str, bool))}})
         ddp.barrier(world)
 
-    metrics_f = open(out / CKPT_DIR / "metrics.jsonl", "a") if rank == 0 and _mkdir(out / CKPT_DIR) else None
+    if rank == 0:
+        _mkdir(out / CKPT_DIR)
+        trim_metrics(out / CKPT_DIR / "metrics.jsonl", step)  # a resume rewrites the steps after its checkpoint
+    metrics_f = open(out / CKPT_DIR / "metrics.jsonl", "a") if rank == 0 else None
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -395,6 +406,25 @@ def _adam(params: Any, lr: float) -> torch.optim.Adam:
         return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=6.25e-10, fused=True)
     except (RuntimeError, ValueError):
         return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=6.25e-10)
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Keep only the lines of ``metrics.jsonl`` up to ``step`` (the checkpoint a run starts from; 0 for a fresh run),
+    dropping a torn last line too, so that a resumed run appends without repeating steps. Atomic."""
+    if not path.exists():
+        return
+    kept, changed = [], False
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            ok = int(json.loads(line)["step"]) <= step
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        if ok:
+            kept.append(line + "\n")
+        else:
+            changed = True
+    if changed:
+        atomic_write_bytes(path, "".join(kept).encode("utf-8"))
 
 
 def _mkdir(p: Path) -> bool:
