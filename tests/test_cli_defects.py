@@ -14,30 +14,7 @@ from pathlib import Path
 import pytest
 
 from saesteer.core import SaesteerError, check_output_path
-
-
-def in_process(*args: str):
-    """Run ``saesteer.cli.main`` in this process; returns (exit code, stdout, stderr)."""
-    import contextlib
-    import io
-
-    from saesteer.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main(list(args))
-        except SystemExit as e:
-            code = e.code or 0
-    return code, out.getvalue(), err.getvalue()
-
-
-def one_error_line(err: str) -> str:
-    assert "Traceback" not in err, err
-    lines = [ln for ln in err.strip().splitlines() if ln.startswith("saesteer:")]
-    assert len(lines) == 1 and lines[0].startswith("saesteer: error: "), err
-    return lines[0]
+from test_cli_foundation import in_process, one_error_line
 
 
 @pytest.fixture()

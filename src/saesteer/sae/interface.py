@@ -15,6 +15,23 @@ class SAEMethods:
     """Accessors shared by every SAE class (all values in the model's raw residual units)."""
 
     @property
+    def latent_scale(self) -> float:
+        """Raw-unit contribution of a latent value of 1 along its decoder row: 1.0 for every SAE here (input scales
+        are folded into the weights)."""
+        return 1.0
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_dec.device  # type: ignore[attr-defined]
+
+    def decoder_direction(self, f: int) -> torch.Tensor:
+        """Decoder row of latent ``f``: what one unit of its activation adds to the reconstruction (raw units; unit
+        norm for our Top-k SAE)."""
+        ensure(isinstance(f, int), f"feature index must be an integer, got {f!r}")
+        self.check_features([f])
+        return self.W_dec[f]  # type: ignore[attr-defined]
+
+    @property
     def trained_layer(self) -> int | None:
         """The decoder layer whose output the SAE reads, or None when the SAE does not record one (stored as -1)."""
         layer = getattr(getattr(self, "cfg", None), "layer", None)

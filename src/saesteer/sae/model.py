@@ -251,21 +251,6 @@ class TopKSAE(SAEMethods, nn.Module):
     def input_scale(self) -> float:
         return float(self.cfg.input_scale)
 
-    @property
-    def latent_scale(self) -> float:
-        """Raw-unit contribution of a latent value of 1 along its unit decoder row: always 1.0 (see module doc)."""
-        return 1.0
-
-    @property
-    def device(self) -> torch.device:
-        return self.W_dec.device
-
-    def decoder_direction(self, f: int) -> torch.Tensor:
-        """Unit-norm decoder row of latent ``f`` (a direction in raw residual space)."""
-        ensure(isinstance(f, int) and 0 <= f < self.num_latents,
-               f"feature index {f} is out of range: the SAE has {self.num_latents} latents (0..{self.num_latents - 1})")
-        return self.W_dec[f]
-
     # ----------------------------------------------------------------------------------------------- raw-unit API
     def _flat(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
         if x.shape[-1] != self.d_in:

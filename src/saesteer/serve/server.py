@@ -283,6 +283,9 @@ class Engine:
         for i, (_, _, row) in enumerate(rows):
             row.index = i
         ivs = [iv for req in batch for iv in req.interventions]
+        # counted before decoding: a client gets its answer inside the loop and may read these right away
+        self.batch_sizes.append(len(rows))
+        self.batches_run += 1
         try:
             with self._steering(batch, rows), torch.inference_mode():
                 for events in decode_rows(self.model, self.tok, [row for _, _, row in rows], self.eos, stream=True,
@@ -293,8 +296,6 @@ class Engine:
                             req.push(("delta", j, ev.delta))
                         if ev.finish_reason is not None:
                             req.push(("done", j, ev.finish_reason))
-            self.batches_run += 1
-            self.batch_sizes.append(len(rows))
         except Exception as e:  # noqa: BLE001 - report to every waiting client, keep serving
             msg = str(e) if isinstance(e, SaesteerError) else f"generation failed: {type(e).__name__}: {e}"
             for req in batch:

@@ -144,20 +144,6 @@ class BaseSAE(SAEMethods, nn.Module):
     def input_scale(self) -> float:
         return 1.0
 
-    @property
-    def latent_scale(self) -> float:
-        return 1.0
-
-    @property
-    def device(self) -> torch.device:
-        return self.W_dec.device
-
-    def decoder_direction(self, f: int) -> torch.Tensor:
-        """Decoder row of latent ``f``: what one unit of its activation adds to the reconstruction (raw units)."""
-        ensure(isinstance(f, int) and 0 <= f < self.num_latents,
-               f"feature index {f} is out of range: the SAE has {self.num_latents} latents (0..{self.num_latents - 1})")
-        return self.W_dec[f]
-
     def info(self) -> dict[str, Any]:
         return sae_info(self)
 
