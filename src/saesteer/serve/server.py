@@ -278,14 +278,16 @@ class Engine:
             iv.set_row_scale(None if same else [1.0 if iv in req.interventions else 0.0 for req, _, _ in rows])
         return steer(self.model, ivs)
 
+    def _count(self, n_rows: int) -> None:
+        self.batches_run += 1
+        self.batch_sizes.append(n_rows)
+
     def _run(self, batch: list[_Request]) -> None:
         rows = [(req, j, row) for req in batch for j, row in enumerate(req.rows)]
         for i, (_, _, row) in enumerate(rows):
             row.index = i
         ivs = [iv for req in batch for iv in req.interventions]
-        # counted before decoding: a client gets its answer inside the loop and may read these right away
-        self.batch_sizes.append(len(rows))
-        self.batches_run += 1
+        counted, n_done = False, 0
         try:
             with self._steering(batch, rows), torch.inference_mode():
                 for events in decode_rows(self.model, self.tok, [row for _, _, row in rows], self.eos, stream=True,
@@ -295,7 +297,13 @@ class Engine:
                         if ev.delta:
                             req.push(("delta", j, ev.delta))
                         if ev.finish_reason is not None:
+                            n_done += 1
+                            if n_done == len(rows):  # counted before the batch's last client hears it is done
+                                self._count(len(rows))
+                                counted = True
                             req.push(("done", j, ev.finish_reason))
+            if not counted:
+                self._count(len(rows))
         except Exception as e:  # noqa: BLE001 - report to every waiting client, keep serving
             msg = str(e) if isinstance(e, SaesteerError) else f"generation failed: {type(e).__name__}: {e}"
             for req in batch:
