@@ -10,6 +10,7 @@ import typer
 from saesteer.core import SaesteerError, ensure
 
 from ._app import DEVICE_HELP, MODEL_HELP, THREADS_HELP, eval_app
+from .presets import DTYPE_OPT, PRESET_OPT, from_preset, model_dtype
 
 _ST = "steering"
 
@@ -65,12 +66,12 @@ def steering_from_options(
     return Steering(name=name or " + ".join(parts), specs=specs, policy=pol)
 
 
-def _load(model: str, device: str, threads: Optional[int]) -> tuple[Any, Any]:
+def _load(model: str, device: str, threads: Optional[int], dtype: Optional[str] = None) -> tuple[Any, Any]:
     from saesteer.core import resolve_device, set_threads
     from saesteer.models import load_model
 
     set_threads(threads)
-    return load_model(model, device=resolve_device(device))
+    return load_model(model, device=resolve_device(device), dtype=model_dtype(dtype))
 
 
 def _device(device: str) -> str:
@@ -120,10 +121,17 @@ def refusal_cmd(
     policy: Optional[Path] = POLICY_OPT, name: Optional[str] = NAME_OPT,
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
+    dtype: Optional[str] = DTYPE_OPT,
+    preset: Optional[str] = PRESET_OPT,
 ) -> None:
     """Refusal rate (unsafe sets) and over-refusal rate (safe sets) with 95 % Wilson intervals."""
     from ..evals.refusal import RefusalEvalConfig, run_refusal_eval
 
+    keys: dict[str, Any] = dict(model=model, dtype=dtype)
+    if feature:  # the preset's SAE and first clamp steer the given feature(s)
+        keys.update(sae=sae, clamp_csv=clamp)
+    v = {"sae": sae, "clamp_csv": clamp, **from_preset(preset, **keys)}
+    model, dtype, sae, clamp = v["model"], v["dtype"], v["sae"], v["clamp_csv"]
     steering = steering_from_options(sae, feature, clamp, direction, alpha, spec, policy, name)
     cfg = RefusalEvalConfig(
         datasets=_split_list(dataset), limit=limit, seed=seed, judge=judge, judge_base_url=judge_base_url,
@@ -131,7 +139,7 @@ def refusal_cmd(
         batch_size=batch_size, system=system, exclude_ids=_read_ids(exclude) if exclude else [], out=str(out),
         device=_device(device),
     )
-    m, tok = _load(model, device, threads)
+    m, tok = _load(model, device, threads, dtype)
     s = run_refusal_eval(m, tok, cfg, steering=steering)
     extra = f"{s['n_items']} items, generation {s['seconds_generate']:.1f} s → {out}"
     if s["n_failed"]:

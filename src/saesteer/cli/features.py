@@ -11,6 +11,7 @@ import typer
 from saesteer.core import SaesteerError, ensure
 
 from ._app import DEVICE_HELP, MODEL_HELP, THREADS_HELP, app
+from .presets import DTYPE_OPT, PRESET_OPT, from_preset
 
 
 def _floats(s: str, what: str) -> tuple[float, ...]:
@@ -27,7 +28,8 @@ def _ints(s: str, what: str) -> tuple[int, ...]:
         raise SaesteerError(f"{what} must be comma-separated integers, got {s!r}") from None
 
 
-def load_model_and_sae(model: str, sae: Path, device: str, threads: Optional[int], layer: Optional[int]) -> tuple:
+def load_model_and_sae(model: str, sae: Path, device: str, threads: Optional[int], layer: Optional[int],
+                       dtype: Optional[str] = None) -> tuple:
     """Load the model and the SAE and check that they belong together; returns ``(model, tok, sae, layer)``."""
     from saesteer.core import resolve_device, set_threads
     from saesteer.features import sae_layer
@@ -43,7 +45,9 @@ def load_model_and_sae(model: str, sae: Path, device: str, threads: Optional[int
     except ImportError:
         raise SaesteerError("loading an SAE needs saesteer.sae.formats, which is not installed in this version") from None
     s = load_sae(sae)
-    m, tok = load_model(model, device=resolve_device(device))
+    from .presets import model_dtype
+
+    m, tok = load_model(model, device=resolve_device(device), dtype=model_dtype(dtype))
     layer = check_layer(m, layer if layer is not None else sae_layer(s))
     check_sae_compatible(s, m, layer)
     s.to(next(m.parameters()).device)
@@ -59,7 +63,7 @@ def _console() -> Any:
 @app.command("features")
 def features_cmd(
     model: str = typer.Option("qwen2.5-coder-0.5b-instruct", help=MODEL_HELP),
-    sae: Path = typer.Option(..., help="SAE folder (our format, SAELens or sparsify)"),
+    sae: Optional[Path] = typer.Option(None, help="SAE folder (any format; required unless --preset names a public SAE)"),
     out: Path = typer.Option(..., help="output folder (candidates/ranking/grid/selection JSON, cards)"),
     harmful: str = typer.Option("arditi-harmful", help="harmful prompt set (data spec)"),
     harmless: str = typer.Option("arditi-harmless", help="harmless prompt set (data spec)"),
@@ -86,11 +90,16 @@ def features_cmd(
     heldout_limit: int = typer.Option(48, help="held-back prompts in that check"),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
+    dtype: Optional[str] = DTYPE_OPT,
+    preset: Optional[str] = PRESET_OPT,
 ) -> None:
     """Find refusal latents (the paper's method + a contrastive ranking), pick one by a clamp grid, write cards."""
     from saesteer.core import atomic_dir, atomic_write_json, atomic_write_text
     from saesteer.features import DiscoveryConfig, discover, feature_cards, grid_table_html, write_cards
 
+    v = from_preset(preset, model=model, sae=sae, layer=layer, clamps=clamps, dtype=dtype)
+    model, sae, layer, clamps, dtype = v["model"], v["sae"], v["layer"], v["clamps"], v["dtype"]
+    ensure(sae is not None, "give --sae (the obrien2024 preset trains its own: saesteer train --preset obrien2024)")
     cfg = DiscoveryConfig(
         harmful=harmful, harmless=harmless, discovery_split=discovery_split or None, val_split=val_split or None,
         n_archetypes=n_archetypes, n_contrast=n_contrast, discovery_tokens=discovery_tokens, n_grid=n_grid, n_grid_direction=n_grid_direction,
@@ -99,7 +108,7 @@ def features_cmd(
         max_new_tokens=max_new_tokens, batch_size=batch_size, layer=layer, seed=seed, heldout=heldout,
         heldout_limit=heldout_limit)
     con = _console()
-    m, tok, s, cfg.layer = load_model_and_sae(model, sae, device, threads, layer)
+    m, tok, s, cfg.layer = load_model_and_sae(model, sae, device, threads, layer, dtype)
     res = discover(m, tok, s, cfg, grid=True, progress=lambda msg: con.print(f"[saesteer] {msg}"))
     sel = res.selection
     chosen = [sel["feature"]] + ([sel["control"]] if sel.get("control") is not None else [])

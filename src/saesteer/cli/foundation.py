@@ -12,6 +12,7 @@ import typer
 from saesteer.core import ensure
 
 from ._app import DEVICE_HELP, MODEL_HELP, THREADS_HELP, app
+from .presets import PRESET_OPT
 
 data_app = typer.Typer(help="Prompt sets and corpora: preview any data spec.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
@@ -42,7 +43,8 @@ def models_cmd(as_json: bool = typer.Option(False, "--json", help="print JSON in
 @app.command("collect")
 def collect_cmd(
     model: str = typer.Option("qwen2.5-coder-0.5b-instruct", help=MODEL_HELP),
-    layer: int = typer.Option(..., help="decoder layer whose output (residual stream) is collected"),
+    layer: Optional[int] = typer.Option(None, help="decoder layer whose output (residual stream) is collected "
+                                        "(required unless --preset gives it)"),
     data: str = typer.Option("chat-mix", help="chat-mix[:text=N,chat=N,harmful=N,harmless=N,answer=N,repeat=N] or any data spec"),
     tokens: int = typer.Option(100_000, help="activation rows to collect"),
     out: Path = typer.Option(..., help="output folder (sharded safetensors + meta.json)"),
@@ -54,6 +56,8 @@ def collect_cmd(
     overwrite: bool = typer.Option(False, help="replace what is in --out (default: resume the same collection)"),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
+    model_dtype: str = typer.Option("float32", help="dtype the model runs in: float32 | bfloat16 | float16"),
+    preset: Optional[str] = PRESET_OPT,
 ) -> None:
     """Collect residual-stream activations after LAYER (forward stops there). Re-running resumes.
 
@@ -61,7 +65,12 @@ def collect_cmd(
     write one cache (a resume needs the same N)."""
     from saesteer.activations import ActivationCache, CollectConfig, collect
 
-    cfg = CollectConfig(model=model, layer=layer, data=data, tokens=tokens, out=str(out), batch_size=batch_size,
+    from .presets import from_preset
+
+    v = from_preset(preset, model=model, layer=layer, model_dtype=model_dtype)
+    model, layer, model_dtype = v["model"], v["layer"], v["model_dtype"]
+    ensure(layer is not None, "give --layer (or a --preset)")
+    cfg = CollectConfig(model=model, layer=layer, model_dtype=model_dtype, data=data, tokens=tokens, out=str(out), batch_size=batch_size,
                         context_len=context_len, dtype=dtype, shard_tokens=shard_tokens, seed=seed, threads=threads,
                         device=device, overwrite=overwrite)
     path = collect(cfg)

@@ -11,6 +11,7 @@ import typer
 from saesteer.core import SaesteerError, ensure
 
 from ._app import DEVICE_HELP, MODEL_HELP, THREADS_HELP, app
+from .presets import DTYPE_OPT, PRESET_OPT, from_preset, model_dtype
 
 _DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
 
@@ -60,12 +61,26 @@ def steering_context(model: Any, interventions: list, policy: Optional[Path]) ->
     return Policy.load(policy).apply(model)
 
 
-def _load(model: str, device: str, threads: Optional[int]) -> tuple[Any, Any]:
+def _load(model: str, device: str, threads: Optional[int], dtype: Optional[str] = None) -> tuple[Any, Any]:
     from saesteer.core import resolve_device, set_threads
     from saesteer.models import load_model
 
     set_threads(threads)
-    return load_model(model, device=resolve_device(device))
+    return load_model(model, device=resolve_device(device), dtype=model_dtype(dtype))
+
+
+def _preset_steering(preset: Optional[str], model: str, sae: Any, feature: Any, clamp: Any, alpha: Any, layer: Any,
+                     dtype: Optional[str]) -> tuple:
+    """generate / chat: fill model, dtype, layer and — when features are given — the preset's SAE and first clamp."""
+    if not preset:
+        return model, sae, clamp, layer, dtype
+    keys: dict[str, Any] = dict(model=model, dtype=dtype)
+    if feature:
+        keys.update(sae=sae, layer=layer)
+        if alpha is None:
+            keys.update(clamp=clamp)
+    v = {**dict(sae=sae, clamp=clamp, layer=layer), **from_preset(preset, **keys)}
+    return v["model"], v["sae"], v["clamp"], v["layer"], v["dtype"]
 
 
 def run_generation(model: Any, tok: Any, prompts: list, max_new_tokens: int, system: Optional[str] = None,
@@ -127,13 +142,16 @@ def generate_cmd(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object per prompt"),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
+    dtype: Optional[str] = DTYPE_OPT,
+    preset: Optional[str] = PRESET_OPT,
 ) -> None:
     """Answer prompts greedily with SAE-feature or refusal-direction steering (no steering options: plain model)."""
     from saesteer.steering import build_all
 
     ensure(max_new_tokens > 0, "--max-new-tokens must be positive")
+    model, sae, clamp, layer, dtype = _preset_steering(preset, model, sae, feature, clamp, alpha, layer, dtype)
     specs = steering_specs(sae, feature, clamp, alpha, direction, ablate_direction, layer, positions, spec)
-    m, tok = _load(model, device, threads)
+    m, tok = _load(model, device, threads, dtype)
     ivs = build_all(specs, m)
     with steering_context(m, ivs, policy):
         steered = run_generation(m, tok, list(prompts), max_new_tokens, system)
@@ -168,6 +186,8 @@ def chat_cmd(
     system: Optional[str] = typer.Option(None, help="system prompt"),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
+    dtype: Optional[str] = DTYPE_OPT,
+    preset: Optional[str] = PRESET_OPT,
 ) -> None:
     """Interactive chat with the steered model (``/reset`` clears the history, ``/exit`` or EOF quits)."""
     from rich.console import Console
@@ -177,8 +197,9 @@ def chat_cmd(
     from saesteer.steering import build_all
 
     ensure(max_new_tokens > 0, "--max-new-tokens must be positive")
+    model, sae, clamp, layer, dtype = _preset_steering(preset, model, sae, feature, clamp, alpha, layer, dtype)
     specs = steering_specs(sae, feature, clamp, alpha, direction, ablate_direction, layer, positions, spec)
-    m, tok = _load(model, device, threads)
+    m, tok = _load(model, device, threads, dtype)
     ivs = build_all(specs, m)
     con = Console()
     label = ", ".join(f"{s.kind}" + (f" {s.features}" if s.features else "") for s in specs) or (

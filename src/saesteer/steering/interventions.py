@@ -184,8 +184,9 @@ class _LatentEdit(Intervention):
         layer = self.layers(model)[0]
         check_sae_compatible(self.sae, model, layer)
         dev = next(model.parameters()).device
-        if _sae_param(self.sae).device != dev:
-            self.sae.to(dev)
+        w = _sae_param(self.sae)
+        if w.device != dev or w.dtype != torch.float32:  # SAE and clamp math in fp32 whatever the model's dtype
+            self.sae.to(device=dev, dtype=torch.float32)
         self._vecs = latent_vectors(self.sae, self.features)
         self._feat_t = torch.as_tensor(self.features, dtype=torch.long, device=dev)
 
