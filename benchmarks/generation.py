@@ -82,7 +82,7 @@ def hf_generate(model, tok, prompts, n_new):
     gc.eos_token_id, gc.do_sample, gc.max_new_tokens, gc.min_new_tokens = None, False, n_new, None
     gc.temperature = gc.top_p = gc.top_k = None
     t0 = time.perf_counter()
-    out = model.generate(input_ids=inp, attention_mask=mask, generation_config=gc)
+    out = model.generate(input_ids=inp.to(model.device), attention_mask=mask.to(model.device), generation_config=gc)
     dt = time.perf_counter() - t0
     return dt, out[:, L:].tolist()
 
@@ -118,7 +118,7 @@ def eval_task(model, tok, prompts, max_new: int) -> dict:
         L = max(map(len, ids))
         inp = torch.tensor([[tok.pad_token_id] * (L - len(x)) + x for x in ids])
         mask = torch.tensor([[0] * (L - len(x)) + [1] * len(x) for x in ids])
-        out = model.generate(input_ids=inp, attention_mask=mask, generation_config=gc)
+        out = model.generate(input_ids=inp.to(model.device), attention_mask=mask.to(model.device), generation_config=gc)
         hf_text += tok.batch_decode(out[:, L:], skip_special_tokens=True)
     hf_s = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -196,6 +196,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-workers", action="store_true")
     ap.add_argument("--eval-tokens", type=int, default=64, help="max_new_tokens of the eval-task comparison")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (on a GPU also pass --skip-workers)")
+    ap.add_argument("--dtype", default="float32", help="model dtype: float32 | bfloat16 | float16")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "generation.json"))
     args = ap.parse_args()
     res: dict = {"command": run_command(), "loadavg_at_start": os.getloadavg(), "model": args.model, "new_tokens_per_row": args.new_tokens,
@@ -203,7 +205,8 @@ def main() -> None:
                  "cpu_count": os.cpu_count(), "ceilings": [ceilings(1), ceilings(2)]}
     print(res["ceilings"], flush=True)
     set_threads(args.threads)
-    model, tok = models.load_model(args.model)
+    model, tok = models.load_model(args.model, device=args.device, dtype=args.dtype)
+    res["device"], res["dtype"] = args.device, args.dtype
     n_params = sum(p.numel() for p in model.parameters())
     res["params"], res["weights_gb_fp32"] = n_params, round(n_params * 4 / 1e9, 2)
     vec = steering_vector(model, args.alpha)

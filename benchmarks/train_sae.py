@@ -106,7 +106,8 @@ def run_saesteer(cfg: TrainConfig, held: torch.Tensor) -> dict:
     sae = train(cfg)
     dt = time.perf_counter() - t0
     with torch.no_grad():
-        f = fvu(held, sae(held))
+        dev = next(sae.parameters()).device
+        f = fvu(held, sae(held.to(dev)).cpu())
     return {"seconds": dt, "tokens_per_s": cfg.steps * cfg.batch_size / dt, "heldout_fvu": f}
 
 
@@ -230,6 +231,8 @@ def main() -> None:
     ap.add_argument("--e2e-model", default=DEFAULT_MODEL)
     ap.add_argument("--e2e-layer", type=int, default=12)
     ap.add_argument("--e2e-data", default="wikitext2")
+    ap.add_argument("--device", default="cpu", help="saesteer's device (cpu, cuda); the peers run on the CPU: skip "
+                                                   "them on a GPU run")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_sae.json"))
     args = ap.parse_args()
     threads = set_threads(None)
@@ -242,7 +245,7 @@ def main() -> None:
         lr, warmup = lr_for(n_lat), max(1, args.steps // 10)
         cfg = TrainConfig(acts=str(train_cache), out=str(tmp / "ours"), k=args.k, num_latents=n_lat,
                           batch_size=args.batch_size, steps=args.steps, lr=lr, warmup_steps=warmup, decay_frac=0.0,
-                          checkpoint_every=10**9, mm_dtype=args.mm_dtype, progress=False)
+                          checkpoint_every=10**9, mm_dtype=args.mm_dtype, progress=False, device=args.device)
         results: dict = {"config": {**vars(args), "d_model": d, "num_latents": n_lat, "lr": lr, "warmup": warmup,
                                     "threads": threads, "train_tokens_in_cache": open_cache(train_cache).n_tokens,
                                     "heldout_tokens": len(held)},

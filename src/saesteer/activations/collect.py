@@ -62,7 +62,9 @@ class CollectConfig:
     context_len: int = 256
     """Documents are truncated to this many tokens."""
     dtype: str = "float32"
-    """Storage dtype of the activations: float32, float16 or bfloat16 (the model always runs in fp32)."""
+    """Storage dtype of the activations: float32, float16 or bfloat16 (independent of ``model_dtype``)."""
+    model_dtype: str = "float32"
+    """dtype the model runs in: float32, bfloat16 or float16 (a model passed in runs as it is)."""
     shard_tokens: int = 32_768
     """Rows per shard (a shard is written once it holds at least this many)."""
     seed: int = 0
@@ -239,7 +241,8 @@ def _load_model(cfg: CollectConfig, model: Any, tok: Any, device: str) -> tuple[
     from saesteer.models import check_layer, load_model
 
     if model is None:
-        model, tok = load_model(cfg.model, device=device)
+        ensure(cfg.model_dtype in _DTYPES, f"model_dtype must be one of {', '.join(_DTYPES)}, got {cfg.model_dtype!r}")
+        model, tok = load_model(cfg.model, device=device, dtype=cfg.model_dtype)
     else:
         device = str(next(model.parameters()).device)
     return model, tok, check_layer(model, cfg.layer), device
@@ -276,7 +279,8 @@ def _new_meta(cfg: CollectConfig, model: Any, layer: int, n_docs: int, extra: di
 
     return {  # the layer as the absolute index (--layer -1 is stored as n_layers - 1), in meta and its config
         "format": FORMAT, "version": VERSION, "model": model_name(model), "layer": layer, "n_layers": n_layers(model),
-        "hook_name": f"model.layers.{layer}", "d_model": d_model(model), "dtype": cfg.dtype, "n_tokens": 0,
+        "hook_name": f"model.layers.{layer}", "d_model": d_model(model), "dtype": cfg.dtype,
+        "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "n_tokens": 0,
         "shards": [], "data_spec": cfg.data, "complete": False, "next_batch": 0, "n_docs": n_docs,
         "context_len": cfg.context_len, "excluded": "position 0, BOS, padding and all special tokens",
         "config": {**cfg.identity(), "layer": layer}, "saesteer_version": __version__, "norm_sum": 0.0, "norm_max": 0.0,

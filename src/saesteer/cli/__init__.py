@@ -18,7 +18,7 @@ from saesteer.core import SaesteerError
 from ._app import app, eval_app  # noqa: F401
 
 # One module per pipeline stage adds its commands.
-_STAGES = ("foundation", "sae", "steer", "features", "evals", "sweep", "policy", "serve", "demo")
+_STAGES = ("foundation", "sae", "steer", "features", "evals", "sweep", "policy", "serve", "demo", "presets")
 for _stage in _STAGES:
     importlib.import_module(f"{__name__}.{_stage}")
 

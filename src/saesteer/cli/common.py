@@ -5,13 +5,16 @@ from __future__ import annotations
 from typing import Any, Optional
 
 
-def load(model: str, device: str, threads: Optional[int]) -> tuple[Any, Any]:
-    """Set the thread count, then ``(model, tokenizer)`` on the resolved device."""
+def load(model: str, device: str, threads: Optional[int], dtype: Optional[str] = None) -> tuple[Any, Any]:
+    """Set the thread count, then ``(model, tokenizer)`` on the resolved device in ``dtype`` (``--dtype``; None:
+    float32)."""
     from saesteer.core import resolve_device, set_threads
     from saesteer.models import load_model
 
+    from .presets import model_dtype
+
     set_threads(threads)
-    return load_model(model, device=resolve_device(device))
+    return load_model(model, device=resolve_device(device), dtype=model_dtype(dtype))
 
 
 def split_list(values: list[str] | str | None) -> list[str]:

@@ -4,7 +4,7 @@ attacks, judge agreement, capability tasks and lm-eval-harness with the steered 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -22,6 +22,7 @@ from .options import (
     read_exclude,
     steering_options,
 )
+from .presets import DTYPE_OPT, PRESET_OPT, from_preset
 
 
 @eval_app.command("refusal")
@@ -44,11 +45,20 @@ def refusal_cmd(
     steering: SteeringOptions = None,  # type: ignore[assignment]  (filled by @steering_options)
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
+    dtype: Optional[str] = DTYPE_OPT,
+    preset: Optional[str] = PRESET_OPT,
 ) -> None:
     """Refusal rate (unsafe sets) and over-refusal rate (safe sets) with 95 % Wilson intervals."""
     check_output_path(out)  # before any work: a bad path fails fast
     from ..evals.refusal import RefusalEvalConfig, run_refusal_eval
 
+    keys: dict[str, Any] = dict(model=model, dtype=dtype)
+    if steering.feature:  # the preset's SAE and first clamp steer the given feature(s)
+        keys.update(sae=steering.sae, clamp_csv=",".join(steering.clamp) or None)
+    v = {"sae": steering.sae, "clamp_csv": ",".join(steering.clamp) or None, **from_preset(preset, **keys)}
+    model, dtype = v["model"], v["dtype"]
+    steering.sae = v["sae"]
+    steering.clamp = [v["clamp_csv"]] if v["clamp_csv"] else []
     st = steering.to_steering()
     cfg = RefusalEvalConfig(
         datasets=split_list(dataset), limit=limit, seed=seed, judge=judge, judge_base_url=judge_base_url,
@@ -56,7 +66,7 @@ def refusal_cmd(
         batch_size=batch_size, system=system, exclude_ids=read_exclude(exclude), out=str(out),
         device=resolve_device(device),
     )
-    m, tok = load(model, device, threads)
+    m, tok = load(model, device, threads, dtype)
     s = run_refusal_eval(m, tok, cfg, steering=st)
     extra = f"{s['n_items']} items, generation {s['seconds_generate']:.1f} s → {out}"
     if s["n_failed"]:

@@ -12,6 +12,7 @@ from saesteer.core import SaesteerError, check_output_path, ensure
 
 from ._app import app
 from .options import DEVICE_HELP, THREADS_HELP, model_option
+from .presets import DTYPE_OPT, PRESET_OPT, from_preset
 
 
 def _floats(s: str, what: str) -> tuple[float, ...]:
@@ -28,7 +29,8 @@ def _ints(s: str, what: str) -> tuple[int, ...]:
         raise SaesteerError(f"{what} must be comma-separated integers, got {s!r}") from None
 
 
-def load_model_and_sae(model: str, sae: Path, device: str, threads: Optional[int], layer: Optional[int]) -> tuple:
+def load_model_and_sae(model: str, sae: Path, device: str, threads: Optional[int], layer: Optional[int],
+                       dtype: Optional[str] = None) -> tuple:
     """Load the model and the SAE and check that they belong together; returns ``(model, tok, sae, layer)``."""
     from saesteer.core import resolve_device, set_threads
     from saesteer.models import check_layer, load_model
@@ -43,7 +45,9 @@ def load_model_and_sae(model: str, sae: Path, device: str, threads: Optional[int
     except ImportError:
         raise SaesteerError("loading an SAE needs saesteer.sae.formats, which is not installed in this version") from None
     s = load_sae(sae)
-    m, tok = load_model(model, device=resolve_device(device))
+    from .presets import model_dtype
+
+    m, tok = load_model(model, device=resolve_device(device), dtype=model_dtype(dtype))
     layer = check_layer(m, layer if layer is not None else s.require_layer())
     check_sae_compatible(s, m, layer)
     s.to(next(m.parameters()).device)
@@ -59,7 +63,7 @@ def _console() -> Any:
 @app.command("features")
 def features_cmd(
     model: str = model_option(),
-    sae: Path = typer.Option(..., help="SAE folder (our format, SAELens or sparsify)"),
+    sae: Optional[Path] = typer.Option(None, help="SAE folder (any format; required unless --preset names a public SAE)"),
     out: Path = typer.Option(..., help="output folder (candidates/ranking/grid/selection JSON, cards)"),
     harmful: str = typer.Option("arditi-harmful", help="harmful prompt set (data spec)"),
     harmless: str = typer.Option("arditi-harmless", help="harmless prompt set (data spec)"),
@@ -86,12 +90,17 @@ def features_cmd(
     heldout_limit: int = typer.Option(48, help="held-back prompts in that check"),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
+    dtype: Optional[str] = DTYPE_OPT,
+    preset: Optional[str] = PRESET_OPT,
 ) -> None:
     """Find refusal latents (the paper's method + a contrastive ranking), pick one by a clamp grid, write cards."""
     check_output_path(out)  # before any work: a bad path fails fast
     from saesteer.core import atomic_dir, atomic_write_json, atomic_write_text
     from saesteer.features import DiscoveryConfig, discover, feature_cards, grid_table_html, write_cards
 
+    v = from_preset(preset, model=model, sae=sae, layer=layer, clamps=clamps, dtype=dtype)
+    model, sae, layer, clamps, dtype = v["model"], v["sae"], v["layer"], v["clamps"], v["dtype"]
+    ensure(sae is not None, "give --sae (the obrien2024 preset trains its own: saesteer train --preset obrien2024)")
     cfg = DiscoveryConfig(
         harmful=harmful, harmless=harmless, discovery_split=discovery_split or None, val_split=val_split or None,
         n_archetypes=n_archetypes, n_contrast=n_contrast, discovery_tokens=discovery_tokens, n_grid=n_grid, n_grid_direction=n_grid_direction,
@@ -100,7 +109,7 @@ def features_cmd(
         max_new_tokens=max_new_tokens, batch_size=batch_size, layer=layer, seed=seed, heldout=heldout,
         heldout_limit=heldout_limit)
     con = _console()
-    m, tok, s, cfg.layer = load_model_and_sae(model, sae, device, threads, layer)
+    m, tok, s, cfg.layer = load_model_and_sae(model, sae, device, threads, layer, dtype)
     res = discover(m, tok, s, cfg, grid=True, progress=lambda msg: con.print(f"[saesteer] {msg}"))
     sel = res.selection
     chosen = [sel["feature"]] + ([sel["control"]] if sel.get("control") is not None else [])

@@ -13,6 +13,7 @@ from saesteer.core import check_output_path, ensure
 
 from ._app import app
 from .options import DEVICE_HELP, THREADS_HELP, model_option
+from .presets import PRESET_OPT
 
 data_app = typer.Typer(help="Prompt sets and corpora: preview any data spec.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
@@ -43,7 +44,8 @@ def models_cmd(as_json: bool = typer.Option(False, "--json", help="print JSON in
 @app.command("collect")
 def collect_cmd(
     model: str = model_option(),
-    layer: int = typer.Option(..., help="decoder layer whose output (residual stream) is collected"),
+    layer: Optional[int] = typer.Option(None, help="decoder layer whose output (residual stream) is collected "
+                                        "(required unless --preset gives it)"),
     data: str = typer.Option("chat-mix", help="chat-mix[:text=N,chat=N,harmful=N,harmless=N,answer=N,repeat=N] or any data spec"),
     tokens: int = typer.Option(100_000, help="activation rows to collect"),
     out: Path = typer.Option(..., help="output folder (sharded safetensors + meta.json)"),
@@ -55,6 +57,8 @@ def collect_cmd(
     overwrite: bool = typer.Option(False, help="replace what is in --out (default: resume the same collection)"),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
+    model_dtype: str = typer.Option("float32", help="dtype the model runs in: float32 | bfloat16 | float16"),
+    preset: Optional[str] = PRESET_OPT,
 ) -> None:
     """Collect residual-stream activations after LAYER (forward stops there). Re-running resumes.
 
@@ -63,7 +67,12 @@ def collect_cmd(
     check_output_path(out)  # before any work: a bad path fails fast
     from saesteer.activations import ActivationCache, CollectConfig, collect
 
-    cfg = CollectConfig(model=model, layer=layer, data=data, tokens=tokens, out=str(out), batch_size=batch_size,
+    from .presets import from_preset
+
+    v = from_preset(preset, model=model, layer=layer, model_dtype=model_dtype)
+    model, layer, model_dtype = v["model"], v["layer"], v["model_dtype"]
+    ensure(layer is not None, "give --layer (or a --preset)")
+    cfg = CollectConfig(model=model, layer=layer, model_dtype=model_dtype, data=data, tokens=tokens, out=str(out), batch_size=batch_size,
                         context_len=context_len, dtype=dtype, shard_tokens=shard_tokens, seed=seed, threads=threads,
                         device=device, overwrite=overwrite)
     path = collect(cfg)
@@ -110,7 +119,7 @@ def data_show(
 @data_app.command("list")
 def data_list(as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table")) -> None:
     """Every named set: upstream source, licence, size, sha256 and where it is present (resolution order)."""
-    from saesteer.data.sources import list_sets, search_roots
+    from saesteer.data import list_sets, search_roots
 
     rows = list_sets()
     if as_json:
@@ -141,8 +150,7 @@ def data_fetch(
 ) -> None:
     """Download named sets with checksum verification and atomic writes (resumes interrupted downloads)."""
     check_output_path(dest, what="--dest")  # before any work: a bad path fails fast
-    from saesteer.data.fetch import fetch_sets
-    from saesteer.data.sources import user_data_dir
+    from saesteer.data import fetch_sets, user_data_dir
 
     ensure(bool(names) != all_sets, "name the sets to fetch, or pass --all (not both)")
     results = fetch_sets(None if all_sets else list(names or []), dest=dest, force=force)

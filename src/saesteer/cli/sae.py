@@ -13,6 +13,7 @@ from saesteer.core import check_output_path, ensure
 
 from ._app import app
 from .options import DEVICE_HELP, MODEL_HELP, THREADS_HELP
+from .presets import PRESET_OPT, from_preset
 
 sae_app = typer.Typer(help="SAE files: export to / import from SAELens and sparsify, show a config.",
                       no_args_is_help=True)
@@ -44,12 +45,20 @@ def train_cmd(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
+    preset: Optional[str] = PRESET_OPT,
 ) -> None:
     """Train a Top-k SAE (Gao et al. 2024) on cached activations. Data-parallel under
     ``torchrun --nproc_per_node N -m saesteer train ...``."""
     check_output_path(out)  # before any work: a bad path fails fast
     from saesteer.sae import TrainConfig, train
 
+    if preset:  # the preset's k / expansion, and the cache must come from its model and layer
+        from saesteer.steering import get_preset
+
+        ensure(not get_preset(preset).public, f"preset {preset} uses a public SAE: nothing to train (saesteer "
+                                              f"presets; use --sae with the other commands)")
+        v = from_preset(preset, k=k, expansion=expansion, model=model, layer=layer)
+        k, expansion, model, layer = v["k"], v["expansion"], v["model"], v["layer"]
     cfg = TrainConfig(acts=str(acts), out=str(out), k=k, expansion=expansion, num_latents=num_latents,
                       batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, epochs=epochs, steps=steps,
                       auxk_alpha=auxk_alpha, dead_window=dead_window, seed=seed, checkpoint_every=checkpoint_every,

@@ -11,15 +11,23 @@ import typer
 from saesteer.core import SaesteerError, check_output_path, ensure
 
 from ._app import app
+from .common import load
 from .options import DEVICE_HELP, THREADS_HELP, SteeringOptions, model_option, steering_options
+from .presets import DTYPE_OPT, PRESET_OPT, from_preset
 
 
-def _load(model: str, device: str, threads: Optional[int]) -> tuple[Any, Any]:
-    from saesteer.core import resolve_device, set_threads
-    from saesteer.models import load_model
-
-    set_threads(threads)
-    return load_model(model, device=resolve_device(device))
+def _preset_steering(preset: Optional[str], model: str, sae: Any, feature: Any, clamp: Any, alpha: Any, layer: Any,
+                     dtype: Optional[str]) -> tuple:
+    """generate / chat: fill model, dtype, layer and — when features are given — the preset's SAE and first clamp."""
+    if not preset:
+        return model, sae, clamp, layer, dtype
+    keys: dict[str, Any] = dict(model=model, dtype=dtype)
+    if feature:
+        keys.update(sae=sae, layer=layer)
+        if alpha is None:
+            keys.update(clamp=clamp)
+    v = {**dict(sae=sae, clamp=clamp, layer=layer), **from_preset(preset, **keys)}
+    return v["model"], v["sae"], v["clamp"], v["layer"], v["dtype"]
 
 
 def run_generation(model: Any, tok: Any, prompts: list, max_new_tokens: int, system: Optional[str] = None,
@@ -47,14 +55,18 @@ def generate_cmd(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object per prompt"),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
+    dtype: Optional[str] = DTYPE_OPT,
+    preset: Optional[str] = PRESET_OPT,
 ) -> None:
     """Answer prompts greedily with SAE-feature or refusal-direction steering (no steering options: plain model)."""
     from saesteer.steering import as_steering
 
     ensure(max_new_tokens > 0, "--max-new-tokens must be positive")
+    model, steering.sae, steering.clamp, steering.layer, dtype = _preset_steering(
+        preset, model, steering.sae, steering.feature, steering.clamp, steering.alpha, steering.layer, dtype)
     st = as_steering(steering.to_steering())
     specs = st.specs
-    m, tok = _load(model, device, threads)
+    m, tok = load(model, device, threads, dtype)
     with st.context(m):
         steered = run_generation(m, tok, list(prompts), max_new_tokens, system)
     plain = run_generation(m, tok, list(prompts), max_new_tokens, system) if compare else None
@@ -80,6 +92,8 @@ def chat_cmd(
     system: Optional[str] = typer.Option(None, help="system prompt"),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
+    dtype: Optional[str] = DTYPE_OPT,
+    preset: Optional[str] = PRESET_OPT,
 ) -> None:
     """Interactive chat with the steered model (``/reset`` clears the history, ``/exit`` or EOF quits)."""
     from rich.console import Console
@@ -89,8 +103,10 @@ def chat_cmd(
     from saesteer.steering import as_steering
 
     ensure(max_new_tokens > 0, "--max-new-tokens must be positive")
+    model, steering.sae, steering.clamp, steering.layer, dtype = _preset_steering(
+        preset, model, steering.sae, steering.feature, steering.clamp, steering.alpha, steering.layer, dtype)
     st = as_steering(steering.to_steering())
-    m, tok = _load(model, device, threads)
+    m, tok = load(model, device, threads, dtype)
     con = Console()
     label = st.name if (st.specs or st.policy is not None) else "none"
     con.print(f"[bold]saesteer chat[/] · {model} · steering: {label} · /reset, /exit")
@@ -176,7 +192,7 @@ def direction_cmd(
     cfg = DirectionConfig(layers=cand, position=position, alpha=alpha, batch_size=batch_size)
     h_tr, h_val = _split_prompts(harmful, n_train, n_val, seed)
     s_tr, s_val = _split_prompts(harmless, n_train, n_val, seed)
-    m, tok = _load(model, device, threads)
+    m, tok = load(model, device, threads)
     d, meta = fit_direction(m, tok, h_tr, s_tr, h_val, s_val, cfg, progress=True)
     path = save_direction(d, out, data={"harmful": harmful, "harmless": harmless, "seed": seed})
     from rich.console import Console

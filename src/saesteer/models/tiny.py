@@ -71,7 +71,7 @@ def tiny_config(arch: str = "llama", vocab_size: int = 384, hidden: int = 64, la
     raise ValueError(f"unknown tiny arch {arch!r}")
 
 
-ARCHS = ("llama", "qwen2", "mistral", "gemma", "phi3", "gpt2")
+ARCHS = ("llama", "qwen2", "mistral", "gemma", "gemma2", "phi3", "gpt2")
 
 
 def tiny_model(arch: str = "llama", seed: int = 0, layers: int = 2, hidden: int = 64) -> tuple[Any, Any]:

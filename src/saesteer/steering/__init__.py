@@ -29,4 +29,5 @@ from .interventions import (  # noqa: F401
     check_sae_compatible,
     finite,
 )
+from .presets import PRESETS, Preset, get_preset, list_presets, resolve_sae  # noqa: F401
 from .spec import Steering, SteeringSpec, as_steering, build_all, load_sae_cached, load_specs, spec_name  # noqa: F401

@@ -130,8 +130,9 @@ class _LatentEdit(Intervention):
         layer = self.layers(model)[0]
         check_sae_compatible(self.sae, model, layer)
         dev = next(model.parameters()).device
-        if self.sae.W_dec.device != dev:
-            self.sae.to(dev)
+        w = self.sae.W_dec
+        if w.device != dev or w.dtype != torch.float32:  # SAE and clamp math in fp32 whatever the model's dtype
+            self.sae.to(device=dev, dtype=torch.float32)
         self._vecs = self.sae.latent_vectors(self.features)
         self._feat_t = torch.as_tensor(self.features, dtype=torch.long, device=dev)
 
