@@ -155,6 +155,7 @@ def multiturn_cmd(
     max_backtracks: int = typer.Option(3, help="crescendo: refused turns the attacker may retract"),
     system: Optional[str] = typer.Option(None, help="target system prompt (default: the chat template's)"),
     steering: SteeringOptions = None,  # type: ignore[assignment]  (filled by @steering_options)
+    dtype: Optional[str] = DTYPE_OPT,
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
 ) -> None:
@@ -170,7 +171,7 @@ def multiturn_cmd(
         attacker_base_url=attacker_base_url, api_key_env=api_key_env, success_judge=success_judge,
         max_backtracks=max_backtracks, out=str(out), device=resolve_device(device),
     )
-    m, tok = load(model, device, threads)
+    m, tok = load(model, device, threads, dtype)
     if mode == "replay":
         s = run_replay(m, tok, cfg, steering=st)
         rows = [(f"turn {t}", r) for t, r in s["per_turn"].items()]
@@ -197,6 +198,7 @@ def capability_cmd(
     data_root: Optional[Path] = typer.Option(None, help="folder with mmlu/, truthfulqa/, gsm8k/ (default: data root)"),
     out: Optional[Path] = typer.Option(None, help="write summary.json + items.jsonl here"),
     steering: SteeringOptions = None,  # type: ignore[assignment]  (filled by @steering_options)
+    dtype: Optional[str] = DTYPE_OPT,
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
 ) -> None:
@@ -210,7 +212,7 @@ def capability_cmd(
                            seed=seed, data_root=str(data_root) if data_root else None)
     if data_root is not None and not data_root.is_dir():
         raise SaesteerError(f"data root not found: {data_root}")
-    m, tok = load(model, device, threads)
+    m, tok = load(model, device, threads, dtype)
     summ, items = run_capability(m, tok, cfg, steering=st)
     label = st.name if st is not None else "unsteered"
     if out is not None:

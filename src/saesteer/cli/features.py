@@ -152,6 +152,7 @@ def inspect_cmd(
     n_contexts: int = typer.Option(8, help="top-activating contexts per feature"),
     layer: Optional[int] = typer.Option(None, help="layer to hook (default: the SAE's)"),
     batch_size: int = typer.Option(8, help="encoding batch size"),
+    dtype: Optional[str] = DTYPE_OPT,
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
 ) -> None:
@@ -164,7 +165,7 @@ def inspect_cmd(
     feats = _ints(features, "--features")
     items = load_prompts(data, limit=limit)
     ensure(len(items) > 0, f"{data}: no texts")
-    m, tok, s, layer = load_model_and_sae(model, sae, device, threads, layer)
+    m, tok, s, layer = load_model_and_sae(model, sae, device, threads, layer, dtype)
     s.check_features(feats)
     texts: list[Any] = []
     for it in items:  # conversations as formatted text; prompts as a chat turn (or plain text with --raw)

@@ -20,6 +20,7 @@ from .options import (
     read_exclude,
     steering_options,
 )
+from .presets import DTYPE_OPT, model_dtype
 
 policy_app = typer.Typer(help="Conditional steering policies: a gate + threshold + steering config in one file.",
                          no_args_is_help=True)
@@ -87,6 +88,7 @@ def fit_cmd(
                                      "Verdict: the request is'; generation never sees it"),
     chat_only: bool = typer.Option(True, "--chat-only/--any-text", help="never steer prompts that do not end with the "
                                    "chat template's post-instruction tokens (raw text the gate was not fitted on)"),
+    dtype: Optional[str] = DTYPE_OPT,
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
 ) -> None:
@@ -111,7 +113,7 @@ def fit_cmd(
                           batch_size=batch_size, cache=str(cache) if cache else None, name=name or "", seed=seed,
                           gate_model=gate_model, chat_only=chat_only, gate_suffix=gate_suffix)
     set_threads(threads)
-    m, tok = load_model(model, device=resolve_device(device))
+    m, tok = load_model(model, device=resolve_device(device), dtype=model_dtype(dtype))
     shared: dict = {}  # residuals collected once, shared by every gate kind
     for kind in kinds:
         path = Path(str(out).replace("{gate}", kind))
@@ -167,6 +169,7 @@ def compare_cmd(
     exclude: Optional[Path] = typer.Option(None, help=EXCLUDE_HELP),
     batch_size: int = typer.Option(16, help="prompts per batch"),
     seed: int = typer.Option(0, help="seed of every subsample"),
+    dtype: Optional[str] = DTYPE_OPT,
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
 ) -> None:
@@ -188,7 +191,7 @@ def compare_cmd(
 
     policy_conditions(cfg)  # validate every policy file before loading the model
     set_threads(threads)
-    m, tok = load_model(model, device=resolve_device(device))
+    m, tok = load_model(model, device=resolve_device(device), dtype=model_dtype(dtype))
     run_compare(m, tok, cfg, say=lambda s: typer.echo(s, err=True))
     typer.echo((out / "table.md").read_text())
     typer.echo(f"wrote {out}/table.md, table.html, pareto.png, goals.json, results.jsonl")

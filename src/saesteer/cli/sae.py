@@ -13,7 +13,7 @@ from saesteer.core import check_output_path, ensure
 
 from ._app import app
 from .options import DEVICE_HELP, MODEL_HELP, THREADS_HELP
-from .presets import PRESET_OPT, from_preset
+from .presets import DTYPE_OPT, PRESET_OPT, from_preset
 
 sae_app = typer.Typer(help="SAE files: export to / import from SAELens and sparsify, show a config.",
                       no_args_is_help=True)
@@ -85,6 +85,7 @@ def sae_eval_cmd(
     context_len: int = typer.Option(256, help="tokens per document"),
     batch_size: int = typer.Option(8, help="documents per forward"),
     ce_docs: Optional[int] = typer.Option(None, help="documents that also get CE/KL passes (default: all)"),
+    dtype: Optional[str] = DTYPE_OPT,
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
 ) -> None:
@@ -94,7 +95,8 @@ def sae_eval_cmd(
 
     r = run_sae_eval(SAEEvalConfig(model=model, sae=str(sae), data=data, out=str(out), layer=layer,
                                    max_docs=max_docs, context_len=context_len, batch_size=batch_size,
-                                   ce_docs=ce_docs, threads=threads, device=device))
+                                   ce_docs=ce_docs, threads=threads, device=device,
+                                   model_dtype=dtype or "float32"))
     typer.echo(f"fvu {r['fvu']:.4f}  L0 {r['l0']:.1f}  dead {100 * r['dead_frac']:.1f}%  "
                f"CE clean {r['ce_clean']:.3f} spliced {r['ce_spliced']:.3f} zero {r['ce_zero_ablated']:.3f}  "
                f"recovered {r['ce_loss_recovered']:.3f} → {out}")

@@ -177,6 +177,7 @@ def direction_cmd(
     alpha: float = typer.Option(1.0, help="addition coefficient used to score candidates"),
     batch_size: int = typer.Option(8, help="prompts per forward"),
     seed: int = typer.Option(0, help="sampling seed"),
+    dtype: Optional[str] = DTYPE_OPT,
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
 ) -> None:
@@ -192,7 +193,7 @@ def direction_cmd(
     cfg = DirectionConfig(layers=cand, position=position, alpha=alpha, batch_size=batch_size)
     h_tr, h_val = _split_prompts(harmful, n_train, n_val, seed)
     s_tr, s_val = _split_prompts(harmless, n_train, n_val, seed)
-    m, tok = load(model, device, threads)
+    m, tok = load(model, device, threads, dtype)
     d, meta = fit_direction(m, tok, h_tr, s_tr, h_val, s_val, cfg, progress=True)
     path = save_direction(d, out, data={"harmful": harmful, "harmless": harmless, "seed": seed})
     from rich.console import Console

@@ -12,6 +12,7 @@ from saesteer.core import SaesteerError, check_output_path
 from ._app import app
 from .common import split_list
 from .options import DEVICE_HELP, THREADS_HELP, model_option
+from .presets import DTYPE_OPT
 
 
 def _floats(s: Optional[str], what: str) -> list[float]:
@@ -57,6 +58,7 @@ def sweep_cmd(
     batch_size: int = typer.Option(16, help="batch size"),
     seed: int = typer.Option(0, help="seed of every subsample"),
     report: bool = typer.Option(True, help="write RUN/report/index.html at the end"),
+    dtype: Optional[str] = DTYPE_OPT,
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
 ) -> None:
@@ -75,7 +77,7 @@ def sweep_cmd(
         direction=str(direction) if direction else None, alphas=_floats(alphas, "--alphas"),
         unsafe=split_list([unsafe]), safe=split_list([safe]), refusal_limit=limit, max_new_tokens=max_new_tokens,
         capability_tasks=split_list([capability]), capability_limit=cap_limit, gsm8k_limit=gsm8k_limit,
-        mmlu_shots=mmlu_shots, batch_size=batch_size, seed=seed, device=device,
+        mmlu_shots=mmlu_shots, batch_size=batch_size, seed=seed, device=device, model_dtype=dtype or "float32",
     )
     from saesteer.core import set_threads
     from saesteer.experiments import plan_conditions

@@ -86,6 +86,8 @@ class SweepConfig:
     """Seed of every subsample."""
     device: str = "cpu"
     """Device of the model."""
+    model_dtype: str = "float32"
+    """dtype the model runs in (float32 | bfloat16 | float16); SAE and clamp math stay float32."""
     progress: bool = True
     """Progress bars."""
 
@@ -203,7 +205,7 @@ def run_sweep(cfg: SweepConfig, model: Any = None, tok: Any = None,
         from saesteer.core import resolve_device
         from saesteer.models import load_model
 
-        model, tok = load_model(cfg.model, device=resolve_device(cfg.device))
+        model, tok = load_model(cfg.model, device=resolve_device(cfg.device), dtype=cfg.model_dtype)
     from saesteer.steering import build_all, steer
 
     cache: dict = {}

@@ -51,6 +51,8 @@ class SAEEvalConfig:
     """torch intra-op threads."""
     device: str = "cpu"
     """cpu, cuda, cuda:N or auto."""
+    model_dtype: str = "float32"
+    """dtype the model runs in (float32 | bfloat16 | float16); the SAE and its metrics stay float32."""
 
 
 def _ce_kl(logits: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor, ref_logp: torch.Tensor | None
@@ -208,7 +210,7 @@ def run_sae_eval(cfg: SAEEvalConfig) -> dict[str, Any]:
 
     set_threads(cfg.threads)
     sae = load_sae(cfg.sae)
-    model, tok = load_model(cfg.model, device=resolve_device(cfg.device))
+    model, tok = load_model(cfg.model, device=resolve_device(cfg.device), dtype=cfg.model_dtype)
     layer = cfg.layer if cfg.layer is not None else sae.cfg.layer
     ensure(layer is not None and layer >= 0, "the SAE does not record its layer: pass --layer")
     layer = check_layer(model, layer)
