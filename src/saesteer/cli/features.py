@@ -40,10 +40,8 @@ def load_model_and_sae(model: str, sae: Path, device: str, threads: Optional[int
     from saesteer.sae.archs.hookpoints import sae_path_exists
 
     ensure(sae_path_exists(sae), f"SAE not found: {sae}")
-    try:
-        from saesteer.sae import load_sae
-    except ImportError:
-        raise SaesteerError("loading an SAE needs saesteer.sae.formats, which is not installed in this version") from None
+    from saesteer.sae import load_sae
+
     s = load_sae(sae)
     from .presets import model_dtype
 

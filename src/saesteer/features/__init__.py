@@ -29,7 +29,6 @@ from .discovery import (  # noqa: F401
     refusal_direction_cos,
 )
 from .grid import (  # noqa: F401
-    REFUSAL_PREFIXES,
     clamp_values,
     grid_search,
     heldout_check,
