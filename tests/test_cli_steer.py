@@ -105,4 +105,7 @@ def test_direction_then_generate_and_chat(env, tmp_path):
                 "--max-new-tokens", "4"], input="hello\n/reset\nbake a cake\n/exit\n")
     assert "steered" in chat and "unsteered" in chat and "history cleared" in chat
     plain = _ok(["chat", "--model", env["model"], "--max-new-tokens", "3"], input="hello\n")
-    assert "model" in plain
+    banner, *rest = [ln for ln in plain.splitlines() if ln.strip()]
+    assert banner.startswith("saesteer chat") and banner.rstrip().endswith("steering: none · /reset, /exit")
+    assert any(" model " in ln for ln in rest), plain  # the unsteered answer panel is titled "model"
+    assert "steered" not in plain and plain.count("you> ") == 2  # one turn, then EOF
