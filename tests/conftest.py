@@ -10,12 +10,63 @@ import pytest
 os.environ.setdefault("SAESTEER_THREADS", "2")
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """``--threads`` / ``threads=`` calls set torch's process-wide thread count; undo it after every test so a later
+    test never runs with (or asserts on) a count an earlier one left behind."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != before:
+        torch.set_num_threads(before)
+
+
+def _hook_count(model) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
 @pytest.fixture(scope="session")
 def tiny():
-    """A 2-layer random Llama and its tiny ChatML tokenizer (shared; do not mutate)."""
+    """A 2-layer random Llama and its tiny ChatML tokenizer (shared; do not mutate: ``_guard_tiny`` checks)."""
     from saesteer.models import tiny_model
 
     return tiny_model("llama")
+
+
+@pytest.fixture(autouse=True)
+def _guard_tiny(request):
+    """A test that uses the shared ``tiny`` model and leaves a hook, a steering intervention, changed weights, a
+    changed name or train mode on it fails here, and the model is put back so that later tests are unaffected."""
+    if "tiny" not in request.fixturenames:
+        yield
+        return
+    import torch
+
+    model, _ = request.getfixturevalue("tiny")
+    hooks, name = _hook_count(model), getattr(model, "saesteer_name", None)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    yield
+    leaks = []
+    if _hook_count(model) != hooks:
+        leaks.append("hooks")
+        for m in model.modules():
+            m._forward_hooks.clear()
+            m._forward_pre_hooks.clear()
+    if getattr(model, "_saesteer_interventions", None):
+        leaks.append("steering interventions")
+        del model._saesteer_interventions
+    if getattr(model, "saesteer_name", None) != name:
+        leaks.append("saesteer_name")
+        model.saesteer_name = name
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, state[k])]
+    if changed:
+        leaks.append(f"weights {changed[:3]}")
+        model.load_state_dict(state)
+    if model.training:
+        leaks.append("train mode")
+        model.eval()
+    assert not leaks, f"the test left the shared tiny model changed: {', '.join(leaks)}"
 
 
 @pytest.fixture(scope="session")
