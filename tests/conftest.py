@@ -22,8 +22,11 @@ def _restore_torch_threads():
         torch.set_num_threads(before)
 
 
-def _hook_count(model) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+def _hooks(model) -> list[tuple[dict, int]]:
+    """(hook dict, id) of every forward (pre-)hook on ``model`` except transformers' own output-capturing hooks,
+    which it installs lazily on the first ``output_hidden_states`` call and keeps."""
+    return [(d, k) for m in model.modules() for d in (m._forward_hooks, m._forward_pre_hooks)
+            for k, h in d.items() if not getattr(h, "__module__", "").startswith("transformers")]
 
 
 @pytest.fixture(scope="session")
@@ -44,15 +47,15 @@ def _guard_tiny(request):
     import torch
 
     model, _ = request.getfixturevalue("tiny")
-    hooks, name = _hook_count(model), getattr(model, "saesteer_name", None)
+    hooks, name = {(id(d), k) for d, k in _hooks(model)}, getattr(model, "saesteer_name", None)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     yield
     leaks = []
-    if _hook_count(model) != hooks:
-        leaks.append("hooks")
-        for m in model.modules():
-            m._forward_hooks.clear()
-            m._forward_pre_hooks.clear()
+    left = [(d, k) for d, k in _hooks(model) if (id(d), k) not in hooks]
+    if left:
+        leaks.append(f"{len(left)} hook(s)")
+        for d, k in left:
+            d.pop(k, None)
     if getattr(model, "_saesteer_interventions", None):
         leaks.append("steering interventions")
         del model._saesteer_interventions
