@@ -28,9 +28,11 @@ def _single_acts(model, tok, prompt, layer, n_post):
     seen = {}
     hd = hook_module(model, layer).register_forward_hook(lambda m, i, o: seen.__setitem__("h", o[0] if isinstance(o, tuple) else o))
     ids = tok(format_chat(tok, prompt), add_special_tokens=False, return_tensors="pt")["input_ids"]
-    with torch.no_grad():
-        model(input_ids=ids)
-    hd.remove()
+    try:
+        with torch.no_grad():
+            model(input_ids=ids)
+    finally:
+        hd.remove()
     return seen["h"][0, -n_post:]
 
 

@@ -143,9 +143,9 @@ def test_bad_files(sae, tmp_path):
         load_sae(tmp_path / "two")
 
 
-def test_check_compatible(sae, tiny):
+def test_check_compatible(sae, tiny, monkeypatch):
     model, _ = tiny
-    model.saesteer_name = "tiny-llama"
+    monkeypatch.setattr(model, "saesteer_name", "tiny-llama", raising=False)  # undone even if an assert fails
     check_compatible(sae, model, 1)
     with pytest.raises(SaesteerError, match="layer 1, not layer 0"):
         check_compatible(sae, model, 0)
@@ -154,10 +154,9 @@ def test_check_compatible(sae, tiny):
     other = TopKSAE(SAEConfig(d_in=32, num_latents=64, k=4))
     with pytest.raises(SaesteerError, match="width 32"):
         check_compatible(other, model, 1)
-    model.saesteer_name = "another-model"
+    monkeypatch.setattr(model, "saesteer_name", "another-model")
     with pytest.raises(SaesteerError, match="trained on model 'tiny-llama'"):
         check_compatible(sae, model, 1)
-    model.saesteer_name = "tiny-llama"
 
 
 def test_cli_export_import(sae, x, tmp_path):

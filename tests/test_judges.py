@@ -133,13 +133,13 @@ def test_model_judge_endpoint_parses_and_records_failures(fake_endpoint):
 def test_model_judge_endpoint_down_is_a_per_item_failure():
     import socket
 
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()  # nothing listens there now
-    j = make_judge("model:openai:m", base_url=f"http://127.0.0.1:{port}/v1")
-    j.backend.client = j.backend.client.with_options(max_retries=0, timeout=2)
-    v = j.judge(["a", "b"], ["x", "y"])
+    # the port stays bound (so no other process can take it) but never listens: connections are refused
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        j = make_judge("model:openai:m", base_url=f"http://127.0.0.1:{port}/v1")
+        j.backend.client = j.backend.client.with_options(max_retries=0, timeout=2)
+        v = j.judge(["a", "b"], ["x", "y"])
     assert all(x.label is None and "failed" in x.error for x in v)
     a = agreement(v, [True, False])
     assert a["n"] == 0 and a["n_failed"] == 2  # never silently counted

@@ -123,14 +123,20 @@ def test_low_precision_selection_keeps_exact_values():
 
 def test_decoder_constraints():
     sae = _sae()
+    with torch.no_grad():
+        sae.W_enc.add_(0.1 * torch.randn_like(sae.W_enc))  # untied, so "encoder untouched" below can fail
+    enc_before = sae.W_enc.detach().clone()
     sae.W_dec.grad = torch.randn_like(sae.W_dec)
+    sae.W_enc.grad = torch.randn_like(sae.W_enc)
+    enc_grad_before = sae.W_enc.grad.clone()
     sae.remove_parallel_grads()
     torch.testing.assert_close((sae.W_dec.grad * sae.W_dec).sum(1), torch.zeros(64), atol=1e-5, rtol=0)
     with torch.no_grad():
         sae.W_dec.mul_(torch.rand(64, 1) + 0.5)
     sae.normalize_decoder()
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(64))
-    torch.testing.assert_close(sae.W_enc, sae.W_enc)  # encoder untouched
+    assert torch.equal(sae.W_enc.detach(), enc_before)  # encoder untouched by the decoder renormalisation
+    assert torch.equal(sae.W_enc.grad, enc_grad_before)  # and its gradient by the parallel-gradient removal
     fresh = TopKSAE(SAEConfig(d_in=16, num_latents=64, k=4))
     assert torch.equal(fresh.W_enc, fresh.W_dec)  # encoder initialised as the decoder transpose
 

@@ -133,10 +133,12 @@ def test_direction_ablation_leaves_zero_projection(tiny):
     r = torch.randn(d_model(model))
     rhat = r / r.norm()
     caps = []
-    with steer(model, AblateDirection(r)):  # every layer
-        for L in range(2):
-            caps.append(_capture(model, L))
-        _logits(model, batch)
+    try:  # the shared model loses its capture hooks even when the forward fails
+        with steer(model, AblateDirection(r)):  # every layer
+            for L in range(2):
+                caps.append(_capture(model, L))
+            _logits(model, batch)
+    finally:
         for _, hd in caps:
             hd.remove()
     for seen, _ in caps:
@@ -144,11 +146,15 @@ def test_direction_ablation_leaves_zero_projection(tiny):
         assert proj.abs().max() < 1e-4
     # one layer only: layer 0 has a non-zero projection before ablation, layer 1 ablated
     seen0, hd0 = _capture(model, 0)
-    with steer(model, AblateDirection(r, layer=1)):
-        seen1, hd1 = _capture(model, 1)
-        _logits(model, batch)
-        hd1.remove()
-    hd0.remove()
+    try:
+        with steer(model, AblateDirection(r, layer=1)):
+            seen1, hd1 = _capture(model, 1)
+            try:
+                _logits(model, batch)
+            finally:
+                hd1.remove()
+    finally:
+        hd0.remove()
     assert (seen0[0] @ rhat).abs().max() > 1e-3 and (seen1[0] @ rhat).abs().max() < 1e-4
 
 
