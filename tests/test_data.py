@@ -146,3 +146,26 @@ def test_chat_mix_with_answers_and_model(tiny, data_root):
     assert [d.text for d in again] == [d.text for d in docs]
     with pytest.raises(SaesteerError, match="needs the model"):
         chat_mix(tok, None, n_text=0, n_chat=0, n_harmful=2, n_harmless=0, seed=5, progress=False)
+
+
+def test_chat_mix_text_falls_back_to_wikitext2_without_wikipedia(tmp_path, monkeypatch, capsys):
+    """Outside the development layout the Wikipedia sample may be missing (it cannot be fetched yet): the chat mix's
+    plain-text documents then come from WikiText-2, with a warning, and their ids say so."""
+    from saesteer.data import chatmix
+    from saesteer.data.fetch import resolve_file
+    from saesteer.data.prompts import load_prompts
+
+    real = load_prompts
+
+    def no_wikipedia(spec, *a, **k):
+        if spec.startswith("wikipedia"):
+            resolve_file("wikipedia", "nowhere/missing.jsonl", fetch=False)  # the real not-found error
+        return real(spec, *a, **k)
+
+    monkeypatch.setattr(chatmix, "load_prompts", no_wikipedia)
+    source, items = chatmix._text_items(5, seed=0)
+    assert source == "wikitext2" and len(items) == 5 and all(it.source == "wikitext2" for it in items)
+    assert "wikitext2 instead" in capsys.readouterr().err
+    monkeypatch.setattr(chatmix, "load_prompts", real)
+    source, items = chatmix._text_items(5, seed=0)
+    assert source == "wikipedia" and len(items) == 5

@@ -20,7 +20,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from saesteer.core import ensure
+from saesteer.core import SaesteerError, ensure
 from saesteer.generation import GenerationConfig, generate
 from saesteer.models import format_chat
 
@@ -39,6 +39,23 @@ class MixDoc:
     """``<source>/<id>`` of the item it came from."""
     templated: bool
     """True when ``text`` already holds the chat template's special tokens (tokenize without adding more)."""
+
+
+def _text_items(n_text: int, seed: int) -> tuple[str, list]:
+    """The plain-text documents: the Wikipedia sample, or — where it is not available (it is the one named set that
+    ``saesteer data fetch`` cannot rebuild yet) — WikiText-2 articles, with a warning; the doc ids name the source."""
+    if n_text == 0:
+        return "wikipedia", []
+    try:
+        return "wikipedia", load_prompts("wikipedia", limit=n_text, seed=seed)
+    except SaesteerError as e:
+        if "not found" not in str(e):
+            raise
+    import sys
+
+    print("saesteer: warning: the wikipedia sample is not available here; the chat mix takes its plain-text documents "
+          "from wikitext2 instead", file=sys.stderr)
+    return "wikitext2", load_prompts("wikitext2", limit=n_text, seed=seed)
 
 
 def chat_mix(
@@ -61,8 +78,9 @@ def chat_mix(
     for n, what in ((n_text, "n_text"), (n_chat, "n_chat"), (n_harmful, "n_harmful"), (n_harmless, "n_harmless")):
         ensure(n >= 0, f"{what} must be >= 0")
     docs: list[MixDoc] = []
-    for it in load_prompts("wikipedia", limit=n_text, seed=seed):
-        docs.append(MixDoc(it.prompt or "", "text", f"wikipedia/{it.id}", False))
+    source, texts = _text_items(n_text, seed)
+    for it in texts:
+        docs.append(MixDoc(it.prompt or "", "text", f"{source}/{it.id}", False))
     for it in load_prompts("hh-helpful", limit=n_chat, seed=seed):
         docs.append(MixDoc(format_chat(tok, it.messages, add_generation_prompt=False), "chat", f"hh-helpful/{it.id}", True))
     half = n_harmful // 2
