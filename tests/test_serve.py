@@ -104,11 +104,18 @@ def test_concurrent_requests_are_batched(live, lm):
         return c.chat.completions.create(model="default", messages=[{"role": "user", "content": p}], max_tokens=8,
                                          temperature=0).choices[0].message.content
 
+    eng = live.app.state.engine
     with cf.ThreadPoolExecutor(6) as ex:
-        outs = list(ex.map(ask, prompts))
-    with live.app.state.engine.model_lock:
+        with eng.model_lock:  # the worker waits on its first batch: every other request queues up meanwhile
+            futs = [ex.submit(ask, p) for p in prompts]
+            t0 = time.time()
+            while eng.active < len(prompts):
+                assert time.time() - t0 < 20
+                time.sleep(0.02)
+        outs = [f.result() for f in futs]
+    with eng.model_lock:
         assert outs == [generate(model, tok, [p], max_new_tokens=8)[0] for p in prompts]
-    assert live.app.state.engine.batches_run - before < 6  # some requests shared a batch
+    assert eng.batches_run - before < 6  # some requests shared a batch
 
 
 def test_auth_required(live):
@@ -251,23 +258,32 @@ def test_cli_serve_end_to_end_subprocess(lm, tmp_path):
     model, tok, _ = lm
     model.save_pretrained(tmp_path / "tiny")
     tok.save_pretrained(tmp_path / "tiny")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "saesteer", "serve", "--model", str(tmp_path / "tiny"), "--port", str(port),
-           "--api-key", KEY, "--threads", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def start() -> tuple[subprocess.Popen, int]:
+        """The CLI server on a free port. The port is found by binding 0 and released before the child binds it, so
+        another process may take it in between: a child that exits for that reason is started again on a new port."""
+        for _ in range(5):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            cmd = [sys.executable, "-m", "saesteer", "serve", "--model", str(tmp_path / "tiny"), "--port", str(port),
+                   "--api-key", KEY, "--threads", "1"]
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            t0 = time.time()
+            while proc.poll() is None:
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                        return proc, port
+                except httpx.TransportError:
+                    pass
+                assert time.time() - t0 < 60, "server did not come up"
+                time.sleep(0.2)
+            out = proc.stdout.read()
+            assert "address already in use" in out.lower(), out
+        raise AssertionError("no free port in 5 tries")
+
+    proc, port = start()
     try:
-        t0 = time.time()
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.time() - t0 < 60, "server did not come up"
-            time.sleep(0.2)
         c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0)
         assert [m.id for m in c.models.list().data] == ["default"]
         r = c.chat.completions.create(model="default", messages=MSGS, max_tokens=6, temperature=0)
