@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from saesteer.core import atomic_write_bytes, atomic_write_json, ensure, set_threads
+from saesteer.core import atomic_write_bytes, atomic_write_json, ensure, progress_bar, set_threads
 
 DENSE_THRESHOLD = 0.1
 """A latent firing on more than this fraction of tokens counts as dense."""
@@ -111,8 +111,6 @@ def evaluate_sae(model: Any, tok: Any, sae: Any, texts: list[str], layer: int, c
     ``ce_docs``: only the first that many documents (rounded up to a whole batch) get the three full forward passes
     for CE / KL; the rest only feed the reconstruction and density statistics (forward stopped at the layer).
     """
-    from rich.progress import Progress
-
     from saesteer.activations import keep_mask, pad_right
     from saesteer.models import hook_module, layer_output, replace_layer_output, run_to_layer, special_token_ids
 
@@ -146,8 +144,7 @@ def evaluate_sae(model: Any, tok: Any, sae: Any, texts: list[str], layer: int, c
            "n_ce_docs": 0}
     handle = hook_module(model, layer).register_forward_hook(hook)
     try:
-        with Progress(disable=not progress) as bar:
-            task = bar.add_task("sae-eval", total=len(seqs))
+        with progress_bar(len(seqs), "sae-eval", unit="doc", enabled=progress) as bar:
             for i in range(0, len(seqs), batch_size):
                 ids, att = pad_right(seqs[i:i + batch_size], pad)
                 ids, att = ids.to(dev), att.to(dev)
@@ -182,7 +179,7 @@ def evaluate_sae(model: Any, tok: Any, sae: Any, texts: list[str], layer: int, c
                     del hs
                 tot["n_pred"] += int(valid.sum()) if with_ce else 0
                 tot["n_ce_docs"] += ids.shape[0] if with_ce else 0
-                bar.update(task, advance=min(batch_size, len(seqs) - i))
+                bar.update(ids.shape[0], tokens=int(att.sum()))
     finally:
         handle.remove()
     n, npred = tot["n"], max(tot["n_pred"], 1)
