@@ -238,3 +238,53 @@ def test_reader_errors(cache_dir, tmp_path):
     c = ActivationCache(cache_dir)
     with pytest.raises(SaesteerError, match="non-finite"):
         c.validate()
+
+
+def test_norm_outliers_unit():
+    from saesteer.activations.collect import hist_median, norm_outliers
+
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(500, 16, generator=g)  # norms ~4
+    rows[7] *= 50  # a massive activation
+    hist: dict[str, int] = {}
+    drop = norm_outliers(rows, hist, 10.0)
+    assert drop.tolist() == [i == 7 for i in range(500)]
+    assert hist_median(hist) == pytest.approx(float(rows.norm(dim=-1).median()), rel=0.03)
+    assert not norm_outliers(rows, {}, None).any() and not norm_outliers(rows, {}, 0).any()
+
+
+def test_collect_drops_planted_massive_rows_and_resumes_the_same(tiny, tmp_path, docs_file, monkeypatch):
+    """Position 1 of the first document of every batch is blown up 100x: those rows (only) are dropped and counted,
+    disabled keeps them, and an interrupted run resumes to the same cache (the running median is resume state)."""
+    model, tok = tiny
+    real = models.run_to_layer
+    calls = {"n": 0, "interrupt": 0}
+
+    def planted(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == calls["interrupt"]:
+            raise KeyboardInterrupt
+        h = real(*a, **k).clone()
+        h[0, 1] *= 100
+        return h
+
+    monkeypatch.setattr(models, "run_to_layer", planted)
+    kw = dict(tokens=10_000, batch_size=4)
+    off = ActivationCache(collect(_cfg(tmp_path, docs_file, out=str(tmp_path / "off"), max_norm_ratio=None, **kw),
+                                  model, tok))
+    n_batches = calls["n"]
+    on = ActivationCache(collect(_cfg(tmp_path, docs_file, out=str(tmp_path / "on"), **kw), model, tok))
+    a_off, a_on = (torch.cat([c.shard(i) for i in range(c.n_shards)]) for c in (off, on))
+    assert off.meta["n_excluded_norm"] == 0 and on.meta["n_excluded_norm"] == n_batches
+    assert len(on) == len(off) - n_batches
+    big = a_off.norm(dim=-1) > 10 * on.meta["median_norm"]
+    assert int(big.sum()) == n_batches  # exactly the planted rows are outliers; every normal row is kept
+    torch.testing.assert_close(a_on, a_off[~big])
+    calls.update(n=0, interrupt=5)
+    cfg = _cfg(tmp_path, docs_file, out=str(tmp_path / "resumed"), **kw)
+    with pytest.raises(KeyboardInterrupt):
+        collect(cfg, model, tok)
+    calls["interrupt"] = 0
+    got = ActivationCache(collect(cfg, model, tok))
+    assert got.meta["n_excluded_norm"] == n_batches and len(got) == len(on)
+    torch.testing.assert_close(torch.cat([got.shard(i) for i in range(got.n_shards)]), a_on)

@@ -48,3 +48,27 @@ def test_done_markers(tmp_path):
     other = tmp_path / "table.md"
     other.write_text("x")
     assert _done(other)
+
+
+def test_stage_runs_in_its_own_process_with_time_and_peak_rss(tmp_path, monkeypatch):
+    """Each stage is a child process; demo_timings.json gets its wall time and its own peak RSS (wait4 rusage); a
+    skipped stage keeps its earlier record; a failing stage stops the demo with its exit code."""
+    from saesteer.cli import demo as demo_mod
+    from saesteer.cli.demo import Stage, run_stage
+    from saesteer.core import SaesteerError
+
+    out = tmp_path / "run"
+    (out / "compare").mkdir(parents=True)
+    (out / "compare" / "table.md").write_text("| policy |\n")
+    done = out / "done.txt"
+    done.write_text("x")
+    (out / "demo_timings.json").write_text(json.dumps({"old": {"seconds": 5.0, "peak_rss_gib": 1.5}}))
+    stages = [Stage("old", ["models"], done), Stage("models", ["models"], out / "never")]
+    monkeypatch.setattr(demo_mod, "demo_stages", lambda *a, **k: stages)
+    res = CliRunner().invoke(app, ["demo", "--model", "tiny", "--out", str(out), "--budget", "tiny"])
+    assert res.exit_code == 0, res.output
+    t = json.loads((out / "demo_timings.json").read_text())
+    assert t["old"] == {"seconds": 5.0, "peak_rss_gib": 1.5}
+    assert t["models"]["seconds"] > 0 and 0.02 < t["models"]["peak_rss_gib"] < 4  # the child's, not the test's
+    with pytest.raises(SaesteerError, match="exit code 2"):
+        run_stage(["collect", "--model", str(tmp_path / "missing"), "--layer", "0", "--out", str(tmp_path / "a")])

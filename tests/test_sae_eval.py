@@ -103,3 +103,55 @@ def test_cli_sae_eval(tiny, tmp_path):
                         str(tmp_path / "narrow"), "--data", str(data), "--out", str(tmp_path / "x.json")],
                        capture_output=True, text=True)
     assert p.returncode == 2 and "width 32" in p.stderr and not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2"])
+def test_final_logits_equal_the_models_logits(arch):
+    """CE is computed from final hidden states a chunk at a time: the head (+ Gemma 2 soft-capping) must match."""
+    from saesteer.models import model_body, tiny_model
+    from saesteer.sae.quality import final_logits
+
+    model, tok = tiny_model(arch)
+    ids = torch.tensor([tok(TEXTS[0], add_special_tokens=False)["input_ids"][:24]])
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        got = final_logits(model, model_body(model)(input_ids=ids).last_hidden_state)
+    torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_ce_equals_full_logits_reference(tiny, monkeypatch):
+    """Same numbers as the former implementation (whole [B, T, V] logits per pass), with any chunk size."""
+    from saesteer.activations import keep_mask, pad_right
+    from saesteer.models import hook_module, layer_output, replace_layer_output, special_token_ids
+    from saesteer.sae import quality
+
+    model, tok = tiny
+    rand = TopKSAE(SAEConfig(d_in=64, num_latents=256, k=4, layer=1), seed=0)
+    seqs = [tok(t, add_special_tokens=False)["input_ids"][:32] for t in TEXTS]
+    ids, att = pad_right(seqs, tok.pad_token_id)
+    keep = keep_mask(ids, att, special_token_ids(tok))
+    valid = att[:, 1:].bool() & (keep.long().cumsum(-1)[:, :-1] > 0)
+    logps = {}
+    for kind in ("clean", "splice", "zero"):
+        def hook(_m, _i, out, kind=kind):
+            h = layer_output(out)
+            new = {"clean": h, "splice": rand(h), "zero": torch.zeros_like(h)}[kind]
+            return replace_layer_output(out, torch.where(keep.unsqueeze(-1), new, h))
+        handle = hook_module(model, 1).register_forward_hook(hook)
+        with torch.no_grad():
+            logps[kind] = F.log_softmax(model(input_ids=ids, attention_mask=att).logits[:, :-1], -1)
+        handle.remove()
+    tgt = ids[:, 1:].unsqueeze(-1)
+    n = int(valid.sum())
+    ce = {k: float(-v.gather(-1, tgt).squeeze(-1)[valid].sum()) / n for k, v in logps.items()}
+    kl = {k: float((logps["clean"].exp() * (logps["clean"] - logps[k])).sum(-1)[valid].sum()) / n
+          for k in ("splice", "zero")}
+    for chunk in (7, 4096):
+        monkeypatch.setattr(quality, "CE_CHUNK", chunk)
+        r = evaluate_sae(model, tok, rand, TEXTS, layer=1, context_len=32, batch_size=4, progress=False)
+        assert r["n_ce_predictions"] == n
+        assert r["ce_clean"] == pytest.approx(ce["clean"], rel=1e-5)
+        assert r["ce_spliced"] == pytest.approx(ce["splice"], rel=1e-5)
+        assert r["ce_zero_ablated"] == pytest.approx(ce["zero"], rel=1e-5)
+        assert r["kl_spliced"] == pytest.approx(kl["splice"], rel=1e-4, abs=1e-7)
+        assert r["kl_zero_ablated"] == pytest.approx(kl["zero"], rel=1e-4, abs=1e-7)

@@ -86,3 +86,18 @@ def test_read_json_errors(tmp_path):
     bad.write_text("{nope")
     with pytest.raises(SaesteerError, match="not valid JSON"):
         read_json(bad)
+
+
+def test_progress_bar_rate_eta_and_quiet(capsys):
+    from saesteer.core import progress_bar
+
+    with progress_bar(4, "gen", unit="prompt", enabled=True, leave=True) as bar:
+        bar.update(2, tokens=100)
+        bar.describe("fvu 0.1")
+        bar.update(2, tokens=50)
+    err = capsys.readouterr().err
+    assert "gen" in err and "4/4" in err and "prompt/s" in err and "tok/s" in err and "fvu 0.1" in err
+    assert bar.tokens == 150
+    with progress_bar(3, "quiet", enabled=False) as bar:
+        bar.update(3, tokens=9)
+    assert capsys.readouterr().err == ""

@@ -4,7 +4,10 @@ What is kept: the residual stream after decoder layer ``L`` (the output of ``mod
 real token EXCEPT the first token of each document (position 0), BOS, padding and every special / control token
 (``<|im_start|>``, ``<|im_end|>``, ...). On these models position 0 and the special tokens are attention sinks whose
 residual norm is ~100x the rest (SmolLM2 layer 15: ~2.2e4 vs ~175; Qwen2.5-0.5B layer 12: >1e3 vs ~20); a few of them
-dominate an SAE's MSE and wreck training.
+dominate an SAE's MSE and wreck training. Massive activations also occur elsewhere (SmolLM2 layer 15: norm 8,212 =
+47x the median at position 1 of a document), so a row whose L2 norm exceeds ``max_norm_ratio`` x the running median of
+the row norms seen so far (all candidate rows of the batches forwarded, this one included; a log-spaced histogram kept
+in the resume state, so a resumed run makes the same decisions) is dropped too and counted in ``n_excluded_norm``.
 
 The forward stops after layer ``L`` (``models.run_to_layer``): no later layers, no LM head. Batches are right-padded
 so every document sees positions 0..n-1 exactly as it would alone (the causal mask keeps padding out of real tokens).
@@ -39,7 +42,8 @@ FORMAT, VERSION = "saesteer-activations", 1
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # fields of CollectConfig that decide the content of a cache (a resume must match them)
 _ANSWERS = "chat_mix_answers.json"  # cached model answers of the chat mix (kept across a failed first run)
-_IDENTITY = ("model", "layer", "data", "context_len", "batch_size", "dtype", "shard_tokens", "seed")
+_IDENTITY = ("model", "layer", "data", "context_len", "batch_size", "dtype", "shard_tokens", "seed", "max_norm_ratio")
+_HIST_BINS_PER_OCTAVE = 32  # running-median histogram of row norms: bins 2^(1/32) wide (~2 % resolution)
 
 
 @dataclass
@@ -69,6 +73,10 @@ class CollectConfig:
     """Rows per shard (a shard is written once it holds at least this many)."""
     seed: int = 0
     """Seed for the data sample and document order."""
+    max_norm_ratio: float | None = 10.0
+    """Drop rows whose L2 norm exceeds this multiple of the running median row norm (massive activations beyond
+    position 0, e.g. SmolLM2 L15 at 47x the median); counted in ``meta.json`` as ``n_excluded_norm``. 0 or None keeps
+    every row."""
     threads: int | None = None
     """torch intra-op threads (None: SAESTEER_THREADS or torch's default)."""
     device: str = "cpu"
@@ -123,6 +131,38 @@ def make_batches(lengths: list[int], batch_size: int, seed: int) -> list[list[in
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     g = torch.Generator().manual_seed(seed)
     return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+
+
+# --------------------------------------------------------------------------------------------- norm outliers
+def hist_add(hist: dict[str, int], norms: torch.Tensor) -> None:
+    """Add row norms to a log2-spaced histogram ``{bin: count}`` (JSON-able: it lives in the resume state)."""
+    bins = torch.floor(torch.log2(norms.double().clamp_min(1e-30)) * _HIST_BINS_PER_OCTAVE).long()
+    u, c = torch.unique(bins, return_counts=True)
+    for b, n in zip(u.tolist(), c.tolist()):
+        hist[str(b)] = hist.get(str(b), 0) + n
+
+
+def hist_median(hist: dict[str, int]) -> float | None:
+    """Median of the histogrammed norms (the centre of the median bin); None when empty."""
+    total = sum(hist.values())
+    if not total:
+        return None
+    seen = 0
+    for b in sorted(hist, key=int):
+        seen += hist[b]
+        if 2 * seen >= total:
+            return float(2 ** ((int(b) + 0.5) / _HIST_BINS_PER_OCTAVE))
+    return None  # unreachable
+
+
+def norm_outliers(rows: torch.Tensor, hist: dict[str, int], ratio: float | None) -> torch.Tensor:
+    """Boolean mask of ``rows`` to drop: L2 norm above ``ratio`` x the running median (``hist`` updated with these
+    rows first). ``ratio`` 0 / None: nothing is dropped (the histogram is still kept, for ``median_norm``)."""
+    norms = rows.float().norm(dim=-1)
+    hist_add(hist, norms)
+    if not ratio or not rows.shape[0]:
+        return torch.zeros(rows.shape[0], dtype=torch.bool)
+    return norms > ratio * hist_median(hist)
 
 
 # --------------------------------------------------------------------------------------------- collection
@@ -180,7 +220,7 @@ def _prepare_out(cfg: CollectConfig) -> tuple[Path, dict[str, Any] | None, bool]
             raise SaesteerError(f"output folder {out} is not empty and holds no activation cache (use another --out)")
         meta = read_json(meta_path, "activation cache meta")
         old = meta.get("config", {})
-        diff = [k for k in _IDENTITY if k != "layer" and old.get(k) != cfg.identity()[k]]
+        diff = [k for k in _IDENTITY if k != "layer" and old.get(k) != cfg.identity()[k]]  # older caches: None
         if not same_layer(meta, cfg.layer):
             diff.insert(1, "layer")
         if diff:
@@ -282,7 +322,9 @@ def _new_meta(cfg: CollectConfig, model: Any, layer: int, n_docs: int, extra: di
         "hook_name": f"model.layers.{layer}", "d_model": d_model(model), "dtype": cfg.dtype,
         "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "n_tokens": 0,
         "shards": [], "data_spec": cfg.data, "complete": False, "next_batch": 0, "n_docs": n_docs,
-        "context_len": cfg.context_len, "excluded": "position 0, BOS, padding and all special tokens",
+        "context_len": cfg.context_len, "excluded": "position 0, BOS, padding, all special tokens" + (
+            f" and rows with norm > {cfg.max_norm_ratio:g} x the running median" if cfg.max_norm_ratio else ""),
+        "n_excluded_norm": 0,
         "config": {**cfg.identity(), "layer": layer}, "saesteer_version": __version__, "norm_sum": 0.0, "norm_max": 0.0,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **extra,
     }
@@ -304,6 +346,7 @@ def _collect(cfg: CollectConfig, model: Any, tok: Any, out: Path, meta: dict[str
     meta["exhausted"] = next_batch >= len(batches)  # the data ran out (a larger --tokens cannot extend it)
     meta["n_tokens_requested"] = cfg.tokens
     meta["mean_norm"] = meta["norm_sum"] / max(meta["n_tokens"], 1)
+    meta["median_norm"] = hist_median(meta.get("norm_hist", {}))
     meta["tokens_per_s_last_run"] = tok_run / dt
     atomic_write_json(out / "meta.json", meta)
     if done < cfg.tokens and cfg.progress:
@@ -369,6 +412,13 @@ def _run_batches(cfg: CollectConfig, model: Any, tok: Any, out: Path, layer: int
             rows = run_to_layer(model, ids, mask, layer)[keep].float().cpu()
             doc = torch.tensor(idx[:n_docs], dtype=torch.int32)[:, None].expand(-1, width).to(device)[keep].cpu()
             tid = ids[keep].cpu()
+            drop = norm_outliers(rows, state.setdefault("norm_hist", {}), cfg.max_norm_ratio)
+            if bool(drop.any()):
+                kept = (~drop).nonzero().squeeze(-1)
+                # excluded rows count only up to where this batch's rows are taken (the rest are never looked at)
+                end = int(kept[room - 1]) if kept.numel() > room else drop.numel()
+                state["n_excluded_norm"] = state.get("n_excluded_norm", 0) + int(drop[:end].sum())
+                rows, doc, tid = rows[kept], doc[kept], tid[kept]
             take = min(rows.shape[0], room)
             acts_buf.append(rows[:take]), ids_buf.append(tid[:take]), doc_buf.append(doc[:take])
             pending += take
@@ -436,6 +486,7 @@ def _collect_dist(cfg: CollectConfig, model: Any, tok: Any, rank: int, world: in
         meta.update(
             shards=[s for st in states for s in st["shards"]], n_tokens=sum(st["n_tokens"] for st in states),
             norm_sum=sum(st["norm_sum"] for st in states), norm_max=max(st["norm_max"] for st in states),
+            n_excluded_norm=sum(st.get("n_excluded_norm", 0) for st in states),
             complete=True, exhausted=all(st["exhausted"] for st in states), n_tokens_requested=cfg.tokens,
             tokens_per_s_last_run=sum(st["tokens_per_s_last_run"] for st in states),
             ranks=[{k: st[k] for k in ("rank", "n_tokens", "next_batch", "exhausted")} for st in states])

@@ -1,21 +1,27 @@
 """``saesteer demo``: the whole pipeline on one model with small budgets, resumable stage by stage.
 
 collect → train → sae-eval → features → sweep → report → policy fit (unconditional + gates) → compare.
-Each stage is the same CLI command a user would type (printed before it runs); a stage whose output already exists
-is skipped, so an interrupted demo continues where it stopped.
+Each stage is the same CLI command a user would type (printed before it runs), run in its own process
+(``python -m saesteer ...``): its memory is returned to the OS when it ends, and its wall time and peak RSS — the
+child's own ``ru_maxrss`` from ``wait4``, exact and not sampled — go to ``demo_timings.json`` (rewritten after each
+stage). A stage whose output already exists is skipped (its earlier record is kept), so an interrupted demo continues
+where it stopped.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import typer
 
-from saesteer.core import SaesteerError, check_output_path
+from saesteer.core import SaesteerError, atomic_write_json, check_output_path
 
 from ._app import app
 from .options import DEVICE_HELP, THREADS_HELP, model_option
@@ -78,20 +84,41 @@ def _done(marker: Path) -> bool:
     return True
 
 
-def _run(stage: Stage) -> float:
-    from rich.console import Console
+def _peak_rss_bytes(ru: os.struct_rusage) -> int:
+    """``ru_maxrss`` in bytes (Linux reports KiB, macOS bytes)."""
+    return int(ru.ru_maxrss) * (1 if sys.platform == "darwin" else 1024)
 
-    from . import main
+
+def run_stage(argv: list[str]) -> dict[str, float]:
+    """Run ``saesteer ARGV`` in a child process; ``{"seconds", "peak_rss_gib"}`` of that child (its own maximum
+    resident set size from ``wait4``). A failing stage raises with its exit code (its error is already printed)."""
+    t0 = time.time()
+    proc = subprocess.Popen([sys.executable, "-m", "saesteer", *argv])
+    try:
+        _, status, ru = os.wait4(proc.pid, 0)
+    except BaseException:  # Ctrl-C reaches the child too (same process group); do not leave it running
+        proc.kill()
+        proc.wait()
+        raise
+    proc.returncode = rc = os.waitstatus_to_exitcode(status)
+    if rc != 0:
+        raise SaesteerError(f"demo stage `saesteer {' '.join(argv[:1])}` failed with exit code {rc}")
+    return {"seconds": round(time.time() - t0, 1), "peak_rss_gib": round(_peak_rss_bytes(ru) / 2**30, 2)}
+
+
+def _run(stage: Stage) -> dict[str, float] | None:
+    """Run a stage unless it is done; its record, or None when skipped."""
+    from rich.console import Console
 
     con = Console(stderr=True)
     if _done(stage.done_marker):
         con.print(f"[dim][demo] {stage.name}: done already ({stage.done_marker})[/dim]")
-        return 0.0
+        return None
     con.rule(f"[bold]demo · {stage.name}")
     con.print("[cyan]$ saesteer " + " ".join(shlex.quote(a) for a in stage.argv))
-    t0 = time.time()
-    main(stage.argv)
-    return time.time() - t0
+    rec = run_stage(stage.argv)
+    con.print(f"[dim][demo] {stage.name}: {rec['seconds']:.0f} s, peak RSS {rec['peak_rss_gib']:.2f} GiB[/dim]")
+    return rec
 
 
 def _capability(b: DemoBudget, gsm8k_flag: str) -> list[str]:
@@ -157,10 +184,17 @@ def demo(
         raise SaesteerError(f"unknown --budget {budget!r}: choose from {', '.join(BUDGETS)}")
     common = ["--device", device] + (["--threads", str(threads)] if threads else [])
     out.mkdir(parents=True, exist_ok=True)
-    timings = {}
+    tfile = out / "demo_timings.json"
+    try:
+        before = json.loads(tfile.read_text()) if tfile.exists() else {}
+    except json.JSONDecodeError:
+        before = {}
+    timings: dict[str, object] = {}
     for stage in demo_stages(model, out, layer, BUDGETS[budget], common):
-        timings[stage.name] = round(_run(stage), 1)
-    (out / "demo_timings.json").write_text(json.dumps(timings, indent=2))
+        rec = _run(stage)
+        old = before.get(stage.name)
+        timings[stage.name] = rec or (old if isinstance(old, dict) else {"skipped": True})
+        atomic_write_json(tfile, timings)
     table = out / "compare" / "table.md"
     typer.echo("\n" + table.read_text())
     typer.echo(f"comparison: {out / 'compare' / 'table.html'}")

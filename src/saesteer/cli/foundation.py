@@ -54,6 +54,8 @@ def collect_cmd(
     dtype: str = typer.Option("float32", help="storage dtype: float32, float16 or bfloat16"),
     shard_tokens: int = typer.Option(32_768, help="rows per shard"),
     seed: int = typer.Option(0, help="seed of the data sample and order"),
+    max_norm_ratio: float = typer.Option(10.0, help="drop rows whose norm exceeds this multiple of the running "
+                                                    "median row norm (massive activations); 0 keeps every row"),
     overwrite: bool = typer.Option(False, help="replace what is in --out (default: resume the same collection)"),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
@@ -74,6 +76,7 @@ def collect_cmd(
     ensure(layer is not None, "give --layer (or a --preset)")
     cfg = CollectConfig(model=model, layer=layer, model_dtype=model_dtype, data=data, tokens=tokens, out=str(out), batch_size=batch_size,
                         context_len=context_len, dtype=dtype, shard_tokens=shard_tokens, seed=seed, threads=threads,
+                        max_norm_ratio=max_norm_ratio or None,
                         device=device, overwrite=overwrite)
     path = collect(cfg)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: rank 0 reports for all

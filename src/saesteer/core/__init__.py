@@ -1,5 +1,5 @@
 """Shared foundations every stage uses: the user-facing error type (``errors``), atomic writes (``io``), threads and
-devices (``runtime``), interval statistics (``stats``), and the process-group helpers of distributed collection /
+devices (``runtime``), interval statistics (``stats``), progress bars (``progress``), and the process-group helpers of distributed collection /
 training (``dist``). Depends on nothing else in saesteer."""
 
 from .errors import SaesteerError, ensure, require_package
@@ -11,11 +11,12 @@ from .io import (
     check_output_path,
     read_json,
 )
+from .progress import Bar, progress_bar
 from .runtime import resolve_device, set_threads
 from .stats import auroc, diff_interval, rate_summary, wilson_interval
 
 __all__ = [
-    "SaesteerError", "atomic_dir", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "auroc",
+    "SaesteerError", "atomic_dir", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "auroc", "Bar", "progress_bar",
     "check_output_path", "diff_interval", "ensure", "rate_summary", "read_json", "require_package", "resolve_device",
     "set_threads", "wilson_interval",
 ]

@@ -113,9 +113,9 @@ def steering_context(model: Any, steering: Any) -> contextlib.AbstractContextMan
 
 
 def _bar(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
+    from saesteer.core import progress_bar
 
-    return tqdm(total=total, desc=desc, disable=not enabled, leave=False)
+    return progress_bar(total, desc, unit="seq", enabled=enabled)
 
 
 def mean_summary(values: Sequence[float]) -> dict[str, Any]:

@@ -305,6 +305,9 @@ class ClassifierJudge:
     generative model (``*ForCausalLM``). ``refusal_label`` names (or indexes) the refusal class of a sequence
     classifier; by default the one label whose name contains "refus"."""
 
+    progress: bool = False
+    """Show a progress bar (answers/s, ETA) while judging."""
+
     def __init__(
         self, path: str | os.PathLike, device: str = "cpu", refusal_label: str | int | None = None,
         batch_size: int = 8, max_length: int = 1024, inputs: str = "pair", max_new_tokens: int = 32,
@@ -342,10 +345,14 @@ class ClassifierJudge:
 
     def judge(self, prompts: Sequence[str], answers: Sequence[str]) -> list[Verdict]:
         ensure(len(prompts) == len(answers), f"{len(prompts)} prompts but {len(answers)} answers")
+        from saesteer.core import progress_bar
+
         out: list[Verdict] = []
-        for i in range(0, len(prompts), self.batch_size):
-            ps, as_ = list(prompts[i:i + self.batch_size]), list(answers[i:i + self.batch_size])
-            out += self._seqcls(ps, as_) if self.kind == "seqcls" else self._generative(ps, as_)
+        with progress_bar(len(prompts), "judge", unit="answer", enabled=self.progress) as bar:
+            for i in range(0, len(prompts), self.batch_size):
+                ps, as_ = list(prompts[i:i + self.batch_size]), list(answers[i:i + self.batch_size])
+                out += self._seqcls(ps, as_) if self.kind == "seqcls" else self._generative(ps, as_)
+                bar.update(len(ps))
         return out
 
     def _seqcls(self, prompts: list[str], answers: list[str]) -> list[Verdict]:

@@ -318,15 +318,14 @@ def run_crescendo(model: Any, tok: Any, cfg: MultiTurnConfig, steering: Any = No
                          if cfg.success_judge or built else attacker)
     refusal_judge = refusal_judge or make_judge(cfg.judge, device=cfg.device)
     results = []
-    from rich.progress import Progress
+    from saesteer.core import progress_bar
 
-    with Progress(disable=not cfg.progress, transient=True) as bar:
-        task = bar.add_task("crescendo", total=len(objectives))
+    with progress_bar(len(objectives), "crescendo", unit="objective", enabled=cfg.progress) as bar:
         for it in objectives:
             r = crescendo_one(model, tok, it.prompt or user_turns(it)[-1], attacker, success_judge, refusal_judge,
                               st, cfg)
             results.append({"id": it.id, "category": it.category, "steering": st.name, **r})
-            bar.advance(task)
+            bar.update(1)
     summary = summarize_crescendo(results)
     summary.update({"mode": "crescendo", "model": model_name(model), "steering": st.name, "dataset": spec,
                     "attacker": getattr(attacker, "name", str(attacker)), "config": asdict(cfg)})

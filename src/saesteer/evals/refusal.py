@@ -168,6 +168,8 @@ def run_refusal_eval(model: Any, tok: Any, cfg: RefusalEvalConfig, steering: Any
     if judge is None:
         judge = make_judge(cfg.judge, base_url=cfg.judge_base_url, api_key_env=cfg.judge_api_key_env,
                            device=cfg.device)
+        if hasattr(judge, "progress"):  # a local classifier judge shows its own bar
+            judge.progress = cfg.progress
     is_prefix = isinstance(judge, PrefixJudge)
     max_new = cfg.max_new_tokens if cfg.max_new_tokens is not None else (24 if is_prefix else 160)
     ensure(max_new >= 1, f"max_new_tokens must be >= 1, got {max_new}")

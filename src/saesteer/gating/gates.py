@@ -394,15 +394,14 @@ def collect_gate_inputs(model: Any, tok: Any, prompts: Sequence[Any], layer: int
     suffix = [int(i) for i in suffix_ids or ()]
     device = next(model.parameters()).device
     out: list[torch.Tensor] = []
-    it = range(0, len(texts), batch_size)
-    if progress:
-        from tqdm.auto import tqdm
+    from saesteer.core import progress_bar
 
-        it = tqdm(it, desc=desc, unit="batch", leave=False)
-    for i in it:
-        ids = [list(x) + suffix for x in tok(texts[i:i + batch_size], add_special_tokens=False)["input_ids"]]
-        enc = tok.pad({"input_ids": ids}, return_tensors="pt")
-        ensure(enc["input_ids"].shape[1] >= positions, f"prompts shorter than the {positions} gate positions")
-        h = run_to_layer(model, enc["input_ids"].to(device), enc["attention_mask"].to(device), layer)
-        out.append(h[:, -positions:].float().cpu())
+    with progress_bar(len(texts), desc, unit="prompt", enabled=progress) as bar:
+        for i in range(0, len(texts), batch_size):
+            ids = [list(x) + suffix for x in tok(texts[i:i + batch_size], add_special_tokens=False)["input_ids"]]
+            enc = tok.pad({"input_ids": ids}, return_tensors="pt")
+            ensure(enc["input_ids"].shape[1] >= positions, f"prompts shorter than the {positions} gate positions")
+            h = run_to_layer(model, enc["input_ids"].to(device), enc["attention_mask"].to(device), layer)
+            out.append(h[:, -positions:].float().cpu())
+            bar.update(len(ids), tokens=int(enc["attention_mask"].sum()))
     return torch.cat(out)

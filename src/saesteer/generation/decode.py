@@ -340,9 +340,9 @@ def _run(model: Any, tok: Any, rows: list[Row], cfg: GenerationConfig, stream: b
     eos = set(cfg.eos_ids) if cfg.eos_ids is not None else eos_token_ids(model, tok)
     bar = None
     if cfg.progress:
-        from tqdm.auto import tqdm
+        from saesteer.core import progress_bar
 
-        bar = tqdm(total=len(rows), desc="generate", unit="prompt", leave=False)
+        bar = progress_bar(len(rows), "generate", unit="prompt")
     try:
         for batch in batches(rows, cfg.batch_size, cfg.bucket_by_length):
             if cfg.on_batch is not None:
@@ -352,7 +352,7 @@ def _run(model: Any, tok: Any, rows: list[Row], cfg: GenerationConfig, stream: b
                                       share_prefix=cfg.share_prefix):
                 yield from events
                 if bar is not None:
-                    bar.update(sum(e.finish_reason is not None for e in events))
+                    bar.update(sum(e.finish_reason is not None for e in events), tokens=len(events))
     finally:
         if bar is not None:
             bar.close()

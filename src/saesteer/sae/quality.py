@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from saesteer.core import atomic_write_bytes, atomic_write_json, ensure, set_threads
+from saesteer.core import atomic_write_bytes, atomic_write_json, ensure, progress_bar, set_threads
 
 DENSE_THRESHOLD = 0.1
 """A latent firing on more than this fraction of tokens counts as dense."""
@@ -55,18 +55,54 @@ class SAEEvalConfig:
     """dtype the model runs in (float32 | bfloat16 | float16); the SAE and its metrics stay float32."""
 
 
-def _ce_kl(logits: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor, ref_logp: torch.Tensor | None
-           ) -> tuple[float, float, torch.Tensor]:
-    """Summed next-token CE (and KL(ref ‖ this)) over ``valid`` prediction positions; returns log-probs too."""
-    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
-    tgt = ids[:, 1:]
-    ce = -logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
-    ce_sum = float(ce[valid].sum())
-    kl_sum = 0.0
-    if ref_logp is not None:
-        kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
-        kl_sum = float(kl[valid].sum())
-    return ce_sum, kl_sum, logp
+CE_CHUNK = 256
+"""Prediction positions whose full-vocabulary logits exist at once (``[CE_CHUNK, vocab]`` fp32 per pass): the
+whole ``[batch, seq, vocab]`` logits of three passes held 8+ GB on a 150k-vocabulary model."""
+
+
+def final_logits(model: Any, hidden: torch.Tensor) -> torch.Tensor:
+    """fp32 next-token logits from final hidden states (``model_body`` output) — the LM head plus, where the
+    architecture has them, final logit soft-capping (Gemma 2) and a logit scale; equals ``model(...).logits``."""
+    cfg = getattr(model.config, "text_config", model.config)
+    logits = model.get_output_embeddings()(hidden).float()
+    scale = getattr(cfg, "logit_scale", None) or (1 / cfg.logits_scaling if getattr(cfg, "logits_scaling", None)
+                                                  else None)
+    if scale:
+        logits = logits * scale
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def _final_hidden(model: Any, ids: torch.Tensor, att: torch.Tensor) -> torch.Tensor:
+    """Final (normed) hidden states ``[b, t, d]``; the LM head is applied later, a chunk of positions at a time."""
+    from saesteer.models import model_body
+
+    return model_body(model)(input_ids=ids, attention_mask=att, use_cache=False).last_hidden_state
+
+
+def _ce_kl_chunked(model: Any, hs: dict[str, torch.Tensor], ids: torch.Tensor, valid: torch.Tensor
+                   ) -> dict[str, float]:
+    """Summed next-token CE per pass in ``hs`` (clean / splice / zero final hidden states) and KL(clean ‖ pass) over
+    the ``valid`` prediction positions, ``CE_CHUNK`` positions at a time (never the whole logits tensor)."""
+    tgt = ids[:, 1:][valid]
+    flat = {k: h[:, :-1][valid] for k, h in hs.items()}
+    tot = {f"ce_{k}": 0.0 for k in hs} | {f"kl_{k}": 0.0 for k in hs if k != "clean"}
+    for s in range(0, tgt.shape[0], CE_CHUNK):
+        t = tgt[s:s + CE_CHUNK].unsqueeze(-1)
+        ref = F.log_softmax(final_logits(model, flat["clean"][s:s + CE_CHUNK]), dim=-1)
+        tot["ce_clean"] -= float(ref.gather(-1, t).sum())
+        p_ref = ref.exp()
+        for k in hs:
+            if k == "clean":
+                continue
+            logp = F.log_softmax(final_logits(model, flat[k][s:s + CE_CHUNK]), dim=-1)
+            tot[f"ce_{k}"] -= float(logp.gather(-1, t).sum())
+            tot[f"kl_{k}"] += float((p_ref * (ref - logp)).sum())
+            del logp
+        del ref, p_ref
+    return tot
 
 
 @torch.inference_mode()
@@ -77,8 +113,6 @@ def evaluate_sae(model: Any, tok: Any, sae: Any, texts: list[str], layer: int, c
     ``ce_docs``: only the first that many documents (rounded up to a whole batch) get the three full forward passes
     for CE / KL; the rest only feed the reconstruction and density statistics (forward stopped at the layer).
     """
-    from rich.progress import Progress
-
     from saesteer.activations import keep_mask, pad_right
     from saesteer.models import hook_module, layer_output, replace_layer_output, run_to_layer, special_token_ids
 
@@ -112,8 +146,7 @@ def evaluate_sae(model: Any, tok: Any, sae: Any, texts: list[str], layer: int, c
            "n_ce_docs": 0}
     handle = hook_module(model, layer).register_forward_hook(hook)
     try:
-        with Progress(disable=not progress) as bar:
-            task = bar.add_task("sae-eval", total=len(seqs))
+        with progress_bar(len(seqs), "sae-eval", unit="doc", enabled=progress) as bar:
             for i in range(0, len(seqs), batch_size):
                 ids, att = pad_right(seqs[i:i + batch_size], pad)
                 ids, att = ids.to(dev), att.to(dev)
@@ -123,13 +156,12 @@ def evaluate_sae(model: Any, tok: Any, sae: Any, texts: list[str], layer: int, c
                 mode.update(kind="clean", mask=keep)
                 with_ce = ce_docs is None or i < ce_docs
                 if with_ce:
-                    logits = model(input_ids=ids, attention_mask=att, use_cache=False).logits
-                    ce, _, ref = _ce_kl(logits, ids, valid, None)
-                    tot["ce_clean"] += ce
+                    hs = {"clean": _final_hidden(model, ids, att)}
                     x = mode["h"][keep].float()
                 else:
                     mode["kind"] = "off"
                     x = run_to_layer(model, ids, att, layer)[keep].float()
+                mode["h"] = None
                 vals, idx = sae.encode(x)
                 recon = sae.decode(vals, idx)
                 tot["sq_err"] += float((x - recon).pow(2).sum())
@@ -139,15 +171,17 @@ def evaluate_sae(model: Any, tok: Any, sae: Any, texts: list[str], layer: int, c
                 fired = vals > 0
                 tot["l0"] += float(fired.sum())
                 counts += torch.bincount(idx[fired].cpu(), minlength=n_lat)
-                for kind in ("splice", "zero") if with_ce else ():
-                    mode["kind"] = kind
-                    ce, kl, _ = _ce_kl(model(input_ids=ids, attention_mask=att, use_cache=False).logits, ids, valid,
-                                       ref)
-                    tot[f"ce_{kind}"] += ce
-                    tot[f"kl_{kind}"] += kl
+                del x, recon, vals, idx, fired
+                if with_ce:
+                    for kind in ("splice", "zero"):
+                        mode["kind"] = kind
+                        hs[kind] = _final_hidden(model, ids, att)
+                    for k, v in _ce_kl_chunked(model, hs, ids, valid).items():
+                        tot[k] += v
+                    del hs
                 tot["n_pred"] += int(valid.sum()) if with_ce else 0
                 tot["n_ce_docs"] += ids.shape[0] if with_ce else 0
-                bar.update(task, advance=min(batch_size, len(seqs) - i))
+                bar.update(ids.shape[0], tokens=int(att.sum()))
     finally:
         handle.remove()
     n, npred = tot["n"], max(tot["n_pred"], 1)

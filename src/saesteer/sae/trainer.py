@@ -310,6 +310,10 @@ def _train(cfg: TrainConfig) -> TopKSAE | None:
     progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         TextColumn("{task.description}"), disable=not (cfg.progress and rank == 0))
     t0, tok0, last = time.perf_counter(), step * cfg.batch_size, {}
+
+    def rate(now: int) -> float:  # training rows (tokens) per second of this run, for the bar
+        return (now * cfg.batch_size - tok0) / max(time.perf_counter() - t0, 1e-9)
+
     stopped = False
     # one prefetch worker (the only one touching the reader during the loop); shut down on every exit, errors too
     with ThreadPoolExecutor(1) as prefetch, progress:
@@ -362,7 +366,8 @@ def _train(cfg: TrainConfig) -> TopKSAE | None:
                         "auxk": float(o["auxk"].detach()), "lr": opt.param_groups[0]["lr"]}
                 if step % 10 == 0 or step == total:
                     progress.update(task, completed=step, description=f"fvu {last['fvu']:.4f} L0 {last['l0']:.1f} "
-                                                                      f"dead {100 * last['dead_frac']:.1f}%")
+                                                                      f"dead {100 * last['dead_frac']:.1f}% "
+                                                                      f"{rate(step):,.0f} tok/s")
                     if metrics_f:
                         metrics_f.write(json.dumps(last) + "\n")
                         metrics_f.flush()
