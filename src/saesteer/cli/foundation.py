@@ -54,7 +54,7 @@ def collect_cmd(
     dtype: str = typer.Option("float32", help="storage dtype: float32, float16 or bfloat16"),
     shard_tokens: int = typer.Option(32_768, help="rows per shard"),
     seed: int = typer.Option(0, help="seed of the data sample and order"),
-    max_norm_ratio: float = typer.Option(10.0, help="drop rows whose norm exceeds this multiple of the running "
+    max_norm_ratio: float = typer.Option(30.0, help="drop rows whose norm exceeds this multiple of the running "
                                                     "median row norm (massive activations); 0 keeps every row"),
     overwrite: bool = typer.Option(False, help="replace what is in --out (default: resume the same collection)"),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
