@@ -10,8 +10,7 @@ import torch
 
 from saesteer.generation import generate
 from saesteer.models import d_model
-from saesteer.serve import ServeConfig, served_models
-from saesteer.serve.server import ServedSteering
+from saesteer.serve import ServeConfig, ServedSteering, served_models
 from saesteer.steering import Add, steer
 from serve_live import KEY, Live
 

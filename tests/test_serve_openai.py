@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from saesteer.generation import generate
-from saesteer.serve import ServeConfig, make_app, served_models
-from saesteer.serve.server import RedactQuery, check_bind, key_matches
+from saesteer.serve import RedactQuery, ServeConfig, check_bind, key_matches, make_app, served_models
 from saesteer.steering import Add, steer
 
 openai = pytest.importorskip("openai")

@@ -14,8 +14,7 @@ import torch
 from sae_double import make_sae
 from saesteer.generation import generate
 from saesteer.models import model_name
-from saesteer.serve import ServeConfig, make_app
-from saesteer.serve.server import ServedSteering
+from saesteer.serve import ServeConfig, ServedSteering, make_app
 from saesteer.steering import Clamp, steer
 from serve_live import KEY, Live
 

@@ -46,8 +46,7 @@ def serve(
     """Serve MODEL (plus steered variants) at http://HOST:PORT/v1 — chat completions, streaming, /v1/models, /health."""
     from saesteer.core import resolve_device, set_threads
     from saesteer.models import load_model
-    from saesteer.serve import ServeConfig, run_server, served_models
-    from saesteer.serve.server import check_bind
+    from saesteer.serve import ServeConfig, check_bind, run_server, served_models
 
     ensure(1 <= port <= 65535, f"--port must be in 1..65535, got {port}")
     check_bind(host, api_key, insecure)

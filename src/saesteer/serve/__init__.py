@@ -1,8 +1,23 @@
-"""Serving: an OpenAI-compatible HTTP server for a steered model (``server``) — chat and text completions,
-streaming, log-probabilities, per-request steering mixed in one batch, auth and limits — and its request schema
-(``schema``, pydantic).
+"""Serving: an OpenAI-compatible HTTP server for a steered model — the app and its routes (``server``), the batching
+engine (``engine``), request parsing and per-request steering (``requests``), security helpers (``security``) and
+the pydantic request schema (``schema``).
 """
 
+from .engine import (  # noqa: F401
+    Engine,
+    PendingRequest,
+    ServeConfig,
+    ServedSteering,
+    SteeringFactory,
+)
+from .requests import (  # noqa: F401
+    MIN_TEMPERATURE,
+    ROLES,
+    HTTPError,
+    ResolvedSteering,
+    parse_completion,
+    parse_request,
+)
 from .schema import (  # noqa: F401
     HARMLESS,
     ChatRequest,
@@ -14,21 +29,16 @@ from .schema import (  # noqa: F401
     TextPart,
     format_validation_error,
 )
-from .server import (  # noqa: F401
+from .security import (  # noqa: F401
     LOOPBACK_NAMES,
-    MIN_TEMPERATURE,
-    ROLES,
-    Engine,
     RedactQuery,
-    ServeConfig,
-    ServedSteering,
     check_bind,
     install_log_redaction,
     is_loopback,
     key_matches,
+)
+from .server import (  # noqa: F401
     make_app,
-    parse_completion,
-    parse_request,
     run_server,
     served_models,
 )
