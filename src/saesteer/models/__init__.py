@@ -10,6 +10,7 @@ from .builtin import (  # noqa: F401
     BuiltinModel,
     ModelInfo,
     assemble_gguf,
+    builtin_installed,
     cache_dir,
     converted_dir,
     ensure_converted,

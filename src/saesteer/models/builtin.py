@@ -124,6 +124,17 @@ def _package_file(import_name: str, rel: str, spec: BuiltinModel) -> Path:
     return p
 
 
+def builtin_installed(name: str) -> bool:
+    """Whether every file of built-in model ``name`` is present (its packages installed; nothing is read)."""
+    spec = BUILTIN_MODELS[name]
+    try:
+        for mod, rel in spec.files:
+            _package_file(mod, rel, spec)
+    except SaesteerError:
+        return False
+    return True
+
+
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
