@@ -143,3 +143,27 @@ def test_cli_capability_chat_tasks_steered_and_gated(tiny, chat_data, tmp_path, 
     assert replies["steered"] != replies["unsteered"] and replies["policy"] != replies["unsteered"]
     code, _, err = run_cli(base[:4] + ["--tasks", "humaneval,mbpp"], capsys)
     assert code == 2 and "unknown capability task" in err
+
+
+def test_compare_runs_chat_tasks_with_the_generative_limit(tmp_path, monkeypatch):
+    """compare: humaneval / gsm8k_chat run on gsm8k_limit, mmlu_chat with the MC tasks; their metrics reach the table."""
+    import saesteer.evals as ev
+    from saesteer.core import rate_summary
+    from saesteer.experiments import CompareConfig
+    from saesteer.experiments.compare import CAP_METRICS, _eval_capability
+
+    seen = []
+
+    def fake(model, tok, cfg, steering=None):
+        seen.append((cfg.tasks, cfg.limit))
+        names = {"humaneval": ["humaneval"], "gsm8k_chat": ["gsm8k_chat", "gsm8k_chat_strict"],
+                 "mmlu_chat": ["mmlu_chat"], "mmlu": ["mmlu"]}
+        return {m: rate_summary(1, 2) for t in cfg.tasks for m in names[t]}, []
+
+    monkeypatch.setattr(ev, "run_capability", fake)
+    cfg = CompareConfig(policies=[], out=str(tmp_path), capability=["mmlu", "mmlu_chat", "gsm8k_chat", "humaneval"],
+                        capability_limit=40, gsm8k_limit=7, progress=False)
+    rows = _eval_capability(None, None, cfg, {"condition": "c", "gate": "none", "steer": "", "policy": None}, tmp_path)
+    assert seen == [(("mmlu", "mmlu_chat"), 40), (("gsm8k_chat", "humaneval"), 7)]
+    assert {r["metric"] for r in rows} == {"mmlu", "mmlu_chat", "gsm8k_chat", "gsm8k_chat_strict", "humaneval"}
+    assert set(cap.TASKS) >= {"mmlu_chat", "gsm8k_chat", "humaneval"} and "humaneval" in CAP_METRICS
