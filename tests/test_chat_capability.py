@@ -117,9 +117,13 @@ def test_cli_capability_chat_tasks_steered_and_gated(tiny, chat_data, tmp_path, 
     mdir = tmp_path / "tiny-model"
     model.save_pretrained(mdir)
     tok.save_pretrained(mdir)
+    short = [{"task_id": f"t/{i}", "prompt": f"def f{i}(a):\n    \"\"\"add {i}\"\"\"\n", "entry_point": f"f{i}",
+              "test": f"def check(f):\n    assert f(1) == {1 + i}\n"} for i in range(2)]  # the tiny model's context is 256
+    monkeypatch.setattr(cap, "load_humaneval", lambda limit, seed: [
+        {**p, "id": p["task_id"], "messages": [{"role": "user", "content": p["prompt"]}]} for p in short[:limit]])
     g = torch.Generator().manual_seed(0)
     dpath = save_direction(RefusalDirection(vector=torch.randn(model.config.hidden_size, generator=g) * 4, layer=1,
-                                            model="tiny-llama"), tmp_path / "dir")
+                                            model=str(mdir)), tmp_path / "dir")
     pol = tmp_path / "always.json"
     Policy(gate=AlwaysGate(layer=1), steering=[SteeringSpec(kind="add", direction=str(dpath), alpha=1.0)],
            name="always").save(pol)
