@@ -217,7 +217,8 @@ def capability_cmd(
     if out is not None:
         write_capability(out, cfg, summ, items, {"model": model, "steering": label, "published": published})
     rows = [(k, v) for k, v in summ.items() if "/" not in k]
-    note = "".join(f"published {k} of {model}: {v:.3f} (Qwen2.5-Coder report)\n" for k, v in published.items())
+    note = "".join(f"published unsteered {k} of {model}: {v:.3f} (Qwen2.5-Coder report, its own harness)\n"
+                   for k, v in published.items())
     print_rates(f"capability ({label})", rows, note + (f"→ {out}" if out else ""))
 
 
