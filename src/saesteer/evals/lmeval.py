@@ -25,6 +25,12 @@ model_args (all optional except ``pretrained``):
 
 Steering hooks are installed around every forward the harness makes (``_model_call``: loglikelihood and
 loglikelihood_rolling) and around ``_model_generate`` (generate_until), and removed afterwards.
+Chat-formatted capability tasks: the harness's own generative tasks run steered through this model since
+``generate_until`` is steered, e.g. ``--tasks humaneval_instruct --apply_chat_template --confirm_run_unsafe_code``
+(with ``HF_ALLOW_CODE_EVAL=1``), ``--tasks gsm8k_cot_zeroshot --apply_chat_template`` or ``--tasks
+mmlu_generative --apply_chat_template``. Their datasets come from the HF hub, and lm-eval executes HumanEval code
+with HF ``evaluate``'s ``code_eval`` (in-process ``exec`` with its own guards), not saesteer's sandbox; for the
+offline, sandboxed versions use ``saesteer eval capability --tasks humaneval,gsm8k_chat,mmlu_chat``.
 """
 
 from __future__ import annotations

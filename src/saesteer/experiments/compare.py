@@ -31,7 +31,8 @@ from saesteer.core import atomic_write_json, atomic_write_text, diff_interval, e
 from .results import pooled, read_results, slug, write_results
 
 GROUPS = ("unsafe", "safe", "multiturn", "capability")
-CAP_METRICS = ("mmlu", "truthfulqa_mc1", "truthfulqa_mc2", "gsm8k_strict", "gsm8k_flexible")
+CAP_METRICS = ("mmlu", "truthfulqa_mc1", "truthfulqa_mc2", "gsm8k_strict", "gsm8k_flexible", "mmlu_chat",
+               "gsm8k_chat", "gsm8k_chat_strict", "humaneval")
 
 
 @dataclass
@@ -66,7 +67,7 @@ class CompareConfig:
     capability: list[str] = field(default_factory=lambda: ["mmlu", "truthfulqa_mc1", "gsm8k"])
     """Capability tasks (``evals.capability``); empty = skip."""
     capability_limit: int | None = 100
-    """Questions per capability task (GSM8K uses ``gsm8k_limit``)."""
+    """Questions per capability task (the generative ones, gsm8k, gsm8k_chat, humaneval, use ``gsm8k_limit``)."""
     gsm8k_limit: int | None = 30
     """GSM8K questions (generation is slow on CPU)."""
     exclude_ids: list[str] = field(default_factory=list)
@@ -181,11 +182,12 @@ def _eval_multiturn(model: Any, tok: Any, cfg: CompareConfig, cond: dict, out: P
 
 
 def _eval_capability(model: Any, tok: Any, cfg: CompareConfig, cond: dict, out: Path) -> list[dict]:
-    from saesteer.evals import CapabilityConfig, run_capability
+    from saesteer.evals import GENERATIVE_TASKS, CapabilityConfig, run_capability
 
     pol = cond["policy"]
     rows = []
-    tasks = [t for t in cfg.capability if t != "gsm8k"], [t for t in cfg.capability if t == "gsm8k"]
+    tasks = ([t for t in cfg.capability if t not in GENERATIVE_TASKS],
+             [t for t in cfg.capability if t in GENERATIVE_TASKS])
     for ts, limit in ((tasks[0], cfg.capability_limit), (tasks[1], cfg.gsm8k_limit)):
         if not ts:
             continue

@@ -73,7 +73,8 @@ class SweepConfig:
     max_new_tokens: int = 24
     """Answer budget for the prefix judge (rows stop once decided)."""
     capability_tasks: list[str] = field(default_factory=lambda: ["mmlu", "truthfulqa_mc1", "gsm8k"])
-    """Capability tasks per condition (mmlu, truthfulqa_mc1, truthfulqa_mc2, gsm8k); empty = none."""
+    """Capability tasks per condition (mmlu, truthfulqa_mc1, truthfulqa_mc2, gsm8k, mmlu_chat, gsm8k_chat,
+    humaneval); empty = none. The generative ones (gsm8k, gsm8k_chat, humaneval) run on ``gsm8k_limit``."""
     capability_limit: int = 50
     """Questions per MMLU / TruthfulQA task."""
     gsm8k_limit: int = 20
@@ -178,6 +179,7 @@ def run_sweep(cfg: SweepConfig, model: Any = None, tok: Any = None,
     from rich.progress import Progress
 
     from saesteer.evals import (
+        GENERATIVE_TASKS,
         CapabilityConfig,
         RefusalEvalConfig,
         run_capability,
@@ -229,8 +231,8 @@ def run_sweep(cfg: SweepConfig, model: Any = None, tok: Any = None,
                 datasets=list(cfg.unsafe) + list(cfg.safe), out=str(cdir / "refusal"), **ecfg), steering=st)
             caps: dict = {}
             if tasks:
-                for group, lim in ((tuple(t for t in tasks if t != "gsm8k"), cfg.capability_limit),
-                                   (tuple(t for t in tasks if t == "gsm8k"), cfg.gsm8k_limit)):
+                for group, lim in ((tuple(t for t in tasks if t not in GENERATIVE_TASKS), cfg.capability_limit),
+                                   (tuple(t for t in tasks if t in GENERATIVE_TASKS), cfg.gsm8k_limit)):
                     if not group:
                         continue
                     ccfg = CapabilityConfig(tasks=group, limit=lim, mmlu_shots=cfg.mmlu_shots, seed=cfg.seed,
