@@ -85,7 +85,8 @@ def test_cli_demo_runs_the_one_unfinished_stage_and_skips_the_rest(tmp_path, tin
     assert sae.num_latents == 8 * 64 and sae.k == 32
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(sae.num_latents))
     timings = json.loads((out / "demo_timings.json").read_text())
-    assert timings["train"] > 0 and timings["collect"] == 0 and set(timings) == {s.name for s in stages}
+    assert timings["train"]["seconds"] > 0 and timings["train"]["peak_rss_gib"] > 0
+    assert timings["collect"] == {"skipped": True} and set(timings) == {s.name for s in stages}
     # everything done now: a rerun runs nothing and keeps the trained SAE
     stamp = (out / "sae" / "saesteer.json").stat().st_mtime_ns
     main(argv)
