@@ -7,8 +7,9 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
-from saesteer.core import ensure
+from saesteer.core import SaesteerError, ensure
 
 
 class SAEMethods:
@@ -53,6 +54,20 @@ class SAEMethods:
         if unique:
             ensure(len(set(feats)) == len(feats), f"duplicate feature indices in {feats}")
         return feats
+
+    def decode(self, top_acts: torch.Tensor, top_indices: torch.Tensor) -> torch.Tensor:
+        """Reconstruction in raw units from sparse values / indices of any leading shape (a gather of decoder rows,
+        ``embedding_bag``); ``b_dec`` is divided by the input scale folded into the weights (1 for published SAEs)."""
+        if top_acts.shape != top_indices.shape:
+            raise SaesteerError(f"top_acts {tuple(top_acts.shape)} and top_indices {tuple(top_indices.shape)} differ")
+        n = int(self.num_latents)  # type: ignore[attr-defined]
+        W = self.W_dec  # type: ignore[attr-defined]
+        lead, kk = top_acts.shape[:-1], top_acts.shape[-1]
+        idx = top_indices.reshape(-1, kk).long()
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
+            raise SaesteerError(f"latent index out of range 0..{n - 1}")
+        out = F.embedding_bag(idx, W, per_sample_weights=top_acts.reshape(-1, kk).to(W.dtype), mode="sum")
+        return (out + self.b_dec / self.input_scale).reshape(*lead, self.d_in)  # type: ignore[attr-defined]
 
     @torch.no_grad()
     def latent_vectors(self, features: Sequence[int]) -> torch.Tensor:

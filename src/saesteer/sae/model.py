@@ -276,18 +276,6 @@ class TopKSAE(SAEMethods, nn.Module):
         return torch.zeros(*vals.shape[:-1], self.num_latents, dtype=vals.dtype, device=vals.device).scatter_(
             -1, idx, vals)
 
-    def decode(self, top_acts: torch.Tensor, top_indices: torch.Tensor) -> torch.Tensor:
-        """Reconstruction in raw units from top-k values/indices of any leading shape (sparse gather)."""
-        if top_acts.shape != top_indices.shape:
-            raise SaesteerError(f"top_acts {tuple(top_acts.shape)} and top_indices {tuple(top_indices.shape)} differ")
-        lead, kk = top_acts.shape[:-1], top_acts.shape[-1]
-        idx = top_indices.reshape(-1, kk).long()
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.num_latents):
-            raise SaesteerError(f"latent index out of range 0..{self.num_latents - 1}")
-        out = F.embedding_bag(idx, self.W_dec, per_sample_weights=top_acts.reshape(-1, kk).to(self.W_dec.dtype),
-                              mode="sum")
-        return (out + self.b_dec / self.input_scale).reshape(*lead, self.d_in)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Reconstruction of ``x`` (raw units, same shape)."""
         return self.decode(*self.encode(x)).to(x.dtype)

@@ -187,18 +187,6 @@ class BaseSAE(SAEMethods, nn.Module):
         w = max(1, int((dense != 0).sum(-1).max())) if dense.numel() else 1
         return dense.topk(min(w, self.num_latents), dim=-1)
 
-    def decode(self, top_acts: torch.Tensor, top_indices: torch.Tensor) -> torch.Tensor:
-        """Reconstruction from sparse values / indices of any leading shape."""
-        if top_acts.shape != top_indices.shape:
-            raise SaesteerError(f"top_acts {tuple(top_acts.shape)} and top_indices {tuple(top_indices.shape)} differ")
-        lead, kk = top_acts.shape[:-1], top_acts.shape[-1]
-        idx = top_indices.reshape(-1, kk).long()
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.num_latents):
-            raise SaesteerError(f"latent index out of range 0..{self.num_latents - 1}")
-        out = F.embedding_bag(idx, self.W_dec, per_sample_weights=top_acts.reshape(-1, kk).to(self.W_dec.dtype),
-                              mode="sum")
-        return (out + self.b_dec).reshape(*lead, self.d_in)
-
     def decode_dense(self, acts: torch.Tensor) -> torch.Tensor:
         """Reconstruction ``acts @ W_dec + b_dec`` from dense activations ``[..., num_latents]``."""
         return acts.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
