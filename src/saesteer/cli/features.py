@@ -11,6 +11,7 @@ import typer
 from saesteer.core import SaesteerError, check_output_path, ensure
 
 from ._app import app
+from .common import load
 from .options import DEVICE_HELP, THREADS_HELP, model_option
 from .presets import DTYPE_OPT, PRESET_OPT, from_preset
 
@@ -32,20 +33,13 @@ def _ints(s: str, what: str) -> tuple[int, ...]:
 def load_model_and_sae(model: str, sae: Path, device: str, threads: Optional[int], layer: Optional[int],
                        dtype: Optional[str] = None) -> tuple:
     """Load the model and the SAE and check that they belong together; returns ``(model, tok, sae, layer)``."""
-    from saesteer.core import resolve_device, set_threads
-    from saesteer.models import check_layer, load_model
+    from saesteer.models import check_layer
+    from saesteer.sae import load_sae, sae_path_exists
     from saesteer.steering import check_sae_compatible
 
-    set_threads(threads)
-    from saesteer.sae.archs.hookpoints import sae_path_exists
-
     ensure(sae_path_exists(sae), f"SAE not found: {sae}")
-    from saesteer.sae import load_sae
-
     s = load_sae(sae)
-    from .presets import model_dtype
-
-    m, tok = load_model(model, device=resolve_device(device), dtype=model_dtype(dtype))
+    m, tok = load(model, device, threads, dtype)
     layer = check_layer(m, layer if layer is not None else s.require_layer())
     check_sae_compatible(s, m, layer)
     s.to(next(m.parameters()).device)

@@ -11,6 +11,7 @@ import typer
 from saesteer.core import check_output_path, ensure
 
 from ._app import app
+from .common import load, split_list
 from .options import (
     DEVICE_HELP,
     EXCLUDE_HELP,
@@ -20,15 +21,11 @@ from .options import (
     read_exclude,
     steering_options,
 )
-from .presets import DTYPE_OPT, model_dtype
+from .presets import DTYPE_OPT
 
 policy_app = typer.Typer(help="Conditional steering policies: a gate + threshold + steering config in one file.",
                          no_args_is_help=True)
 app.add_typer(policy_app, name="policy")
-
-
-def _split(values: Optional[List[str]]) -> list[str]:
-    return [v.strip() for x in (values or []) for v in str(x).split(",") if v.strip()]
 
 
 def _abs(p: Optional[str]) -> Optional[str]:
@@ -96,24 +93,21 @@ def fit_cmd(
     check_output_path(out, "file")  # before any work: a bad path fails fast
     import dataclasses
 
-    from saesteer.core import resolve_device, set_threads
     from saesteer.gating import PolicyFitConfig, fit_policy, policy_summary
-    from saesteer.models import load_model
 
     specs = _specs(steering, selection)
     ensure(0.0 <= fpr <= 1.0, f"--fpr must be in [0, 1], got {fpr}")
-    kinds = _split([gate])
+    kinds = split_list([gate])
     ensure(len(kinds) > 0, "--gate is empty")
     ensure(len(kinds) == 1 or "{gate}" in str(out), "several gates need --out with a {gate} placeholder, "
            "e.g. --out runs/policy-{gate}.json")
     cfg = PolicyFitConfig(steering=specs, gate=kinds[0], layer=gate_layer, positions=positions, reduce=reduce, fpr=fpr,
                           fpr_cap=fpr_cap,
-                          strength=strength, train=_split(train), val=_split(val), heldout=_split(heldout),
+                          strength=strength, train=split_list(train), val=split_list(val), heldout=split_list(heldout),
                           limit=limit or None, top_m=top_m, C=c, sae=_abs(str(gate_sae)) if gate_sae else None,
                           batch_size=batch_size, cache=str(cache) if cache else None, name=name or "", seed=seed,
                           gate_model=gate_model, chat_only=chat_only, gate_suffix=gate_suffix)
-    set_threads(threads)
-    m, tok = load_model(model, device=resolve_device(device), dtype=model_dtype(dtype))
+    m, tok = load(model, device, threads, dtype)
     shared: dict = {}  # residuals collected once, shared by every gate kind
     for kind in kinds:
         path = Path(str(out).replace("{gate}", kind))
@@ -175,23 +169,20 @@ def compare_cmd(
 ) -> None:
     """Unsteered vs each policy on unsafe refusal, over-refusal, multi-turn and capability; table + Pareto plot."""
     check_output_path(out)  # before any work: a bad path fails fast
-    from saesteer.core import resolve_device, set_threads
     from saesteer.experiments import CompareConfig, run_compare
-    from saesteer.models import load_model
 
-    pols = _split(policies)
+    pols = split_list(policies)
     for p in pols:
         ensure(Path(p).exists(), f"policy file not found: {p}")
-    cfg = CompareConfig(policies=pols, out=str(out), unsteered=unsteered, unsafe=_split(unsafe), safe=_split(safe),
+    cfg = CompareConfig(policies=pols, out=str(out), unsteered=unsteered, unsafe=split_list(unsafe), safe=split_list(safe),
                         limit=limit or None, max_new_tokens=max_new_tokens, judge=judge, multiturn=multiturn,
-                        multiturn_limit=multiturn_limit or None, max_turns=max_turns, capability=_split(capability),
+                        multiturn_limit=multiturn_limit or None, max_turns=max_turns, capability=split_list(capability),
                         capability_limit=capability_limit or None, gsm8k_limit=gsm8k_limit or None,
                         exclude_ids=read_exclude(exclude), batch_size=batch_size, seed=seed)
     from saesteer.experiments import policy_conditions
 
     policy_conditions(cfg)  # validate every policy file before loading the model
-    set_threads(threads)
-    m, tok = load_model(model, device=resolve_device(device), dtype=model_dtype(dtype))
+    m, tok = load(model, device, threads, dtype)
     run_compare(m, tok, cfg, say=lambda s: typer.echo(s, err=True))
     typer.echo((out / "table.md").read_text())
     typer.echo(f"wrote {out}/table.md, table.html, pareto.png, goals.json, results.jsonl")

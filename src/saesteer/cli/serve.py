@@ -11,8 +11,9 @@ from saesteer.core import ensure
 from saesteer.models import DEFAULT_MODEL
 
 from ._app import app
+from .common import load
 from .options import DEVICE_HELP, MODEL_HELP, THREADS_HELP, SteeringOptions, steering_options
-from .presets import DTYPE_OPT, model_dtype
+from .presets import DTYPE_OPT
 
 
 @app.command()
@@ -44,8 +45,6 @@ def serve(
     decode_threads: Optional[int] = typer.Option(None, help="threads for decode steps (1 often wins on a busy CPU)"),
 ) -> None:
     """Serve MODEL (plus steered variants) at http://HOST:PORT/v1 — chat completions, streaming, /v1/models, /health."""
-    from saesteer.core import resolve_device, set_threads
-    from saesteer.models import load_model
     from saesteer.serve import ServeConfig, check_bind, run_server, served_models
 
     ensure(1 <= port <= 65535, f"--port must be in 1..65535, got {port}")
@@ -60,8 +59,7 @@ def serve(
     specs = steering.specs()
     if policy is not None:
         ensure(policy.exists(), f"policy file not found: {policy}")
-    set_threads(threads)
-    m, tok = load_model(model, device=resolve_device(device), dtype=model_dtype(dtype))
+    m, tok = load(model, device, threads, dtype)
     name = steer_name or ("refusal-clamp" if steering.sae is not None and steering.clamp else None)
     served = served_models(m, base=base_name, policy=str(policy) if policy else None,
                            specs=[s.to_dict() for s in specs] or None, steer_name=name)
