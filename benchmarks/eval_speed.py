@@ -24,6 +24,7 @@ import torch
 from _common import run_command  # noqa: E402
 
 from saesteer.core import atomic_write_json, rate_summary, set_threads
+from saesteer.data import benchmarks as bench
 from saesteer.evals import capability as cap
 from saesteer.evals.lmeval import write_mmlu_task
 from saesteer.models import DEFAULT_MODEL, load_model
@@ -79,9 +80,9 @@ def main() -> None:
     threads = set_threads(args.threads)
     model, tok = load_model(args.model, device=args.device)
 
-    questions = cap.load_mmlu(args.n, 0, args.seed)
+    questions = bench.load_mmlu(args.n, 0, args.seed)
     root = cap._root(None) / "mmlu"
-    by_id = {r["id"]: r for r in cap.read_jsonl(root / "mmlu_test.jsonl")}
+    by_id = {r["id"]: r for r in bench.read_jsonl(root / "mmlu_test.jsonl")}
     rows = [by_id[q["id"]] for q in questions]
     answers = [q["answer"] for q in questions]
     cap.loglikelihoods(model, tok, [(q["context"], q["choices"]) for q in questions[:2]], args.batch_size)  # warm-up

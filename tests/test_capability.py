@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from saesteer.core import SaesteerError
+from saesteer.data import benchmarks as bench
 from saesteer.evals import capability as cap
 
 
@@ -96,7 +97,7 @@ def test_is_greedy_true_for_the_argmax_token(tiny):
 def test_mmlu_prompt_is_the_harness_format():
     row = {"subject": "high_school_physics", "question": " What moves? ", "choices": ["a", "b", "c", "d"], "answer": 2}
     shot = {"subject": "high_school_physics", "question": "Q1", "choices": ["w", "x", "y", "z"], "answer": 1}
-    assert cap.mmlu_prompt(row, [shot]) == (
+    assert bench.mmlu_prompt(row, [shot]) == (
         "The following are multiple choice questions (with answers) about high school physics.\n\n"
         "Q1\nA. w\nB. x\nC. y\nD. z\nAnswer: B\n\n"
         "What moves?\nA. a\nB. b\nC. c\nD. d\nAnswer:"
@@ -105,16 +106,16 @@ def test_mmlu_prompt_is_the_harness_format():
 
 def test_stratified_sample_balanced_and_seeded():
     rows = [{"s": s, "i": i} for s in "abcd" for i in range(10 if s != "d" else 2)]
-    a = cap.stratified_sample(rows, "s", 12, seed=1)
-    assert a == cap.stratified_sample(rows, "s", 12, seed=1)
-    assert a != cap.stratified_sample(rows, "s", 12, seed=2)
+    a = bench.stratified_sample(rows, "s", 12, seed=1)
+    assert a == bench.stratified_sample(rows, "s", 12, seed=1)
+    assert a != bench.stratified_sample(rows, "s", 12, seed=2)
     counts = {s: sum(r["s"] == s for r in a) for s in "abcd"}
     assert counts["d"] == 2 and sorted(counts[s] for s in "abc") == [3, 3, 4]  # d has only 2 rows
-    eight = cap.stratified_sample(rows, "s", 8, seed=3)
+    eight = bench.stratified_sample(rows, "s", 8, seed=3)
     assert {s: sum(r["s"] == s for r in eight) for s in "abcd"} == {"a": 2, "b": 2, "c": 2, "d": 2}
-    b = cap.stratified_sample(rows, "s", 30, seed=0)  # d runs out after 2: the others fill up
+    b = bench.stratified_sample(rows, "s", 30, seed=0)  # d runs out after 2: the others fill up
     assert len(b) == 30 and sum(r["s"] == "d" for r in b) == 2 and len({id(r) for r in b}) == 30
-    assert cap.stratified_sample(rows, "s", None, 0) == rows
+    assert bench.stratified_sample(rows, "s", None, 0) == rows
 
 
 @pytest.mark.parametrize(
@@ -167,7 +168,7 @@ def test_run_capability_matches_brute_force_and_harness_formulas(tiny, small_dat
     summ, items = cap.run_capability(model, tok, cfg)
     mm = [i for i in items if i["task"] == "mmlu"]
     assert len(mm) == 8 and {i["subject"] for i in mm} == {"anatomy", "virology"}
-    qs = {q["id"]: q for q in cap.load_mmlu(8, 2, 0, str(small_data))}
+    qs = {q["id"]: q for q in bench.load_mmlu(8, 2, 0, str(small_data))}
     for it in mm:
         ref = [brute_ll(model, tok, qs[it["id"]]["context"], f" {L}") for L in "ABCD"]
         assert it["loglik"] == pytest.approx(ref, abs=1e-4)
@@ -176,7 +177,7 @@ def test_run_capability_matches_brute_force_and_harness_formulas(tiny, small_dat
     assert summ["mmlu/anatomy"]["n"] + summ["mmlu/virology"]["n"] == 8
     tq = [i for i in items if i["task"] == "truthfulqa"]
     assert len(tq) == 4 and summ["truthfulqa_mc1"]["n"] == 4
-    q0 = cap.load_truthfulqa(4, 0, str(small_data))[0]
+    q0 = bench.load_truthfulqa(4, 0, str(small_data))[0]
     p = [math.exp(brute_ll(model, tok, q0["context"], c)) for c in q0["mc2"]]
     it0 = next(i for i in tq if i["id"] == q0["id"])
     assert it0["mc2"] == pytest.approx((p[0] + p[1]) / sum(p), rel=1e-3)
@@ -220,18 +221,18 @@ def test_errors(tiny, tmp_path, small_data):
     with pytest.raises(SaesteerError, match="unknown capability task"):
         cap.run_capability(model, tok, cap.CapabilityConfig(tasks=("hellaswag",), data_root=str(small_data)))
     with pytest.raises(SaesteerError, match="not found"):
-        cap.load_mmlu(3, 0, 0, str(tmp_path / "nowhere"))
+        bench.load_mmlu(3, 0, 0, str(tmp_path / "nowhere"))
     bad = tmp_path / "bad/mmlu/mmlu_test.jsonl"
     bad.parent.mkdir(parents=True)
     bad.write_text('{"subject": "a", "question": "q", "choices": ["1","2","3","4"], "answer": 0}\n{oops\n')
     with pytest.raises(SaesteerError, match="line 2 is not valid JSON"):
-        cap.load_mmlu(3, 0, 0, str(tmp_path / "bad"))
+        bench.load_mmlu(3, 0, 0, str(tmp_path / "bad"))
     bad.write_text('{"subject": "a", "question": "q"}\n')
     with pytest.raises(SaesteerError, match="row 1 lacks field"):
-        cap.load_mmlu(3, 0, 0, str(tmp_path / "bad"))
+        bench.load_mmlu(3, 0, 0, str(tmp_path / "bad"))
     bad.write_text("\n")
     with pytest.raises(SaesteerError, match="empty"):
-        cap.load_mmlu(3, 0, 0, str(tmp_path / "bad"))
+        bench.load_mmlu(3, 0, 0, str(tmp_path / "bad"))
     with pytest.raises(SaesteerError, match="no continuations"):
         cap.loglikelihoods(model, tok, [("ctx", [])])
 
@@ -247,7 +248,7 @@ def test_gsm8k_runner_generates_raw_and_scores(tiny, tmp_path):
                                data_root=str(tmp_path), progress=False)
     summ, items = cap.run_capability(model, tok, cfg)
     assert summ["gsm8k_strict"]["n"] == 3 and summ["gsm8k_flexible"]["n"] == 3
-    qs = cap.load_gsm8k(3, 2, 0, str(tmp_path))
+    qs = bench.load_gsm8k(3, 2, 0, str(tmp_path))
     assert qs[0]["prompt"].count("Question:") == 3 and qs[0]["prompt"].endswith("\nAnswer:")
     ref = generate(model, tok, [q["prompt"] for q in qs], GenerationConfig(max_new_tokens=6, raw=True, stop=["Question:"]))
     for it, r, q in zip(items, ref, qs):

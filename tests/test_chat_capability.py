@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+from saesteer.data import benchmarks as bench
 from saesteer.evals import capability as cap
 from test_capability import run_cli, write_jsonl
 
@@ -80,13 +81,13 @@ def test_chat_runners_use_the_chat_template_and_steering(tiny, chat_data):
                                gsm8k_chat_max_new_tokens=6, batch_size=4, data_root=str(chat_data), progress=False)
     summ, items = cap.run_capability(model, tok, cfg)
     assert summ["mmlu_chat"]["n"] == 3 and summ["gsm8k_chat"]["n"] == 3 and summ["gsm8k_chat_strict"]["n"] == 3
-    mq = cap.load_mmlu_chat(3, 0, str(chat_data))
+    mq = bench.load_mmlu_chat(3, 0, str(chat_data))
     assert mq[0]["messages"][0]["content"].endswith("(A, B, C or D) only.") and "\nD. cake\n" in mq[0]["messages"][0]["content"]
-    assert [q["id"] for q in mq] == [q["id"] for q in cap.load_mmlu(3, 0, 0, str(chat_data))]  # same questions
+    assert [q["id"] for q in mq] == [q["id"] for q in bench.load_mmlu(3, 0, 0, str(chat_data))]  # same questions
     ref = generate(model, tok, [q["messages"] for q in mq], GenerationConfig(max_new_tokens=5))
     mm = [i for i in items if i["task"] == "mmlu_chat"]
     assert [i["reply"] for i in mm] == ref and [i["pred"] for i in mm] == [cap.mmlu_chat_extract(r) for r in ref]
-    gq = cap.load_gsm8k_chat(3, 0, str(chat_data))
+    gq = bench.load_gsm8k_chat(3, 0, str(chat_data))
     assert gq[0]["messages"][0]["content"].startswith("Solve the following") and "####" in gq[0]["messages"][0]["content"]
 
     calls = []

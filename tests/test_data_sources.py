@@ -247,8 +247,7 @@ def test_resolution_order_env_dev_user_then_error(isolated, tmp_path, monkeypatc
 
 
 def test_loaders_read_through_the_resolver(isolated):
-    from saesteer.data import load_prompts
-    from saesteer.evals import load_gsm8k
+    from saesteer.data import load_gsm8k, load_prompts
 
     user = dsrc.user_data_dir()
     (user / "xstest").mkdir(parents=True)

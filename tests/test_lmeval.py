@@ -13,6 +13,7 @@ import torch
 pytest.importorskip("lm_eval")
 
 from saesteer.core import SaesteerError  # noqa: E402
+from saesteer.data import benchmarks as bench  # noqa: E402
 from saesteer.evals import capability as cap  # noqa: E402
 from saesteer.evals import lmeval  # noqa: E402
 
@@ -133,8 +134,8 @@ def test_documented_cli_command_runs(tiny, tmp_path):
 def test_real_model_mmlu_matches_harness(smollm, data_root, tmp_path):
     """Real tokenizer: ' A'..' D' are single tokens, so our one-forward-per-question path is the one compared."""
     model, tok = smollm
-    qs = cap.load_mmlu(6, 0, seed=1)
-    by_id = {r["id"]: r for r in cap.read_jsonl(data_root / "mmlu" / "mmlu_test.jsonl")}
+    qs = bench.load_mmlu(6, 0, seed=1)
+    by_id = {r["id"]: r for r in bench.read_jsonl(data_root / "mmlu" / "mmlu_test.jsonl")}
     rows = [by_id[q["id"]] for q in qs]
     assert cap.count_sequences(tok, [(q["context"], q["choices"]) for q in qs]) == 6  # one sequence per question
     task = lmeval.write_mmlu_task(tmp_path / "tasks", rows, "real_mmlu")

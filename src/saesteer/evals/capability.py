@@ -49,18 +49,14 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from saesteer.core import atomic_write_json, atomic_write_text, ensure, rate_summary
-from saesteer.data import (  # noqa: F401  (re-exported: the task loaders)
+from saesteer.data import (
     LETTERS,
-    TQA_PRIMER,
     load_gsm8k,
     load_gsm8k_chat,
     load_humaneval,
     load_mmlu,
     load_mmlu_chat,
     load_truthfulqa,
-    mmlu_prompt,
-    read_jsonl,
-    stratified_sample,
 )
 
 from .loglik import count_sequences, encode_pair, loglikelihoods, max_length  # noqa: F401  (re-exported)
@@ -412,8 +408,6 @@ def write_capability(out_dir: str | Path, cfg: CapabilityConfig, summaries: dict
     return out
 
 
-__all__ = ["CapabilityConfig", "run_capability", "loglikelihoods", "encode_pair", "mmlu_prompt", "load_mmlu",
-           "load_truthfulqa", "load_gsm8k", "gsm8k_extract", "gsm8k_correct", "stratified_sample",
+__all__ = ["CapabilityConfig", "run_capability", "loglikelihoods", "encode_pair", "gsm8k_extract", "gsm8k_correct",
            "steering_context", "write_capability", "mean_summary", "GENERATIVE_TASKS", "PUBLISHED",
-           "load_mmlu_chat", "load_gsm8k_chat", "load_humaneval", "mmlu_chat_extract", "gsm8k_chat_extract",
-           "extract_code", "humaneval_program", "humaneval_pass"]
+           "mmlu_chat_extract", "gsm8k_chat_extract", "extract_code", "humaneval_program", "humaneval_pass"]

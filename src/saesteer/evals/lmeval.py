@@ -118,7 +118,7 @@ def write_mmlu_task(task_dir: str | Path, rows: list[dict], name: str = "saestee
 
     Rows carry subject / question / choices / answer (as in ``mmlu_test.jsonl``). ``shots`` become the ``dev`` split
     read with the harness's ``first_n`` sampler, so they must all be of the rows' subject to match
-    :func:`saesteer.evals.capability.mmlu_prompt`. Run it with ``--include_path task_dir --tasks name``.
+    :func:`saesteer.data.mmlu_prompt`. Run it with ``--include_path task_dir --tasks name``.
     """
     import json
 
