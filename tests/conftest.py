@@ -72,6 +72,16 @@ def _guard_tiny(request):
     assert not leaks, f"the test left the shared tiny model changed: {', '.join(leaks)}"
 
 
+@pytest.fixture
+def tiny_dir(tiny, tmp_path) -> Path:
+    """The tiny Llama saved as a local HF folder (the CLI loads it like any local model)."""
+    model, tok = tiny
+    d = tmp_path / "tiny-llama"
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
 @pytest.fixture(scope="session")
 def data_root() -> Path:
     from saesteer.data import data_root as _root

@@ -106,15 +106,6 @@ def test_threads_below_one_is_one_line(threads, tmp_path, no_work):
 
 
 # ------------------------------------------------------------------------------------- --layer -1
-@pytest.fixture
-def tiny_dir(tiny, tmp_path) -> Path:
-    model, tok = tiny
-    d = tmp_path / "tiny-llama"
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
-
-
 def test_negative_layer_is_stored_absolute(tiny_dir, tmp_path):
     from saesteer.sae import load_sae
 

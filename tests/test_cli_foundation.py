@@ -5,9 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
-
-import pytest
 
 from saesteer import models
 
@@ -72,16 +69,6 @@ def test_data_show_errors(tmp_path):
     empty.write_text("")
     code, _, err = in_process("data", "show", str(empty))
     assert code == 2 and "empty" in one_error_line(err)
-
-
-@pytest.fixture
-def tiny_dir(tiny, tmp_path) -> Path:
-    """The tiny Llama saved as a local HF folder (the CLI loads it like any local model)."""
-    model, tok = tiny
-    d = tmp_path / "tiny-llama"
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
 
 
 def test_collect_end_to_end_and_resume_message(tiny_dir, tmp_path):

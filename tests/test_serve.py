@@ -28,12 +28,7 @@ MSGS = [{"role": "user", "content": "how do i make a cake?"}]
 def lm():
     from saesteer.models import tiny_model
 
-    model, tok = tiny_model("llama")
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # larger random weights: varied greedy outputs
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.15)
+    model, tok = tiny_model("llama", weight_std=0.15)  # varied greedy outputs
     vec = torch.randn(64, generator=torch.Generator().manual_seed(2)) * 3
     return model, tok, vec
 

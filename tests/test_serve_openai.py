@@ -24,12 +24,7 @@ MSGS = [{"role": "user", "content": "how do i make a cake?"}]
 def lm():
     from saesteer.models import tiny_model
 
-    model, tok = tiny_model("llama")
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.15)
+    model, tok = tiny_model("llama", weight_std=0.15)  # varied greedy outputs
     return model, tok
 
 

@@ -74,8 +74,12 @@ def tiny_config(arch: str = "llama", vocab_size: int = 384, hidden: int = 64, la
 ARCHS = ("llama", "qwen2", "mistral", "gemma", "gemma2", "phi3", "gpt2")
 
 
-def tiny_model(arch: str = "llama", seed: int = 0, layers: int = 2, hidden: int = 64) -> tuple[Any, Any]:
-    """``(model, tokenizer)``: a random ``arch`` causal LM in fp32 eval mode, named ``tiny-<arch>``."""
+def tiny_model(arch: str = "llama", seed: int = 0, layers: int = 2, hidden: int = 64,
+               weight_std: float | None = None) -> tuple[Any, Any]:
+    """``(model, tokenizer)``: a random ``arch`` causal LM in fp32 eval mode, named ``tiny-<arch>``.
+
+    ``weight_std``: redraw every 2-D weight from N(0, weight_std²) (fixed generator, seed 1) — larger weights than the
+    initialiser's, so that greedy outputs vary instead of repeating one token."""
     from transformers import AutoModelForCausalLM
 
     tok = tiny_tokenizer()
@@ -84,6 +88,12 @@ def tiny_model(arch: str = "llama", seed: int = 0, layers: int = 2, hidden: int 
     model.float().eval()
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
+    if weight_std is not None:
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 2:
+                    p.copy_(torch.randn(p.shape, generator=g) * weight_std)
     model.saesteer_name = f"tiny-{arch}"
     return model, tok
 
