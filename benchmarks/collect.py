@@ -8,13 +8,16 @@ Peers, each on exactly the batches the collection consumed:
   * ``full``: a plain ``model(input_ids, attention_mask)`` (all layers + LM head).
 Rates are kept tokens per second (position 0 / padding / special tokens excluded, the same count for every peer).
 ``collect_loop`` is the collection's forward + selection + shard-writing loop; ``collect_end_to_end`` adds loading and
-tokenizing the documents (a one-off cost). Goal: collect_loop / truncated >= 0.9. Saves benchmarks/results/collect.json.
+tokenizing the documents (a one-off cost). Goal: collect_loop / truncated >= 0.9. Each model dtype in ``--dtypes`` (default
+float32 then bfloat16) is measured in the same run; issue 17's goal: bf16 collect_loop >= 1.8x fp32 on CPUs with
+AVX512-BF16. Saves benchmarks/results/collect.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -25,29 +28,15 @@ import torch
 from torch import nn
 
 
-def main() -> None:
-    from saesteer.models import DEFAULT_MODEL
-
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=DEFAULT_MODEL)
-    ap.add_argument("--layer", type=int, default=12)
-    ap.add_argument("--data", default="hh-helpful")
-    ap.add_argument("--tokens", type=int, default=16384)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--context-len", type=int, default=256)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "collect.json"))
-    args = ap.parse_args()
-
+def measure(args, dtype: str) -> dict:
+    """Collection and its two peers with the model in ``dtype``."""
     from saesteer.activations import CollectConfig, collect, keep_mask, make_batches, pad_right, tokenize_docs
     from saesteer.activations.collect import load_docs
-    from saesteer.core import atomic_write_json, resolve_device, set_threads
+    from saesteer.core import resolve_device
     from saesteer.models import get_layers, load_model, special_token_ids
 
-    threads = set_threads(args.threads)
     device = resolve_device(args.device)
-    model, tok = load_model(args.model, device=device)
+    model, tok = load_model(args.model, device=device, dtype=dtype)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = CollectConfig(model=args.model, layer=args.layer, data=args.data, tokens=args.tokens, out=f"{tmp}/acts",
                             batch_size=args.batch_size, context_len=args.context_len, device=device, progress=False)
@@ -95,27 +84,62 @@ def main() -> None:
     loop_rate = kept / loop_time
     rates = {"collect_loop": loop_rate, "collect_end_to_end": kept / end_to_end,
              "truncated_forward": kept / t_trunc, "full_forward": kept / t_full}
+    res = {"model_dtype": dtype, "kept_tokens_stored": n_kept, "kept_tokens_forwarded": kept, "batches": n_batches,
+           "n_layers": len(layers), "tokens_per_s": rates,
+           "ratio_collect_loop_vs_truncated": loop_rate / rates["truncated_forward"],
+           "ratio_collect_end_to_end_vs_truncated": rates["collect_end_to_end"] / rates["truncated_forward"],
+           "ratio_collect_loop_vs_full": loop_rate / rates["full_forward"]}
+    for k, v in rates.items():
+        print(f"{dtype:>9} {k:>20}: {v:8.1f} tok/s", flush=True)
+    return res
+
+
+def main() -> None:
+    from saesteer.models import DEFAULT_MODEL
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=DEFAULT_MODEL)
+    ap.add_argument("--layer", type=int, default=12)
+    ap.add_argument("--data", default="hh-helpful")
+    ap.add_argument("--tokens", type=int, default=16384)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--context-len", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtypes", default="float32,bfloat16", help="model dtypes measured one after another")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "collect.json"))
+    args = ap.parse_args()
+
+    from saesteer.core import atomic_write_json, cpu_has_bf16, default_dtype, set_threads
+
+    threads = set_threads(args.threads)
+    load0 = os.getloadavg()
+    per = {d: measure(args, d) for d in args.dtypes.split(",")}
+    first = next(iter(per.values()))
     res = {
-        "benchmark": "collect", "model": args.model, "layer": args.layer, "n_layers": len(layers), "data": args.data,
-        "kept_tokens_stored": n_kept, "kept_tokens_forwarded": kept, "batches": n_batches, "batch_size": args.batch_size,
-        "context_len": args.context_len, "threads": threads, "device": device, "cpu": platform.processor() or platform.machine(),
-        "tokens_per_s": rates,
-        "ratio_collect_loop_vs_truncated": loop_rate / rates["truncated_forward"],
-        "ratio_collect_end_to_end_vs_truncated": rates["collect_end_to_end"] / rates["truncated_forward"],
-        "ratio_collect_loop_vs_full": loop_rate / rates["full_forward"],
-        "goal": "collect_loop / truncated_forward >= 0.9",
+        "benchmark": "collect", "model": args.model, "layer": args.layer, "data": args.data,
+        "batch_size": args.batch_size, "context_len": args.context_len, "threads": threads, "device": args.device,
+        "cpu": platform.processor() or platform.machine(), "cpu_has_bf16": cpu_has_bf16(),
+        "default_dtype": default_dtype(args.device), "loadavg_start": load0, "loadavg_end": os.getloadavg(),
+        **{k: v for k, v in first.items() if k != "model_dtype"}, "by_dtype": per,
+        "goal": "collect_loop / truncated_forward >= 0.9 (each dtype); bf16 collect_loop >= 1.8x fp32",
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "note": "shared 2-core machine: other jobs may run at the same time; peers run right after collection. "
                 "Rates are stored tokens per second: the peers forward the whole batches (kept_tokens_forwarded), "
                 "while collect forwards only the documents whose rows it stores (the last batch is trimmed)",
         "command": "SAESTEER_THREADS=" + str(threads) + " python benchmarks/collect.py " + " ".join(sys.argv[1:]),
     }
-    res["goal_met"] = res["ratio_collect_loop_vs_truncated"] >= 0.9
+    res["goal_met"] = all(r["ratio_collect_loop_vs_truncated"] >= 0.9 for r in per.values())
+    if {"float32", "bfloat16"} <= set(per):
+        ratio = per["bfloat16"]["tokens_per_s"]["collect_loop"] / per["float32"]["tokens_per_s"]["collect_loop"]
+        res["bf16_over_fp32_collect_loop"] = ratio
+        res["bf16_goal_met"] = ratio >= 1.8
+        print(f"bf16 / fp32 collect_loop = {ratio:.2f} (goal >= 1.8)")
     atomic_write_json(args.out, res)
-    for k, v in rates.items():
-        print(f"{k:>20}: {v:8.1f} tok/s")
-    print(f"collect_loop / truncated = {res['ratio_collect_loop_vs_truncated']:.2f} (goal >= 0.9), "
-          f"collect_loop / full = {res['ratio_collect_loop_vs_full']:.2f}; saved {args.out}")
+    for d, r in per.items():
+        print(f"{d}: collect_loop / truncated = {r['ratio_collect_loop_vs_truncated']:.2f} (goal >= 0.9), "
+              f"collect_loop / full = {r['ratio_collect_loop_vs_full']:.2f}")
+    print(f"saved {args.out}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,20 @@
-"""Benchmark: saesteer.generation.decode vs ``model.generate`` (batch 8, greedy), steered and unsteered, vs llama.cpp.
+"""Benchmark: model dtypes and single-stream speed (``--suite dtypes``, the default), and our decode loop vs
+``model.generate`` (``--suite engine``).
 
-    SAESTEER_THREADS=2 flock /tmp/saesteer-heavy.lock .venv/bin/python benchmarks/generation.py
+    SAESTEER_THREADS=2 flock /tmp/saesteer-cpu.lock .venv/bin/python benchmarks/generation.py            # dtypes
+    SAESTEER_THREADS=2 flock /tmp/saesteer-cpu.lock .venv/bin/python benchmarks/generation.py --suite engine
+
+``dtypes`` (issue 17; writes ``benchmarks/results/generation.json``), one process, the same model, prompts and steering
+(``Add`` of a fixed random vector at ``--layer``) for every condition: float32, bfloat16, and bfloat16 with weight-only
+int8 linears (``models.quant``). Per condition: batched steered decode at 64 rows (``--new-tokens`` each, EOS off),
+steered batch-1 decode (``--single-prompts`` prompts one after another, ``--single-tokens`` each, EOS off), and the
+refusal-eval workload — 64 XSTest prompts (32 safe, 32 unsafe, seeded), ``--eval-tokens`` answer budget, prefix judge,
+unsteered and steered — whose verdicts are compared with float32's row by row. The reference is llama.cpp
+(llama-cpp-python) decoding the model's own GGUF file one sequence at a time on the same prompts (best of 1 and 2
+threads). Goals: bf16 / fp32 batched >= 2x; our batch-1 (best quantisation whose verdicts agree on >= 97 %) >= 0.6x
+llama.cpp; verdicts identical on >= 97 % of rows.
+
+``engine`` (writes ``benchmarks/results/generation_engine.json``):
 
 Same model, prompts and settings in one run. Every row decodes exactly ``--new-tokens`` tokens (EOS disabled on both
 sides) so all conditions do the same work, and the greedy tokens of ours are compared with ``model.generate``'s
@@ -16,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import json
 import multiprocessing as mp
 import os
 import platform
@@ -31,7 +46,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from _common import run_command  # noqa: E402
 
 from saesteer import models
-from saesteer.core import atomic_write_json, set_threads  # noqa: E402
+from saesteer.core import atomic_write_json, cpu_has_bf16, default_dtype, set_threads  # noqa: E402
 from saesteer.generation import GenerationConfig, encode_prompts, eos_token_ids, generate_rows  # noqa: E402
 from saesteer.steering import Add, steer  # noqa: E402
 
@@ -187,7 +202,7 @@ def llama_cpp_run(name: str, tok, prompts, n_new: int, threads: int) -> dict:
             "version": llama_cpp.__version__, "threads": threads, "note": "sequential prompts, no batching"}
 
 
-def main() -> None:
+def engine_main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=models.DEFAULT_MODEL)
     ap.add_argument("--new-tokens", type=int, default=32)
@@ -198,8 +213,8 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=64, help="max_new_tokens of the eval-task comparison")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (on a GPU also pass --skip-workers)")
     ap.add_argument("--dtype", default="float32", help="model dtype: float32 | bfloat16 | float16")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "generation.json"))
-    args = ap.parse_args()
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "generation_engine.json"))
+    args = ap.parse_args(argv)
     res: dict = {"command": run_command(), "loadavg_at_start": os.getloadavg(), "model": args.model, "new_tokens_per_row": args.new_tokens,
                  "torch": torch.__version__, "machine": f"{platform.machine()} {platform.processor()}",
                  "cpu_count": os.cpu_count(), "ceilings": [ceilings(1), ceilings(2)]}
@@ -274,6 +289,148 @@ def main() -> None:
     print(res["summary"])
     atomic_write_json(args.out, res)
     print("wrote", args.out)
+
+
+XSTEST_N = 32  # per side of the eval workload
+
+
+def eval_prompts(seed: int = 0) -> list[str]:
+    from saesteer.data import load_prompts
+
+    safe = load_prompts("xstest:safe", limit=XSTEST_N, seed=seed)
+    unsafe = load_prompts("xstest:unsafe", limit=XSTEST_N, seed=seed)
+    return [it.prompt for it in safe + unsafe]
+
+
+def verdicts(model, tok, prompts, max_new: int, vec, layer: int) -> dict:
+    """Prefix-judge verdicts of the eval path (one batch, rows stop once the verdict is fixed), unsteered and steered."""
+    from saesteer.evals import PrefixJudge
+    from saesteer.generation import generate
+
+    judge = PrefixJudge()
+    cfg = GenerationConfig(max_new_tokens=max_new, batch_size=len(prompts), stop_when=judge.stop_when)
+    out, t0 = {}, time.perf_counter()
+    out["unsteered"] = [judge.is_refusal(t) for t in generate(model, tok, prompts, cfg)]
+    with steer(model, [Add(vector=vec, alpha=1.0, layer=layer)]):
+        out["steered"] = [judge.is_refusal(t) for t in generate(model, tok, prompts, cfg)]
+    out["seconds"] = round(time.perf_counter() - t0, 2)
+    return out
+
+
+def single_stream(model, tok, prompts, n_new: int, vec, layer: int) -> dict:
+    """Steered batch-1 decode: each prompt alone through ``generate_rows`` (prefill + n_new greedy steps, EOS off)."""
+    ours(model, tok, prompts[:1], 4, 1)  # warm-up
+    with steer(model, [Add(vector=vec, alpha=1.0, layer=layer)]):
+        toks, secs, pre = 0, 0.0, 0.0
+        for p in prompts:
+            dt, out = ours(model, tok, [p], n_new, 1)
+            pt, _ = ours(model, tok, [p], 1, 1)
+            toks, secs, pre = toks + len(out[0]), secs + dt, pre + pt
+    return {"tokens": toks, "seconds": round(secs, 2), "tok_s": round(toks / secs, 2),
+            "decode_tok_s": round((toks - len(prompts)) / (secs - pre), 2)}
+
+
+def dtypes_main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--suite", default="dtypes")
+    ap.add_argument("--model", default=models.DEFAULT_MODEL)
+    ap.add_argument("--layer", type=int, default=12)
+    ap.add_argument("--alpha", type=float, default=4.0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rows", type=int, default=64, help="rows of the batched decode")
+    ap.add_argument("--new-tokens", type=int, default=32, help="new tokens per row of the batched decode")
+    ap.add_argument("--single-prompts", type=int, default=4)
+    ap.add_argument("--single-tokens", type=int, default=48)
+    ap.add_argument("--eval-tokens", type=int, default=64)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "generation.json"))
+    args = ap.parse_args(argv)
+    set_threads(args.threads)
+    res: dict = {"command": run_command(), "loadavg_at_start": os.getloadavg(), "model": args.model,
+                 "torch": torch.__version__, "cpu_count": os.cpu_count(), "cpu_has_bf16": cpu_has_bf16(),
+                 "default_dtype": default_dtype("cpu"), "threads": args.threads,
+                 "batched": {"rows": args.rows, "new_tokens_per_row": args.new_tokens},
+                 "single_stream": {"prompts": args.single_prompts, "new_tokens": args.single_tokens},
+                 "eval_workload": {"prompts": "xstest:safe + xstest:unsafe, 32 each (seed 0)",
+                                   "max_new_tokens": args.eval_tokens, "judge": "prefix"}}
+    prompts_eval = eval_prompts()
+    batch = (PROMPTS * (args.rows // len(PROMPTS) + 1))[: args.rows]
+    single = PROMPTS[: args.single_prompts]
+    model, tok = models.load_model(args.model, dtype="float32")
+    vec = steering_vector(model, args.alpha)
+    conds: dict = {}
+    for name in ("float32", "bfloat16", "bfloat16+int8"):
+        if name == "bfloat16":
+            model.to(torch.bfloat16)
+        if name == "bfloat16+int8":
+            models.quantize_model(model, "int8")
+        c: dict = {}
+        ours(model, tok, batch[:2], 2, 2)  # warm-up
+        with steer(model, [Add(vector=vec, alpha=1.0, layer=args.layer)]):
+            dt, out = ours(model, tok, batch, args.new_tokens, args.rows)
+            pt, _ = ours(model, tok, batch, 1, args.rows)
+        toks = sum(map(len, out))
+        c["batched_steered"] = {"seconds": round(dt, 2), "tokens": toks, "tok_s": round(toks / dt, 2),
+                                "prefill_seconds": round(pt, 2),
+                                "decode_tok_s": round(args.rows * (args.new_tokens - 1) / (dt - pt), 2)}
+        print(name, "batched", c["batched_steered"], flush=True)
+        c["single_stream_steered"] = single_stream(model, tok, single, args.single_tokens, vec, args.layer)
+        print(name, "single", c["single_stream_steered"], flush=True)
+        c["verdicts"] = verdicts(model, tok, prompts_eval, args.eval_tokens, vec, args.layer)
+        if name != "float32":
+            ref = conds["float32"]["verdicts"]
+            c["verdict_agreement_vs_float32"] = {
+                k: {"identical": sum(a == b for a, b in zip(ref[k], c["verdicts"][k])), "n": len(ref[k])}
+                for k in ("unsteered", "steered")}
+        c["refusals"] = {k: sum(c["verdicts"][k]) for k in ("unsteered", "steered")}
+        print(name, "verdicts", c["refusals"], c.get("verdict_agreement_vs_float32"), flush=True)
+        conds[name] = c
+    res["conditions"] = conds
+    res["llama_cpp"] = {"error": "not a built-in GGUF model"}
+    if args.model in models.BUILTIN_MODELS:
+        runs = [llama_cpp_run(args.model, tok, single, args.single_tokens, th) for th in (1, 2)]
+        res["llama_cpp"] = max(runs, key=lambda r: r.get("tok_s", 0.0))
+        res["llama_cpp"]["all_thread_counts"] = [{k: r.get(k) for k in ("threads", "tok_s", "error")} for r in runs]
+    print("llama.cpp", res["llama_cpp"], flush=True)
+
+    def agree(name: str) -> float:
+        a = conds[name]["verdict_agreement_vs_float32"]
+        return sum(v["identical"] for v in a.values()) / sum(v["n"] for v in a.values())
+
+    lc = res["llama_cpp"].get("tok_s")
+    ok_single = [n for n in ("bfloat16", "bfloat16+int8") if agree(n) >= 0.97]
+    best = max(ok_single, key=lambda n: conds[n]["single_stream_steered"]["tok_s"]) if ok_single else None
+    res["summary"] = {
+        "bf16_over_fp32_batched": round(conds["bfloat16"]["batched_steered"]["tok_s"]
+                                        / conds["float32"]["batched_steered"]["tok_s"], 2),
+        "bf16_verdict_agreement": round(agree("bfloat16"), 4),
+        "int8_verdict_agreement": round(agree("bfloat16+int8"), 4),
+        "single_stream_over_llama_cpp": {n: round(conds[n]["single_stream_steered"]["tok_s"] / lc, 2) if lc else None
+                                         for n in conds},
+        "best_single_stream_with_agreeing_verdicts": best,
+        "goals": {"bf16 batched >= 2x fp32": None, "verdicts >= 97 % identical (bf16)": None,
+                  "batch-1 >= 0.6x llama.cpp": None},
+    }
+    sm = res["summary"]
+    sm["goals"]["bf16 batched >= 2x fp32"] = sm["bf16_over_fp32_batched"] >= 2.0
+    sm["goals"]["verdicts >= 97 % identical (bf16)"] = sm["bf16_verdict_agreement"] >= 0.97
+    sm["goals"]["batch-1 >= 0.6x llama.cpp"] = bool(best and lc and sm["single_stream_over_llama_cpp"][best] >= 0.6)
+    res["loadavg_at_end"] = os.getloadavg()
+    print(json.dumps(sm, indent=1))
+    atomic_write_json(args.out, res)
+    print("wrote", args.out)
+
+
+def main() -> None:
+    suite = "dtypes"
+    if "--suite" in sys.argv:
+        suite = sys.argv[sys.argv.index("--suite") + 1]
+    if suite == "engine":
+        argv = [a for i, a in enumerate(sys.argv[1:]) if a != "--suite" and sys.argv[i] != "--suite"]
+        engine_main(argv)
+    elif suite == "dtypes":
+        dtypes_main()
+    else:
+        raise SystemExit(f"--suite must be dtypes or engine, got {suite!r}")
 
 
 if __name__ == "__main__":

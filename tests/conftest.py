@@ -94,15 +94,17 @@ def data_root() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm():
-    """The real SmolLM2-135M-Instruct (converted once into the cache)."""
+    """The real SmolLM2-135M-Instruct (converted once into the cache), in float32: the tests that pin math and
+    expected answers on the real models run in float32 whatever this CPU's default dtype (test_bf16 and
+    test_dtype_default cover bfloat16 and the default; CI's demo runs the default)."""
     from saesteer.models import load_model
 
-    return load_model("smollm2-135m-instruct")
+    return load_model("smollm2-135m-instruct", dtype="float32")
 
 
 @pytest.fixture(scope="session")
 def qwen():
-    """The real default model, Qwen2.5-Coder-0.5B-Instruct."""
+    """The real default model, Qwen2.5-Coder-0.5B-Instruct, in float32 (see ``smollm``)."""
     from saesteer.models import load_model
 
-    return load_model("qwen2.5-coder-0.5b-instruct")
+    return load_model("qwen2.5-coder-0.5b-instruct", dtype="float32")

@@ -169,7 +169,7 @@ def test_generate_and_eval_bf16_tiny(tiny_pair, tmp_path):
 def smol_pair():
     from saesteer.models import load_model
 
-    m32, tok = load_model("smollm2-135m-instruct")
+    m32, tok = load_model("smollm2-135m-instruct", dtype="float32")
     m16, _ = load_model("smollm2-135m-instruct", dtype=torch.bfloat16)
     return m32, m16, tok
 

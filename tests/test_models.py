@@ -172,7 +172,7 @@ def test_resolve_model_path(tmp_path, tiny):
     model.save_pretrained(d)
     tok.save_pretrained(d)
     assert models.resolve_model_path(str(d)) == (str(d), {})
-    m2, t2 = models.load_model(str(d))
+    m2, t2 = models.load_model(str(d), dtype="float32")
     assert models.model_name(m2) == str(d) and t2.padding_side == "left" and not m2.training
     ids = torch.tensor([[5, 6, 7]])
     torch.testing.assert_close(m2(ids).logits, model(ids).logits)
@@ -182,13 +182,13 @@ def test_resolve_model_path(tmp_path, tiny):
 def test_smollm_reload_from_cache_is_fast():
     if not models.is_cached("smollm2-135m-instruct"):
         models.ensure_converted("smollm2-135m-instruct")
-    models.load_model("smollm2-135m-instruct")  # warm the page cache and lazy imports
+    models.load_model("smollm2-135m-instruct", dtype="float32")  # warm the page cache and lazy imports
     # CPU time, not wall time: on the shared 2-core machine a load waits for the CPU (wall 1-2 s under load ~7,
     # 0.5 s quiet); the GGUF path it replaces costs ~30 s of CPU
     cpu = []
     for _ in range(2):
         t0 = time.process_time()
-        model, tok = models.load_model("smollm2-135m-instruct")
+        model, tok = models.load_model("smollm2-135m-instruct", dtype="float32")
         cpu.append(time.process_time() - t0)
     assert min(cpu) < 1.0, f"reload took {min(cpu):.2f} s of CPU"
     assert models.n_layers(model) == 30 and models.d_model(model) == 576 and next(model.parameters()).dtype == torch.float32

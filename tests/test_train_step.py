@@ -32,7 +32,7 @@ def cache(tmp_path_factory):
 def _cfg(cache, out, **kw) -> TrainConfig:
     base = dict(acts=str(cache), out=str(out), k=4, num_latents=192, batch_size=200, lr=4e-3, warmup_steps=3,
                 decay_frac=0.5, steps=6, auxk_alpha=0.25, dead_window=200, chunk_rows=300, buffer_chunks=2,
-                init_sample=1000, checkpoint_every=1000, progress=False, threads=1)
+                init_sample=1000, checkpoint_every=1000, progress=False, threads=1, mm_dtype="float32")
     base.update(kw)
     return TrainConfig(**base)
 

@@ -67,8 +67,9 @@ class CollectConfig:
     """Documents are truncated to this many tokens."""
     dtype: str = "float32"
     """Storage dtype of the activations: float32, float16 or bfloat16 (independent of ``model_dtype``)."""
-    model_dtype: str = "float32"
-    """dtype the model runs in: float32, bfloat16 or float16 (a model passed in runs as it is)."""
+    model_dtype: str = "auto"
+    """dtype the model runs in: float32, bfloat16, float16 or auto (``core.default_dtype``: bfloat16 on CUDA and on CPUs
+    with native bf16, else float32); a model passed in runs as it is."""
     shard_tokens: int = 32_768
     """Rows per shard (a shard is written once it holds at least this many)."""
     seed: int = 0
@@ -283,7 +284,6 @@ def _load_model(cfg: CollectConfig, model: Any, tok: Any, device: str) -> tuple[
     from saesteer.models import check_layer, load_model
 
     if model is None:
-        ensure(cfg.model_dtype in _DTYPES, f"model_dtype must be one of {', '.join(_DTYPES)}, got {cfg.model_dtype!r}")
         model, tok = load_model(cfg.model, device=device, dtype=cfg.model_dtype)
     else:
         device = str(next(model.parameters()).device)

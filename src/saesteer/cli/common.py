@@ -5,16 +5,18 @@ from __future__ import annotations
 from typing import Any, Optional
 
 
-def load(model: str, device: str, threads: Optional[int], dtype: Optional[str] = None) -> tuple[Any, Any]:
+def load(model: str, device: str, threads: Optional[int], dtype: Optional[str] = None,
+         quantize: Optional[str] = None) -> tuple[Any, Any]:
     """Set the thread count, then ``(model, tokenizer)`` on the resolved device in ``dtype`` (``--dtype``; None:
-    float32)."""
+    the device's default, ``core.default_dtype``), weight-only quantized when ``quantize`` is ``int8``."""
     from saesteer.core import resolve_device, set_threads
     from saesteer.models import load_model
 
     from .presets import model_dtype
 
     set_threads(threads)
-    return load_model(model, device=resolve_device(device), dtype=model_dtype(dtype))
+    device = resolve_device(device)
+    return load_model(model, device=device, dtype=model_dtype(dtype, device), quantize=quantize)
 
 
 def split_list(values: list[str] | str | None) -> list[str]:

@@ -18,6 +18,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -25,6 +26,7 @@ from saesteer.core import SaesteerError, atomic_write_json, check_output_path
 
 from ._app import app
 from .options import DEVICE_HELP, THREADS_HELP, model_option
+from .presets import DTYPE_OPT
 
 
 @dataclass
@@ -128,33 +130,38 @@ def _capability(b: DemoBudget, gsm8k_flag: str) -> list[str]:
     return ["--capability", "mmlu,truthfulqa_mc1"]
 
 
-def demo_stages(model: str, out: Path, layer: int, b: DemoBudget, common: list[str]) -> list[Stage]:
+def demo_stages(model: str, out: Path, layer: int, b: DemoBudget, common: list[str],
+                dtype: str | None = None) -> list[Stage]:
+    """The stages; ``dtype`` (``--dtype``) is passed to every stage that runs the model (None: their default)."""
     acts, sae, feats = out / "acts", out / "sae", out / "features"
+    dt = ["--dtype", dtype] if dtype else []
     sel = feats / "selection.json"
     pol = out / "policies"
     policies = ["clamp", "clamp+probe", "clamp+sae", "clamp+cast"]  # unconditional (the paper), then gated
     stages = [
         Stage("collect", ["collect", "--model", model, "--layer", str(layer), "--data", b.data,
-                          "--tokens", str(b.tokens), "--out", str(acts), *common], acts / "meta.json"),
+                          "--tokens", str(b.tokens), "--out", str(acts), *common,
+                          *(["--model-dtype", dtype] if dtype else [])], acts / "meta.json"),
         Stage("train", ["train", "--acts", str(acts), "--k", "32", "--expansion", "8", "--epochs", str(b.epochs),
                         "--out", str(sae), *common], sae / "saesteer.json"),
         Stage("sae-eval", ["sae-eval", "--model", model, "--sae", str(sae), "--data", "wikitext2",
-                           "--max-docs", "32", "--ce-docs", "8", "--out", str(out / "sae_eval.json"), *common], out / "sae_eval.json"),
+                           "--max-docs", "32", "--ce-docs", "8", "--out", str(out / "sae_eval.json"), *common, *dt],
+              out / "sae_eval.json"),
         Stage("features", ["features", "--model", model, "--sae", str(sae), "--out", str(feats),
-                           "--val-limit", str(b.val_limit), "--n-grid", str(b.n_grid), *common], sel),
+                           "--val-limit", str(b.val_limit), "--n-grid", str(b.n_grid), *common, *dt], sel),
     ]
     stages.append(Stage(
         "sweep + report",
         ["sweep", "--model", model, "--sae", str(sae), "--features-dir", str(feats), "--clamps", "", "--relative", b.sweep_multiples,
          "--limit", str(b.sweep_limit), "--cap-limit", str(b.sweep_capability_limit), *_capability(b, "--gsm8k-limit"),
-         "--out", str(out / "sweep"), *common],
+         "--out", str(out / "sweep"), *common, *dt],
         out / "sweep" / "report" / "index.html"))
     # Gates learn on Arditi train plus the first 40 % of xstest / jbb (safe prompts that look harmful), thresholds
     # on Arditi val plus the next 20 %; compare samples only prompts no policy saw.
     gate_sets = ["--train", "arditi-harmful:train,arditi-harmless:train,xstest#0:0.4,jbb-harmful#0:0.4,jbb-benign#0:0.4",
                  "--val", "arditi-harmful:val,arditi-harmless:val,xstest#0.4:0.6,jbb-harmful#0.4:0.6,jbb-benign#0.4:0.6",
                  "--limit", str(b.gate_limit), "--cache", str(out / "gate-cache")]
-    fit = ["policy", "fit", "--model", model, "--sae", str(sae), "--selection", str(sel), *common]
+    fit = ["policy", "fit", "--model", model, "--sae", str(sae), "--selection", str(sel), *common, *dt]
     stages.append(Stage("policy clamp", fit + ["--gate", "always", "--name", "clamp", "--out", str(pol / "clamp.json")],
                         pol / "clamp.json"))
     stages.append(Stage("policies clamp+gates", fit + ["--gate", "probe,sae,cast", "--fpr", "0.02", *gate_sets,
@@ -164,7 +171,7 @@ def demo_stages(model: str, out: Path, layer: int, b: DemoBudget, common: list[s
         "compare",
         ["compare", "--model", model, "--policies", ",".join(str(pol / f"{n}.json") for n in policies),
          "--limit", str(b.eval_limit), "--capability-limit", str(b.capability_limit),
-         *_capability(b, "--gsm8k-limit"), "--exclude", str(sel), "--out", str(out / "compare"), *common],
+         *_capability(b, "--gsm8k-limit"), "--exclude", str(sel), "--out", str(out / "compare"), *common, *dt],
         out / "compare" / "table.md"))
     return stages
 
@@ -177,6 +184,7 @@ def demo(
     budget: str = typer.Option("small", help="small (~45 min on 2 CPU cores) or tiny (a smoke run)"),
     threads: int = typer.Option(None, help=THREADS_HELP),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
+    dtype: Optional[str] = DTYPE_OPT,
 ) -> None:
     """Run the whole pipeline on MODEL with small budgets and print the comparison table."""
     check_output_path(out)  # before any work: a bad path fails fast
@@ -190,7 +198,10 @@ def demo(
     except json.JSONDecodeError:
         before = {}
     timings: dict[str, object] = {}
-    for stage in demo_stages(model, out, layer, BUDGETS[budget], common):
+    from saesteer.core import resolve_dtype
+
+    typer.echo(f"saesteer demo: {model}, budget {budget}, model dtype {resolve_dtype(dtype, device)}", err=True)
+    for stage in demo_stages(model, out, layer, BUDGETS[budget], common, dtype):
         rec = _run(stage)
         old = before.get(stage.name)
         timings[stage.name] = rec or (old if isinstance(old, dict) else {"skipped": True})

@@ -13,7 +13,7 @@ from saesteer.core import check_output_path, ensure
 
 from ._app import app
 from .options import DEVICE_HELP, THREADS_HELP, model_option
-from .presets import PRESET_OPT
+from .presets import DTYPE_HELP, PRESET_OPT
 
 data_app = typer.Typer(help="Prompt sets and corpora: preview any data spec.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
@@ -59,7 +59,7 @@ def collect_cmd(
     overwrite: bool = typer.Option(False, help="replace what is in --out (default: resume the same collection)"),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
-    model_dtype: str = typer.Option("float32", help="dtype the model runs in: float32 | bfloat16 | float16"),
+    model_dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
     preset: Optional[str] = PRESET_OPT,
 ) -> None:
     """Collect residual-stream activations after LAYER (forward stops there). Re-running resumes.
@@ -74,7 +74,7 @@ def collect_cmd(
     v = from_preset(preset, model=model, layer=layer, model_dtype=model_dtype)
     model, layer, model_dtype = v["model"], v["layer"], v["model_dtype"]
     ensure(layer is not None, "give --layer (or a --preset)")
-    cfg = CollectConfig(model=model, layer=layer, model_dtype=model_dtype, data=data, tokens=tokens, out=str(out), batch_size=batch_size,
+    cfg = CollectConfig(model=model, layer=layer, model_dtype=model_dtype or "auto", data=data, tokens=tokens, out=str(out), batch_size=batch_size,
                         context_len=context_len, dtype=dtype, shard_tokens=shard_tokens, seed=seed, threads=threads,
                         max_norm_ratio=max_norm_ratio or None,
                         device=device, overwrite=overwrite)

@@ -12,24 +12,24 @@ from typing import Any, Optional
 
 import typer
 
-from saesteer.core import ensure
-
 from ._app import app
 
 PRESET_OPT = typer.Option(None, "--preset", help="fill model, layer, SAE, clamp and dtype from a preset (see "
                                                  "`saesteer presets`); explicit options win")
-DTYPE_OPT = typer.Option(None, "--dtype", help="model dtype: float32 | bfloat16 | float16 (default: the preset's, "
-                                               "else float32); SAE and clamp math stay float32")
-MODEL_DTYPES = ("float32", "bfloat16", "float16")
+DTYPE_HELP = ("model dtype: float32 | bfloat16 | float16 | auto (default: the preset's, else auto = bfloat16 on CUDA "
+              "and on CPUs with AVX512-BF16 / AMX, float32 elsewhere; SAESTEER_DTYPE sets it); SAE and clamp math "
+              "stay float32")
+DTYPE_OPT = typer.Option(None, "--dtype", help=DTYPE_HELP)
+QUANTIZE_OPT = typer.Option("none", "--quantize", help="none | int8: weight-only int8 linears (per-row scales; the "
+                                                      "residual stream, SAE and clamp keep their dtype). Faster for "
+                                                      "one conversation at a time on CPU, slower for large batches")
 
 
-def model_dtype(name: Optional[str]) -> Any:
-    """``torch.dtype`` for a ``--dtype`` value (None: float32)."""
-    import torch
+def model_dtype(name: Optional[str], device: str = "cpu") -> str:
+    """The dtype name a ``--dtype`` value means on ``device`` (None / auto: ``core.default_dtype``)."""
+    from saesteer.core import resolve_dtype
 
-    name = name or "float32"
-    ensure(name in MODEL_DTYPES, f"--dtype must be one of {', '.join(MODEL_DTYPES)}, got {name!r}")
-    return getattr(torch, name)
+    return resolve_dtype(name, device)
 
 
 def _explicit(name: str) -> bool:

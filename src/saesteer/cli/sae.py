@@ -36,7 +36,7 @@ def train_cmd(
     dead_window: int = typer.Option(250_000, help="tokens without firing after which a latent is dead"),
     seed: int = typer.Option(0),
     checkpoint_every: int = typer.Option(200, help="steps between checkpoints"),
-    mm_dtype: str = typer.Option("float32", help="encoder matmul precision for top-k selection: float32|bfloat16"),
+    mm_dtype: str = typer.Option("auto", help="encoder matmul precision for top-k selection: float32 | bfloat16 | auto (bfloat16 on CUDA and on CPUs with AVX512-BF16 / AMX; values and gradients stay float32)"),
     model: Optional[str] = typer.Option(None, help="require the cache to come from this model"),
     layer: Optional[int] = typer.Option(None, help="require the cache to come from this layer"),
     resume: bool = typer.Option(False, "--resume", help="continue from OUT/checkpoints/state.pt"),
@@ -96,7 +96,7 @@ def sae_eval_cmd(
     r = run_sae_eval(SAEEvalConfig(model=model, sae=str(sae), data=data, out=str(out), layer=layer,
                                    max_docs=max_docs, context_len=context_len, batch_size=batch_size,
                                    ce_docs=ce_docs, threads=threads, device=device,
-                                   model_dtype=dtype or "float32"))
+                                   model_dtype=dtype or "auto"))
     typer.echo(f"fvu {r['fvu']:.4f}  L0 {r['l0']:.1f}  dead {100 * r['dead_frac']:.1f}%  "
                f"CE clean {r['ce_clean']:.3f} spliced {r['ce_spliced']:.3f} zero {r['ce_zero_ablated']:.3f}  "
                f"recovered {r['ce_loss_recovered']:.3f} → {out}")

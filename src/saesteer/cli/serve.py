@@ -13,7 +13,7 @@ from saesteer.models import DEFAULT_MODEL
 from ._app import app
 from .common import load
 from .options import DEVICE_HELP, MODEL_HELP, THREADS_HELP, SteeringOptions, steering_options
-from .presets import DTYPE_OPT
+from .presets import DTYPE_OPT, QUANTIZE_OPT
 
 
 @app.command()
@@ -40,6 +40,7 @@ def serve(
     max_tokens_limit: int = typer.Option(512, help="largest max_tokens a request may ask for"),
     max_body_bytes: int = typer.Option(1_000_000, help="largest request body (413 above it)"),
     dtype: Optional[str] = DTYPE_OPT,
+    quantize: str = QUANTIZE_OPT,
     device: str = typer.Option("cpu", help=DEVICE_HELP),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     decode_threads: Optional[int] = typer.Option(None, help="threads for decode steps (1 often wins on a busy CPU)"),
@@ -59,7 +60,7 @@ def serve(
     specs = steering.specs()
     if policy is not None:
         ensure(policy.exists(), f"policy file not found: {policy}")
-    m, tok = load(model, device, threads, dtype)
+    m, tok = load(model, device, threads, dtype, quantize)
     name = steer_name or ("refusal-clamp" if steering.sae is not None and steering.clamp else None)
     served = served_models(m, base=base_name, policy=str(policy) if policy else None,
                            specs=[s.to_dict() for s in specs] or None, steer_name=name)

@@ -13,7 +13,7 @@ from saesteer.core import SaesteerError, check_output_path, ensure
 from ._app import app
 from .common import load
 from .options import DEVICE_HELP, THREADS_HELP, SteeringOptions, model_option, steering_options
-from .presets import DTYPE_OPT, PRESET_OPT, from_preset
+from .presets import DTYPE_OPT, PRESET_OPT, QUANTIZE_OPT, from_preset
 
 
 def _preset_steering(preset: Optional[str], model: str, sae: Any, feature: Any, clamp: Any, alpha: Any, layer: Any,
@@ -56,6 +56,7 @@ def generate_cmd(
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
     dtype: Optional[str] = DTYPE_OPT,
+    quantize: str = QUANTIZE_OPT,
     preset: Optional[str] = PRESET_OPT,
 ) -> None:
     """Answer prompts greedily with SAE-feature or refusal-direction steering (no steering options: plain model)."""
@@ -66,7 +67,7 @@ def generate_cmd(
         preset, model, steering.sae, steering.feature, steering.clamp, steering.alpha, steering.layer, dtype)
     st = as_steering(steering.to_steering())
     specs = st.specs
-    m, tok = load(model, device, threads, dtype)
+    m, tok = load(model, device, threads, dtype, quantize)
     with st.context(m):
         steered = run_generation(m, tok, list(prompts), max_new_tokens, system)
     plain = run_generation(m, tok, list(prompts), max_new_tokens, system) if compare else None
@@ -93,6 +94,7 @@ def chat_cmd(
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
     dtype: Optional[str] = DTYPE_OPT,
+    quantize: str = QUANTIZE_OPT,
     preset: Optional[str] = PRESET_OPT,
 ) -> None:
     """Interactive chat with the steered model (``/reset`` clears the history, ``/exit`` or EOF quits)."""
@@ -106,7 +108,7 @@ def chat_cmd(
     model, steering.sae, steering.clamp, steering.layer, dtype = _preset_steering(
         preset, model, steering.sae, steering.feature, steering.clamp, steering.alpha, steering.layer, dtype)
     st = as_steering(steering.to_steering())
-    m, tok = load(model, device, threads, dtype)
+    m, tok = load(model, device, threads, dtype, quantize)
     con = Console()
     label = st.name if (st.specs or st.policy is not None) else "none"
     con.print(f"[bold]saesteer chat[/] · {model} · steering: {label} · /reset, /exit")

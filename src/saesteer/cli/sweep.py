@@ -77,7 +77,7 @@ def sweep_cmd(
         direction=str(direction) if direction else None, alphas=_floats(alphas, "--alphas"),
         unsafe=split_list([unsafe]), safe=split_list([safe]), refusal_limit=limit, max_new_tokens=max_new_tokens,
         capability_tasks=split_list([capability]), capability_limit=cap_limit, gsm8k_limit=gsm8k_limit,
-        mmlu_shots=mmlu_shots, batch_size=batch_size, seed=seed, device=device, model_dtype=dtype or "float32",
+        mmlu_shots=mmlu_shots, batch_size=batch_size, seed=seed, device=device, model_dtype=dtype or "auto",
     )
     from saesteer.core import set_threads
     from saesteer.experiments import plan_conditions

@@ -12,11 +12,11 @@ from .io import (
     read_json,
 )
 from .progress import Bar, progress_bar
-from .runtime import resolve_device, set_threads
+from .runtime import MODEL_DTYPES, cpu_has_bf16, default_dtype, resolve_device, resolve_dtype, set_threads
 from .stats import auroc, diff_interval, rate_summary, wilson_interval
 
 __all__ = [
-    "SaesteerError", "atomic_dir", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "auroc", "Bar", "progress_bar",
-    "check_output_path", "diff_interval", "ensure", "rate_summary", "read_json", "require_package", "resolve_device",
-    "set_threads", "wilson_interval",
+    "MODEL_DTYPES", "SaesteerError", "atomic_dir", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "auroc", "Bar", "progress_bar",
+    "check_output_path", "cpu_has_bf16", "default_dtype", "diff_interval", "ensure", "rate_summary", "read_json", "require_package", "resolve_device",
+    "resolve_dtype", "set_threads", "wilson_interval",
 ]

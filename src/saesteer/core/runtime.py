@@ -49,3 +49,54 @@ def resolve_device(device: str | None) -> str:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SaesteerError(f"--device {device} asked for, but CUDA is not available on this machine")
     return device
+
+
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_has_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether the CPU reports native bf16 arithmetic (AVX512-BF16 or AMX-BF16 in ``/proc/cpuinfo``'s flags).
+
+    On such CPUs oneDNN runs bf16 GEMMs at about twice the fp32 rate (measured: ``benchmarks/generation.py``); without
+    the flags torch emulates bf16 and it is slower than fp32. Non-Linux systems (no cpuinfo file) answer False."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[-1].split())
+                    return any(flag in flags for flag in BF16_CPU_FLAGS)
+    except OSError:
+        return False
+    return False
+
+
+def default_dtype(device: str = "cpu") -> str:
+    """The model dtype used when none is given: ``SAESTEER_DTYPE`` if set; else bfloat16 on CUDA devices that support
+    it and on CPUs with native bf16 (:func:`cpu_has_bf16`); float32 elsewhere. SAE and clamp math stay float32."""
+    env = os.environ.get("SAESTEER_DTYPE", "").strip()
+    if env and env != "auto":
+        return check_dtype(env, "SAESTEER_DTYPE")
+    if device.startswith("cuda"):
+        import torch
+
+        return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+    if device == "cpu":
+        return "bfloat16" if cpu_has_bf16() else "float32"
+    return "float32"
+
+
+def check_dtype(name: str, what: str = "--dtype") -> str:
+    if name not in MODEL_DTYPES:
+        raise SaesteerError(f"{what} must be one of {', '.join(MODEL_DTYPES)} or auto, got {name!r}")
+    return name
+
+
+def resolve_dtype(name: object, device: str = "cpu") -> str:
+    """A model dtype name: ``None`` / ``"auto"`` → :func:`default_dtype` for ``device``; a ``torch.dtype`` or a name
+    is checked and returned as its name."""
+    if name is None or name == "auto" or name == "":
+        return default_dtype(device)
+    if not isinstance(name, str):
+        name = str(name).removeprefix("torch.")
+    return check_dtype(name)

@@ -72,14 +72,14 @@ class SaesteerLM(HFLM):
     def __init__(
         self, pretrained: Any = DEFAULT_MODEL, sae: str | None = None, feature: Any = None,
         clamp: Any = None, direction: str | None = None, alpha: Any = None, spec: str | None = None,
-        policy: str | None = None, layer: Any = None, device: str | None = "cpu", dtype: Any = "float32",
+        policy: str | None = None, layer: Any = None, device: str | None = "cpu", dtype: Any = "auto",
         tokenizer: Any = None, steering: Any = None, **kwargs: Any,
     ) -> None:
         if isinstance(pretrained, str):
             from saesteer.models import load_model
 
             dev = resolve_device(device)
-            model, tok = load_model(pretrained, device=dev, dtype=dtype if dtype not in (None, "auto") else "float32")
+            model, tok = load_model(pretrained, device=dev, dtype=dtype)
         else:  # an already loaded model (tests, notebooks)
             ensure(tokenizer is not None, "pass tokenizer= together with a loaded model")
             model, tok = pretrained, tokenizer

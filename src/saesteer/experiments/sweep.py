@@ -87,8 +87,9 @@ class SweepConfig:
     """Seed of every subsample."""
     device: str = "cpu"
     """Device of the model."""
-    model_dtype: str = "float32"
-    """dtype the model runs in (float32 | bfloat16 | float16); SAE and clamp math stay float32."""
+    model_dtype: str = "auto"
+    """dtype the model runs in (float32 | bfloat16 | float16 | auto = ``core.default_dtype``); SAE and clamp math stay
+    float32."""
     progress: bool = True
     """Progress bars."""
 

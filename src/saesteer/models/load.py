@@ -8,9 +8,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from saesteer.core import SaesteerError, ensure
+from saesteer.core import SaesteerError, ensure, resolve_dtype
 
 from .builtin import BUILTIN_MODELS, DEFAULT_MODEL, ensure_converted, require_gguf_support
+from .quant import QUANTIZE_MODES, quantize_model
 
 
 def resolve_model_path(name_or_path: str) -> tuple[str, dict[str, Any]]:
@@ -33,14 +34,19 @@ def resolve_model_path(name_or_path: str) -> tuple[str, dict[str, Any]]:
 
 
 def load_model(
-    name_or_path: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype | str = torch.float32
+    name_or_path: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype | str | None = "auto",
+    quantize: str | None = None,
 ) -> tuple[nn.Module, Any]:
-    """Load ``(model, tokenizer)`` in eval mode. The tokenizer pads on the left (batched generation)."""
+    """Load ``(model, tokenizer)`` in eval mode. The tokenizer pads on the left (batched generation).
+
+    ``dtype`` ``"auto"`` / ``None``: ``core.default_dtype(device)`` — bfloat16 on CUDA and on CPUs with native bf16
+    (AVX512-BF16 / AMX), float32 elsewhere; ``SAESTEER_DTYPE`` overrides. ``quantize="int8"``: weight-only int8
+    linears (``models.quant``; the fast single-stream path on CPU)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    ensure(quantize in (None, *QUANTIZE_MODES), f"--quantize must be one of {', '.join(QUANTIZE_MODES)}, got {quantize!r}")
     path, kw = resolve_model_path(name_or_path)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+    dtype = getattr(torch, resolve_dtype(dtype, device))
     try:
         tok = AutoTokenizer.from_pretrained(path, **kw)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
@@ -54,6 +60,8 @@ def load_model(
         model.hf_quantizer.remove_quantization_config(model)
     prepare_tokenizer(tok)
     model.to(device).eval()
+    if quantize and quantize != "none":
+        quantize_model(model, quantize)
     model.saesteer_name = name_or_path  # what SAEs record as their model
     return model, tok
 

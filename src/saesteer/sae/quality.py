@@ -51,8 +51,9 @@ class SAEEvalConfig:
     """torch intra-op threads."""
     device: str = "cpu"
     """cpu, cuda, cuda:N or auto."""
-    model_dtype: str = "float32"
-    """dtype the model runs in (float32 | bfloat16 | float16); the SAE and its metrics stay float32."""
+    model_dtype: str = "auto"
+    """dtype the model runs in (float32 | bfloat16 | float16 | auto = ``core.default_dtype``); the SAE and its metrics
+    stay float32."""
 
 
 CE_CHUNK = 256

@@ -31,6 +31,7 @@ from saesteer.core import (
     atomic_write_bytes,
     atomic_write_json,
     check_output_path,
+    default_dtype,
     ensure,
     set_threads,
 )
@@ -85,9 +86,10 @@ class TrainConfig:
     """Chunks read and shuffled together."""
     init_sample: int = 32768
     """Tokens used to measure the input scale and the geometric median for b_dec."""
-    mm_dtype: str = "float32"
-    """Precision of the dense encoder matmul used for top-k *selection* (float32 or bfloat16; the selected values and
-    all gradients stay float32)."""
+    mm_dtype: str = "auto"
+    """Precision of the dense encoder matmul used for top-k *selection* (float32, bfloat16 or auto = bfloat16 where
+    ``core.default_dtype`` of the device is bfloat16 — CUDA, CPUs with AVX512-BF16 / AMX — else float32); the selected
+    values and all gradients stay float32."""
     model: str | None = None
     """If set, the cache must come from this model."""
     layer: int | None = None
@@ -227,6 +229,13 @@ def train(cfg: TrainConfig) -> TopKSAE | None:
         raise
 
 
+def selection_dtype(mm_dtype: str, device: str) -> str:
+    """``TrainConfig.mm_dtype`` resolved for ``device`` (``auto``: bfloat16 where bf16 is the device's default)."""
+    if mm_dtype != "auto":
+        return mm_dtype
+    return "bfloat16" if default_dtype(str(device)) == "bfloat16" else "float32"
+
+
 def _train(cfg: TrainConfig) -> TopKSAE | None:
     from .formats import save_sae
 
@@ -236,8 +245,8 @@ def _train(cfg: TrainConfig) -> TopKSAE | None:
     cache = open_cache(cfg.acts)
     _validate(cfg, cache)
     ensure(cfg.batch_size % world == 0, f"batch_size {cfg.batch_size} is not divisible by {world} processes")
-    mm_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(cfg.mm_dtype)
-    ensure(mm_dtype is not None, f"mm_dtype must be float32 or bfloat16, got {cfg.mm_dtype!r}")
+    mm_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(selection_dtype(cfg.mm_dtype, device))
+    ensure(mm_dtype is not None, f"mm_dtype must be float32, bfloat16 or auto, got {cfg.mm_dtype!r}")
     out = Path(cfg.out)
     ckpt_path = out / CKPT_DIR / CKPT_FILE
     d = cache.d_model

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from saesteer import models
-from saesteer.core import SaesteerError, atomic_write_bytes, atomic_write_json, ensure, read_json
+from saesteer.core import SaesteerError, atomic_write_bytes, atomic_write_json, ensure, progress_bar, read_json
 
 from .hooks import steer
 from .interventions import AblateDirection, Add
@@ -204,11 +204,8 @@ def fit_direction(model: nn.Module, tok: Any, harmful: Sequence[Any], harmless: 
     n_post = post_instruction_len(tok, cfg.system)
     total = len(harmful) + len(harmless) + len(harmful_val) + len(harmless_val) * (1 + len(allowed))
     total += len(harmful_val) * len(allowed)
-    from rich.progress import Progress
-
-    with Progress(disable=not progress, transient=True) as bar:
-        task = bar.add_task("refusal direction", total=total)
-        adv = lambda n: bar.advance(task, n)  # noqa: E731
+    with progress_bar(total, "refusal direction", unit="prompt", enabled=progress) as bar:
+        adv = bar.update
         mu_h = mean_activations(model, tok, harmful, allowed, n_post, cfg.batch_size, cfg.system, adv)
         mu_s = mean_activations(model, tok, harmless, allowed, n_post, cfg.batch_size, cfg.system, adv)
         diff = mu_h - mu_s  # [layers, n_post, d]

@@ -1,0 +1,102 @@
+"""Weight-only int8 linears (``models.quant``): the quantisation against a dense reference, the layer in both kernels
+(torch's packed int8 kernel for bf16 on CPU, dequantise-then-matmul elsewhere), a whole tiny model's logits, steering
+on a quantized model, and ``load_model(quantize=...)``."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from saesteer.core import SaesteerError
+from saesteer.models import Int8Linear, quantize_model, tiny_model
+from saesteer.models.quant import quantize_rows
+
+
+def test_quantize_rows_dense_reference():
+    w = torch.randn(37, 19, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.01, 3, 37)[:, None]
+    q, scale = quantize_rows(w)
+    assert q.dtype == torch.int8 and int(q.abs().max()) == 127
+    ref_scale = w.abs().max(dim=1).values / 127
+    assert torch.allclose(scale, ref_scale)
+    err = (q.float() * scale[:, None] - w).abs()
+    assert bool((err <= scale[:, None] / 2 + 1e-7).all())  # round-to-nearest: at most half a step per element
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_int8_linear_fp32_path_equals_dense(bias):
+    lin = nn.Linear(24, 40, bias=bias)
+    ql = Int8Linear(lin)
+    x = torch.randn(3, 5, 24)
+    ref = nn.functional.linear(x, ql.dequantized(torch.float32), lin.bias)
+    assert torch.allclose(ql(x), ref, atol=1e-5)
+    assert torch.allclose(ql(x), lin(x), rtol=0.05, atol=0.05)  # and close to the unquantized layer
+
+
+@pytest.mark.parametrize("rows", [1, 4, 64])
+def test_int8_linear_bf16_kernel_matches_dense(rows):
+    """The packed int8 kernel (bf16 activations on CPU) computes x @ (q * scale)^T + b like the dense reference."""
+    lin = nn.Linear(64, 96).to(torch.bfloat16)
+    ql = Int8Linear(lin)
+    x = torch.randn(rows, 64).to(torch.bfloat16)
+    with torch.no_grad():
+        got = ql(x).float()
+    ref = x.float() @ ql.dequantized(torch.float32).t() + lin.bias.float()
+    assert got.dtype == torch.float32 and got.shape == (rows, 96)
+    rel = float((got - ref).norm() / ref.norm())
+    assert rel < 0.02, rel
+
+
+def test_quantize_model_tiny_logits_and_steering():
+    from saesteer.models import hook_module, run_to_layer
+    from saesteer.steering import Add, steer
+
+    model, tok = tiny_model("qwen2", layers=3, weight_std=0.2)
+    qm = copy.deepcopy(model)
+    n = quantize_model(qm, "int8")
+    assert n == sum(isinstance(m, nn.Linear) for m in model.modules())
+    assert not any(isinstance(m, nn.Linear) for m in qm.modules()) and qm.saesteer_quantize == "int8"
+    ids = tok(["hello there", "how do i bake bread?"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        a, b = model(**ids).logits, qm(**ids).logits
+    rel = float((a - b).norm() / a.norm())
+    assert 0 < rel < 0.05, rel  # changed (really quantized) but close
+    # steering writes the residual stream of the quantized model exactly like the float one's
+    v = torch.randn(model.config.hidden_size)
+    with torch.no_grad():
+        base = run_to_layer(qm, ids["input_ids"], ids["attention_mask"], 1)
+        got = {}
+
+        def grab(_m, _i, o):
+            got["h"] = o[0] if isinstance(o, tuple) else o
+
+        with steer(qm, [Add(vector=v, alpha=1.0, layer=1)]):
+            h = hook_module(qm, 1).register_forward_hook(grab)  # after the steering hook: sees its edit
+            try:
+                qm(**ids)
+            finally:
+                h.remove()
+    assert torch.allclose(got["h"], base + v, atol=1e-5)
+    assert quantize_model(copy.deepcopy(model), "none") == 0
+
+
+def test_load_model_quantize(tiny_dir):
+    from saesteer.models import load_model
+
+    m, _ = load_model(str(tiny_dir), dtype="float32", quantize="int8")
+    assert any(isinstance(x, Int8Linear) for x in m.modules()) and not any(isinstance(x, nn.Linear) for x in m.modules())
+    with pytest.raises(SaesteerError, match="--quantize must be one of none, int8"):
+        load_model(str(tiny_dir), quantize="int4")
+
+
+def test_cli_generate_quantized(tiny_dir, capsys):
+    from saesteer.cli import main
+
+    main(["generate", "hello", "--model", str(tiny_dir), "--max-new-tokens", "4", "--quantize", "int8", "--json"])
+    assert '"answer"' in capsys.readouterr().out
+    with pytest.raises(SystemExit) as ei:
+        main(["generate", "hello", "--model", str(tiny_dir), "--quantize", "int3"])
+    err = capsys.readouterr().err
+    assert ei.value.code == 2 and err.strip() == "saesteer: error: --quantize must be one of none, int8, got 'int3'"
