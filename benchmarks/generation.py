@@ -6,7 +6,7 @@
 
 ``dtypes`` (issue 17; writes ``benchmarks/results/generation.json``), one process, the same model, prompts and steering
 (``Add`` of a fixed random vector at ``--layer``) for every condition: float32, bfloat16, and bfloat16 with weight-only
-int8 linears (``models.quant``). Per condition: batched steered decode at 64 rows (``--new-tokens`` each, EOS off),
+int8 or int4 linears (``models.quant``; int4 keeps the LM head int8). Per condition: batched steered decode at 64 rows (``--new-tokens`` each, EOS off),
 steered batch-1 decode (``--single-prompts`` prompts one after another, ``--single-tokens`` each, EOS off), and the
 refusal-eval workload — 64 XSTest prompts (32 safe, 32 unsafe, seeded), ``--eval-tokens`` answer budget, prefix judge,
 unsteered and steered — whose verdicts are compared with float32's row by row. The reference is llama.cpp
@@ -292,6 +292,7 @@ def engine_main(argv: list[str] | None = None) -> None:
 
 
 XSTEST_N = 32  # per side of the eval workload
+CONDITIONS = ("float32", "bfloat16", "bfloat16+int8", "bfloat16+int4")
 
 
 def eval_prompts(seed: int = 0) -> list[str]:
@@ -355,14 +356,16 @@ def dtypes_main(argv: list[str] | None = None) -> None:
     prompts_eval = eval_prompts()
     batch = (PROMPTS * (args.rows // len(PROMPTS) + 1))[: args.rows]
     single = PROMPTS[: args.single_prompts]
-    model, tok = models.load_model(args.model, dtype="float32")
-    vec = steering_vector(model, args.alpha)
+    base, tok = models.load_model(args.model, dtype="float32")
+    vec = steering_vector(base, args.alpha)
     conds: dict = {}
-    for name in ("float32", "bfloat16", "bfloat16+int8"):
+    for name in CONDITIONS:
         if name == "bfloat16":
-            model.to(torch.bfloat16)
-        if name == "bfloat16+int8":
-            models.quantize_model(model, "int8")
+            base.to(torch.bfloat16)
+        model = base
+        if "+" in name:  # a quantized copy of the bf16 model
+            model = copy.deepcopy(base)
+            models.quantize_model(model, name.split("+")[1])
         c: dict = {}
         ours(model, tok, batch[:2], 2, 2)  # warm-up
         with steer(model, [Add(vector=vec, alpha=1.0, layer=args.layer)]):
@@ -384,6 +387,7 @@ def dtypes_main(argv: list[str] | None = None) -> None:
         c["refusals"] = {k: sum(c["verdicts"][k]) for k in ("unsteered", "steered")}
         print(name, "verdicts", c["refusals"], c.get("verdict_agreement_vs_float32"), flush=True)
         conds[name] = c
+        del model
     res["conditions"] = conds
     res["llama_cpp"] = {"error": "not a built-in GGUF model"}
     if args.model in models.BUILTIN_MODELS:
@@ -397,13 +401,13 @@ def dtypes_main(argv: list[str] | None = None) -> None:
         return sum(v["identical"] for v in a.values()) / sum(v["n"] for v in a.values())
 
     lc = res["llama_cpp"].get("tok_s")
-    ok_single = [n for n in ("bfloat16", "bfloat16+int8") if agree(n) >= 0.97]
+    ok_single = [n for n in CONDITIONS[1:] if agree(n) >= 0.97]
     best = max(ok_single, key=lambda n: conds[n]["single_stream_steered"]["tok_s"]) if ok_single else None
     res["summary"] = {
         "bf16_over_fp32_batched": round(conds["bfloat16"]["batched_steered"]["tok_s"]
                                         / conds["float32"]["batched_steered"]["tok_s"], 2),
         "bf16_verdict_agreement": round(agree("bfloat16"), 4),
-        "int8_verdict_agreement": round(agree("bfloat16+int8"), 4),
+        "verdict_agreement": {n: round(agree(n), 4) for n in CONDITIONS[1:]},
         "single_stream_over_llama_cpp": {n: round(conds[n]["single_stream_steered"]["tok_s"] / lc, 2) if lc else None
                                          for n in conds},
         "best_single_stream_with_agreeing_verdicts": best,

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from saesteer.core import SaesteerError
-from saesteer.models import Int8Linear, quantize_model, tiny_model
-from saesteer.models.quant import quantize_rows
+from saesteer.models import Int4Linear, Int8Linear, quantize_model, tiny_model
+from saesteer.models.quant import quantize_groups, quantize_rows
 
 
 def test_quantize_rows_dense_reference():
@@ -47,6 +47,57 @@ def test_int8_linear_bf16_kernel_matches_dense(rows):
     assert got.dtype == torch.float32 and got.shape == (rows, 96)
     rel = float((got - ref).norm() / ref.norm())
     assert rel < 0.02, rel
+
+
+def test_quantize_groups_dense_reference():
+    w = torch.randn(8, 128, generator=torch.Generator().manual_seed(1))
+    q, scale, zero = quantize_groups(w, 64)
+    assert q.dtype == torch.int32 and int(q.min()) >= 0 and int(q.max()) <= 15 and scale.shape == (8, 2)
+    g = w.reshape(8, 2, 64)
+    assert torch.allclose(scale, (g.amax(-1) - g.amin(-1)) / 15)
+    deq = ((q.float().reshape(8, 2, 64) - 8) * scale[..., None] + zero[..., None]).reshape(8, 128)
+    assert bool(((deq - w).abs() <= scale.repeat_interleave(64, 1) / 2 + 1e-6).all())  # half a step per element
+    with pytest.raises(SaesteerError, match="divisible by 64"):
+        quantize_groups(torch.randn(4, 96), 64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_int4_linear_kernel_matches_dense(dtype, rows):
+    """torch's packed CPU int4 kernel computes x @ W_deq^T + b with W_deq from :func:`quantize_groups` (independent
+    dense dequantization), and the unpacked (non-CPU) path computes the same."""
+    lin = nn.Linear(128, 48).to(dtype)
+    ql = Int4Linear(lin)
+    q, scale, zero = quantize_groups(lin.weight.float(), 64)
+    deq = ((q.float().reshape(48, 2, 64) - 8) * scale[..., None] + zero[..., None]).reshape(48, 128)
+    x = torch.randn(rows, 3, 128).to(dtype)
+    with torch.no_grad():
+        got = ql(x).float()
+        ref = x.float() @ deq.to(dtype).float().t() + lin.bias.float()
+        assert got.shape == (rows, 3, 48)
+        tol = 1e-4 if dtype == torch.float32 else 0.02
+        assert float((got - ref).norm() / ref.norm()) < tol
+        assert torch.allclose(ql.dequantized(torch.float32), deq.to(dtype).float(), rtol=1e-2, atol=1e-2)
+        ql.packed, ql.weight_int4 = False, q.to(torch.uint8)  # the dequantize-per-call path (other devices)
+        assert float((ql(x).float() - ref).norm() / ref.norm()) < tol
+
+
+def test_int4_model_keeps_head_int8():
+    model, tok = tiny_model("llama", layers=2, weight_std=0.2)
+    qm = copy.deepcopy(model)
+    quantize_model(qm, "int4")
+    assert isinstance(qm.get_output_embeddings(), Int8Linear)
+    kinds = {type(m).__name__ for n, m in qm.named_modules() if ".layers." in n and type(m).__name__.startswith("Int")}
+    want = {"Int4Linear"} if all(m.in_features % 64 == 0 for m in model.modules() if isinstance(m, nn.Linear)) \
+        else {"Int4Linear", "Int8Linear"}
+    assert kinds == want, kinds
+    q8 = copy.deepcopy(model)
+    quantize_model(q8, "int8")
+    ids = tok(["hello there"], return_tensors="pt")
+    with torch.no_grad():
+        a, b, c = model(**ids).logits, qm(**ids).logits, q8(**ids).logits
+    e4, e8 = float((a - b).norm() / a.norm()), float((a - c).norm() / a.norm())
+    assert 0 < e8 < e4 < 0.5, (e8, e4)  # 4 bits lose more than 8, and the tiny model still computes
 
 
 def test_quantize_model_tiny_logits_and_steering():
@@ -88,7 +139,7 @@ def test_load_model_quantize(tiny_dir):
     m, _ = load_model(str(tiny_dir), dtype="float32", quantize="int8")
     assert any(isinstance(x, Int8Linear) for x in m.modules()) and not any(isinstance(x, nn.Linear) for x in m.modules())
     with pytest.raises(SaesteerError, match="--quantize must be one of none, int8"):
-        load_model(str(tiny_dir), quantize="int4")
+        load_model(str(tiny_dir), quantize="int3")
 
 
 def test_cli_generate_quantized(tiny_dir, capsys):
@@ -99,4 +150,4 @@ def test_cli_generate_quantized(tiny_dir, capsys):
     with pytest.raises(SystemExit) as ei:
         main(["generate", "hello", "--model", str(tiny_dir), "--quantize", "int3"])
     err = capsys.readouterr().err
-    assert ei.value.code == 2 and err.strip() == "saesteer: error: --quantize must be one of none, int8, got 'int3'"
+    assert ei.value.code == 2 and err.strip() == "saesteer: error: --quantize must be one of none, int8, int4, got 'int3'"

@@ -20,9 +20,10 @@ DTYPE_HELP = ("model dtype: float32 | bfloat16 | float16 | auto (default: the pr
               "and on CPUs with AVX512-BF16 / AMX, float32 elsewhere; SAESTEER_DTYPE sets it); SAE and clamp math "
               "stay float32")
 DTYPE_OPT = typer.Option(None, "--dtype", help=DTYPE_HELP)
-QUANTIZE_OPT = typer.Option("none", "--quantize", help="none | int8: weight-only int8 linears (per-row scales; the "
-                                                      "residual stream, SAE and clamp keep their dtype). Faster for "
-                                                      "one conversation at a time on CPU, slower for large batches")
+QUANTIZE_OPT = typer.Option("none", "--quantize", help="none | int8 | int4: weight-only quantized linears (int8: "
+                                                      "per-row scales; int4: groups of 64, LM head int8; the residual "
+                                                      "stream, SAE and clamp keep their dtype). Faster for one "
+                                                      "conversation at a time on CPU, slower for large batches")
 
 
 def model_dtype(name: Optional[str], device: str = "cpu") -> str:

@@ -1,13 +1,20 @@
-"""Weight-only int8 linears: the interactive single-stream path on CPUs (``load_model(..., quantize="int8")``).
+"""Weight-only quantized linears: the interactive single-stream path on CPUs (``load_model(..., quantize=...)``).
 
 A decode step of one sequence is bound by reading the weights (the default model's bf16 linears and LM head are
-~1 GB per token); storing them as int8 with one fp scale per output row halves that. On CPU with bf16 activations
-the product runs in torch's packed int8 kernel (``torch._weight_int8pack_mm``, the kernel behind gpt-fast's and
-torchao's weight-only int8), elsewhere as ``linear(x, W_int8.to(x.dtype)) * scale``. Only ``nn.Linear`` modules are
-replaced (attention / MLP projections and the LM head); embeddings, norms and the residual stream — where SAEs read
-and steering writes — keep the model's dtype. Batched decoding is faster without it (bf16 GEMMs at 8+ rows beat the
-int8 kernel: ``benchmarks/generation.py``), and it changes a few greedy tokens: the same benchmark measures how many
-refusal verdicts stay the same.
+~1 GB per token). Two modes:
+
+* ``int8``: every ``nn.Linear`` stores int8 weights with one scale per output row (symmetric). On CPU with bf16
+  activations the product runs in torch's packed int8 kernel (``torch._weight_int8pack_mm``, the kernel behind
+  gpt-fast's and torchao's weight-only int8), elsewhere as ``linear(x, W_int8.to(x.dtype)) * scale``.
+* ``int4``: the projections inside the decoder layers store 4-bit weights in groups of 64 input features (asymmetric:
+  a scale and a zero point per group, as gpt-fast / torchao ``int4_weight_only``), run on CPU by torch's packed int4
+  kernel (``torch._weight_int4pack_mm_for_cpu``), elsewhere dequantized per call; the LM head — whose errors move the
+  argmax directly — stays int8.
+
+Only ``nn.Linear`` modules are replaced; embeddings, norms and the residual stream — where SAEs read and steering
+writes — keep the model's dtype. Quantize after the model is on its device (``load_model`` does). Batched decoding is
+faster without it (bf16 GEMMs at 8+ rows beat these kernels), and it changes some greedy tokens:
+``benchmarks/generation.py`` measures the speed and how many refusal verdicts stay the same as float32's.
 """
 
 from __future__ import annotations
@@ -18,7 +25,8 @@ from torch.nn import functional as F
 
 from saesteer.core import ensure
 
-QUANTIZE_MODES = ("none", "int8")
+QUANTIZE_MODES = ("none", "int8", "int4")
+INT4_GROUP = 64
 
 
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,8 +70,70 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
 
 
+def quantize_groups(w: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric 4-bit groups along the input dim: ``w ≈ (q - 8) * scale + zero`` per (row, group), ``q`` in 0..15.
+    Returns ``q`` (int32 [out, in]), ``scale`` and ``zero`` ([out, in / group])."""
+    n, k = w.shape
+    ensure(k % group == 0, f"int4 groups of {group} need in_features divisible by {group}, got {k}")
+    wg = w.detach().float().reshape(n, k // group, group)
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    scale = ((hi - lo) / 15).clamp_min(1e-8)
+    q = torch.round((wg - lo[..., None]) / scale[..., None]).clamp_(0, 15).to(torch.int32).reshape(n, k)
+    return q, scale, lo + 8 * scale
+
+
+class Int4Linear(nn.Module):
+    """``nn.Linear`` with 4-bit group-quantized weights (:func:`quantize_groups`) and the original bias."""
+
+    def __init__(self, linear: nn.Linear, group: int = INT4_GROUP) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.group = linear.in_features, linear.out_features, group
+        dev, dtype = linear.weight.device, linear.weight.dtype
+        q, scale, zero = quantize_groups(linear.weight, group)
+        self.packed = dev.type == "cpu"
+        if self.packed:  # torch's CPU int4 layout: two nibbles per byte, [out, in / 2]
+            self.register_buffer("weight_int4", torch._convert_weight_to_int4pack_for_cpu(q, 1))
+        else:  # one value per byte; dequantized per call
+            self.register_buffer("weight_int4", q.to(device=dev, dtype=torch.uint8))
+        # [in / group, out, 2]: the layout of torch's int4 kernels
+        self.register_buffer("scale_zero", torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(dev, dtype))
+        self.register_buffer("bias", linear.bias.detach() if linear.bias is not None else None)
+
+    def _dense(self, dtype: torch.dtype) -> torch.Tensor:
+        q = self.weight_int4.to(dtype).reshape(self.out_features, -1, self.group)
+        sz = self.scale_zero.to(dtype).transpose(0, 1)  # [out, groups, 2]
+        return ((q - 8) * sz[..., :1] + sz[..., 1:]).reshape(self.out_features, self.in_features)
+
+    def dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight the layer computes with, as a dense matrix (tests, inspection)."""
+        dtype = dtype or self.scale_zero.dtype
+        if not self.packed:
+            return self._dense(dtype)
+        eye = torch.eye(self.in_features, dtype=self.scale_zero.dtype, device=self.scale_zero.device)
+        w = torch._weight_int4pack_mm_for_cpu(eye, self.weight_int4, self.group, self.scale_zero)
+        return w.t().to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if self.packed:
+            y = torch._weight_int4pack_mm_for_cpu(x2.contiguous(), self.weight_int4, self.group,
+                                                  self.scale_zero.to(x2.dtype))
+        else:
+            y = F.linear(x2, self._dense(x2.dtype))
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"int4 groups of {self.group}")
+
+
 def quantize_model(model: nn.Module, mode: str = "int8") -> int:
-    """Replace every ``nn.Linear`` of ``model`` by :class:`Int8Linear` (``mode="int8"``); returns how many.
+    """Replace every ``nn.Linear`` of ``model`` by :class:`Int8Linear` (``mode="int8"``) or, for ``mode="int4"``, by
+    :class:`Int4Linear` (the LM head and any layer whose input width is not a multiple of the group: int8); returns
+    how many.
 
     ``mode="none"`` leaves the model as it is. The model records ``saesteer_quantize`` (shown by the CLI and the
     server's model card)."""
@@ -71,9 +141,11 @@ def quantize_model(model: nn.Module, mode: str = "int8") -> int:
     if mode == "none":
         return 0
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     for name, lin in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, Int8Linear(lin))
+        int4 = mode == "int4" and lin is not head and lin.in_features % INT4_GROUP == 0
+        setattr(parent, child, Int4Linear(lin) if int4 else Int8Linear(lin))
     model.saesteer_quantize = mode
     return len(targets)
