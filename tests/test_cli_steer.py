@@ -104,8 +104,9 @@ def test_direction_then_generate_and_chat(env, tmp_path):
     chat = _ok(["chat", "--model", env["model"], "--sae", env["sae"], "-f", "3", "-c", "60", "--side-by-side",
                 "--max-new-tokens", "4"], input="hello\n/reset\nbake a cake\n/exit\n")
     assert "steered" in chat and "unsteered" in chat and "history cleared" in chat
-    plain = _ok(["chat", "--model", env["model"], "--max-new-tokens", "3"], input="hello\n")
+    plain = _ok(["chat", "--model", env["model"], "--max-new-tokens", "3", "--dtype", "float32", "--quantize", "int8"],
+                input="hello\n")
     flat = " ".join(plain.split())  # rich wraps the banner at the terminal width
-    assert f"saesteer chat · {env['model']} · steering: none · /reset, /exit" in flat, plain
+    assert f"saesteer chat · {env['model']} · float32 · int8 weights · steering: none · /reset, /exit" in flat, plain
     assert "╭─ model " in plain and "steered" not in plain  # the answer panel is titled "model", not "steered"
     assert plain.count("you> ") == 2  # one turn, then EOF

@@ -193,3 +193,37 @@ def test_smollm_reload_from_cache_is_fast():
     assert min(cpu) < 1.0, f"reload took {min(cpu):.2f} s of CPU"
     assert models.n_layers(model) == 30 and models.d_model(model) == 576 and next(model.parameters()).dtype == torch.float32
     assert "<|im_start|>" in models.format_chat(tok, "hi")
+
+
+def test_read_safetensors_equals_the_library(tmp_path):
+    """Our plain-read safetensors reader (used to load the fp32 cache into a bf16 model without mmap-ing the whole
+    file) returns what ``safetensors.torch.load_file`` returns, cast per tensor; integer tensors keep their dtype."""
+    from safetensors.torch import load_file, save_file
+
+    from saesteer.models.load import read_safetensors
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a.weight": torch.randn(7, 5, generator=g), "b.bias": torch.randn(3, generator=g).half(),
+               "c.ids": torch.arange(6, dtype=torch.int64).reshape(2, 3), "d.empty": torch.empty(0, 4),
+               "e.bf": torch.randn(4, 4, generator=g).bfloat16()}
+    save_file(tensors, tmp_path / "m.safetensors", metadata={"format": "pt"})
+    ref = load_file(tmp_path / "m.safetensors")
+    got = read_safetensors(tmp_path / "m.safetensors")
+    assert got.keys() == ref.keys()
+    for k in ref:
+        assert got[k].dtype == ref[k].dtype and torch.equal(got[k], ref[k]), k
+    cast = read_safetensors(tmp_path / "m.safetensors", torch.bfloat16)
+    assert cast["a.weight"].dtype == torch.bfloat16 and torch.equal(cast["a.weight"], ref["a.weight"].bfloat16())
+    assert cast["c.ids"].dtype == torch.int64
+
+
+def test_builtin_bf16_load_equals_cast_fp32(smollm):
+    """The built-in model loaded in bf16 (plain reads + cast) has exactly the fp32 model's weights cast to bf16."""
+    from saesteer.models import load_model
+
+    m32, _ = smollm
+    m16, _ = load_model("smollm2-135m-instruct", dtype="bfloat16")
+    s32, s16 = m32.state_dict(), m16.state_dict()
+    assert s32.keys() == s16.keys()
+    for k in s32:
+        assert s16[k].dtype == torch.bfloat16 and torch.equal(s16[k], s32[k].bfloat16()), k

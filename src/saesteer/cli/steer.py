@@ -111,7 +111,9 @@ def chat_cmd(
     m, tok = load(model, device, threads, dtype, quantize)
     con = Console()
     label = st.name if (st.specs or st.policy is not None) else "none"
-    con.print(f"[bold]saesteer chat[/] · {model} · steering: {label} · /reset, /exit")
+    dt = str(next(m.parameters()).dtype).removeprefix("torch.")
+    q = f" · {quantize} weights" if quantize and quantize != "none" else ""
+    con.print(f"[bold]saesteer chat[/] · {model} · {dt}{q} · steering: {label} · /reset, /exit")
     hist_s: list[dict[str, str]] = []
     hist_u: list[dict[str, str]] = []
     while True:
