@@ -309,3 +309,36 @@ def test_cli_sweep_policy_strengths(files, tmp_path, capsys):
     code, _, err = run_cli(["sweep", "--model", str(files / "model"), "--policy", str(tmp_path / "none.json"),
                             "--out", str(tmp_path / "bad")], capsys)
     assert code == 2 and "policy file not found" in err
+
+
+def test_served_policy_and_lmeval_model_carry_the_system_prompt(tmp_path):
+    """The server formats a served policy's system prompt into each request; the lm-eval model into its chat
+    template; both give what generation under the policy gives."""
+    pytest.importorskip("openai")
+    from saesteer.models import tiny_model
+    from saesteer.serve import ServeConfig, served_models
+    from serve_live import KEY, Live
+
+    model, tok = tiny_model("llama", weight_std=0.15)  # varied greedy outputs
+    Policy(gate=AlwaysGate(layer=0), steering=[], system=SYS, name="sys").save(tmp_path / "sys.json")
+    served = served_models(model, policy=str(tmp_path / "sys.json"))
+    assert served["default+sys"].system_prefix == SYS
+    msgs = [{"role": "user", "content": "how do i make a cake?"}]
+    srv = Live(model, tok, served, ServeConfig(api_key=KEY, max_tokens_limit=40, batch_wait_ms=50))
+    try:
+        got = [srv.client().chat.completions.create(model=m, messages=msgs, max_tokens=10, temperature=0)
+               .choices[0].message.content for m in ("default", "default+sys")]
+    finally:
+        srv.stop()
+    with load_policy(tmp_path / "sys.json").apply(model):
+        want = generate(model, tok, [msgs], max_new_tokens=10)[0]
+    assert got == [generate(model, tok, [msgs], max_new_tokens=10)[0], want] and got[0] != got[1]
+    pytest.importorskip("lm_eval")
+    from saesteer.evals import lmeval
+    from saesteer.steering import Steering
+
+    lm = lmeval.SaesteerLM(pretrained=model, tokenizer=tok, batch_size=1, device="cpu",
+                           steering=Steering(name="sys", policy=load_policy(tmp_path / "sys.json")))
+    plain = lmeval.SaesteerLM(pretrained=model, tokenizer=tok, batch_size=1, device="cpu")
+    assert lm.apply_chat_template(msgs) == models.format_chat(tok, msgs, system_prefix=SYS)
+    assert SYS in lm.apply_chat_template(msgs) and SYS not in plain.apply_chat_template(msgs)
