@@ -216,8 +216,10 @@ def _two_sided(model, tok):
 
 
 @torch.no_grad()
-def test_two_sided_policy_rows_match_each_sides_steering_alone(tiny, tmp_path):
-    model, tok = tiny
+def test_two_sided_policy_rows_match_each_sides_steering_alone(tmp_path):
+    from saesteer.models import tiny_model
+
+    model, tok = tiny_model("llama", weight_std=0.15)  # varied greedy outputs: rows stop at different steps
     gate, low, sides = _two_sided(model, tok)
     spec = [SteeringSpec(kind="add", direction="unused", layer=1)]
     low_spec = [SteeringSpec(kind="ablate_direction", direction="unused")]
@@ -244,17 +246,19 @@ def test_two_sided_policy_rows_match_each_sides_steering_alone(tiny, tmp_path):
         else:
             assert torch.allclose(out[i], ref[i], atol=1e-5) and not torch.allclose(out[i], base[i], atol=1e-3)
     # batched generation (rows reordered by length, dropped as they stop): each row as its own steering alone
-    cfg = GenerationConfig(max_new_tokens=6, batch_size=4, eos_ids=[], stop_when=lambda t: len(t) > 12,
+    cfg = GenerationConfig(max_new_tokens=8, batch_size=4, eos_ids=[], stop_when=lambda t: len(t) > 8,
                            share_prefix=False)  # the same arithmetic as the gated run, row for row
     with pol.apply(model, [hi_iv()], [lo_iv()]) as run:
-        gated = generate(model, tok, PROMPTS, cfg)
+        gated = generate_rows(model, tok, PROMPTS, cfg)
         keyed = run.by_key()
     assert [keyed[prompt_key(x)]["side"] for x in encode_prompts(tok, PROMPTS)] == sides
+    assert len({len(r.out_ids) for r in gated}) > 1  # rows left the batch at different steps (select_rows)
     refs = {None: generate(model, tok, PROMPTS, cfg)}
     for side, make in (("high", hi_iv), ("low", lo_iv)):
         with steer(model, [make()]):
             refs[side] = generate(model, tok, PROMPTS, cfg)
-    assert gated == [refs[s][i] for i, s in enumerate(sides)]
+    assert [r.text for r in gated] == [refs[s][i] for i, s in enumerate(sides)]
+    assert all(refs[s][i] != refs[None][i] for i, s in enumerate(sides) if s)  # each side really changes its row
     # the file keeps both sides and the low threshold
     pol.save(tmp_path / "two.json")
     back = load_policy(tmp_path / "two.json")
