@@ -27,6 +27,16 @@ def split_list(values: list[str] | str | None) -> list[str]:
     return [v.strip() for x in items for v in str(x).split(",") if v.strip()]
 
 
+def split_floats(values: list[str] | str | None, what: str) -> list[float]:
+    """:func:`split_list` as numbers; a bad one is a one-line error naming the option."""
+    from saesteer.core import SaesteerError
+
+    try:
+        return [float(v) for v in split_list(values)]
+    except ValueError:
+        raise SaesteerError(f"{what} must be comma-separated numbers, got {values!r}") from None
+
+
 def print_rates(title: str, rows: list[tuple[str, dict]], extra: str = "") -> None:
     """A rich table of rates with their k / n, 95 % interval and failed count."""
     from rich.console import Console

@@ -11,7 +11,7 @@ import typer
 from saesteer.core import check_output_path, ensure
 
 from ._app import app
-from .common import load, split_list
+from .common import load, split_floats, split_list
 from .options import (
     DEVICE_HELP,
     EXCLUDE_HELP,
@@ -32,8 +32,9 @@ def _abs(p: Optional[str]) -> Optional[str]:
     return str(Path(p).expanduser().resolve()) if p else p
 
 
-def _specs(steering: SteeringOptions, selection: Optional[Path]) -> list:
-    """The policy's own steering: the steering options, with feature / clamp from a features ``selection.json``."""
+def _specs(steering: SteeringOptions, selection: Optional[Path], required: bool = True) -> list:
+    """The policy's own steering: the steering options, with feature / clamp from a features ``selection.json``
+    (``required`` False: none is fine — a system-prompt or low-side-only policy)."""
     from saesteer.core import read_json
 
     if selection is not None:
@@ -43,7 +44,12 @@ def _specs(steering: SteeringOptions, selection: Optional[Path]) -> list:
         steering.feature = steering.feature or [str(int(sel["feature"]))]
         steering.clamp = steering.clamp or [str(float(sel["clamp"]))]
     specs = steering.specs()
-    ensure(len(specs) > 0, "no steering given: use --sae/--feature/--clamp, --selection, --direction or --spec")
+    ensure(len(specs) > 0 or not required, "no steering given: use --sae/--feature/--clamp, --selection, --direction, "
+           "--spec, --steer-low or --system-prompt")
+    return _absolute(specs)
+
+
+def _absolute(specs: list) -> list:
     for s in specs:  # policies are used from other folders: store absolute paths
         s.sae, s.direction = _abs(s.sae), _abs(s.direction)
     return specs
@@ -85,6 +91,18 @@ def fit_cmd(
                                      "Verdict: the request is'; generation never sees it"),
     chat_only: bool = typer.Option(True, "--chat-only/--any-text", help="never steer prompts that do not end with the "
                                    "chat template's post-instruction tokens (raw text the gate was not fitted on)"),
+    system_prompt: Optional[str] = typer.Option(None, help="a fixed system prompt the policy puts first in every chat "
+                                                "prompt; 'safety' = saesteer's SAFETY_SYSTEM_PROMPT (the system-prompt "
+                                                "baseline: --gate always with no steering)"),
+    steer_low: Optional[Path] = typer.Option(None, help="two-sided policy: steering spec JSON applied to prompts the "
+                                             "gate scores below its low threshold (e.g. an ablate_direction spec)"),
+    low_rate: float = typer.Option(0.02, help="two-sided policy: largest share of harmful val prompts steered low "
+                                   "(sets the low threshold)"),
+    match: Optional[str] = typer.Option(None, help="match the steering strength to a validation unsafe refusal: a "
+                                        "policy file (e.g. the unconditional clamp) or a rate in [0, 1]; searched on "
+                                        "the harmful --val prompts only"),
+    match_strengths: str = typer.Option("0.25,0.5,0.75,1,1.5,2,3,4,6,8", help="multipliers of the steering strength "
+                                        "tried by --match (for an add of alpha 1: the alphas)"),
     dtype: Optional[str] = DTYPE_OPT,
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
@@ -94,9 +112,16 @@ def fit_cmd(
     import dataclasses
 
     from saesteer.gating import PolicyFitConfig, fit_policy, policy_summary
+    from saesteer.steering import load_specs
 
-    specs = _specs(steering, selection)
+    low = _absolute(load_specs(steer_low)) if steer_low is not None else []
+    specs = _specs(steering, selection, required=not (low or (system_prompt or "").strip()))
     ensure(0.0 <= fpr <= 1.0, f"--fpr must be in [0, 1], got {fpr}")
+    if match is not None:
+        try:
+            ensure(0.0 <= float(match) <= 1.0, f"--match must be a policy file or a rate in [0, 1], got {match}")
+        except ValueError:
+            ensure(Path(match).exists(), f"--match policy file not found: {match}")
     kinds = split_list([gate])
     ensure(len(kinds) > 0, "--gate is empty")
     ensure(len(kinds) == 1 or "{gate}" in str(out), "several gates need --out with a {gate} placeholder, "
@@ -106,13 +131,20 @@ def fit_cmd(
                           strength=strength, train=split_list(train), val=split_list(val), heldout=split_list(heldout),
                           limit=limit or None, top_m=top_m, C=c, sae=_abs(str(gate_sae)) if gate_sae else None,
                           batch_size=batch_size, cache=str(cache) if cache else None, name=name or "", seed=seed,
-                          gate_model=gate_model, chat_only=chat_only, gate_suffix=gate_suffix)
+                          gate_model=gate_model, chat_only=chat_only, gate_suffix=gate_suffix,
+                          system=system_prompt, steering_low=low, low_rate=low_rate, match=match,
+                          match_strengths=split_floats(match_strengths, "--match-strengths"))
     m, tok = load(model, device, threads, dtype)
+    from saesteer.evals import refusal_rate
+
+    def rate(pol: Any, prompts: list) -> dict:  # the judge of --match: generation + prefix judge, batched
+        return refusal_rate(m, tok, pol, prompts, batch_size=batch_size)
+
     shared: dict = {}  # residuals collected once, shared by every gate kind
     for kind in kinds:
         path = Path(str(out).replace("{gate}", kind))
         kcfg = dataclasses.replace(cfg, gate=kind, name=(name or path.stem).replace("{gate}", kind))
-        pol = fit_policy(m, tok, kcfg, residuals=shared)
+        pol = fit_policy(m, tok, kcfg, residuals=shared, refusal_rate=rate)
         pol.save(path)
         _print_summary(policy_summary(pol))
         typer.echo(f"wrote {path}")

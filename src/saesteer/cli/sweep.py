@@ -10,18 +10,9 @@ import typer
 from saesteer.core import SaesteerError, check_output_path
 
 from ._app import app
-from .common import split_list
+from .common import split_floats, split_list
 from .options import DEVICE_HELP, THREADS_HELP, model_option
 from .presets import DTYPE_OPT
-
-
-def _floats(s: Optional[str], what: str) -> list[float]:
-    if s is None or not s.strip():
-        return []
-    try:
-        return [float(x) for x in s.split(",") if x.strip()]
-    except ValueError:
-        raise SaesteerError(f"{what} must be comma-separated numbers, got {s!r}") from None
 
 
 def _ints(s: Optional[str], what: str) -> list[int]:
@@ -47,6 +38,9 @@ def sweep_cmd(
     control_clamps: Optional[str] = typer.Option(None, help="control clamp values (default: the clamps except 0)"),
     direction: Optional[Path] = typer.Option(None, help="refusal-direction file for the baseline"),
     alphas: str = typer.Option("1,2", help="coefficients of the added direction"),
+    policy: Optional[Path] = typer.Option(None, help="policy file (`saesteer policy fit`) whose steering strength is "
+                                          "swept; its fitting prompts are left out"),
+    strengths: str = typer.Option("0.5,1,1.5,2", help="with --policy: multiples of the policy's steering strength"),
     unsafe: str = typer.Option("xstest-unsafe,advbench:test,jbb-harmful", help="sets where refusing is right"),
     safe: str = typer.Option("xstest-safe,jbb-benign", help="sets where refusing is wrong"),
     limit: Optional[int] = typer.Option(50, help="prompts per set (seeded)"),
@@ -72,9 +66,10 @@ def sweep_cmd(
         raise SaesteerError(f"SAE not found: {sae}")
     cfg = SweepConfig(
         out=str(out), model=model, sae=str(sae) if sae else None, features_dir=str(features_dir) if features_dir else None,
-        features=_ints(feature, "--feature"), clamps=_floats(clamps, "--clamps"), relative_clamps=_floats(relative, "--relative"),
-        control=control, control_clamps=_floats(control_clamps, "--control-clamps") if control_clamps else None,
-        direction=str(direction) if direction else None, alphas=_floats(alphas, "--alphas"),
+        features=_ints(feature, "--feature"), clamps=split_floats(clamps, "--clamps"), relative_clamps=split_floats(relative, "--relative"),
+        control=control, control_clamps=split_floats(control_clamps, "--control-clamps") if control_clamps else None,
+        direction=str(direction) if direction else None, alphas=split_floats(alphas, "--alphas"),
+        policy=str(policy) if policy else None, strengths=split_floats(strengths, "--strengths"),
         unsafe=split_list([unsafe]), safe=split_list([safe]), refusal_limit=limit, max_new_tokens=max_new_tokens,
         capability_tasks=split_list([capability]), capability_limit=cap_limit, gsm8k_limit=gsm8k_limit,
         mmlu_shots=mmlu_shots, batch_size=batch_size, seed=seed, device=device, model_dtype=dtype or "auto",

@@ -66,6 +66,7 @@ from .refusal import (  # noqa: F401
     generate_answers,
     load_subsets,
     rate_over_decided,
+    refusal_rate,
     run_refusal_eval,
     summarize,
     user_text,

@@ -18,7 +18,8 @@ model_args (all optional except ``pretrained``):
   ``feature=12+34,clamp=6+4`` (``+`` because the harness splits model_args on commas).
 - ``direction``, ``alpha``: add ``alpha`` × a refusal direction file (``saesteer direction``).
 - ``spec``: a steering-spec JSON file (``steering.load_specs``); ``layer`` overrides the steered layer.
-- ``policy``: a conditional-steering policy file (``policy.load_policy``). HFLM right-pads log-likelihood batches
+- ``policy``: a conditional-steering policy file (``policy.load_policy``); its system prompt, if any, is put first in
+  every ``--apply_chat_template`` prompt (raw harness contexts have no system message to carry it). HFLM right-pads log-likelihood batches
   without an attention mask, so a policy gate that reads the last prompt positions is exact only with
   ``--batch_size 1``, which is therefore required with ``policy``.
 - ``dtype`` (default float32) and the usual HFLM arguments (``batch_size``, ``max_length``, ...).
@@ -103,6 +104,16 @@ class SaesteerLM(HFLM):
         self.steering_calls += 1
         with steering_context(self.model, self.steering):
             yield
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """HFLM's chat formatting (``--apply_chat_template``) with a policy's system prompt put first, as every
+        saesteer eval does under that policy (``models.to_messages(system_prefix=...)``)."""
+        prefix = getattr(getattr(self.steering, "policy", None), "system", None)
+        if prefix:
+            from saesteer.models import to_messages
+
+            chat_history = to_messages(chat_history, system_prefix=prefix)
+        return super().apply_chat_template(chat_history, add_generation_prompt)
 
     def _model_call(self, inps: Any, attn_mask: Any = None, labels: Any = None) -> Any:
         with self._steered():

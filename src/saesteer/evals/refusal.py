@@ -146,6 +146,24 @@ def generate_answers(
     return answers, gates
 
 
+def refusal_rate(model: Any, tok: Any, steering: Any, prompts: Sequence[Any], max_new_tokens: int = 24,
+                 batch_size: int = 16, judge: Any = None) -> dict[str, Any]:
+    """``rate_summary`` of refusals among the greedy answers to ``prompts`` (strings or message lists) under
+    ``steering`` — the prefix judge with early stop unless ``judge`` is given; undecided answers are left out of n.
+    ``saesteer policy fit --match`` measures candidate strengths with it (``gating.fit_policy(refusal_rate=...)``)."""
+    from .judges import PrefixJudge
+
+    judge = judge or PrefixJudge()
+    stop = judge.stop_when if isinstance(judge, PrefixJudge) else None
+    answers, _ = generate_answers(model, tok, list(prompts), as_steering(steering), max_new_tokens, batch_size,
+                                  stop_when=stop)
+    users = [p if isinstance(p, str) else next((m["content"] for m in reversed(p) if m.get("role") == "user"),
+                                               p[-1]["content"]) for p in prompts]
+    labels = [v.label for v in judge.judge(users, answers)]
+    decided = [bool(x) for x in labels if x is not None]
+    return rate_summary(sum(decided), len(decided))
+
+
 def _jsonable(d: Any) -> Any:
     if dataclasses.is_dataclass(d) and not isinstance(d, type):
         return dataclasses.asdict(d)

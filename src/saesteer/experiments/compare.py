@@ -97,10 +97,11 @@ def policy_conditions(cfg: CompareConfig) -> list[dict[str, Any]]:
         conds.append({"condition": "unsteered", "gate": "none", "steer": "", "policy": None})
     for path in cfg.policies:
         pol = load_policy(path)
-        from saesteer.steering import spec_name
+        from saesteer.gating import policy_label
 
-        conds.append({"condition": pol.name, "gate": pol.gate.kind, "steer": " + ".join(spec_name(s) for s in pol.steering),
-                      "policy": pol, "path": str(path)})
+        # the label names a system prompt and a two-sided policy's low side too ("system prompt + clamp ... | low: ...")
+        conds.append({"condition": pol.name, "gate": pol.gate.kind, "steer": policy_label(pol), "policy": pol,
+                      "path": str(path)})
     names = [c["condition"] for c in conds]
     dup = sorted({n for n in names if names.count(n) > 1})
     ensure(not dup, f"duplicate condition names {dup}: give policies distinct names (policy fit --name)")
@@ -302,7 +303,8 @@ def goals(rows: Sequence[dict]) -> dict[str, Any]:
     conds = list(dict.fromkeys(r["condition"] for r in rows))
     info = {c: next(r for r in rows if r["condition"] == c) for c in conds}
     base = "unsteered" if "unsteered" in conds else None
-    unc = next((c for c in conds if info[c].get("gate") == "always" and "clamp" in str(info[c].get("steer"))), None)
+    unc = next((c for c in conds if info[c].get("gate") == "always" and "clamp" in str(info[c].get("steer"))
+                and "system prompt" not in str(info[c].get("steer"))), None)  # the plain clamp, not a baseline
     out: dict[str, Any] = {"baseline": base, "unconditional": unc, "conditions": {}}
     if base is None:
         return out

@@ -48,7 +48,8 @@ def load_run(run_dir: str | Path) -> tuple[list[dict], dict]:
 def conditions(rows: list[dict]) -> list[dict]:
     seen: dict[str, dict] = {}
     for r in rows:
-        seen.setdefault(r["condition"], {k: r.get(k) for k in ("condition", "kind", "feature", "clamp", "clamp_from", "alpha")})
+        seen.setdefault(r["condition"], {k: r.get(k) for k in ("condition", "kind", "feature", "clamp", "clamp_from", "alpha",
+                                                             "strength")})
     return list(seen.values())
 
 
@@ -90,7 +91,8 @@ def plot_tradeoff(rows: list[dict]) -> bytes | None:
         ax.errorbar(s["rate"], u["rate"], xerr=_err(s), yerr=_err(u), fmt="o", capsize=3,
                     color=COLORS.get(c["kind"], "#9467bd"), alpha=0.85)
         label = "unsteered" if c["kind"] == "unsteered" else ("ctrl " if c["kind"] == "control" else "") + (
-            f"{c['clamp']:g}" if c.get("clamp") is not None else f"x{c['alpha']:g}" if c.get("alpha") is not None else "")
+            f"{c['clamp']:g}" if c.get("clamp") is not None else f"x{c['alpha']:g}" if c.get("alpha") is not None
+            else f"policy x{c['strength']:g}" if c.get("strength") is not None else "")
         ax.annotate(label, (s["rate"], u["rate"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
     for kind, col in COLORS.items():
         if any(c["kind"] == kind for c in conds):

@@ -3,7 +3,9 @@
 Conditions (in this order): the unsteered baseline; each swept feature at each absolute clamp value and at each
 multiple of the feature's max activation (``ranking.json``'s ``max_act`` from ``saesteer features``); the control
 feature (a live latent unrelated to refusal, the paper's control) at the same clamp values; the refusal-direction
-baseline (Arditi et al.) at each ``alpha``. For each condition:
+baseline (Arditi et al.) at each ``alpha``; a policy file (``policy``: a gated clamp, a system prompt + clamp, a
+two-sided policy, ...) at each multiple of its steering strength (``strengths``, :meth:`Policy.with_strength`; the
+prompts the policy was fitted on are left out of the refusal eval). For each condition:
 
 - refusal on the unsafe sets and over-refusal on the safe sets (:func:`saesteer.evals.refusal.run_refusal_eval`,
   prefix judge; prompts used to choose the feature, listed in ``selection.json``, are left out),
@@ -31,7 +33,7 @@ from saesteer.models import DEFAULT_MODEL
 from .results import read_results, slug
 
 EVAL_KEYS = ("model", "sae", "unsafe", "safe", "refusal_limit", "max_new_tokens", "capability_tasks",
-             "capability_limit", "gsm8k_limit", "mmlu_shots", "seed")
+             "capability_limit", "gsm8k_limit", "mmlu_shots", "seed", "policy")
 
 
 @dataclass
@@ -64,6 +66,10 @@ class SweepConfig:
     """Refusal-direction file (`saesteer direction`) for the baseline; None = no direction conditions."""
     alphas: list[float] = field(default_factory=lambda: [1.0, 2.0])
     """Coefficients of the added direction."""
+    policy: str | None = None
+    """A policy file (``saesteer policy fit``) whose steering strength is swept; None = no policy conditions."""
+    strengths: list[float] = field(default_factory=lambda: [0.5, 1.0, 1.5, 2.0])
+    """Multiples of the policy's steering strength (clamp values, an add's alpha), one condition each."""
     unsafe: list[str] = field(default_factory=lambda: ["xstest-unsafe", "advbench:test", "jbb-harmful"])
     """Prompt sets where refusing is right (refusal rate)."""
     safe: list[str] = field(default_factory=lambda: ["xstest-safe", "jbb-benign"])
@@ -138,25 +144,48 @@ def plan_conditions(cfg: SweepConfig) -> list[dict[str, Any]]:
         ensure(Path(cfg.direction).exists(), f"direction file not found: {cfg.direction}")
         conds += [{"name": f"direction x{a:g}", "kind": "direction", "alpha": float(a),
                    "specs": [{"kind": "add", "direction": cfg.direction, "alpha": float(a)}]} for a in cfg.alphas]
+    if cfg.policy:
+        pol = _policy(cfg)
+        ensure(len(cfg.strengths) > 0, "--policy needs at least one strength multiplier (--strengths)")
+        for m in cfg.strengths:
+            pol.with_strength(float(m))  # fails here on a policy without a strength (e.g. a system prompt only)
+        conds += [{"name": f"{pol.name} x{m:g}", "kind": "policy", "strength": float(m), "gate": pol.gate.kind,
+                   "policy": cfg.policy, "specs": []} for m in cfg.strengths]
     names = [c["name"] for c in conds]
     ensure(len(set(names)) == len(names), "duplicate sweep conditions (repeated clamp values?)")
     return conds
 
 
+def _policy(cfg: SweepConfig) -> Any:
+    from saesteer.gating import load_policy
+
+    ensure(Path(str(cfg.policy)).exists(), f"policy file not found: {cfg.policy}")
+    return load_policy(str(cfg.policy))
+
+
 def excluded_ids(cfg: SweepConfig) -> list[str]:
-    """``<eval set>/<id>`` for every prompt that selection.json says was used to pick the feature."""
+    """``<eval set>/<id>`` for every prompt that selection.json says was used to pick the feature, and every prompt
+    the swept policy was fitted or calibrated on (its ``meta.used_prompts``)."""
     sel, _ = _features_info(cfg)
     used = [r for rs in (sel.get("prompts_used") or {}).values() for r in rs]
 
     def base(spec: str) -> str:
         return re.sub(r"-(un)?safe$", "", spec.split(":")[0])
 
-    return sorted({f"{s}/{r['id']}" for r in used for s in cfg.unsafe + cfg.safe if base(str(r.get("spec", ""))) == base(s)})
+    out = {f"{s}/{r['id']}" for r in used for s in cfg.unsafe + cfg.safe if base(str(r.get("spec", ""))) == base(s)}
+    keys = set(_policy(cfg).meta.get("used_prompts") or []) if cfg.policy else set()
+    if keys:
+        from saesteer.data import load_prompts
+        from saesteer.gating import text_key
+
+        out |= {f"{s}/{it.id}" for s in cfg.unsafe + cfg.safe for it in load_prompts(s)
+                if text_key(it.messages or it.prompt) in keys}
+    return sorted(out)
 
 
 def condition_rows(cond: dict, refusal: dict | None, capability: dict | None, unsafe: list[str]) -> list[dict]:
     """Results-table rows of one condition from the refusal summary and the capability summaries."""
-    base = {k: cond.get(k) for k in ("kind", "feature", "clamp", "clamp_from", "alpha")}
+    base = {k: cond.get(k) for k in ("kind", "feature", "clamp", "clamp_from", "alpha", "strength")}
     base["condition"] = cond["name"]
     unsafe_names = {s.replace(":", "-") for s in unsafe}
     rows = []
@@ -212,12 +241,18 @@ def run_sweep(cfg: SweepConfig, model: Any = None, tok: Any = None,
     from saesteer.steering import build_all, steer
 
     cache: dict = {}
+    steerings: dict[str, Any] = {}
     for cond in todo:  # fail fast on an SAE / direction that does not fit the model, before any generation
         specs = [SteeringSpec.from_dict(s) for s in cond["specs"]]
         for s in specs:
             s.build(model, cache)
         with steer(model, build_all(specs, model)):
             pass
+        pol = None
+        if cond.get("policy"):
+            pol = _policy(cfg).with_strength(cond["strength"], name=cond["name"])
+            pol.check(model, pol.build(model, cache) + pol.build_low(model, cache))
+        steerings[cond["name"]] = Steering(name=cond["name"], specs=specs, policy=pol)
     ecfg = dict(limit=cfg.refusal_limit, seed=cfg.seed, max_new_tokens=cfg.max_new_tokens,
                 batch_size=cfg.batch_size, exclude_ids=excl, progress=cfg.progress)
     tasks = tuple(cfg.capability_tasks)
@@ -226,7 +261,7 @@ def run_sweep(cfg: SweepConfig, model: Any = None, tok: Any = None,
         for cond in todo:
             t0 = time.perf_counter()
             bar.update(task, description=f"sweep: {cond['name']}")
-            st = Steering(name=cond["name"], specs=[SteeringSpec.from_dict(s) for s in cond["specs"]])
+            st = steerings[cond["name"]]
             cdir = out / "conditions" / slug(cond["name"])
             refusal = run_refusal_eval(model, tok, RefusalEvalConfig(
                 datasets=list(cfg.unsafe) + list(cfg.safe), out=str(cdir / "refusal"), **ecfg), steering=st)

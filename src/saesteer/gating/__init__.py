@@ -21,6 +21,7 @@ from .gates import (  # noqa: F401
     Gate,
     ProbeGate,
     SAEFeatureGate,
+    choose_low_threshold,
     choose_threshold,
     choose_threshold_per_set,
     collect_gate_inputs,
@@ -31,12 +32,14 @@ from .gates import (  # noqa: F401
 )
 from .policy import (  # noqa: F401
     FORMAT,
+    SAFETY_SYSTEM_PROMPT,
     VERSION,
     Policy,
     PolicyRun,
     check_same_tokenizer,
     load_gate_model,
     load_policy,
+    policy_label,
     policy_summary,
     prompt_key,
 )

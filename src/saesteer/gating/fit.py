@@ -6,17 +6,30 @@ as ``xstest`` work. A ``#LO:HI`` suffix keeps the fraction [LO, HI) of a seeded 
 harmful) can shape the gate while the rest of the set stays held out. Every prompt used is recorded in the policy's
 ``meta["used_prompts"]`` (short text hashes, :func:`text_key`) so that ``saesteer compare`` leaves them out of its
 evaluations.
+
+Baselines and two-sided policies fit here too:
+
+* ``system``: a fixed system prompt (:data:`~saesteer.gating.policy.SAFETY_SYSTEM_PROMPT`) carried by the policy,
+  alone (gate ``always``, no steering) or with steering; gate inputs are read with it in the prompt.
+* ``match``: the steering's strength (an ``add``'s alpha, clamp values) is searched over ``match_strengths``
+  multipliers so that its unconditional refusal on the *harmful validation* prompts is closest to a target — a rate,
+  or the validation refusal of a reference policy (the unconditional clamp): the refusal-direction baseline at the
+  clamp's strength. Refusal is measured by a ``refusal_rate`` callable (generation + judge, from
+  ``saesteer.evals.refusal_rate``; the gating stage cannot import the evals).
+* ``steering_low``: a two-sided policy; its low threshold is the largest whose share of harmful validation prompts
+  steered low is <= ``low_rate`` (:func:`~saesteer.gating.gates.choose_low_threshold`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -25,7 +38,7 @@ from saesteer import models
 from saesteer.core import SaesteerError, atomic_write_bytes, ensure, rate_summary
 from saesteer.steering import SteeringSpec, load_sae_cached
 
-from .policy import Policy, check_same_tokenizer, load_gate_model
+from .policy import SAFETY_SYSTEM_PROMPT, Policy, check_same_tokenizer, load_gate_model, load_policy
 
 
 def text_key(prompt: Any) -> str:
@@ -112,6 +125,20 @@ class PolicyFitConfig:
     chat_only: bool = True
     """Record the template's post-instruction token ids so that prompts without them (raw text) are never steered
     (the gate is fitted on those tokens only). False: gate every row on its last tokens."""
+    system: str | None = None
+    """A fixed system prompt the policy carries (``"safety"``: :data:`SAFETY_SYSTEM_PROMPT`); None: none. With no
+    steering at all the policy is the system-prompt baseline (gate ``always``)."""
+    steering_low: list[SteeringSpec] = field(default_factory=list)
+    """Two-sided policy: what to apply to prompts scored below the low threshold (e.g. ablate the refusal direction);
+    empty: one-sided."""
+    low_rate: float = 0.02
+    """Two-sided policy: largest share of the harmful validation prompts that may be steered low (sets the low
+    threshold)."""
+    match: str | None = None
+    """Match the steering's strength to a validation unsafe refusal: a rate in [0, 1], or a policy file whose refusal
+    on the same harmful validation prompts is the target (e.g. the unconditional clamp). None: keep the strength."""
+    match_strengths: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0])
+    """Multipliers of the steering's strength tried by ``match`` (an ``add`` of alpha 1: the alphas)."""
 
 
 def template_ids(tok: Any, positions: int) -> list[int]:
@@ -122,9 +149,10 @@ def template_ids(tok: Any, positions: int) -> list[int]:
 
 
 def gate_inputs_key(model_name: str, layer: int, positions: int, prompts: Sequence[Any],
-                    suffix_ids: Sequence[int] | None = None) -> str:
+                    suffix_ids: Sequence[int] | None = None, system: str | None = None) -> str:
     """Key of one collected gate-input tensor (``--cache`` files are ``gate_inputs_{key[:24]}.safetensors``)."""
     parts = [model_name, layer, positions, list(prompts)] + ([list(suffix_ids)] if suffix_ids else [])
+    parts += [{"system": system}] if system else []
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
@@ -162,6 +190,67 @@ def labelled_prompts(specs: Sequence[str], limit: int | None, seed: int, what: s
     return harm, safe, used
 
 
+def resolve_system(system: str | None) -> str | None:
+    """``"safety"`` → :data:`SAFETY_SYSTEM_PROMPT`; empty → None; any other text as is."""
+    if system is None or not system.strip():
+        return None
+    return SAFETY_SYSTEM_PROMPT if system.strip().lower() == "safety" else system
+
+
+RefusalRate = Callable[[Any, Sequence[Any]], dict[str, Any]]
+"""``refusal_rate(policy, prompts)`` → ``rate_summary`` (``k``, ``n``, ``rate``, ...) of the policy's answers to the
+prompts (e.g. :func:`saesteer.evals.refusal_rate` bound to a model, tokenizer and judge)."""
+
+
+def match_strength(rate_at: Callable[[float], dict[str, Any]], target: float,
+                   multipliers: Sequence[float]) -> tuple[float, list[dict[str, Any]]]:
+    """Try every multiplier (ascending) and return the one whose refusal rate is closest to ``target`` (ties: the
+    smaller multiplier, i.e. the gentler steering) and the table of tries ``[{multiplier, rate, k, n, gap}]``."""
+    ms = sorted({float(m) for m in multipliers})
+    ensure(len(ms) > 0 and all(math.isfinite(m) and m > 0 for m in ms),
+           f"match strengths must be positive numbers, got {list(multipliers)}")
+    ensure(0.0 <= target <= 1.0, f"the target refusal rate must be in [0, 1], got {target}")
+    table = []
+    for m in ms:
+        r = rate_at(m)
+        table.append({"multiplier": m, **{k: r.get(k) for k in ("rate", "k", "n")}, "gap": abs(r["rate"] - target)})
+    best = min(table, key=lambda t: (round(t["gap"], 12), t["multiplier"]))
+    return best["multiplier"], table
+
+
+def _match(model: nn.Module, cfg: PolicyFitConfig, layer: int, refusal_rate: RefusalRate | None, system: str | None,
+           harmful: list[Any]) -> tuple[list[SteeringSpec], dict[str, Any]]:
+    """The steering at the matched strength and how it was matched (``meta["match"]``): each candidate is the
+    steering at one multiplier, unconditional (with the policy's system prompt), answering ``harmful`` (the harmful
+    validation prompts, never test items)."""
+    from saesteer.steering import with_strength
+
+    from .gates import AlwaysGate
+
+    ensure(refusal_rate is not None, "matching a refusal rate needs a refusal_rate function (saesteer.evals.refusal_rate)")
+    ensure(len(cfg.steering) > 0, "--match needs steering whose strength can change (e.g. --direction)")
+    ensure(len(harmful) > 0, "--match needs harmful validation prompts (--val)")
+    info: dict[str, Any] = {"prompts": "harmful validation prompts", "n": len(harmful)}
+    try:
+        target = float(cfg.match)  # type: ignore[arg-type]
+        info["reference"] = None
+    except ValueError:
+        ref = load_policy(cfg.match)  # type: ignore[arg-type]
+        r = refusal_rate(ref, harmful)
+        target = float(r["rate"])
+        info.update(reference=str(Path(cfg.match).expanduser().resolve()), reference_name=ref.name,  # type: ignore[arg-type]
+                    reference_refusal={k: r.get(k) for k in ("rate", "k", "n")})
+
+    def rate_at(m: float) -> dict[str, Any]:
+        cand = Policy(gate=AlwaysGate(layer=layer), steering=[with_strength(s, m) for s in cfg.steering],
+                      name=f"x{m:g}", model=models.model_name(model), system=system)
+        return refusal_rate(cand, harmful)
+
+    best, table = match_strength(rate_at, target, cfg.match_strengths)
+    info.update(target=target, tried=table, multiplier=best)
+    return [with_strength(s, best) for s in cfg.steering], info
+
+
 def _per_set(used: list[dict], label: str, values: Sequence[float] | torch.Tensor) -> dict[str, Any]:
     """Split a pooled per-label sequence back into ``{spec: part}`` per set (sets without that label left out)."""
     out, cut = {}, 0
@@ -174,18 +263,28 @@ def _per_set(used: list[dict], label: str, values: Sequence[float] | torch.Tenso
 
 
 def fit_policy(model: nn.Module, tok: Any, cfg: PolicyFitConfig, progress: bool = True,
-               residuals: dict[str, torch.Tensor] | None = None) -> Policy:
+               residuals: dict[str, torch.Tensor] | None = None, refusal_rate: RefusalRate | None = None) -> Policy:
     """Fit the gate on ``cfg.train``, set its threshold on ``cfg.val`` (FPR cap), report ``cfg.heldout`` fire rates.
 
     ``residuals`` (a dict, filled on first use) shares the collected gate inputs between fits of several gate kinds
-    with the same data, layer and positions.
+    with the same data, layer and positions. ``refusal_rate`` measures refusal for ``cfg.match`` (see
+    :data:`RefusalRate`). A two-sided policy (``cfg.steering_low``) also gets its low threshold from the harmful
+    validation scores; ``cfg.system`` is carried by the policy and read by the gate.
     """
-    from .gates import collect_gate_inputs, make_gate, post_instruction_positions
+    from .gates import choose_low_threshold, collect_gate_inputs, make_gate, post_instruction_positions
 
-    ensure(len(cfg.steering) > 0, "fit_policy needs a steering spec (e.g. --sae/--feature/--clamp)")
+    system = resolve_system(cfg.system)
+    ensure(len(cfg.steering) > 0 or len(cfg.steering_low) > 0 or system is not None,
+           "fit_policy needs a steering spec (e.g. --sae/--feature/--clamp, --direction), a low side or a system prompt")
+    ensure(cfg.gate == "always" or cfg.steering or cfg.steering_low,
+           "a policy with only a system prompt is unconditional (the prompt is formatted before any gate reads it): "
+           "use --gate always")
+    ensure(not (cfg.gate == "always" and cfg.steering_low), "an unconditional policy (gate always) has no low side")
+    ensure(0.0 <= cfg.low_rate <= 1.0, f"the low-side rate must be in [0, 1], got {cfg.low_rate}")
     cache: dict[str, Any] = {}
     ivs = [iv for s in cfg.steering for iv in s.build(model, cache)]
-    first = min(L for iv in ivs for L in iv.layers(model))
+    low_ivs = [iv for s in cfg.steering_low for iv in s.build(model, cache)]
+    first = min((L for iv in ivs or low_ivs for L in iv.layers(model)), default=0)
     reader, gated_model = model, None
     if cfg.gate_model is not None and cfg.gate != "always":
         ensure(cfg.gate != "sae", "an sae gate reads the steered model's SAE: it cannot use a separate gate model")
@@ -204,7 +303,7 @@ def fit_policy(model: nn.Module, tok: Any, cfg: PolicyFitConfig, progress: bool 
     if cfg.gate in ("probe", "sae") and cfg.C is not None:
         kw["C"] = cfg.C
     if cfg.gate == "sae":
-        sae_path = cfg.sae or next((s.sae for s in cfg.steering if s.sae), None)
+        sae_path = cfg.sae or next((s.sae for s in cfg.steering + cfg.steering_low if s.sae), None)
         ensure(sae_path is not None, "an sae gate needs an SAE (--gate-sae or an SAE in the steering spec)")
         sae = load_sae_cached(sae_path, cache)
         kw.update(sae=sae, sae_path=str(Path(sae_path).expanduser().resolve()), top_m=cfg.top_m)
@@ -212,15 +311,21 @@ def fit_policy(model: nn.Module, tok: Any, cfg: PolicyFitConfig, progress: bool 
     meta: dict[str, Any] = {"fpr": cfg.fpr, "positions": P}
     pol = Policy(gate=gate, steering=list(cfg.steering), name=cfg.name or cfg.gate, model=models.model_name(model),
                  meta=meta, gate_model=gated_model, gate_suffix=cfg.gate_suffix or None, gate_suffix_ids=suffix_ids,
-                 template_ids=template_ids(tok, post_instruction_positions(tok)) if cfg.chat_only else None)
-    pol.check(model, ivs)
+                 template_ids=template_ids(tok, post_instruction_positions(tok)) if cfg.chat_only else None,
+                 system=system)
+    pol.check(model, ivs + low_ivs)
+    vh, vs, vused = labelled_prompts(cfg.val, cfg.limit, cfg.seed, "val") if cfg.match or cfg.gate != "always" \
+        else ([], [], [])
+    if cfg.match is not None:  # the strength whose harmful-validation refusal is closest to the target
+        pol.steering, meta["match"] = _match(model, cfg, models.check_layer(model, first), refusal_rate, system, vh)
+        meta["used_prompts"] = sorted({text_key(p) for p in vh})
     if cfg.gate == "always":
         return pol
 
     memo = residuals if residuals is not None else {}
 
     def inputs(prompts: list[Any], desc: str) -> torch.Tensor:
-        key = gate_inputs_key(models.model_name(reader), layer, P, prompts, suffix_ids)
+        key = gate_inputs_key(models.model_name(reader), layer, P, prompts, suffix_ids, system)
         if key in memo:
             return memo[key]
         f = gate_inputs_file(cfg.cache, key) if cfg.cache else None
@@ -230,7 +335,7 @@ def fit_policy(model: nn.Module, tok: Any, cfg: PolicyFitConfig, progress: bool 
             memo[key] = load_file(str(f))["h"]
         else:
             memo[key] = collect_gate_inputs(reader, tok, prompts, layer, P, cfg.batch_size, progress, desc,
-                                            suffix_ids=suffix_ids)
+                                            suffix_ids=suffix_ids, system_prefix=system)
             if f is not None:
                 from safetensors.torch import save
 
@@ -247,7 +352,6 @@ def fit_policy(model: nn.Module, tok: Any, cfg: PolicyFitConfig, progress: bool 
     gate.fit(inputs(th, "gate train harmful"), inputs(ts, "gate train harmless"), **weights)
     meta["train"] = {"sets": [{k: v for k, v in u.items() if k != "keys"} for u in used], "n_harmful": len(th),
                      "n_harmless": len(ts)}
-    vh, vs, vused = labelled_prompts(cfg.val, cfg.limit, cfg.seed, "val")
     ensure(len(vs) > 0, "validation sets hold no harmless prompts: the FPR cap needs benign scores")
     ensure(cfg.fpr_cap in ("pooled", "per-set"), f"fpr_cap must be pooled or per-set, got {cfg.fpr_cap!r}")
     hs = gate.score(inputs(vh, "gate val harmful")) if vh else None
@@ -256,16 +360,27 @@ def fit_policy(model: nn.Module, tok: Any, cfg: PolicyFitConfig, progress: bool 
     meta["val"] = {"sets": [{k: v for k, v in u.items() if k != "keys"} for u in vused],
                    **gate.calibrate(bs, hs, cfg.fpr, benign_sets=sets)}
     meta["used_prompts"] = sorted({k for u in used + vused for k in u["keys"]})
+    if cfg.steering_low:  # the low side: at most low_rate of the harmful val prompts below its threshold
+        ensure(hs is not None, "a two-sided policy needs harmful validation prompts (they set its low threshold)")
+        low = min(choose_low_threshold(hs, cfg.low_rate), gate.threshold)
+        meta["low"] = {"low_threshold": low, "target_rate": cfg.low_rate,
+                       "val_harmful_low": float((hs < low).double().mean()), "val_harmful_n": int(hs.numel()),
+                       "val_benign_low": float((bs < low).double().mean()), "val_benign_n": int(bs.numel())}
+        pol = dataclasses.replace(pol, steering_low=list(cfg.steering_low), low_threshold=low)
     meta["heldout"] = {}
     seen = set(meta["used_prompts"])
     for spec in cfg.heldout:
         items = [it for it in load_slice(spec, limit=cfg.limit, seed=cfg.seed)
                  if text_key(it.messages or it.prompt) not in seen]
         ensure(len(items) > 0, f"held-out set {spec!r} is empty (after leaving out the prompts used for fitting)")
-        _, fired, _ = gate.decide(inputs([it.messages or it.prompt for it in items], f"gate {spec}"))
+        h = inputs([it.messages or it.prompt for it in items], f"gate {spec}")
+        _, fired, _ = gate.decide(h)
+        below = gate.score(h) < pol.low_threshold if pol.low_threshold is not None else None
         labels = sorted({str(it.label) for it in items})
         for lab in labels:  # a mixed set (xstest) gets one fire rate per label: TPR on harmful, FPR on harmless
             sel = [i for i, it in enumerate(items) if str(it.label) == lab]
             name = spec if len(labels) == 1 else f"{spec}[{lab}]"
             meta["heldout"][name] = rate_summary(int(fired[sel].sum()), len(sel))
+            if below is not None:  # two-sided: how often the low side would fire there
+                meta.setdefault("heldout_low", {})[name] = rate_summary(int(below[sel].sum()), len(sel))
     return pol

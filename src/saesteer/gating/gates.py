@@ -53,6 +53,13 @@ def choose_threshold(benign_scores: Sequence[float] | torch.Tensor, fpr: float =
     return float(torch.sort(s, descending=True).values[k])
 
 
+def choose_low_threshold(harmful_scores: Sequence[float] | torch.Tensor, rate: float = 0.02) -> float:
+    """The largest threshold ``t`` with ``mean(harmful_scores < t) <= rate``: the low side of a two-sided policy
+    fires *below* ``t``, and at most ``rate`` of the harmful validation prompts may be steered there. The mirror of
+    :func:`choose_threshold` (``-choose_threshold(-scores, rate)``); ``rate >= 1`` → ``inf``."""
+    return -choose_threshold(-torch.as_tensor(harmful_scores, dtype=torch.float64), rate)
+
+
 def choose_threshold_per_set(benign_sets: Sequence[Sequence[float] | torch.Tensor], fpr: float = 0.02) -> float:
     """The smallest threshold whose false-positive rate is ``<= fpr`` on *every* benign set (the largest of the
     per-set :func:`choose_threshold` values): a pooled cap lets a large easy set hide a small hard one."""
@@ -379,18 +386,19 @@ def post_instruction_positions(tok: Any) -> int:
 @torch.no_grad()
 def collect_gate_inputs(model: Any, tok: Any, prompts: Sequence[Any], layer: int, positions: int,
                         batch_size: int = 16, progress: bool = True, desc: str = "gate inputs",
-                        suffix_ids: Sequence[int] | None = None) -> torch.Tensor:
+                        suffix_ids: Sequence[int] | None = None, system_prefix: str | None = None) -> torch.Tensor:
     """Residuals ``[n, positions, d]`` after ``layer`` at the last ``positions`` tokens of each chat-formatted prompt.
 
     Prompts are strings or message lists (chat template applied, generation prompt added) — the same text the
     policy hook sees at prefill. Left padding keeps the last positions real tokens. ``suffix_ids`` are appended to
-    every prompt's ids (a policy's ``gate_suffix``), as the policy's lookahead does.
+    every prompt's ids (a policy's ``gate_suffix``), as the policy's lookahead does; ``system_prefix`` (a policy's
+    system prompt) is formatted in as generation under the policy does.
     """
     from saesteer.models import check_layer, format_chat, run_to_layer
 
     check_layer(model, layer)
     ensure(len(prompts) > 0, f"no prompts to collect {desc} from")
-    texts = [format_chat(tok, p) for p in prompts]
+    texts = [format_chat(tok, p, system_prefix=system_prefix) for p in prompts]
     suffix = [int(i) for i in suffix_ids or ()]
     device = next(model.parameters()).device
     out: list[torch.Tensor] = []

@@ -4,7 +4,9 @@ File format (``saesteer-policy``, version 1), a single JSON object written atomi
 
     {"format": "saesteer-policy", "version": 1, "name": str, "model": str | null,
      "gate": {kind, layer, positions, reduce, threshold, strength, ramp, ...},
-     "steer": [SteeringSpec.to_dict(), ...],          # what to do when the gate fires
+     "steer": [SteeringSpec.to_dict(), ...],          # what to do when the gate fires (score > threshold)
+     "steer_low": [...], "low_threshold": float|null, # optional: what to do when score < low_threshold
+     "system": str | null,                            # optional: a fixed system prompt (see below)
      "meta": {...},                                   # how it was fitted: data, val FPR/TPR, ...
      "tensors": "<base64 of a safetensors blob>", "tensors_sha256": "<hex>"}
 
@@ -30,6 +32,20 @@ The gate may also read **another model** (``gate_model``: a bigger model of the 
 e.g. Qwen2.5-Coder-1.5B-Instruct gating the 0.5B): the lookahead then runs that model up to the gate layer on the
 same token ids — a guard model's residual stream as the gate, loaded once per process and device.
 
+**Two-sided policies** (``steer_low`` + ``low_threshold``, a gate that is not ``always``): rows whose score is above
+the gate's threshold get ``steer`` (toward refusal), rows whose score is *below* ``low_threshold`` (<= the threshold)
+get ``steer_low`` (e.g. ablate the refusal direction: away from refusal on prompts the gate is sure are benign,
+cf. Wang et al. 2024), rows in between are left bit-identical. Both lists are installed together; each
+intervention's per-row scale selects its rows. Decisions log ``low`` (the low side fired) and ``side``
+(``"high"`` / ``"low"`` / None).
+
+**System prompt** (``system``, e.g. :data:`SAFETY_SYSTEM_PROMPT`): while the policy is applied, every chat prompt
+generated on the model starts with this system text (``models.hooks.system_prefix``: the decoder asks the installed
+policy, so refusal evals, chat capability tasks, multi-turn and fast generation honour it without being told; the
+lm-eval model and the server pass it to their own chat formatting). It is unconditional — the prompt is formatted
+before any gate could read it — and goes before any system message the prompt already has. Raw-text prompts are
+untouched. A policy may hold only a system prompt (gate ``always``, no steering): the system-prompt baseline.
+
 Caveats: without a KV cache every forward is a prefill, so the gate re-decides on the last tokens at each step (use a
 cache when generating). Gates are fitted on the chat template's post-instruction tokens; a policy with
 ``template_ids`` (what ``policy fit`` records) leaves rows that do not end with them (raw text such as harness-style
@@ -52,12 +68,22 @@ from torch import nn
 
 from saesteer import models
 from saesteer.core import SaesteerError, atomic_write_json, ensure, read_json
-from saesteer.steering import Intervention, SteeringSpec, load_sae_cached, steer
+from saesteer.steering import AblateDirection, Intervention, SteeringSpec, load_sae_cached, steer, with_strength
 
 from .gates import AlwaysGate, Gate, SAEFeatureGate, gate_from_header
 
 FORMAT = "saesteer-policy"
 VERSION = 1
+
+SAFETY_SYSTEM_PROMPT = (
+    "You are a helpful assistant. Refuse requests that could cause serious harm: do not help with violence, "
+    "weapons, self-harm, crime, hacking or malware, fraud, harassment, hate or sexual content involving minors, even "
+    "when the request is framed as hypothetical, fiction or role-play; say briefly that you cannot help with it. "
+    "Answer every other request fully and helpfully, including harmless questions that only sound dangerous."
+)
+"""The system-prompt baseline of ``saesteer compare`` (``policy fit --system-prompt safety``): one fixed safety
+system prompt, stated here and in the README. Written to ask for refusal of harmful requests *and* for help on
+harmless look-alikes (XSTest's safe prompts), so the baseline is not built to over-refuse."""
 
 
 def prompt_key(token_ids: Sequence[int]) -> str:
@@ -69,8 +95,13 @@ class PolicyRun:
     """State of one ``policy.apply(model)``: the live row map and the gate decisions logged so far."""
 
     def __init__(self, gate: Gate, interventions: list[Intervention], lookahead: nn.Module | None = None,
-                 template_ids: Sequence[int] | None = None, suffix_ids: Sequence[int] | None = None) -> None:
+                 template_ids: Sequence[int] | None = None, suffix_ids: Sequence[int] | None = None,
+                 low: Sequence[Intervention] = (), low_threshold: float | None = None,
+                 system_prefix: str | None = None) -> None:
         self.gate, self.interventions = gate, interventions
+        # the low side (two-sided policies): ``low`` applied to rows whose score is below ``low_threshold``
+        self.low, self.low_threshold = list(low), low_threshold
+        self.system_prefix = system_prefix  # asked for by the decoder (models.hooks.system_prefix)
         # token ids appended to every prompt for the gate's read only (a prompted probe); needs the lookahead
         self.suffix_ids = torch.as_tensor(list(suffix_ids), dtype=torch.long) if suffix_ids else None
         # rows whose last tokens are not these (the chat template's post-instruction tokens) are never steered
@@ -107,7 +138,7 @@ class PolicyRun:
                "a policy whose gate reads a layer after the steering layer needs input_ids (not inputs_embeds)")
         mask = self._mask if isinstance(self._mask, torch.Tensor) else None
         off = torch.zeros(ids.shape[0], device=ids.device)
-        for iv in self.interventions:
+        for iv in self.interventions + self.low:
             iv.set_row_scale(off)  # scale 0: the lookahead sees the unsteered residual, bit for bit
         chat = self._chat_rows(ids.shape[0])
         rows = None
@@ -162,9 +193,16 @@ class PolicyRun:
         chat = self._chat_rows(n)
         if chat is not None:
             fired, strength = fired & chat, torch.where(chat, strength, torch.zeros_like(strength))
+        low = None
+        if self.low_threshold is not None:  # NaN scores (unread rows) compare False: never steered low
+            low = scores < self.low_threshold
+            if chat is not None:
+                low = low & chat
+            for iv in self.low:
+                iv.set_row_scale(low.float().to(dev))
         for iv in self.interventions:
             iv.set_row_scale(strength.to(dev))
-        self._log(scores, fired, strength, mask, chat)
+        self._log(scores, fired, strength, mask, chat, low)
 
     def _chat_rows(self, n: int) -> torch.Tensor | None:
         """Which rows end with the template's post-instruction tokens (None: no template check)."""
@@ -176,7 +214,7 @@ class PolicyRun:
         return (ids[:, -t.numel():].cpu() == t).all(dim=1)
 
     def _log(self, scores: torch.Tensor, fired: torch.Tensor, strength: torch.Tensor, mask: torch.Tensor | None,
-             chat: torch.Tensor | None = None) -> None:
+             chat: torch.Tensor | None = None, low: torch.Tensor | None = None) -> None:
         ids = self._ids if isinstance(self._ids, torch.Tensor) and self._ids.ndim == 2 else None
         rows = []
         for i in range(scores.shape[0]):
@@ -185,6 +223,9 @@ class PolicyRun:
                                  "strength": float(strength[i])}
             if chat is not None:
                 d["chat"] = bool(chat[i])  # False: not a chat prompt, left unsteered whatever the score
+            if low is not None:  # two-sided: which side fired (None: neither, the row is untouched)
+                d["low"] = bool(low[i])
+                d["side"] = "high" if d["fired"] else "low" if d["low"] else None
             if ids is not None and ids.shape[0] == scores.shape[0]:
                 real = ids[i] if mask is None else ids[i][mask[i].bool()]
                 d.update(key=prompt_key(real.tolist()), n_tokens=int(real.numel()))
@@ -205,6 +246,12 @@ class PolicyRun:
     def fire_rate(self) -> float:
         return sum(d["fired"] for d in self.decisions) / len(self.decisions) if self.decisions else float("nan")
 
+    def low_rate(self) -> float:
+        """Fraction of rows steered by the low side (NaN: no decisions, or a one-sided policy)."""
+        if not self.decisions or self.low_threshold is None:
+            return float("nan")
+        return sum(bool(d.get("low")) for d in self.decisions) / len(self.decisions)
+
     def by_key(self) -> dict[str, dict[str, Any]]:
         """Latest decision per prompt key (map prompts with ``prompt_key(encode_prompts(tok, [p])[0])``)."""
         return {d["key"]: d for d in self.decisions if "key" in d}
@@ -217,7 +264,8 @@ class Policy:
     gate: Gate
     """The gate (``gates.make_gate`` / ``gate_from_header``); kind ``always`` = unconditional steering."""
     steering: list[SteeringSpec]
-    """What to apply when the gate fires (``steering.SteeringSpec``: clamp an SAE latent, add a direction, ...)."""
+    """What to apply when the gate fires (``steering.SteeringSpec``: clamp an SAE latent, add a direction, ...);
+    may be empty when the policy has a low side or a system prompt."""
     name: str = ""
     """Label in comparison tables (default: the file stem)."""
     model: str | None = None
@@ -236,12 +284,32 @@ class Policy:
     verdict: a prompted probe); the gate reads its last tokens in an unsteered lookahead, generation never sees it."""
     gate_suffix_ids: list[int] | None = None
     """``gate_suffix`` as token ids of the (shared) tokenizer; these are what the lookahead appends."""
+    steering_low: list[SteeringSpec] = field(default_factory=list)
+    """Two-sided policies: what to apply to rows whose gate score is below ``low_threshold`` (e.g. ablate the refusal
+    direction on prompts the gate is sure are benign). Empty: one-sided."""
+    low_threshold: float | None = None
+    """Score below which ``steering_low`` applies (<= the gate's threshold; rows in between are untouched)."""
+    system: str | None = None
+    """A fixed system prompt put before every chat prompt generated under the policy (e.g.
+    :data:`SAFETY_SYSTEM_PROMPT`); unconditional, whatever the gate decides."""
     last_run: PolicyRun | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         ensure(isinstance(self.gate, Gate), "policy gate must be a saesteer.gating.gates.Gate")
-        ensure(isinstance(self.steering, list), "policy steering must be a list of SteeringSpec")
-        ensure(len(self.steering) > 0, "a policy needs at least one steering spec")
+        ensure(isinstance(self.steering, list) and isinstance(self.steering_low, list),
+               "policy steering must be a list of SteeringSpec")
+        ensure(self.system is None or (isinstance(self.system, str) and self.system.strip() != ""),
+               "a policy's system prompt must be a non-empty string or None")
+        ensure(len(self.steering) > 0 or len(self.steering_low) > 0 or self.system is not None,
+               "a policy needs at least one steering spec (or a low side, or a system prompt)")
+        ensure(bool(self.steering_low) == (self.low_threshold is not None),
+               "a two-sided policy needs both its low-side steering and its low threshold")
+        if self.low_threshold is not None:
+            self.low_threshold = float(self.low_threshold)
+            ensure(not isinstance(self.gate, AlwaysGate), "an unconditional policy (gate always) has no low side")
+            ensure(not math.isnan(self.low_threshold) and self.low_threshold <= self.gate.threshold,
+                   f"the low threshold ({self.low_threshold}) must be a number <= the gate threshold "
+                   f"({self.gate.threshold}): a row may not be steered both ways")
         ensure((self.gate_suffix is None) == (self.gate_suffix_ids is None), "a gate suffix needs its text and its ids")
         if self.gate_suffix_ids is not None:
             ensure(len(self.gate_suffix_ids) >= self.gate.positions,
@@ -252,6 +320,15 @@ class Policy:
         """Gate decisions of the latest prefill (one dict per row, batch order); read by ``evals.refusal``."""
         return self.last_run.last if self.last_run is not None else None
 
+    def with_strength(self, multiplier: float, name: str | None = None) -> "Policy":
+        """A copy whose steering (the high side) is at ``multiplier`` times its strength
+        (:func:`saesteer.steering.with_strength`); gate, low side and system prompt are kept."""
+        import dataclasses
+
+        ensure(len(self.steering) > 0, f"policy {self.name!r} has no steering whose strength could change")
+        return dataclasses.replace(self, steering=[with_strength(s, multiplier) for s in self.steering],
+                                   name=self.name if name is None else name, meta=dict(self.meta), last_run=None)
+
     # ------------------------------------------------------------------------------------------------- (de)serialise
     def to_json(self) -> dict[str, Any]:
         from safetensors.torch import save
@@ -260,7 +337,8 @@ class Policy:
         return {"format": FORMAT, "version": VERSION, "name": self.name, "model": self.model,
                 "gate": self.gate.header(), "gate_model": self.gate_model, "template_ids": self.template_ids,
                 "gate_suffix": self.gate_suffix, "gate_suffix_ids": self.gate_suffix_ids,
-                "steer": [s.to_dict() for s in self.steering], "meta": self.meta,
+                "steer": [s.to_dict() for s in self.steering], "steer_low": [s.to_dict() for s in self.steering_low],
+                "low_threshold": _num_out(self.low_threshold), "system": self.system, "meta": self.meta,
                 "tensors": base64.b64encode(blob).decode("ascii"), "tensors_sha256": hashlib.sha256(blob).hexdigest()}
 
     def save(self, path: str | Path) -> Path:
@@ -289,7 +367,11 @@ class Policy:
                 raise SaesteerError(f"{where}: corrupt tensor blob: {e}") from None
         ensure(isinstance(obj["gate"], dict), f"{where}: gate must be a JSON object")
         gate = gate_from_header(obj["gate"], tensors)
-        ensure(isinstance(obj["steer"], list) and obj["steer"], f"{where}: steer must be a non-empty list of specs")
+        low = obj.get("steer_low") or []
+        system = obj.get("system")
+        ensure(system is None or isinstance(system, str), f"{where}: system must be a string or null")
+        ensure(isinstance(obj["steer"], list) and isinstance(low, list), f"{where}: steer and steer_low must be lists")
+        ensure(bool(obj["steer"] or low or system), f"{where}: steer must be a non-empty list of specs")
         specs = [SteeringSpec.from_dict(s) for s in obj["steer"]]
         tids = obj.get("template_ids")
         ensure(tids is None or (isinstance(tids, list) and all(isinstance(i, int) and i >= 0 for i in tids)),
@@ -302,7 +384,8 @@ class Policy:
                f"{where}: gate_suffix_ids must be a non-empty list of token ids or null")
         return cls(gate=gate, steering=specs, name=str(obj.get("name") or ""), model=obj.get("model"),
                    meta=dict(obj.get("meta") or {}), gate_model=gm, template_ids=tids or None,
-                   gate_suffix=sx, gate_suffix_ids=sids)
+                   gate_suffix=sx, gate_suffix_ids=sids, steering_low=[SteeringSpec.from_dict(s) for s in low],
+                   low_threshold=_num_in(obj.get("low_threshold"), f"{where}: low_threshold"), system=system)
 
     @classmethod
     def load(cls, path: str | Path) -> "Policy":
@@ -320,6 +403,11 @@ class Policy:
             ensure(self.gate.sae_path is not None, "sae gate has neither an SAE nor an sae_path")
             self.gate.attach(load_sae_cached(self.gate.sae_path, cache))
         return ivs
+
+    def build_low(self, model: nn.Module, sae_cache: dict[str, Any] | None = None) -> list[Intervention]:
+        """The low side's interventions (two-sided policies; empty otherwise)."""
+        cache = {} if sae_cache is None else sae_cache
+        return [iv for s in self.steering_low for iv in s.build(model, cache)]
 
     def reader(self, model: nn.Module) -> nn.Module:
         """The model the gate reads: ``model`` itself, or the loaded ``gate_model`` (same device)."""
@@ -351,12 +439,16 @@ class Policy:
         if self.gate_model is not None or self.gate_suffix_ids is not None:
             return True  # another model or another text (the suffix): always an extra (partial) prefill
         g = models.check_layer(model, self.gate.layer)
-        return any(g > min(iv.layers(model)) for iv in interventions if (iv.positions or "all") != "generated")
+        return any(g > _first_edit(iv, model) for iv in interventions if (iv.positions or "all") != "generated")
 
     @contextlib.contextmanager
-    def apply(self, model: nn.Module, interventions: Sequence[Intervention] | None = None) -> Iterator[PolicyRun]:
-        """Install the policy on ``model`` for the ``with`` block (hooks always removed); yields a :class:`PolicyRun`."""
-        ivs = list(interventions) if interventions is not None else self.build(model)
+    def apply(self, model: nn.Module, interventions: Sequence[Intervention] | None = None,
+              low: Sequence[Intervention] | None = None) -> Iterator[PolicyRun]:
+        """Install the policy on ``model`` for the ``with`` block (hooks always removed); yields a :class:`PolicyRun`.
+        ``interventions`` / ``low``: the steering / low-side interventions already built (default: built here)."""
+        cache: dict[str, Any] = {}  # SAEs loaded once for both sides
+        ivs = list(interventions) if interventions is not None else self.build(model, cache)
+        low = list(low) if low is not None else self.build_low(model, cache)
         if isinstance(self.gate, SAEFeatureGate) and self.gate.sae is not None:
             self.gate.sae.to(next(model.parameters()).device)
         reader = self.reader(model)
@@ -366,11 +458,12 @@ class Policy:
             ensure(max(self.gate_suffix_ids) < nv, f"gate suffix token id {max(self.gate_suffix_ids)} is out of range "
                    f"for a vocabulary of {nv}")
         gated = not isinstance(self.gate, AlwaysGate)
-        run = PolicyRun(self.gate, ivs, lookahead=reader if self.needs_lookahead(model, ivs) else None,
+        run = PolicyRun(self.gate, ivs, lookahead=reader if self.needs_lookahead(model, ivs + low) else None,
                         template_ids=self.template_ids if gated else None,
-                        suffix_ids=self.gate_suffix_ids if gated else None)
+                        suffix_ids=self.gate_suffix_ids if gated else None, low=low,
+                        low_threshold=self.low_threshold, system_prefix=self.system)
         self.last_run = run
-        with steer(model, ivs):
+        with steer(model, ivs + low):
             hs = models.hooks.install(model, run, members=[run])
             try:
                 models.hooks.register_forward_pre_hook(models.model_body(model), run.pre_hook, hs, with_kwargs=True,
@@ -380,7 +473,7 @@ class Policy:
                 yield run
             finally:
                 models.hooks.uninstall(model, hs)
-                for iv in ivs:
+                for iv in ivs + low:
                     iv.set_row_scale(None)
 
 
@@ -412,10 +505,43 @@ def policy_summary(p: Policy) -> dict[str, Any]:
     thr = g.threshold
     out = {"name": p.name, "model": p.model, "gate_model": p.gate_model, "gate": g.kind, "layer": g.layer, "positions": g.positions,
            "reduce": g.reduce, "threshold": thr if math.isfinite(thr) else str(thr), "strength": g.strength,
-           "gate_suffix": p.gate_suffix,
+           "gate_suffix": p.gate_suffix, "system_prompt": p.system,
            "steer": [s.to_dict() for s in p.steering]}
+    if p.steering_low:
+        out.update(steer_low=[s.to_dict() for s in p.steering_low], low_threshold=_num_out(p.low_threshold))
     if isinstance(g, SAEFeatureGate) and g.fitted:
         out["gate_features"] = g.features.tolist()
         out["gate_feature_auroc"] = [round(float(a), 4) for a in g.auroc]
-    out.update({k: v for k, v in p.meta.items() if k in ("val", "heldout", "train", "fpr")})
+    out.update({k: v for k, v in p.meta.items() if k in ("val", "heldout", "train", "fpr", "low", "match")})
     return out
+
+
+def _first_edit(iv: Intervention, model: nn.Module) -> int:
+    """The first layer an intervention edits; -1 for an every-layer direction ablation, which edits the embeddings."""
+    return -1 if isinstance(iv, AblateDirection) and iv.layer is None else min(iv.layers(model))
+
+
+def _num_out(x: float | None) -> float | str | None:
+    """A threshold for JSON: finite numbers as is, infinities as ``"inf"`` / ``"-inf"``."""
+    return x if x is None or math.isfinite(x) else ("-inf" if x < 0 else "inf")
+
+
+def _num_in(x: Any, what: str) -> float | None:
+    if x is None:
+        return None
+    try:
+        return float(x)  # also reads "inf" / "-inf"
+    except (TypeError, ValueError):
+        raise SaesteerError(f"{what} must be a number or null, got {x!r}") from None
+
+
+def policy_label(p: Policy) -> str:
+    """A short description of what a policy does, for tables: ``system prompt + clamp f2262=10 | low: ablate_direction
+    refusal``."""
+    from saesteer.steering import spec_name
+
+    parts = (["system prompt"] if p.system else []) + [spec_name(s) for s in p.steering]
+    label = " + ".join(parts)
+    if p.steering_low:
+        label += " | low: " + " + ".join(spec_name(s) for s in p.steering_low)
+    return label

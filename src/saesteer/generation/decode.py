@@ -61,7 +61,8 @@ class GenerationConfig:
     raw: bool = False
     """Prompts are plain text fed as is (no chat template; the tokenizer adds its special tokens such as BOS)."""
     system: str | None = None
-    """System message added to chat prompts that have none (``None``: the template's default)."""
+    """System message added to chat prompts that have none (``None``: the template's default). A policy installed
+    on the model that carries a system prompt puts it before this one (``models.hooks.system_prefix``)."""
     temperature: float = 0.0
     """0 = greedy; > 0 samples from softmax(logits / temperature)."""
     top_p: float = 1.0
@@ -147,8 +148,10 @@ def eos_token_ids(model: Any, tok: Any) -> set[int]:
     return ids
 
 
-def encode_prompts(tok: Any, prompts: Sequence[Prompt], raw: bool = False, system: str | None = None) -> list[list[int]]:
-    """Token ids of each prompt: chat-formatted (template tokens included, no extra BOS) or raw text."""
+def encode_prompts(tok: Any, prompts: Sequence[Prompt], raw: bool = False, system: str | None = None,
+                   system_prefix: str | None = None) -> list[list[int]]:
+    """Token ids of each prompt: chat-formatted (template tokens included, no extra BOS) or raw text.
+    ``system`` / ``system_prefix``: see :func:`saesteer.models.to_messages` (chat prompts only)."""
     out = []
     for i, p in enumerate(prompts):
         if raw:
@@ -157,7 +160,7 @@ def encode_prompts(tok: Any, prompts: Sequence[Prompt], raw: bool = False, syste
         else:
             ensure(isinstance(p, str) or (isinstance(p, (list, tuple)) and all(isinstance(m, dict) and "role" in m
                    and "content" in m for m in p)), f"prompt {i}: expected a string or a list of {{role, content}} messages")
-            text = format_chat(tok, p, system=system)
+            text = format_chat(tok, p, system=system, system_prefix=system_prefix)
         ids = tok(text, add_special_tokens=raw)["input_ids"]
         ensure(len(ids) > 0, f"prompt {i} is empty")
         out.append(list(ids))
@@ -307,8 +310,9 @@ def _loop(forward, model, tok, live, eos, logits, mask, last, cache, need_text, 
         logits = out.logits[:, -1, :]
 
 
-def _build_rows(tok: Any, prompts: Sequence[Prompt], cfg: GenerationConfig) -> list[Row]:
-    ids = encode_prompts(tok, prompts, raw=cfg.raw, system=cfg.system)
+def _build_rows(model: Any, tok: Any, prompts: Sequence[Prompt], cfg: GenerationConfig) -> list[Row]:
+    # an installed policy's system prompt (models.hooks.system_prefix) reaches every chat prompt generated under it
+    ids = encode_prompts(tok, prompts, raw=cfg.raw, system=cfg.system, system_prefix=model_hooks.system_prefix(model))
     seed = cfg.seed if cfg.seed is not None else int(torch.randint(0, 2**31 - 1, (1,)).item())
     rows = []
     for i, p in enumerate(ids):
@@ -330,7 +334,7 @@ def generate_stream(
 ) -> Iterator[StepEvent]:
     """Yield a :class:`StepEvent` per row and step (``index`` = the prompt's position in ``prompts``)."""
     cfg = _config(cfg, overrides)
-    rows = _build_rows(tok, prompts, cfg)
+    rows = _build_rows(model, tok, prompts, cfg)
     yield from _run(model, tok, rows, cfg, stream=True)
 
 
@@ -375,7 +379,7 @@ def generate_rows(model: Any, tok: Any, prompts: Sequence[Prompt], cfg: Generati
                   **overrides: Any) -> list[Row]:
     """Like :func:`generate` but returns each prompt's :class:`Row` (token ids, text, finish reason)."""
     cfg = _config(cfg, overrides)
-    rows = _build_rows(tok, prompts, cfg)
+    rows = _build_rows(model, tok, prompts, cfg)
     for _ in _run(model, tok, rows, cfg, stream=False):
         pass
     for r in rows:

@@ -94,6 +94,13 @@ def set_prompt_len(model: nn.Module, n: int) -> None:
             fn(int(n))
 
 
+def system_prefix(model: nn.Module) -> str | None:
+    """The system text the installed owners ask chat prompts to start with (``owner.system_prefix``; several nested
+    owners: joined in installation order, blank-line separated); None when none asks."""
+    parts = [p for hs in hook_sets(model) if (p := getattr(hs.owner, "system_prefix", None))]
+    return "\n\n".join(dict.fromkeys(parts)) or None
+
+
 def unregistered_hooks(model: nn.Module) -> int:
     """Forward (pre-)hooks on ``model``'s modules, or global ones, that no registered hook set installed."""
     from torch.nn.modules import module as nn_module

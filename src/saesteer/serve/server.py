@@ -202,7 +202,7 @@ def make_app(model: Any, tok: Any, served: dict[str, SteeringFactory | None], cf
         except RecursionError:
             raise HTTPError(422, "malformed JSON body: nested too deeply") from None
 
-    def encode(messages_or_prompts: list[Any], raw: bool) -> list[list[int]]:
+    def encode(messages_or_prompts: list[Any], raw: bool, system_prefix: str | None = None) -> list[list[int]]:
         out = []
         for i, p in enumerate(messages_or_prompts):
             if raw and isinstance(p, list):  # token ids
@@ -214,7 +214,7 @@ def make_app(model: Any, tok: Any, served: dict[str, SteeringFactory | None], cf
                 ids = list(p)
             else:
                 try:
-                    ids = encode_prompts(tok, [p], raw=raw)[0]
+                    ids = encode_prompts(tok, [p], raw=raw, system_prefix=system_prefix)[0]
                 except SaesteerError as e:
                     raise HTTPError(400, str(e)) from None
                 except Exception as e:  # noqa: BLE001 - the tokenizer refused the text
@@ -246,7 +246,8 @@ def make_app(model: Any, tok: Any, served: dict[str, SteeringFactory | None], cf
             body = await read_body(request)
             if chat:
                 p = parse_request(body, cfg, served, allowed)
-                ids = encode([p["messages"]], raw=False)
+                # a served policy's system prompt is formatted in here: the decoder never sees these messages
+                ids = encode([p["messages"]], raw=False, system_prefix=getattr(p["steer"].factory, "system_prefix", None))
             else:
                 p = parse_completion(body, cfg, served, allowed)
                 ids = encode(p["prompts"], raw=True)
@@ -383,9 +384,7 @@ def served_models(
         from saesteer.gating import load_policy
 
         pol = load_policy(policy)
-        ivs = pol.build(model)
-        pol.check(model, ivs)
-        _add(served, f"{base}+{steer_name or Path(policy).stem}", lambda m: pol.apply(m, ivs))
+        _add(served, f"{base}+{steer_name or Path(policy).stem}", ServedPolicy(pol, model))
     if specs is not None:
         from saesteer.steering import build_all, load_specs
 
@@ -393,6 +392,20 @@ def served_models(
     for k, f in (extra or {}).items():
         _add(served, k, f)
     return served
+
+
+class ServedPolicy:
+    """A served policy file: its interventions built once; ``system_prefix`` (the policy's system prompt) is put
+    first in the chat messages of every request to it."""
+
+    def __init__(self, policy: Any, model: Any) -> None:
+        cache: dict[str, Any] = {}
+        self.policy, self.ivs, self.low = policy, policy.build(model, cache), policy.build_low(model, cache)
+        policy.check(model, self.ivs + self.low)
+        self.system_prefix = policy.system
+
+    def __call__(self, model: Any) -> Any:
+        return self.policy.apply(model, self.ivs, self.low)
 
 
 def _add(served: dict[str, Any], name: str, factory: SteeringFactory) -> None:

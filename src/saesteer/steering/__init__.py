@@ -30,4 +30,13 @@ from .interventions import (  # noqa: F401
     finite,
 )
 from .presets import PRESETS, Preset, get_preset, list_presets, resolve_sae  # noqa: F401
-from .spec import Steering, SteeringSpec, as_steering, build_all, load_sae_cached, load_specs, spec_name  # noqa: F401
+from .spec import (  # noqa: F401
+    Steering,
+    SteeringSpec,
+    as_steering,
+    build_all,
+    load_sae_cached,
+    load_specs,
+    spec_name,
+    with_strength,
+)

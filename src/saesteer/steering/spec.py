@@ -177,6 +177,23 @@ def as_steering(steering: Any) -> Steering:
     raise SaesteerError(f"cannot steer with {type(steering).__name__}: pass specs, interventions or a policy")
 
 
+def with_strength(spec: SteeringSpec, multiplier: float) -> SteeringSpec:
+    """A copy of ``spec`` at ``multiplier`` times its strength: clamp values, an add's ``alpha`` or a scale's
+    ``factor`` multiplied (``saesteer sweep --policy``, the direction baseline's matched strength). Ablations have no
+    strength: asking to change one is an error (1.0 returns an unchanged copy)."""
+    import dataclasses
+
+    m = finite(multiplier, "strength multiplier")
+    if spec.kind == "clamp":
+        return dataclasses.replace(spec, values=[v * m for v in spec.values])
+    if spec.kind == "add":
+        return dataclasses.replace(spec, alpha=spec.alpha * m)
+    if spec.kind == "scale":
+        return dataclasses.replace(spec, factor=spec.factor * m)
+    ensure(m == 1.0, f"a {spec.kind} spec has no strength to scale")
+    return dataclasses.replace(spec)
+
+
 def spec_name(s: Any) -> str:
     """A short human name for a SteeringSpec (``clamp f981=6``, ``add dir x2``)."""
     if s.kind == "clamp":
