@@ -13,10 +13,18 @@ from .io import (
 )
 from .progress import Bar, progress_bar
 from .runtime import resolve_device, set_threads
-from .stats import auroc, diff_interval, rate_summary, wilson_interval
+from .stats import (
+    auroc,
+    diff_interval,
+    mcnemar_exact,
+    paired_diff_interval,
+    paired_summary,
+    rate_summary,
+    wilson_interval,
+)
 
 __all__ = [
     "SaesteerError", "atomic_dir", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "auroc", "Bar", "progress_bar",
-    "check_output_path", "diff_interval", "ensure", "rate_summary", "read_json", "require_package", "resolve_device",
+    "check_output_path", "diff_interval", "ensure", "mcnemar_exact", "paired_diff_interval", "paired_summary", "rate_summary", "read_json", "require_package", "resolve_device",
     "set_threads", "wilson_interval",
 ]
