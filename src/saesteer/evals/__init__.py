@@ -52,6 +52,7 @@ from .multiturn import (  # noqa: F401
     ATTACKER_SYSTEM,
     SUCCESS_SYSTEM,
     MultiTurnConfig,
+    crescendo_batch,
     crescendo_one,
     parse_attacker,
     parse_score,
