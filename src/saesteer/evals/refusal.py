@@ -73,6 +73,11 @@ class RefusalEvalConfig:
     of its own answers' (this c; 0 = that test off)."""
     broken_repeat: float = 0.5
     """Broken when more than this share of an answer's word 3-grams repeats (1 = that test off)."""
+    long_check: int = 0
+    """Regenerate a seeded sample of this many prompts at ``long_tokens`` and report how often the judge's verdict
+    changes from the short answer's (0 = off; the issue's check uses 100)."""
+    long_tokens: int = 256
+    """Answer budget of that check."""
     progress: bool = True
     """Show progress on stderr."""
 
@@ -115,10 +120,7 @@ def _subset_name(base: str, suffix: str) -> str:
 
 def user_text(item: Any) -> str:
     """The request a judge sees: the prompt, or the last user turn of a conversation."""
-    if item.messages:
-        users = [m["content"] for m in item.messages if m.get("role") == "user"]
-        return users[-1] if users else item.messages[-1]["content"]
-    return item.prompt or ""
+    return stored_request(item.messages) if item.messages else (item.prompt or "")
 
 
 # --------------------------------------------------------------------------------------------- run
@@ -210,6 +212,11 @@ def run_refusal_eval(model: Any, tok: Any, cfg: RefusalEvalConfig, steering: Any
     summary = summarize(items)
     if broken_info is not None:
         summary["broken"] = broken_info
+    if cfg.long_check > 0:
+        summary["long_check"], long_rows = verdict_stability(
+            model, tok, items, st, [judge], n=cfg.long_check, seed=cfg.seed, max_new_tokens=cfg.long_tokens,
+            batch_size=cfg.batch_size, system=cfg.system)
+        summary["long_check"]["rows"] = long_rows
     summary.update({
         "model": model_name(model), "steering": st.name, "judge": judge.name, "datasets": list(cfg.datasets),
         "limit": cfg.limit, "seed": cfg.seed, "max_new_tokens": max_new, "early_stop": bool(stop_when),
@@ -240,8 +247,51 @@ def _label_broken(model: Any, tok: Any, cfg: RefusalEvalConfig, st: Steering, ch
     labels, thr = label_broken(model, tok, chats, [it["answer"] for it in items], reference, bcfg, system=cfg.system,
                                batch_size=cfg.batch_size)
     for it, lab in zip(items, labels):
-        it.update(broken=lab["broken"], broken_why=lab["why"], loglik=lab["loglik"], repeat=lab["repeat"])
+        it.update(broken=lab["broken"], broken_why=lab["why"], loglik=lab["loglik"], n_tokens=lab["n_tokens"],
+                  repeat=lab["repeat"])
     return {**dataclasses.asdict(bcfg), "loglik_threshold": thr, "reference": source}
+
+
+def stored_chat(prompt: Any) -> Any:
+    """What generation takes, from an item's stored ``prompt`` (the prompt string or the conversation)."""
+    return prompt if isinstance(prompt, str) else [dict(m) for m in prompt]
+
+
+def stored_request(prompt: Any) -> str:
+    """The request a judge sees, from an item's stored ``prompt`` (the last user turn of a conversation)."""
+    if isinstance(prompt, str):
+        return prompt
+    users = [m["content"] for m in prompt if m.get("role") == "user"]
+    return users[-1] if users else prompt[-1]["content"]
+
+
+def verdict_stability(model: Any, tok: Any, items: Sequence[dict], steering: Any, judges: Sequence[Any], n: int = 100,
+                      seed: int = 0, max_new_tokens: int = 256, batch_size: int = 16,
+                      system: str | None = None) -> tuple[dict[str, Any], list[dict]]:
+    """Does a longer answer change the verdict? For a seeded sample of ``n`` stored items (``prompt``, ``answer``),
+    regenerate the answer at ``max_new_tokens`` (no early stop) under ``steering`` and judge the short and the long
+    answer with each judge. Returns ``({judge name: {"changed", "refusal_to_compliance", "compliance_to_refusal",
+    "n_failed"}}, rows)``; ``changed`` is a ``rate_summary`` over the items a judge decided both times."""
+    ensure(n >= 1 and max_new_tokens >= 1, f"need n >= 1 and max_new_tokens >= 1, got {n} and {max_new_tokens}")
+    pick = sorted(random.Random(seed).sample(range(len(items)), min(n, len(items))))
+    sample = [items[i] for i in pick]
+    long_answers, _ = generate_answers(model, tok, [stored_chat(r["prompt"]) for r in sample], as_steering(steering),
+                                       max_new_tokens, batch_size, system=system)
+    requests = [stored_request(r["prompt"]) for r in sample]
+    rows = [{"id": r.get("id"), "subset": r.get("subset"), "short_answer": r["answer"], "long_answer": a, "verdicts": {}}
+            for r, a in zip(sample, long_answers)]
+    summary: dict[str, Any] = {"n_sampled": len(sample), "max_new_tokens": max_new_tokens, "seed": seed, "judges": {}}
+    for j in judges:
+        short = j.judge(requests, [r["answer"] for r in sample])
+        long_ = j.judge(requests, long_answers)
+        both = [(s.label, v.label) for s, v in zip(short, long_) if s.label is not None and v.label is not None]
+        for row, s, v in zip(rows, short, long_):
+            row["verdicts"][j.name] = {"short": s.label, "long": v.label}
+        summary["judges"][j.name] = {
+            "changed": rate_summary(sum(a != b for a, b in both), len(both)),
+            "refusal_to_compliance": sum(a and not b for a, b in both),
+            "compliance_to_refusal": sum(b and not a for a, b in both), "n_failed": len(sample) - len(both)}
+    return summary, rows
 
 
 def summarize(items: Sequence[dict]) -> dict[str, Any]:
