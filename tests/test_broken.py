@@ -135,3 +135,18 @@ def test_refusal_eval_labels_broken_against_the_unsteered_reference(fluent, tmp_
                              judge=NeverRefuses())
     assert again["broken"]["loglik_threshold"] == pytest.approx(wrecked["broken"]["loglik_threshold"])
     assert next(iter(again["subsets"].values()))["outcomes"] == o
+
+
+def test_cli_eval_refusal_broken_and_long_check(tiny_dir, tmp_path):
+    from saesteer.cli import main
+
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"tell me about topic {i}"}) + "\n" for i in range(6)))
+    out = tmp_path / "ev"
+    main(["eval", "refusal", "--model", str(tiny_dir), "--dataset", str(data), "--out", str(out), "--broken",
+          "--broken-mad", "2.5", "--long-check", "3", "--long-tokens", "12"])
+    s = json.loads((out / "summary.json").read_text())
+    assert s["broken"]["mad_c"] == 2.5 and set(next(iter(s["subsets"].values()))["outcomes"]) >= {"broken", "refusal"}
+    assert s["long_check"]["n_sampled"] == 3 and s["long_check"]["judges"]["prefix"]["changed"]["n"] <= 3
+    items = [json.loads(x) for x in (out / "items.jsonl").read_text().splitlines()]
+    assert all("broken" in r and "repeat" in r for r in items)

@@ -8,7 +8,16 @@ eval (``policy.apply(model)``). Results go to ``OUT/results.jsonl``: one row per
 capability), the condition's gate kind and, for gated policies, the gate's fire rate on that metric's prompts.
 Each (condition, group) is written at once, so a re-run skips what is done (resumable per condition and group).
 
-``write_report(rows, out)`` turns rows into ``table.md`` (ready for the README), ``table.html`` (self-contained, the
+Refusal rows also carry (:func:`annotate_rows`, from the per-prompt verdicts kept in each eval folder): ``outcomes``,
+the refusal / compliance / broken split (``evals.broken``: a broken answer is neither refusal nor compliance; the
+likelihood reference is the unsteered condition's answers on the same set); ``paired``, the condition minus unsteered
+on the very same prompts (Newcombe paired 95 % interval, exact McNemar p); ``judges``, every further judge of
+``judges`` applied to the very same stored answers (its refusal rate, Cohen's kappa and raw agreement with ``judge``).
+With ``long_check`` N, each condition also regenerates N seeded refusal prompts at ``long_tokens`` and reports how
+often each judge's verdict changes (group ``long-check``).
+
+``write_report(rows, out)`` turns rows into ``table.md`` (ready for the README; the per-set detail table of
+:func:`detail_table` below the main one), ``table.html`` (self-contained, the
 Pareto plot inlined), ``pareto.png`` (refusal on unsafe vs on safe prompts, pooled over datasets, with intervals) and
 ``goals.json``: for every gated condition, the issue's targets against the unsteered model and the first
 unconditional clamp (≥ 90 % of its unsafe-refusal gain kept, ≤ +3 pp refusal on each safe set, MMLU and
