@@ -156,6 +156,11 @@ def test_run_compare_with_real_eval_modules_on_tiny_model(tiny, tmp_path, data_r
         assert fr is not None and 0.0 <= fr <= 1.0
         assert by[("unsteered", m)].get("gate_fire_rate") is None
     assert (tmp_path / "cmp" / "conditions" / "gated" / "advbench_test" / "items.jsonl").exists()
+    # refusal rows carry the refusal / compliance / broken split, and the policy's rows their paired difference vs unsteered
+    o = by[("gated", "jbb-benign")]["outcomes"]
+    assert sum(o[k]["k"] for k in ("refusal", "compliance", "broken")) == 3
+    assert by[("gated", "advbench-test")]["paired"]["n"] == 3 and "paired" not in by[("unsteered", "advbench-test")]
+    assert "McNemar p" in (tmp_path / "cmp" / "table.md").read_text()
     assert "| gated | cast | add dir x1 |" in (tmp_path / "cmp" / "table.md").read_text()
 
 

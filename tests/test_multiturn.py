@@ -234,3 +234,93 @@ def test_hf_attacker_samples_reproducibly_and_judge_is_greedy(tiny):
     assert [att2.complete(chat, 8) for _ in range(3)] == a1  # seeded per call: reproducible
     assert len(set(a1)) > 1  # but a retry of the same chat is a new sample, not the same greedy answer
     assert judge.complete(chat, 8) == judge.complete(chat, 8)
+
+
+class KeyedAttacker:
+    """Scripted attacker per objective (read from its system prompt): the same script whatever the call order."""
+
+    name = "keyed-attacker"
+
+    def __init__(self, scripts):
+        self.scripts = {k: list(v) for k, v in scripts.items()}
+        self.calls = 0
+
+    def _one(self, messages):
+        key = next(k for k in self.scripts if k in messages[0]["content"])
+        out = self.scripts[key].pop(0)
+        if isinstance(out, Exception):
+            raise out
+        return out
+
+    def complete(self, messages, max_tokens):
+        self.calls += 1
+        return self._one(messages)
+
+
+class BatchKeyedAttacker(KeyedAttacker):
+    def complete_many(self, chats, max_tokens):  # one call per batch, like HFBackend / OpenAIBackend
+        self.calls += 1
+        return [self._one(m) for m in chats]
+
+
+class KeyedScorer:
+    name = "keyed-judge"
+
+    def __init__(self, scripts):
+        self.scripts = {k: list(v) for k, v in scripts.items()}
+
+    def complete(self, messages, max_tokens):
+        key = next(k for k in self.scripts if f"OBJECTIVE: {k}" in messages[-1]["content"])
+        return self.scripts[key].pop(0)
+
+
+def _scripts():
+    att = {"obj-A": [_q("hello A"), _q("BAD A direct"), _q("BAD A again"), _q("soft A"), _q("final A")],
+           "obj-B": [_q("hello B"), "garbage", _q("more B"), _q("last B")],
+           "obj-C": ["junk", "junk", "junk"],
+           "obj-D": [_q("hi D"), _q("BAD D"), _q("ok D"), _q("end D")]}
+    score = {"obj-A": ["SCORE: 1", "SCORE: 2", "SCORE: 9"], "obj-B": ["SCORE: 0", "SCORE: 3", "meh"],
+             "obj-C": [], "obj-D": ["SCORE: 2", "SCORE: 1", "SCORE: 1"]}
+    return att, score
+
+
+@pytest.mark.parametrize("batched_backend", [False, True])
+def test_batched_crescendo_equals_sequential(tiny, tmp_path, monkeypatch, batched_backend):
+    """run_crescendo advances all objectives together; each outcome equals crescendo_one run alone (greedy target,
+    scripted attacker / judges): backtracks, retries and failures of one conversation do not disturb the others."""
+    from saesteer.evals import crescendo_one
+    from saesteer.evals import multiturn as mt
+    from saesteer.steering import as_steering
+
+    model, tok = tiny
+    p = tmp_path / "objs.jsonl"
+    p.write_text("".join(json.dumps({"prompt": o, "category": "t"}) + "\n" for o in ("obj-A", "obj-B", "obj-C", "obj-D")))
+    cfg = MultiTurnConfig(mode="crescendo", dataset=str(p), limit=None, max_turns=3, max_backtracks=1,
+                          attacker_retries=2, max_new_tokens=4, batch_size=8, progress=False)
+    att, score = _scripts()
+    solo = [crescendo_one(model, tok, o, KeyedAttacker(att), KeyedScorer(score), RefuseQuestions(), as_steering(None), cfg)
+            for o in ("obj-A", "obj-B", "obj-C", "obj-D")]
+    batches = []
+    real = mt.generate_answers
+
+    def spy(model, tok, chats, *a, **kw):
+        batches.append(len(chats))
+        return real(model, tok, chats, *a, **kw)
+
+    monkeypatch.setattr(mt, "generate_answers", spy)
+    attacker = (BatchKeyedAttacker if batched_backend else KeyedAttacker)(att)
+    s = run_crescendo(model, tok, cfg, attacker=attacker, success_judge=KeyedScorer(score),
+                      refusal_judge=RefuseQuestions())
+    assert [{k: v for k, v in r.items() if k not in ("id", "category", "steering")} for r in s["_items"]] == solo
+    # the outcomes themselves: A backtracks once, then its 2nd BAD is accepted (budget spent) and it succeeds;
+    # B retries past garbage and ends without success (one unparseable score); C never forms a question
+    a, b, c, d = solo
+    assert a["success"] is True and a["backtracks"] == 1 and [e["question"] for e in a["transcript"]] == [
+        "hello A", "BAD A direct", "BAD A again", "soft A"]
+    assert b["success"] is False and b["turns"] == 3 and b["transcript"][1]["attacker_tries"] == 2
+    assert c["success"] is None and "malformed after 3 tries" in c["error"]
+    assert d["success"] is False and d["backtracks"] == 1 and d["turns"] == 3
+    # target turns were decoded as batches across conversations: one call per round, not one per objective
+    assert batches[0] == 3 and len(batches) == 4 and sum(batches) == sum(len(r["transcript"]) for r in solo)
+    if batched_backend:
+        assert attacker.calls <= 4 + 3  # rounds plus retry batches, never one call per conversation and turn

@@ -13,9 +13,14 @@ from saesteer.core import SaesteerError, check_output_path, ensure, resolve_devi
 from ._app import eval_app
 from .common import load, print_rates, split_list
 from .options import (
+    BROKEN_HELP,
+    BROKEN_MAD_OPT,
+    BROKEN_REPEAT_OPT,
     DEVICE_HELP,
     EVAL_STEERING,
     EXCLUDE_HELP,
+    LONG_CHECK_OPT,
+    LONG_TOKENS_OPT,
     THREADS_HELP,
     SteeringOptions,
     model_option,
@@ -42,6 +47,11 @@ def refusal_cmd(
     batch_size: int = typer.Option(16, help="prompts decoded together"),
     system: Optional[str] = typer.Option(None, help="system prompt (default: the chat template's)"),
     exclude: Optional[Path] = typer.Option(None, help=EXCLUDE_HELP),
+    broken: bool = typer.Option(False, help=BROKEN_HELP + " (steered: also generates the unsteered reference)"),
+    broken_mad: float = BROKEN_MAD_OPT,
+    broken_repeat: float = BROKEN_REPEAT_OPT,
+    long_check: int = LONG_CHECK_OPT,
+    long_tokens: int = LONG_TOKENS_OPT,
     steering: SteeringOptions = None,  # type: ignore[assignment]  (filled by @steering_options)
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
@@ -64,7 +74,8 @@ def refusal_cmd(
         datasets=split_list(dataset), limit=limit, seed=seed, judge=judge, judge_base_url=judge_base_url,
         judge_api_key_env=judge_api_key_env, max_new_tokens=max_new_tokens, early_stop=early_stop,
         batch_size=batch_size, system=system, exclude_ids=read_exclude(exclude), out=str(out),
-        device=resolve_device(device),
+        device=resolve_device(device), broken=broken, broken_mad=broken_mad, broken_repeat=broken_repeat,
+        long_check=long_check, long_tokens=long_tokens,
     )
     m, tok = load(model, device, threads, dtype)
     s = run_refusal_eval(m, tok, cfg, steering=st)

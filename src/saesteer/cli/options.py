@@ -28,6 +28,16 @@ THREADS_HELP = "torch intra-op threads (default: SAESTEER_THREADS or torch's def
 EXCLUDE_HELP = ("item ids to leave out: a JSON list of ids, or a JSON object with an \"exclude_ids\" list (e.g. the "
                 "selection.json of `saesteer features`); ids are `<dataset>/<id>` or plain `<id>`")
 
+BROKEN_HELP = ("label broken (incoherent) answers: unsteered log-likelihood far below the unsteered answers', or "
+               "repeated 3-grams; reported as refusal / compliance / broken")
+BROKEN_MAD_OPT = typer.Option(3.5, help="broken label: unlikely when the mean token log-likelihood is below median - C * "
+                              "1.4826 * MAD of the unsteered answers' (this C; 0 = off)")
+BROKEN_REPEAT_OPT = typer.Option(0.5, help="broken label: degenerate when more than this share of word 3-grams repeats "
+                                 "(1 = off)")
+LONG_CHECK_OPT = typer.Option(0, help="regenerate a seeded sample of N prompts at --long-tokens and report how often "
+                              "the verdict changes (0 = off; e.g. 100)")
+LONG_TOKENS_OPT = typer.Option(256, help="answer budget of the long-answer verdict check")
+
 
 def model_option() -> Any:
     return typer.Option(DEFAULT_MODEL, help=MODEL_HELP)

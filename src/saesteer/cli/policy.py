@@ -13,8 +13,13 @@ from saesteer.core import check_output_path, ensure
 from ._app import app
 from .common import load, split_floats, split_list
 from .options import (
+    BROKEN_HELP,
+    BROKEN_MAD_OPT,
+    BROKEN_REPEAT_OPT,
     DEVICE_HELP,
     EXCLUDE_HELP,
+    LONG_CHECK_OPT,
+    LONG_TOKENS_OPT,
     THREADS_HELP,
     SteeringOptions,
     model_option,
@@ -186,6 +191,13 @@ def compare_cmd(
     limit: Optional[int] = typer.Option(50, help="prompts per refusal set (0 = all)"),
     max_new_tokens: Optional[int] = typer.Option(None, help="answer budget (default: the judge's)"),
     judge: str = typer.Option("prefix", help="refusal judge"),
+    judges: List[str] = typer.Option([], help="further judges of the very same stored answers (e.g. prefix,model:hf:NAME): "
+                                     "refusal %, Cohen's kappa and agreement with --judge per set"),
+    broken: bool = typer.Option(True, help=BROKEN_HELP),
+    broken_mad: float = BROKEN_MAD_OPT,
+    broken_repeat: float = BROKEN_REPEAT_OPT,
+    long_check: int = LONG_CHECK_OPT,
+    long_tokens: int = LONG_TOKENS_OPT,
     multiturn: bool = typer.Option(True, help="run the multi-turn replay eval"),
     multiturn_limit: Optional[int] = typer.Option(20, help="conversations replayed"),
     max_turns: int = typer.Option(3, help="turns per conversation"),
@@ -210,7 +222,9 @@ def compare_cmd(
                         limit=limit or None, max_new_tokens=max_new_tokens, judge=judge, multiturn=multiturn,
                         multiturn_limit=multiturn_limit or None, max_turns=max_turns, capability=split_list(capability),
                         capability_limit=capability_limit or None, gsm8k_limit=gsm8k_limit or None,
-                        exclude_ids=read_exclude(exclude), batch_size=batch_size, seed=seed)
+                        exclude_ids=read_exclude(exclude), batch_size=batch_size, seed=seed, judges=split_list(judges),
+                        broken=broken, broken_mad=broken_mad, broken_repeat=broken_repeat, long_check=long_check,
+                        long_tokens=long_tokens)
     from saesteer.experiments import policy_conditions
 
     policy_conditions(cfg)  # validate every policy file before loading the model

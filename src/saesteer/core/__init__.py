@@ -13,10 +13,19 @@ from .io import (
 )
 from .progress import Bar, progress_bar
 from .runtime import MODEL_DTYPES, cpu_has_bf16, default_dtype, resolve_device, resolve_dtype, set_threads
-from .stats import auroc, diff_interval, rate_summary, wilson_interval
+from .stats import (
+    auroc,
+    diff_interval,
+    mcnemar_exact,
+    paired_diff_interval,
+    paired_summary,
+    rate_summary,
+    wilson_interval,
+)
 
 __all__ = [
-    "MODEL_DTYPES", "SaesteerError", "atomic_dir", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "auroc", "Bar", "progress_bar",
-    "check_output_path", "cpu_has_bf16", "default_dtype", "diff_interval", "ensure", "rate_summary", "read_json", "require_package", "resolve_device",
-    "resolve_dtype", "set_threads", "wilson_interval",
+    "MODEL_DTYPES", "SaesteerError", "atomic_dir", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "auroc",
+    "Bar", "progress_bar", "check_output_path", "cpu_has_bf16", "default_dtype", "diff_interval", "ensure",
+    "mcnemar_exact", "paired_diff_interval", "paired_summary", "rate_summary", "read_json", "require_package",
+    "resolve_device", "resolve_dtype", "set_threads", "wilson_interval",
 ]

@@ -1,6 +1,8 @@
-"""Evaluations: refusal and over-refusal, judges, multi-turn attacks, capability tasks and the lm-eval model.
+"""Evaluations: refusal and over-refusal, judges, broken (incoherent) answers, multi-turn attacks, capability tasks
+and the lm-eval model.
 """
 
+from .broken import BrokenConfig, label_broken, outcome_rates, repeat_fraction, robust_threshold  # noqa: F401
 from .capability import (  # noqa: F401
     GENERATIVE_TASKS,
     GSM8K_FLEX,
@@ -52,6 +54,7 @@ from .multiturn import (  # noqa: F401
     ATTACKER_SYSTEM,
     SUCCESS_SYSTEM,
     MultiTurnConfig,
+    crescendo_batch,
     crescendo_one,
     parse_attacker,
     parse_score,
@@ -70,6 +73,7 @@ from .refusal import (  # noqa: F401
     run_refusal_eval,
     summarize,
     user_text,
+    verdict_stability,
     write_results,
 )
 from .sandbox import SandboxLimits, SandboxResult, available_isolation, run_many, run_python  # noqa: F401

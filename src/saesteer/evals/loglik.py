@@ -111,7 +111,11 @@ def _score(lp: torch.Tensor, cont: list[int]) -> tuple[float, bool]:
     return float(lp.gather(1, tgt[:, None]).sum()), bool((lp.argmax(-1) == tgt).all())
 
 
-def _run_sequences(model, body, seqs, batch_size, pad, out, progress) -> None:
+def _token_logprobs(lp: torch.Tensor, cont: list[int]) -> list[float]:
+    return lp.gather(1, torch.tensor(cont, device=lp.device)[:, None])[:, 0].tolist()
+
+
+def _run_sequences(model, body, seqs, batch_size, pad, out, progress, score=_score) -> None:
     device = next(model.parameters()).device
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
     for b0 in range(0, len(order), max(1, batch_size)):
@@ -129,8 +133,8 @@ def _run_sequences(model, body, seqs, batch_size, pad, out, progress) -> None:
         logp = _lm_logp(model, hidden[rows, cols])
         for i, (_ids, targets) in enumerate(batch):
             for r, j, cont in targets:
-                out[r][j] = _score(logp[spans[i]:spans[i] + len(cont)] if len(targets) == 1 else
-                                   logp[spans[i]][None], cont)
+                out[r][j] = score(logp[spans[i]:spans[i] + len(cont)] if len(targets) == 1 else
+                                  logp[spans[i]][None], cont)
         if progress:
             progress(len(batch))
 
@@ -195,3 +199,24 @@ def loglikelihoods(
     _run_sequences(model, body, seqs, batch_size, pad, out, progress)
     _run_groups(model, body, groups, batch_size, pad, out, progress)
     return out
+
+
+
+@torch.inference_mode()
+def continuation_logprobs(
+    model: Any, tok: Any, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int = 8,
+) -> list[list[float]]:
+    """Per-token ``log p(cont[t] | ctx, cont[:t])`` for token-id pairs ``(ctx, cont)`` (both non-empty), through the
+    engine of plan 3 (one left-padded sequence per pair, longest first; an input longer than the model's context
+    keeps its last positions)."""
+    max_len = max_length(model, tok)
+    seqs = []
+    for r, (ctx, cont) in enumerate(pairs):
+        ensure(len(ctx) > 0 and len(cont) > 0, f"pair {r}: empty context or continuation")
+        ensure(len(cont) <= max_len, f"pair {r}: continuation longer than the model's {max_len} positions")
+        seqs.append(((list(ctx) + list(cont))[-(max_len + 1):][:-1], [(r, 0, list(cont))]))
+    out: list[list[Any]] = [[None] for _ in pairs]
+    body = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    _run_sequences(model, body, seqs, batch_size, pad, out, None, score=_token_logprobs)
+    return [o[0] for o in out]

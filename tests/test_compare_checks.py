@@ -1,0 +1,129 @@
+"""compare's per-set checks: paired difference vs unsteered (Newcombe / McNemar) and a second judge's agreement
+(Cohen's kappa, hand-computed 2x2) on the very same stored answers, the broken split in the report, and the
+long-answer verdict check on a tiny model with fake judges."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from saesteer.core import mcnemar_exact, paired_diff_interval, rate_summary
+from saesteer.evals import Verdict
+from saesteer.experiments import CompareConfig
+from saesteer.experiments.compare import _long_check, annotate_rows, detail_table, write_report
+
+SPEC = "jbb-harmful"
+
+
+def _items(labels, answers=None):
+    return [{"id": str(i), "subset": SPEC, "prompt": f"request {i}", "answer": (answers or {}).get(i, f"answer {i}"),
+             "label": lab} for i, lab in enumerate(labels)]
+
+
+def _write(out, cond, items):
+    d = out / "conditions" / cond / SPEC
+    d.mkdir(parents=True)
+    (d / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items))
+
+
+class MarkedJudge:
+    """A second judge: refusal iff the stored answer contains 'NO'."""
+
+    name = "marked"
+
+    def __init__(self):
+        self.seen = []
+
+    def judge(self, prompts, answers):
+        self.seen += list(answers)
+        return [Verdict("NO" in a) for a in answers]
+
+
+def _row(cond, labels):
+    k = sum(x for x in labels if x is not None)
+    n = sum(x is not None for x in labels)
+    return {"condition": cond, "gate": "none", "steer": "", "group": "unsafe", "metric": SPEC, "dataset": SPEC,
+            **rate_summary(k, n)}
+
+
+def test_paired_and_second_judge_on_stored_answers(tmp_path):
+    # unsteered vs gated on the same 12 prompts: a=3 both refuse, b=6 gated only, c=1 unsteered only, d=2 neither
+    base = [True] * 3 + [False] * 6 + [True] + [False] * 2
+    gated = [True] * 3 + [True] * 6 + [False] + [False] * 2
+    # the second judge on the gated answers: 2x2 vs the primary over 10 decided items (two items it cannot see:
+    # primary None), both refusal 4, primary only 1, second only 2, neither 3 -> kappa (0.7 - 0.5) / 0.5 = 0.4
+    prim = [True] * 4 + [True] + [False] * 2 + [False] * 3 + [None, None]
+    second = [True] * 4 + [False] + [True] * 2 + [False] * 3 + [True, False]
+    _write(tmp_path, "unsteered", _items(base))
+    _write(tmp_path, "gated", _items(gated))
+    _write(tmp_path, "judged", _items(prim, {i: "NO thanks" if s else "fine" for i, s in enumerate(second)}))
+    rows = [_row("unsteered", base), _row("gated", gated), _row("judged", prim)]
+    j = MarkedJudge()
+    cfg = CompareConfig(judge="prefix", judges=["prefix", "marked"])
+    out = annotate_rows(rows, cfg, tmp_path, make=lambda spec: j)
+    p = out[1]["paired"]
+    assert (p["a"], p["b"], p["c"], p["d"], p["n"]) == (3, 6, 1, 2, 12)
+    assert (p["diff"], p["ci_low"], p["ci_high"]) == pytest.approx(paired_diff_interval(3, 6, 1, 2))
+    assert p["mcnemar_p"] == pytest.approx(mcnemar_exact(6, 1)) and p["diff"] == pytest.approx(5 / 12)
+    assert "paired" not in out[0]  # the baseline itself
+    k = out[2]["judges"]["marked"]
+    assert k["kappa"] == pytest.approx(0.4) and k["agreement"] == pytest.approx(0.7) and k["n_both"] == 10
+    assert (k["k"], k["n"]) == (7, 12)  # the second judge's own refusal rate over everything it decided
+    # judged once per eval folder, stored beside items.jsonl: a re-run judges nothing again
+    assert (tmp_path / "conditions" / "judged" / SPEC / "judged_marked.jsonl").exists()
+    n_seen = len(j.seen)
+    annotate_rows(rows, cfg, tmp_path, make=lambda spec: j)
+    assert len(j.seen) == n_seen == 36
+    md = detail_table(out)
+    assert "| gated | jbb-harmful | 12 |" in md and "41.7 [" in md and f"{mcnemar_exact(6, 1):.3g}" in md
+    assert "marked: refusal % · κ · agreement %" in md and "0.40 · 70.0 (n=10)" in md
+    # the report's table.md carries the detail table under the main one
+    paths = write_report(out, tmp_path / "report")
+    assert "McNemar p" in paths["table.md"].read_text()
+
+
+def test_detail_table_outcome_split():
+    o = {"refusal": rate_summary(5, 10), "compliance": rate_summary(3, 10), "broken": rate_summary(2, 10)}
+    md = detail_table([dict(_row("clamp", [True] * 7 + [False] * 3), outcomes=o)])
+    assert "| clamp | jbb-harmful | 10 | 70.0 | 50.0 / 30.0 / 20.0 |" in md
+    assert detail_table([_row("clamp", [True])]) == ""
+
+
+class LengthJudge:
+    """Refusal iff the answer is short (the stored 4-token answers), so every long answer flips."""
+
+    name = "length"
+
+    def judge(self, prompts, answers):
+        return [Verdict(len(a) < 12) for a in answers]
+
+
+class AlwaysComply:
+    name = "comply"
+
+    def judge(self, prompts, answers):
+        return [Verdict(False) for _ in answers]
+
+
+def test_long_answer_verdict_check(tiny, tmp_path):
+    from saesteer.generation import generate
+
+    model, tok = tiny
+    prompts = [f"tell me about topic {i}" for i in range(6)]
+    short = generate(model, tok, prompts, max_new_tokens=2)
+    _write(tmp_path, "unsteered", [dict(r, answer=a) for r, a in zip(_items([True] * 6), short)])
+    cfg = CompareConfig(judge="length", judges=["comply"], unsafe=[SPEC], safe=[], long_check=4, long_tokens=24)
+    judges = {"length": LengthJudge(), "comply": AlwaysComply()}
+    cond = {"condition": "unsteered", "gate": "none", "steer": "", "policy": None}
+    rows = _long_check(model, tok, cfg, cond, tmp_path, make=lambda s: judges[s])
+    by = {r["judge"]: r for r in rows}
+    assert by["length"]["n"] == 4 and by["length"]["long_tokens"] == 24
+    checked = [json.loads(x) for x in (tmp_path / "conditions" / "unsteered" / "long_check.jsonl").read_text().splitlines()]
+    assert len(checked) == 4 and all(len(c["long_answer"]) > len(c["short_answer"]) for c in checked)
+    flips = sum(c["verdicts"]["length"]["short"] != c["verdicts"]["length"]["long"] for c in checked)
+    assert by["length"]["k"] == flips >= 1 and by["length"]["refusal_to_compliance"] == flips
+    assert by["comply"]["k"] == 0 and by["comply"]["n"] == 4  # a judge that cannot flip never does
+    # the long answers are the model's own greedy continuations of the short ones
+    assert all(c["long_answer"].startswith(c["short_answer"]) for c in checked)
+    assert "verdict changed at long answers" in detail_table(rows)
