@@ -22,7 +22,7 @@ sides) so all conditions do the same work, and the greedy tokens of ours are com
 batch 64 runs once without the shared-prefix prefill. Steering = ``saesteer.steering.interventions.Add`` of a fixed random vector at ``--layer`` (norm ``--alpha``).
 The CPU reference is llama-cpp-python on the model's own GGUF file (unsteered, prompts one after another, its
 sampler at temperature 0); the JSON records the error when it is not installed. Ceilings: a large fp32 matmul
-(GFLOP/s) and a large tensor copy (GB/s, read + write). Prints and saves ``benchmarks/results/generation.json``.
+(GFLOP/s) and a large tensor copy (GB/s, read + write). Prints and saves ``benchmarks/results/generation_engine.json``.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ groups of similar length; both only when every hook on the model is a steering h
 Greedy decoding gives the same tokens as ``model.generate`` on the same batch: the arithmetic per row is the same;
 a row can differ only when a different matmul shape (dropped rows, shared prefix, padding) flips a near-tied argmax
 (counted in ``tests/test_generation.py`` and ``benchmarks/generation.py``). Speed (``benchmarks/results/
-generation.json``, default model, 32 new tokens, 2 threads): the shared prefix cut a 64-row prefill from 19.5 s to
+generation_engine.json``, default model, fp32, 32 new tokens, 2 threads): the shared prefix cut a 64-row prefill from 19.5 s to
 5.8 s; the best steered throughput is 64-96 rows per batch (75 tok/s, ~90 tok/s in the decode steps alone; 3.35x
 ``model.generate`` at batch 8). Larger batches do not pay: at 64+ rows the fp32 GEMMs already run at ~80 GFLOP/s. At batch 8 the decode steps cost the same as
 ``model.generate``'s (streaming the 2.5 GB of weights each step). The gains come from larger batches, the shared
