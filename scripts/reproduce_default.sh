@@ -113,7 +113,7 @@ $S policy fit --model $M --sae runs/sae-qwen-l12 --feature 1647 --clamp 12.9207 
    --steer-low $P/ablate-direction.json --low-rate 0.02 --train "$TRAIN" --val "$VAL" --limit 200 \
    --cache runs/lead/gate-cache --name two-sided-probe --out $P/two-sided-probe.json
 FULL=runs/lead/compare-full
-$S compare --model $M --policies $P/clamp.json,$P/system-prompt.json,$P/system-prompt+clamp.json,$P/direction+always.json,$P/direction+probe.json,$P/clamp+probe.json,$P/clamp+probe-1.5b-perset.json,$P/two-sided-probe.json \
+$S compare --model $M --policies $P/clamp.json,$P/system-prompt.json,$P/system-prompt+clamp.json,$P/direction+always.json,$P/direction+probe.json,$P/clamp+cast.json,$P/clamp+probe.json,$P/clamp+probe-1.5b-perset.json,$P/two-sided-probe.json \
    --limit 0 --capability humaneval,gsm8k_chat --gsm8k-limit 0 --judge prefix \
    --judges model:hf:qwen2.5-coder-1.5b-instruct --broken --long-check 100 --long-tokens 256 \
    --multiturn-limit 30 --max-turns 3 --exclude docs/results/features/selection.json --out $FULL

@@ -67,6 +67,8 @@ def test_baseline_kind_from_gate_and_label():
     # candidates: gated SAE policies, feature adds, any two-sided policy; the unsteered model is the reference
     assert kind("probe", "clamp f1647=12.9") is None and kind("probe", "add f12,f3 x2") is None
     assert kind("probe", "add refusal x2 | low: ablate_direction refusal") is None
+    assert kind("cast", "clamp f1647=12.9") == "CAST" and kind("cast", "add refusal x1") == "refusal direction"
+    assert kind("cast", "clamp f1 | low: ablate_direction refusal") is None
     assert kind("none", "", "unsteered") is None
 
 
