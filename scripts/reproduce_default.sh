@@ -87,3 +87,43 @@ $S compare --model $M --policies $P/clamp.json,$P/clamp+probe.json,$P/clamp+sae.
 #     post hoc: could any threshold of the 1.5B gate meet the goal on these test items? (diagnostic, never for choosing)
 .venv/bin/python scripts/gate_frontier.py --compare runs/lead/compare3 --condition clamp+probe-1.5b \
    --out docs/results/gate_frontier_1.5b.json
+# 11. issue 15: the baselines and a two-sided policy, fitted on train / validation prompts only, and the FULL
+#     comparison (every held-out test item of each refusal set: --limit 0; HumanEval and GSM8K-chat on their full sets:
+#     --gsm8k-limit 0; the prefix judge and the 1.5B model judge with their agreement; broken labels; 100 answers
+#     regenerated at 256 tokens). goals.json gives the acceptance line per condition and criterion (met / not met /
+#     not measured), table.html the frontier plot with the goal region. Not yet run end to end (expect several hours:
+#     GSM8K-chat's 1319 generations per condition dominate); the per-condition answers stay in runs/, the report is
+#     copied to docs/results/compare-full/. compare resumes per condition and group if interrupted.
+P=runs/lead/policies
+D=runs/lead/direction.safetensors
+$S direction --model $M --out $D
+printf '{"kind": "ablate_direction", "direction": "%s"}\n' "$PWD/$D" > $P/ablate-direction.json
+#     system prompt (SAFETY_SYSTEM_PROMPT) alone and with the clamp
+$S policy fit --model $M --gate always --system-prompt safety --name system-prompt --out $P/system-prompt.json
+$S policy fit --model $M --sae runs/sae-qwen-l12 --feature 1647 --clamp 12.9207 --gate always --system-prompt safety \
+   --name system-prompt+clamp --out $P/system-prompt+clamp.json
+#     the refusal direction added at the strength matching the clamp's validation unsafe refusal, unconditional and
+#     behind the probe gate (layer 12, the clamp's gate cache)
+$S policy fit --model $M --direction $D --gate always,probe --gate-layer 12 --fpr 0.02 --match $P/clamp.json \
+   --match-strengths 0.25,0.5,1,2,4,8 --train "$TRAIN" --val "$VAL" --limit 200 --cache runs/lead/gate-cache \
+   --out "$P/direction+{gate}.json"
+#     two-sided: the clamp above the probe's threshold, the refusal direction ablated below a low threshold (at most 2 %
+#     of the harmful validation prompts steered low)
+$S policy fit --model $M --sae runs/sae-qwen-l12 --feature 1647 --clamp 12.9207 --gate probe --gate-layer 12 --fpr 0.02 \
+   --steer-low $P/ablate-direction.json --low-rate 0.02 --train "$TRAIN" --val "$VAL" --limit 200 \
+   --cache runs/lead/gate-cache --name two-sided-probe --out $P/two-sided-probe.json
+FULL=runs/lead/compare-full
+$S compare --model $M --policies $P/clamp.json,$P/system-prompt.json,$P/system-prompt+clamp.json,$P/direction+always.json,$P/direction+probe.json,$P/clamp+cast.json,$P/clamp+probe.json,$P/clamp+probe-1.5b-perset.json,$P/two-sided-probe.json \
+   --limit 0 --capability humaneval,gsm8k_chat --gsm8k-limit 0 --judge prefix \
+   --judges model:hf:qwen2.5-coder-1.5b-instruct --broken --long-check 100 --long-tokens 256 \
+   --multiturn-limit 30 --max-turns 3 --exclude docs/results/features/selection.json --out $FULL
+mkdir -p docs/results/compare-full
+cp $FULL/results.jsonl $FULL/config.json $FULL/table.md $FULL/table.html $FULL/pareto.png $FULL/goals.json \
+   docs/results/compare-full/
+#     Crescendo is not part of compare: 30 objectives x 3 turns with the 1.5B attacker for unsteered, the clamp and the
+#     two-sided policy (conversations advance together, one batch per turn)
+for POL in "" $P/clamp.json $P/two-sided-probe.json; do
+  $S eval multiturn --mode crescendo --limit 30 --max-turns 3 --max-backtracks 2 --model $M \
+     --attacker hf:qwen2.5-coder-1.5b-instruct ${POL:+--policy $POL} \
+     --out "runs/lead/crescendo-full${POL:+-$(basename "$POL" .json)}"
+done

@@ -5,6 +5,7 @@ options are declared once (cli/options.py) and reach the library translator the 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,27 @@ def test_every_command_has_its_recorded_options():
     diff = {k: (sorted(set(recorded[k]) - set(now[k])), sorted(set(now[k]) - set(recorded[k])))
             for k in now if set(now[k]) != set(recorded[k])}
     assert diff == {}, f"options (missing, new) per command: {diff}"
+
+
+def test_reproduce_script_runs_existing_commands_and_options():
+    """A dry run of scripts/reproduce_default.sh (it takes hours, so its options must not rot unseen): every
+    ``$S <command> --option`` it runs names a command and options that exist."""
+    script = Path(__file__).parents[1] / "scripts" / "reproduce_default.sh"
+    text = re.sub(r"\\\n\s*", " ", script.read_text())  # continuation lines joined
+    recorded = json.loads(RECORDED.read_text())
+    runs = []
+    for line in text.splitlines():
+        if line.lstrip().startswith("#") or "$S " not in line:
+            continue
+        rest = line.split("$S ", 1)[1]
+        words = rest.split()
+        cmd = " ".join(words[:2]) if " ".join(words[:2]) in recorded else words[0]
+        assert cmd in recorded, f"reproduce_default.sh runs an unknown command: {line.strip()[:120]}"
+        opts = re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", rest)
+        unknown = sorted(set(opts) - set(recorded[cmd]))
+        assert not unknown, f"`saesteer {cmd}` has no option {unknown} ({line.strip()[:120]})"
+        runs.append(cmd)
+    assert runs.count("compare") >= 4 and "direction" in runs and "eval multiturn" in runs
 
 
 def test_steering_options_reach_one_translator(tmp_path, monkeypatch):

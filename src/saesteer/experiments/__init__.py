@@ -2,6 +2,7 @@
 reports (``report``), and the one results format they share (``results``: ``results.jsonl``, folder names, pooling).
 """
 
+from .acceptance import acceptance, acceptance_table, baseline_kind  # noqa: F401
 from .compare import (  # noqa: F401
     CAP_METRICS,
     GROUPS,
@@ -9,6 +10,7 @@ from .compare import (  # noqa: F401
     gate_fired,
     goals,
     held_out_exclusions,
+    low_side_rate,
     markdown_table,
     pareto_front,
     pareto_plot,
