@@ -31,7 +31,7 @@ from .presets import DTYPE_OPT
 
 @dataclass
 class DemoBudget:
-    """Sizes of every stage; ``small`` fits in ~45 minutes on a 2-core CPU with the default model."""
+    """Sizes of every stage; ``small`` takes ~18 minutes and < 4 GiB on a 2-core AVX512-BF16 CPU with the default model in bf16 (docs/RESULTS.md §0; ~45 minutes in fp32)."""
 
     tokens: int = 60_000
     """activation tokens collected for the SAE"""
@@ -181,7 +181,7 @@ def demo(
     model: str = model_option(),
     out: Path = typer.Option(Path("runs/demo"), help="run folder (every stage writes below it)"),
     layer: int = typer.Option(12, help="residual-stream layer for the SAE (mid-depth of the default model)"),
-    budget: str = typer.Option("small", help="small (~45 min on 2 CPU cores) or tiny (a smoke run)"),
+    budget: str = typer.Option("small", help="small (~18 min on 2 CPU cores in bf16) or tiny (a smoke run)"),
     threads: int = typer.Option(None, help=THREADS_HELP),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
     dtype: Optional[str] = DTYPE_OPT,
