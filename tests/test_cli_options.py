@@ -40,10 +40,11 @@ def test_every_command_has_its_recorded_options():
     assert diff == {}, f"options (missing, new) per command: {diff}"
 
 
-def test_reproduce_script_runs_existing_commands_and_options():
-    """A dry run of scripts/reproduce_default.sh (it takes hours, so its options must not rot unseen): every
-    ``$S <command> --option`` it runs names a command and options that exist."""
-    script = Path(__file__).parents[1] / "scripts" / "reproduce_default.sh"
+@pytest.mark.parametrize("name", ["reproduce_default.sh", "baselines_demo.sh"])
+def test_reproduce_script_runs_existing_commands_and_options(name):
+    """A dry run of the result scripts (scripts/reproduce_default.sh takes hours, so its options must not rot unseen):
+    every ``$S <command> --option`` they run names a command and options that exist."""
+    script = Path(__file__).parents[1] / "scripts" / name
     text = re.sub(r"\\\n\s*", " ", script.read_text())  # continuation lines joined
     recorded = json.loads(RECORDED.read_text())
     runs = []
@@ -53,12 +54,15 @@ def test_reproduce_script_runs_existing_commands_and_options():
         rest = line.split("$S ", 1)[1]
         words = rest.split()
         cmd = " ".join(words[:2]) if " ".join(words[:2]) in recorded else words[0]
-        assert cmd in recorded, f"reproduce_default.sh runs an unknown command: {line.strip()[:120]}"
+        assert cmd in recorded, f"{name} runs an unknown command: {line.strip()[:120]}"
         opts = re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", rest)
         unknown = sorted(set(opts) - set(recorded[cmd]))
         assert not unknown, f"`saesteer {cmd}` has no option {unknown} ({line.strip()[:120]})"
         runs.append(cmd)
-    assert runs.count("compare") >= 4 and "direction" in runs and "eval multiturn" in runs
+    if name == "reproduce_default.sh":
+        assert runs.count("compare") >= 4 and "direction" in runs and "eval multiturn" in runs
+    else:
+        assert runs.count("policy fit") == 4 and runs.count("compare") == 1 and "direction" in runs
 
 
 def test_steering_options_reach_one_translator(tmp_path, monkeypatch):
