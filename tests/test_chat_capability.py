@@ -33,6 +33,10 @@ def test_mmlu_chat_extract(reply, expect):
     ("First 5, then 12 apples.", "[invalid]", "12"),
     ("#### 7 and later 9", "7", "7"),
     ("no numbers at all", "[invalid]", "[invalid]"),
+    # markdown headings "#### 1. Step" (replies under a system prompt) are not answer markers
+    ("#### 1. Calculate the cost\nIt is 300 / 2 = 150.\n#### 2. Subtract\n150 - 50 = 100\n#### 100", "100", "100"),
+    ("#### 1. Let's break it down\nWendy earns 36, Amber 6, so 30 more.", "[invalid]", "30"),
+    ("#### 1) **Step**: 4 + 4 = 8\n#### 8.", "8", "8"),
 ])
 def test_gsm8k_chat_extract(reply, strict, answer):
     s, a = cap.gsm8k_chat_extract(reply)

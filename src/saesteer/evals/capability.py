@@ -152,11 +152,15 @@ GSM8K_CHAT_STRICT = re.compile(r"####\s*[*$\\(\s]*(-?[0-9][0-9,]*(?:\.[0-9]+)?)"
 GSM8K_BOXED = re.compile(r"\\boxed\{\s*\$?\s*(-?[0-9][0-9,]*(?:\.[0-9]+)?)")
 
 
+NUMBERED_HEADING = re.compile(r"####[ \t]*\d+[.)][ \t]+[A-Za-z*_]")
+"""A markdown heading such as ``#### 1. Calculate the cost`` (seen under a system prompt): not an answer marker."""
+
+
 def gsm8k_chat_extract(reply: str) -> tuple[str, str]:
     """(strict, answer) of a chat reply: strict = the number after the first ``####`` (markdown ``**``, ``$`` and
-    spaces allowed in between), answer = strict when present, else the last ``\\boxed{N}``, else the harness's
-    flexible last number; ``[invalid]`` when none."""
-    m = GSM8K_CHAT_STRICT.search(reply)
+    spaces allowed in between) that is not a numbered markdown heading (:data:`NUMBERED_HEADING`), answer = strict
+    when present, else the last ``\\boxed{N}``, else the harness's flexible last number; ``[invalid]`` when none."""
+    m = next((x for x in GSM8K_CHAT_STRICT.finditer(reply) if not NUMBERED_HEADING.match(reply, x.start())), None)
     strict = m.group(1) if m else "[invalid]"
     if m:
         return strict, strict
