@@ -12,11 +12,9 @@ def load(model: str, device: str, threads: Optional[int], dtype: Optional[str] =
     from saesteer.core import resolve_device, set_threads
     from saesteer.models import load_model
 
-    from .presets import model_dtype
-
     set_threads(threads)
     device = resolve_device(device)
-    return load_model(model, device=device, dtype=model_dtype(dtype, device), quantize=quantize)
+    return load_model(model, device=device, dtype=dtype, quantize=quantize)  # None / auto: the device's default
 
 
 def split_list(values: list[str] | str | None) -> list[str]:

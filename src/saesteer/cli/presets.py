@@ -26,13 +26,6 @@ QUANTIZE_OPT = typer.Option("none", "--quantize", help="none | int8 | int4: weig
                                                       "conversation at a time on CPU, slower for large batches")
 
 
-def model_dtype(name: Optional[str], device: str = "cpu") -> str:
-    """The dtype name a ``--dtype`` value means on ``device`` (None / auto: ``core.default_dtype``)."""
-    from saesteer.core import resolve_dtype
-
-    return resolve_dtype(name, device)
-
-
 def _explicit(name: str) -> bool:
     """Whether option ``name`` was given on the command line / by its env var in the running command."""
     try:  # typer >= 0.2x runs on its own copy of click

@@ -45,8 +45,8 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ensure(quantize in (None, *QUANTIZE_MODES), f"--quantize must be one of {', '.join(QUANTIZE_MODES)}, got {quantize!r}")
+    dtype = getattr(torch, resolve_dtype(dtype, device))  # a bad --dtype fails before any conversion
     path, kw = resolve_model_path(name_or_path)
-    dtype = getattr(torch, resolve_dtype(dtype, device))
     try:
         tok = AutoTokenizer.from_pretrained(path, **kw)
         if name_or_path in BUILTIN_MODELS and dtype != torch.float32:
