@@ -213,6 +213,7 @@ class Engine:
             row.index = i
         ivs = [iv for req in batch for iv in req.interventions]
         counted, n_done = False, 0
+        last: list[tuple[PendingRequest, tuple[str, int, Any]]] = []  # told only once the steering is uninstalled
         try:
             with self._steering(batch, rows), torch.inference_mode():
                 for events in decode_rows(self.model, self.tok, [row for _, _, row in rows], self.eos, stream=True,
@@ -226,7 +227,9 @@ class Engine:
                             if n_done == len(rows):  # counted before the batch's last client hears it is done
                                 self._count(len(rows))
                                 counted = True
-                            req.push(("done", j, ev.finish_reason))
+                                last.append((req, ("done", j, ev.finish_reason)))
+                            else:
+                                req.push(("done", j, ev.finish_reason))
             if not counted:
                 self._count(len(rows))
         except Exception as e:  # noqa: BLE001 - report to every waiting client, keep serving
@@ -238,3 +241,5 @@ class Engine:
             for iv in ivs:
                 with contextlib.suppress(Exception):
                     iv.set_row_scale(None)
+            for req, msg in last:
+                req.push(msg)
