@@ -40,7 +40,7 @@ def test_every_command_has_its_recorded_options():
     assert diff == {}, f"options (missing, new) per command: {diff}"
 
 
-@pytest.mark.parametrize("name", ["reproduce_default.sh", "baselines_demo.sh"])
+@pytest.mark.parametrize("name", ["reproduce_default.sh", "baselines_demo.sh", "compare_full.sh"])
 def test_reproduce_script_runs_existing_commands_and_options(name):
     """A dry run of the result scripts (scripts/reproduce_default.sh takes hours, so its options must not rot unseen):
     every ``$S <command> --option`` they run names a command and options that exist."""
@@ -61,6 +61,8 @@ def test_reproduce_script_runs_existing_commands_and_options(name):
         runs.append(cmd)
     if name == "reproduce_default.sh":
         assert runs.count("compare") >= 4 and "direction" in runs and "eval multiturn" in runs
+    elif name == "compare_full.sh":
+        assert runs == ["compare"]
     else:
         assert runs.count("policy fit") == 4 and runs.count("compare") == 1 and "direction" in runs
 

@@ -127,3 +127,21 @@ def test_long_answer_verdict_check(tiny, tmp_path):
     # the long answers are the model's own greedy continuations of the short ones
     assert all(c["long_answer"].startswith(c["short_answer"]) for c in checked)
     assert "verdict changed at long answers" in detail_table(rows)
+
+
+def test_second_judge_on_a_seeded_sample(tmp_path):
+    # 12 stored answers per condition, the second judge limited to 5: it reads 5 answers per condition, the same ids
+    # for both conditions, and kappa / agreement / n are over those 5 only (no unjudged item counts as a failure)
+    base = [True, False] * 6
+    _write(tmp_path, "unsteered", _items(base, {i: "NO" if b else "fine" for i, b in enumerate(base)}))
+    _write(tmp_path, "gated", _items([True] * 12, {i: "NO" for i in range(12)}))
+    rows = [_row("unsteered", base), _row("gated", [True] * 12)]
+    j = MarkedJudge()
+    out = annotate_rows(rows, CompareConfig(judges=["marked"], judges_limit=5, seed=3), tmp_path, make=lambda s: j)
+    assert len(j.seen) == 10
+    ids = [[json.loads(x)["id"] for x in (tmp_path / "conditions" / c / SPEC / "judged_marked_n5.jsonl").read_text()
+            .splitlines()] for c in ("unsteered", "gated")]
+    assert ids[0] == ids[1] and len(set(ids[0])) == 5
+    for r in out:
+        k = r["judges"]["marked"]
+        assert k["n"] == k["n_both"] == 5 and k["n_failed"] == 0 and k["agreement"] == 1.0

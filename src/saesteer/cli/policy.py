@@ -193,6 +193,8 @@ def compare_cmd(
     judge: str = typer.Option("prefix", help="refusal judge"),
     judges: List[str] = typer.Option([], help="further judges of the very same stored answers (e.g. prefix,model:hf:NAME): "
                                      "refusal %, Cohen's kappa and agreement with --judge per set"),
+    judges_limit: Optional[int] = typer.Option(None, help="further judges read a seeded sample of at most N answers per "
+                                               "set and condition (0 / unset = all)"),
     broken: bool = typer.Option(True, help=BROKEN_HELP),
     broken_mad: float = BROKEN_MAD_OPT,
     broken_repeat: float = BROKEN_REPEAT_OPT,
@@ -223,7 +225,7 @@ def compare_cmd(
                         multiturn_limit=multiturn_limit or None, max_turns=max_turns, capability=split_list(capability),
                         capability_limit=capability_limit or None, gsm8k_limit=gsm8k_limit or None,
                         exclude_ids=read_exclude(exclude), batch_size=batch_size, seed=seed, judges=split_list(judges),
-                        broken=broken, broken_mad=broken_mad, broken_repeat=broken_repeat, long_check=long_check,
+                        judges_limit=judges_limit or None, broken=broken, broken_mad=broken_mad, broken_repeat=broken_repeat, long_check=long_check,
                         long_tokens=long_tokens)
     from saesteer.experiments import policy_conditions
 

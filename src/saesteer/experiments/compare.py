@@ -73,6 +73,9 @@ class CompareConfig:
     """Further judges (``make_judge`` specs, e.g. ``prefix,model:hf:NAME``; ``judge`` itself is skipped) applied to
     the very same stored answers after generation: each refusal row gets their rates, Cohen's kappa and raw agreement
     with ``judge``."""
+    judges_limit: int | None = None
+    """Further judges read a seeded sample of at most this many stored answers per set and condition (None = all);
+    their rate, kappa and agreement are then over that sample (a 1.5B model judge reads ~100 answers a minute here)."""
     broken: bool = True
     """Label broken answers (``evals.broken``; likelihood reference: the unsteered condition's answers on the same
     set): refusal rows get the refusal / compliance / broken split."""
@@ -539,14 +542,22 @@ def _eval_items(out: Path, condition: str, spec: str) -> list[dict]:
     return [json.loads(x) for x in p.read_text(encoding="utf-8").splitlines() if x.strip()] if p.exists() else []
 
 
-def _judged(out: Path, condition: str, spec: str, judge_spec: str, built: dict, make: Callable) -> dict:
+def _judged(out: Path, condition: str, spec: str, judge_spec: str, built: dict, make: Callable,
+            limit: int | None = None, seed: int = 0) -> dict:
     """``{(subset, id): label}`` of a further judge on one eval's stored answers (judged once, kept in
-    ``judged_<judge>.jsonl`` beside ``items.jsonl``), and the judge's name."""
+    ``judged_<judge>[_n<limit>].jsonl`` beside ``items.jsonl``), and the judge's name. With ``limit``, the judge reads
+    a seeded sample of that many answers (the same ids for every condition, as every condition answers the same
+    prompts)."""
     from saesteer.evals.refusal import stored_request
 
-    path = _eval_dir(out, condition, spec) / f"judged_{slug(judge_spec)}.jsonl"
+    name = f"judged_{slug(judge_spec)}" + (f"_n{limit}" if limit is not None else "")
+    path = _eval_dir(out, condition, spec) / f"{name}.jsonl"
     if not path.exists():
         items = _eval_items(out, condition, spec)
+        if limit is not None and limit < len(items):
+            items = sorted(items, key=lambda i: (i["subset"], str(i["id"])))
+            keep = set(random.Random(seed).sample(range(len(items)), limit))
+            items = [it for i, it in enumerate(items) if i in keep]
         if judge_spec not in built:
             built[judge_spec] = make(judge_spec)
         j = built[judge_spec]
@@ -619,9 +630,10 @@ def annotate_rows(rows: Sequence[dict], cfg: CompareConfig, out: str | Path, mak
                     r["paired"] = {"vs": "unsteered", **paired_summary([a for a, _ in pairs], [b for _, b in pairs])}
             judged = {}
             for spec in extra if mine else []:
-                other = _judged(out, r["condition"], r["dataset"], spec, built, make)
-                theirs = [other["labels"].get(k) for k in mine]
-                both = [(a, b) for a, b in zip(mine.values(), theirs) if a is not None and b is not None]
+                other = _judged(out, r["condition"], r["dataset"], spec, built, make, cfg.judges_limit, cfg.seed)
+                keys = [k for k in mine if k in other["labels"]]
+                theirs = [other["labels"][k] for k in keys]
+                both = [(mine[k], b) for k, b in zip(keys, theirs) if mine[k] is not None and b is not None]
                 decided = [b for b in theirs if b is not None]
                 judged[other["name"]] = {
                     **rate_summary(sum(decided), len(decided)),
