@@ -6,7 +6,9 @@
 
 ``dtypes`` (issue 17; writes ``benchmarks/results/generation.json``), one process, the same model, prompts and steering
 (``Add`` of a fixed random vector at ``--layer``) for every condition: float32, bfloat16, and bfloat16 with weight-only
-int8 or int4 linears (``models.quant``; int4 keeps the LM head int8). Per condition: batched steered decode at 64 rows (``--new-tokens`` each, EOS off),
+int8 linears (q/k/v and gate/up fused), the same int8 weights used only for steps of <= 4 rows (``int8-decode``, the
+default of chat / serve on such CPUs; its verdicts are taken one prompt at a time), or int4 linears (``models.quant``;
+int4 keeps the LM head int8). Per condition: batched steered decode at 64 rows (``--new-tokens`` each, EOS off),
 steered batch-1 decode (``--single-prompts`` prompts one after another, ``--single-tokens`` each, EOS off), and the
 refusal-eval workload — 64 XSTest prompts (32 safe, 32 unsafe, seeded), ``--eval-tokens`` answer budget, prefix judge,
 unsteered and steered — whose verdicts are compared with float32's row by row. The reference is llama.cpp
@@ -292,7 +294,7 @@ def engine_main(argv: list[str] | None = None) -> None:
 
 
 XSTEST_N = 32  # per side of the eval workload
-CONDITIONS = ("float32", "bfloat16", "bfloat16+int8", "bfloat16+int4")
+CONDITIONS = ("float32", "bfloat16", "bfloat16+int8", "bfloat16+int8-decode", "bfloat16+int4")
 
 
 def eval_prompts(seed: int = 0) -> list[str]:
@@ -303,13 +305,14 @@ def eval_prompts(seed: int = 0) -> list[str]:
     return [it.prompt for it in safe + unsafe]
 
 
-def verdicts(model, tok, prompts, max_new: int, vec, layer: int) -> dict:
-    """Prefix-judge verdicts of the eval path (one batch, rows stop once the verdict is fixed), unsteered and steered."""
+def verdicts(model, tok, prompts, max_new: int, vec, layer: int, batch_size: int | None = None) -> dict:
+    """Prefix-judge verdicts of the eval path (one batch unless ``batch_size``; rows stop once the verdict is fixed),
+    unsteered and steered."""
     from saesteer.evals import PrefixJudge
     from saesteer.generation import generate
 
     judge = PrefixJudge()
-    cfg = GenerationConfig(max_new_tokens=max_new, batch_size=len(prompts), stop_when=judge.stop_when)
+    cfg = GenerationConfig(max_new_tokens=max_new, batch_size=batch_size or len(prompts), stop_when=judge.stop_when)
     out, t0 = {}, time.perf_counter()
     out["unsteered"] = [judge.is_refusal(t) for t in generate(model, tok, prompts, cfg)]
     with steer(model, [Add(vector=vec, alpha=1.0, layer=layer)]):
@@ -343,6 +346,8 @@ def dtypes_main(argv: list[str] | None = None) -> None:
     ap.add_argument("--single-prompts", type=int, default=4)
     ap.add_argument("--single-tokens", type=int, default=48)
     ap.add_argument("--eval-tokens", type=int, default=64)
+    ap.add_argument("--conditions", default=",".join(CONDITIONS), help="subset of " + ",".join(CONDITIONS)
+                    + " (float32 and bfloat16 are always run: the reference and the base of the quantized copies)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "generation.json"))
     args = ap.parse_args(argv)
     set_threads(args.threads)
@@ -359,7 +364,7 @@ def dtypes_main(argv: list[str] | None = None) -> None:
     base, tok = models.load_model(args.model, dtype="float32")
     vec = steering_vector(base, args.alpha)
     conds: dict = {}
-    for name in CONDITIONS:
+    for name in [c for c in CONDITIONS if c in {"float32", "bfloat16", *args.conditions.split(",")}]:
         if name == "bfloat16":
             base.to(torch.bfloat16)
         model = base
@@ -378,7 +383,11 @@ def dtypes_main(argv: list[str] | None = None) -> None:
         print(name, "batched", c["batched_steered"], flush=True)
         c["single_stream_steered"] = single_stream(model, tok, single, args.single_tokens, vec, args.layer)
         print(name, "single", c["single_stream_steered"], flush=True)
-        c["verdicts"] = verdicts(model, tok, prompts_eval, args.eval_tokens, vec, args.layer)
+        # int8-decode changes only the steps of <= 4 rows: its verdicts are taken one prompt at a time, as chat / serve
+        # with one user decode
+        vb = 1 if name.endswith("int8-decode") else None
+        c["verdicts"] = verdicts(model, tok, prompts_eval, args.eval_tokens, vec, args.layer, vb)
+        c["verdict_batch_size"] = vb or len(prompts_eval)
         if name != "float32":
             ref = conds["float32"]["verdicts"]
             c["verdict_agreement_vs_float32"] = {
@@ -401,13 +410,13 @@ def dtypes_main(argv: list[str] | None = None) -> None:
         return sum(v["identical"] for v in a.values()) / sum(v["n"] for v in a.values())
 
     lc = res["llama_cpp"].get("tok_s")
-    ok_single = [n for n in CONDITIONS[1:] if agree(n) >= 0.97]
+    ok_single = [n for n in list(conds)[1:] if agree(n) >= 0.97]
     best = max(ok_single, key=lambda n: conds[n]["single_stream_steered"]["tok_s"]) if ok_single else None
     res["summary"] = {
         "bf16_over_fp32_batched": round(conds["bfloat16"]["batched_steered"]["tok_s"]
                                         / conds["float32"]["batched_steered"]["tok_s"], 2),
         "bf16_verdict_agreement": round(agree("bfloat16"), 4),
-        "verdict_agreement": {n: round(agree(n), 4) for n in CONDITIONS[1:]},
+        "verdict_agreement": {n: round(agree(n), 4) for n in list(conds)[1:]},
         "single_stream_over_llama_cpp": {n: round(conds[n]["single_stream_steered"]["tok_s"] / lc, 2) if lc else None
                                          for n in conds},
         "best_single_stream_with_agreeing_verdicts": best,

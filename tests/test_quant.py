@@ -106,7 +106,7 @@ def test_quantize_model_tiny_logits_and_steering():
 
     model, tok = tiny_model("qwen2", layers=3, weight_std=0.2)
     qm = copy.deepcopy(model)
-    n = quantize_model(qm, "int8")
+    n = quantize_model(qm, "int8", fuse=False)
     assert n == sum(isinstance(m, nn.Linear) for m in model.modules())
     assert not any(isinstance(m, nn.Linear) for m in qm.modules()) and qm.saesteer_quantize == "int8"
     ids = tok(["hello there", "how do i bake bread?"], return_tensors="pt", padding=True)
@@ -138,7 +138,7 @@ def test_load_model_quantize(tiny_dir):
 
     m, _ = load_model(str(tiny_dir), dtype="float32", quantize="int8")
     assert any(isinstance(x, Int8Linear) for x in m.modules()) and not any(isinstance(x, nn.Linear) for x in m.modules())
-    with pytest.raises(SaesteerError, match="--quantize must be one of none, int8"):
+    with pytest.raises(SaesteerError, match="--quantize must be one of auto, none, int8"):
         load_model(str(tiny_dir), quantize="int3")
 
 
@@ -150,4 +150,76 @@ def test_cli_generate_quantized(tiny_dir, capsys):
     with pytest.raises(SystemExit) as ei:
         main(["generate", "hello", "--model", str(tiny_dir), "--quantize", "int3"])
     err = capsys.readouterr().err
-    assert ei.value.code == 2 and err.strip() == "saesteer: error: --quantize must be one of none, int8, int4, got 'int3'"
+    assert ei.value.code == 2 and err.strip() == "saesteer: error: --quantize must be one of auto, none, int8, int4, int8-decode, got 'int3'"
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_projections_compute_the_separate_int8_layers(arch, dtype):
+    """q/k/v and gate/up fused into one int8 layer: per-row scales make the fused weights the same numbers, so the
+    model computes what the separately quantized one does (both kernels), with 4 quantized calls per layer."""
+    from saesteer.models.quant import FusedLinears, FusedPart
+
+    model, tok = tiny_model(arch, layers=2, weight_std=0.2)
+    model.to(dtype)
+    sep, fused = copy.deepcopy(model), copy.deepcopy(model)
+    quantize_model(sep, "int8", fuse=False)
+    quantize_model(fused, "int8")
+    attn, mlp = fused.model.layers[0].self_attn, fused.model.layers[0].mlp
+    assert all(isinstance(getattr(attn, n), FusedPart) for n in ("q_proj", "k_proj", "v_proj"))
+    assert isinstance(mlp.gate_proj, FusedPart) and isinstance(mlp.up_proj, FusedPart)
+    assert sum(isinstance(m, FusedLinears) for m in fused.modules()) == 4  # listed once each in the module tree
+    ids = tok(["hello there", "how do i bake bread?"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        a, b = sep(**ids).logits.float(), fused(**ids).logits.float()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(a, b, atol=tol, rtol=tol), float((a - b).abs().max())
+    # a part called on another input than its siblings' computes its own output (never a stale one)
+    x, y = torch.randn(3, attn.q_proj.in_features, dtype=dtype), torch.randn(3, attn.q_proj.in_features, dtype=dtype)
+    sq = sep.model.layers[0].self_attn
+    with torch.no_grad():
+        q = attn.q_proj(x)
+        k_other = attn.k_proj(y)
+        assert torch.allclose(q.float(), sq.q_proj(x).float(), atol=tol, rtol=tol)
+        assert torch.allclose(k_other.float(), sq.k_proj(y).float(), atol=tol, rtol=tol)
+        assert torch.allclose(attn.v_proj(y).float(), sq.v_proj(y).float(), atol=tol, rtol=tol)
+        for n in ("q_proj", "k_proj", "v_proj"):
+            assert torch.allclose(getattr(attn, n)(x).float(), getattr(sq, n)(x).float(), atol=tol, rtol=tol)
+        assert attn.q_proj.group._x is None  # every part of x's product taken: nothing held between steps
+
+
+def test_int8_decode_keeps_prefill_exact_and_decodes_in_int8(monkeypatch):
+    """``int8-decode``: inputs of more than DECODE_ROWS rows (prefill) go through the model's own weights — logits
+    as the unquantized model's — and one-row decode steps through torch's int8 kernel."""
+    from saesteer.generation import GenerationConfig, generate_rows
+    from saesteer.models.quant import DECODE_ROWS
+
+    model, tok = tiny_model("qwen2", layers=2, weight_std=0.2)
+    model.to(torch.bfloat16)
+    qm = copy.deepcopy(model)
+    quantize_model(qm, "int8-decode")
+    ids = tok(["hello there, how do i bake bread?"], return_tensors="pt")
+    assert ids["input_ids"].shape[1] > DECODE_ROWS
+    with torch.no_grad():
+        a, b = model(**ids).logits.float(), qm(**ids).logits.float()
+    assert torch.allclose(a, b, atol=2e-2, rtol=2e-2) and float((a - b).abs().max()) < 0.05
+    calls = []
+    real = torch._weight_int8pack_mm
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda x, *r: calls.append(x.shape[0]) or real(x, *r))
+    outs = generate_rows(qm, tok, ["hello there"], GenerationConfig(max_new_tokens=5, batch_size=1, eos_ids=[]))
+    assert len(outs[0].out_ids) == 5
+    # 4 decode steps after the prefill, each: 2 layers x 4 int8 calls (qkv, o, gate/up, down) + the LM head; and the
+    # prefill's LM head on its last position only (one row)
+    assert calls and set(calls) == {1} and len(calls) == 4 * (2 * 4 + 1) + 1
+
+
+def test_resolve_quantize_auto():
+    from saesteer.models import resolve_quantize
+
+    assert resolve_quantize("auto", "cpu", torch.bfloat16) == "int8-decode"
+    assert resolve_quantize("auto", "cpu", "bfloat16") == "int8-decode"
+    assert resolve_quantize("auto", "cpu", torch.float32) == "none"
+    assert resolve_quantize("auto", "cuda", torch.bfloat16) == "none"
+    assert resolve_quantize(None) == "none" and resolve_quantize("int4", "cuda") == "int4"
+    with pytest.raises(SaesteerError, match="--quantize must be one of"):
+        resolve_quantize("int2")

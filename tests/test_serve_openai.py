@@ -66,7 +66,8 @@ def test_lone_surrogate_is_a_json_4xx_not_a_plain_500(http):
     assert "surrogate" in e["message"]
     raw = '{"model": "default", "prompt": "\\udfff", "max_tokens": 2}'
     _err(http.post("/v1/completions", content=raw, headers=H), 400)
-    assert http.get("/health").json()["status"] == "ok"
+    h = http.get("/health").json()
+    assert h["status"] == "ok" and h["weights"] == {"dtype": "float32", "quantize": "none"}
 
 
 @pytest.mark.parametrize("method", ["GET", "PUT", "DELETE"])

@@ -20,10 +20,12 @@ DTYPE_HELP = ("model dtype: float32 | bfloat16 | float16 | auto (default: the pr
               "and on CPUs with AVX512-BF16 / AMX, float32 elsewhere; SAESTEER_DTYPE sets it); SAE and clamp math "
               "stay float32")
 DTYPE_OPT = typer.Option(None, "--dtype", help=DTYPE_HELP)
-QUANTIZE_OPT = typer.Option("none", "--quantize", help="none | int8 | int4: weight-only quantized linears (int8: "
-                                                      "per-row scales; int4: groups of 64, LM head int8; the residual "
-                                                      "stream, SAE and clamp keep their dtype). Faster for one "
-                                                      "conversation at a time on CPU, slower for large batches")
+QUANTIZE_HELP = ("auto | none | int8 | int8-decode | int4: weight-only quantized linears (int8: per-row scales, "
+                 "q/k/v and gate/up fused; int8-decode: int8 only for the decode steps of <= 4 sequences, the "
+                 "model's own weights for prompts and batches; int4: groups of 64, LM head int8; auto: int8-decode "
+                 "on CPU in bf16, else none). The residual stream, SAE and clamp keep their dtype")
+QUANTIZE_OPT = typer.Option("none", "--quantize", help=QUANTIZE_HELP)
+QUANTIZE_AUTO_OPT = typer.Option("auto", "--quantize", help=QUANTIZE_HELP)
 
 
 def _explicit(name: str) -> bool:

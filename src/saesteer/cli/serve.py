@@ -13,7 +13,7 @@ from saesteer.models import DEFAULT_MODEL
 from ._app import app
 from .common import load
 from .options import DEVICE_HELP, MODEL_HELP, THREADS_HELP, SteeringOptions, steering_options
-from .presets import DTYPE_OPT, QUANTIZE_OPT
+from .presets import DTYPE_OPT, QUANTIZE_AUTO_OPT
 
 
 @app.command()
@@ -40,7 +40,7 @@ def serve(
     max_tokens_limit: int = typer.Option(512, help="largest max_tokens a request may ask for"),
     max_body_bytes: int = typer.Option(1_000_000, help="largest request body (413 above it)"),
     dtype: Optional[str] = DTYPE_OPT,
-    quantize: str = QUANTIZE_OPT,
+    quantize: str = QUANTIZE_AUTO_OPT,
     device: str = typer.Option("cpu", help=DEVICE_HELP),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     decode_threads: Optional[int] = typer.Option(None, help="threads for decode steps (1 often wins on a busy CPU)"),

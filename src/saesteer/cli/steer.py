@@ -13,7 +13,7 @@ from saesteer.core import SaesteerError, check_output_path, ensure
 from ._app import app
 from .common import load
 from .options import DEVICE_HELP, THREADS_HELP, SteeringOptions, model_option, steering_options
-from .presets import DTYPE_OPT, PRESET_OPT, QUANTIZE_OPT, from_preset
+from .presets import DTYPE_OPT, PRESET_OPT, QUANTIZE_AUTO_OPT, QUANTIZE_OPT, from_preset
 
 
 def _preset_steering(preset: Optional[str], model: str, sae: Any, feature: Any, clamp: Any, alpha: Any, layer: Any,
@@ -94,7 +94,7 @@ def chat_cmd(
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
     dtype: Optional[str] = DTYPE_OPT,
-    quantize: str = QUANTIZE_OPT,
+    quantize: str = QUANTIZE_AUTO_OPT,
     preset: Optional[str] = PRESET_OPT,
 ) -> None:
     """Interactive chat with the steered model (``/reset`` clears the history, ``/exit`` or EOF quits)."""
@@ -112,7 +112,8 @@ def chat_cmd(
     con = Console()
     label = st.name if (st.specs or st.policy is not None) else "none"
     dt = str(next(m.parameters()).dtype).removeprefix("torch.")
-    q = f" · {quantize} weights" if quantize and quantize != "none" else ""
+    qm = getattr(m, "saesteer_quantize", "none")
+    q = f" · {qm} weights" if qm != "none" else ""
     con.print(f"[bold]saesteer chat[/] · {model} · {dt}{q} · steering: {label} · /reset, /exit")
     hist_s: list[dict[str, str]] = []
     hist_u: list[dict[str, str]] = []

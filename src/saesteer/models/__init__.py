@@ -35,5 +35,13 @@ from .layers import (  # noqa: F401
     run_to_layer,
 )
 from .load import load_model, model_name, prepare_tokenizer, resolve_model_path  # noqa: F401
-from .quant import QUANTIZE_MODES, Int4Linear, Int8Linear, quantize_model  # noqa: F401
+from .quant import (  # noqa: F401
+    QUANTIZE_CHOICES,
+    QUANTIZE_MODES,
+    FusedLinears,
+    Int4Linear,
+    Int8Linear,
+    quantize_model,
+    resolve_quantize,
+)
 from .tiny import ARCHS, CHATML, hook_state, tiny_config, tiny_model, tiny_tokenizer  # noqa: F401

@@ -11,7 +11,7 @@ from torch import nn
 from saesteer.core import SaesteerError, ensure, resolve_dtype
 
 from .builtin import BUILTIN_MODELS, DEFAULT_MODEL, ensure_converted, require_gguf_support
-from .quant import QUANTIZE_MODES, quantize_model
+from .quant import quantize_model, resolve_quantize
 
 
 def resolve_model_path(name_or_path: str) -> tuple[str, dict[str, Any]]:
@@ -41,11 +41,12 @@ def load_model(
 
     ``dtype`` ``"auto"`` / ``None``: ``core.default_dtype(device)`` — bfloat16 on CUDA and on CPUs with native bf16
     (AVX512-BF16 / AMX), float32 elsewhere; ``SAESTEER_DTYPE`` overrides. ``quantize="int8"``: weight-only int8
-    linears (``models.quant``; the fast single-stream path on CPU)."""
+    linears (``models.quant``; ``int8-decode``: int8 only for the decode steps of a few sequences, ``auto``: that on CPU
+    in bf16, else none — the fast single-stream path on CPU)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    ensure(quantize in (None, *QUANTIZE_MODES), f"--quantize must be one of {', '.join(QUANTIZE_MODES)}, got {quantize!r}")
     dtype = getattr(torch, resolve_dtype(dtype, device))  # a bad --dtype fails before any conversion
+    quantize = resolve_quantize(quantize, device, dtype)
     path, kw = resolve_model_path(name_or_path)
     try:
         tok = AutoTokenizer.from_pretrained(path, **kw)

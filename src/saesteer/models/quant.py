@@ -11,6 +11,16 @@ A decode step of one sequence is bound by reading the weights (the default model
   kernel (``torch._weight_int4pack_mm_for_cpu``), elsewhere dequantized per call; the LM head — whose errors move the
   argmax directly — stays int8.
 
+* ``int8-decode``: the same int8 weights, used only where they pay — inputs of at most :data:`DECODE_ROWS` rows (the
+  decode steps of one or a few conversations) — while the model's own bf16 / fp32 weights, kept beside them, serve
+  prefill and batched decoding. Prompts are read exactly as without quantization; the int8 copies cost half the
+  linears' bf16 memory again. ``auto`` (the default of ``chat`` and ``serve``) is this mode on CPUs running bf16, and
+  ``none`` elsewhere (:func:`resolve_quantize`).
+
+In the int8 modes the projections that read the same input run as one matmul (q / k / v, and the MLP's gate / up,
+:class:`FusedLinears`): per-row scales make the fused weights the very same numbers, and a one-row step makes 4 int8
+calls per layer instead of 7.
+
 Only ``nn.Linear`` modules are replaced; embeddings, norms and the residual stream — where SAEs read and steering
 writes — keep the model's dtype. Quantize after the model is on its device (``load_model`` does). Batched decoding is
 faster without it (bf16 GEMMs at 8+ rows beat these kernels), and it changes some greedy tokens:
@@ -25,8 +35,25 @@ from torch.nn import functional as F
 
 from saesteer.core import ensure
 
-QUANTIZE_MODES = ("none", "int8", "int4")
+QUANTIZE_MODES = ("none", "int8", "int4", "int8-decode")
+QUANTIZE_CHOICES = ("auto", *QUANTIZE_MODES)
 INT4_GROUP = 64
+DECODE_ROWS = 4
+"""``int8-decode`` uses the int8 weights for inputs of at most this many rows (decode steps of <= 4 sequences)."""
+FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+"""Sibling projections that read the same input and are fused in the int8 modes (Llama, Qwen2, Gemma, Mistral ...;
+Phi-3's ``qkv_proj`` / ``gate_up_proj`` are fused already)."""
+
+
+def resolve_quantize(mode: str | None, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None) -> str:
+    """``auto`` -> ``int8-decode`` on CPU in bfloat16 (torch's packed int8 kernel takes bf16 activations), else
+    ``none``; any other mode is returned as is (checked)."""
+    mode = mode or "none"
+    ensure(mode in QUANTIZE_CHOICES, f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {mode!r}")
+    if mode != "auto":
+        return mode
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    return "int8-decode" if torch.device(device).type == "cpu" and dtype == torch.bfloat16 else "none"
 
 
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,17 +65,36 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Int8Linear(nn.Module):
-    """``nn.Linear`` with int8 weights (one scale per output feature) and the original bias."""
+    """``nn.Linear`` with int8 weights (one scale per output feature) and the original bias.
 
-    def __init__(self, linear: nn.Linear) -> None:
+    ``max_rows``: use the int8 weights only for inputs of at most this many rows and the original (dense) weight,
+    kept, for larger ones (``int8-decode``); ``None``: int8 for everything and the dense weight is dropped."""
+
+    def __init__(self, linear: nn.Linear, max_rows: int | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.max_rows = max_rows
         q, scale = quantize_rows(linear.weight)
         dtype = linear.weight.dtype
         self.register_buffer("weight_int8", q.to(linear.weight.device))
         self.register_buffer("scale", scale.to(device=linear.weight.device, dtype=dtype))
         bias = linear.bias.detach() if linear.bias is not None else None
         self.register_buffer("bias", bias)
+        self.register_buffer("dense", linear.weight.detach() if max_rows is not None else None, persistent=False)
+
+    @classmethod
+    def fused(cls, linears: list[nn.Linear], max_rows: int | None = None) -> Int8Linear:
+        """One layer computing ``cat([l(x) for l in linears], -1)`` (same input width; a missing bias is zeros)."""
+        ref = linears[0]
+        ensure(all(lin.in_features == ref.in_features for lin in linears), "fused linears must share their input")
+        big = nn.Linear(ref.in_features, sum(lin.out_features for lin in linears),
+                        bias=any(lin.bias is not None for lin in linears), device="meta")
+        big.weight = nn.Parameter(torch.cat([lin.weight.detach() for lin in linears]), requires_grad=False)
+        if big.bias is not None:
+            big.bias = nn.Parameter(torch.cat([lin.bias.detach() if lin.bias is not None else
+                                               lin.weight.new_zeros(lin.out_features) for lin in linears]),
+                                    requires_grad=False)
+        return cls(big, max_rows)
 
     def dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight the layer computes with, as a dense matrix (tests, inspection)."""
@@ -58,6 +104,8 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
+        if self.dense is not None and x2.shape[0] > self.max_rows:
+            return F.linear(x, self.dense.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         if x2.device.type == "cpu" and x2.dtype == torch.bfloat16:
             y = torch._weight_int8pack_mm(x2.contiguous(), self.weight_int8, self.scale.to(x2.dtype))
         else:
@@ -67,7 +115,49 @@ class Int8Linear(nn.Module):
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
+        rows = f" (rows <= {self.max_rows}; dense above)" if self.max_rows is not None else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"int8{rows}")
+
+
+class FusedLinears(nn.Module):
+    """One layer standing in for sibling linears that read the same input (q / k / v; gate / up): the first of them
+    to be called on an input computes every output at once, the others take theirs from it. Each original attribute
+    holds a :class:`FusedPart`; a part called on any other input computes the fused product afresh (always right)."""
+
+    def __init__(self, layer: nn.Module, sizes: list[int]) -> None:
+        super().__init__()
+        self.layer, self.sizes = layer, list(sizes)
+        self._x: torch.Tensor | None = None
+        self._outs: list[torch.Tensor | None] = []
+
+    def output(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        if self._x is not x or self._outs[i] is None:
+            self._x, self._outs = x, [o.contiguous() for o in self.layer(x).split(self.sizes, -1)]
+        out, self._outs[i] = self._outs[i], None
+        if all(o is None for o in self._outs):
+            self._x = None  # every part has taken its output: hold nothing between calls
+        return out
+
+
+class FusedPart(nn.Module):
+    """Output ``index`` of a :class:`FusedLinears` (registered under the first part only)."""
+
+    def __init__(self, group: FusedLinears, index: int) -> None:
+        super().__init__()
+        if index == 0:
+            self.group = group
+        else:
+            object.__setattr__(self, "_group", group)  # one owner in the module tree: moved / listed once
+        self.index = index
+        self.in_features, self.out_features = group.layer.in_features, group.sizes[index]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        group = self.group if self.index == 0 else self._group
+        return group.output(self.index, x)
+
+    def extra_repr(self) -> str:
+        return f"part {self.index} of {self.in_features} -> {self.out_features} (fused)"
 
 
 def quantize_groups(w: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -130,22 +220,38 @@ class Int4Linear(nn.Module):
                 f"int4 groups of {self.group}")
 
 
-def quantize_model(model: nn.Module, mode: str = "int8") -> int:
-    """Replace every ``nn.Linear`` of ``model`` by :class:`Int8Linear` (``mode="int8"``) or, for ``mode="int4"``, by
-    :class:`Int4Linear` (the LM head and any layer whose input width is not a multiple of the group: int8); returns
-    how many.
+def _fuse_siblings(model: nn.Module, max_rows: int | None) -> None:
+    """Replace each group of :data:`FUSED` sibling ``nn.Linear`` s (same input width) by one fused int8 layer."""
+    for owner in list(model.modules()):
+        for names in FUSED:
+            lins = [getattr(owner, n, None) for n in names]
+            if not all(isinstance(lin, nn.Linear) for lin in lins) or len({lin.in_features for lin in lins}) != 1:
+                continue
+            group = FusedLinears(Int8Linear.fused(lins, max_rows), [lin.out_features for lin in lins])
+            for i, n in enumerate(names):
+                setattr(owner, n, FusedPart(group, i))
+
+
+def quantize_model(model: nn.Module, mode: str = "int8", fuse: bool = True) -> int:
+    """Replace every ``nn.Linear`` of ``model`` by :class:`Int8Linear` (``mode="int8"``; ``"int8-decode"``: int8
+    for inputs of at most :data:`DECODE_ROWS` rows, the original weights kept for the rest) or, for ``mode="int4"``,
+    by :class:`Int4Linear` (the LM head and any layer whose input width is not a multiple of the group: int8);
+    returns how many. In the int8 modes, with ``fuse``, sibling projections (:data:`FUSED`) become one layer.
 
     ``mode="none"`` leaves the model as it is. The model records ``saesteer_quantize`` (shown by the CLI and the
     server's model card)."""
     ensure(mode in QUANTIZE_MODES, f"--quantize must be one of {', '.join(QUANTIZE_MODES)}, got {mode!r}")
     if mode == "none":
         return 0
+    max_rows = DECODE_ROWS if mode == "int8-decode" else None
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if fuse and mode != "int4":
+        _fuse_siblings(model, max_rows)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    for name, lin in targets:
+    for name, lin in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         int4 = mode == "int4" and lin is not head and lin.in_features % INT4_GROUP == 0
-        setattr(parent, child, Int4Linear(lin) if int4 else Int8Linear(lin))
+        setattr(parent, child, Int4Linear(lin) if int4 else Int8Linear(lin, max_rows))
     model.saesteer_quantize = mode
     return len(targets)

@@ -172,10 +172,14 @@ def make_app(model: Any, tok: Any, served: dict[str, SteeringFactory | None], cf
             log.exception("unhandled error on %s %s", request.method, request.url.path)
             return _error(500, f"internal server error ({type(e).__name__})", "server_error")
 
+    dtype = next((p.dtype for p in engine.model.parameters()), None)
+    weights = {"dtype": str(dtype).removeprefix("torch.") if dtype is not None else None,
+               "quantize": getattr(engine.model, "saesteer_quantize", "none")}
+
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": base, "served": list(served), "active_requests": engine.active,
-                "batches_run": engine.batches_run}
+                "batches_run": engine.batches_run, "weights": weights}
 
     @app.get("/v1/models")
     async def list_models():
