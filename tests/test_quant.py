@@ -223,3 +223,45 @@ def test_resolve_quantize_auto():
     assert resolve_quantize(None) == "none" and resolve_quantize("int4", "cuda") == "int4"
     with pytest.raises(SaesteerError, match="--quantize must be one of"):
         resolve_quantize("int2")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rescored_head_exact_on_its_candidates(dtype):
+    """The tied LM head of the int8 modes: int4 logits to find the top 32, exact logits (x @ W[i], an independent
+    dense product) for them — the dense argmax and top logits are reproduced; above max_rows the product is dense."""
+    from saesteer.models.quant import RescoredHead
+
+    g = torch.Generator().manual_seed(0)
+    lin = nn.Linear(128, 2048, bias=False).to(dtype)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(2048, 128, generator=g).to(dtype))
+    head = RescoredHead(lin, max_rows=4)
+    x = torch.randn(3, 128, generator=g).to(dtype)
+    with torch.no_grad():
+        got, ref = head(x).float(), (x.float() @ lin.weight.float().t())
+        approx = head.int4(x).float()
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    top = ref.topk(8, -1).indices
+    tol = 1e-4 if dtype == torch.float32 else 0.5  # bf16 output rounding of logits of magnitude ~30
+    assert torch.allclose(got.gather(-1, top), ref.gather(-1, top), atol=tol, rtol=1e-2)
+    assert not torch.allclose(approx.gather(-1, top), ref.gather(-1, top), atol=tol, rtol=1e-3)  # int4 alone is off
+    rest = torch.ones_like(got, dtype=torch.bool).scatter(-1, approx.topk(32, -1).indices, False)
+    assert torch.equal(got[rest], approx[rest])  # outside the candidates: the int4 logits
+    big = torch.randn(2, 5, 128, generator=g).to(dtype)
+    with torch.no_grad():
+        assert torch.equal(head(big), nn.functional.linear(big, lin.weight))
+
+
+def test_quantize_model_rescores_a_tied_head_only():
+    from saesteer.models.quant import RescoredHead
+
+    tied, _ = tiny_model("llama", layers=1)  # tie_word_embeddings
+    untied, _ = tiny_model("qwen2", layers=1)
+    quantize_model(tied, "int8-decode")
+    quantize_model(untied, "int8-decode")
+    assert isinstance(tied.get_output_embeddings(), RescoredHead)
+    assert tied.get_output_embeddings().dense.data_ptr() == tied.get_input_embeddings().weight.data_ptr()  # no copy
+    assert isinstance(untied.get_output_embeddings(), Int8Linear)
+    plain, _ = tiny_model("llama", layers=1)
+    quantize_model(plain, "int8", rescore=False)
+    assert isinstance(plain.get_output_embeddings(), Int8Linear)

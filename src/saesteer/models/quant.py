@@ -17,6 +17,12 @@ A decode step of one sequence is bound by reading the weights (the default model
   linears' bf16 memory again. ``auto`` (the default of ``chat`` and ``serve``) is this mode on CPUs running bf16, and
   ``none`` elsewhere (:func:`resolve_quantize`).
 
+In the int8 modes a tied LM head (its weight is the input embedding, kept anyway) becomes a :class:`RescoredHead`:
+int4 logits over the vocabulary to find the top :data:`RESCORE_TOP` candidates, whose logits are then recomputed
+exactly from the embedding weight — greedy decoding picks the same token as the dense head unless the dense argmax
+falls outside the int4 top 32, at half the int8 head's bytes (the head is a quarter of a 0.5B model's weights).
+Sampling and logprobs see int4 logits outside those candidates.
+
 In the int8 modes the projections that read the same input run as one matmul (q / k / v, and the MLP's gate / up,
 :class:`FusedLinears`): per-row scales make the fused weights the very same numbers, and a one-row step makes 4 int8
 calls per layer instead of 7.
@@ -220,6 +226,46 @@ class Int4Linear(nn.Module):
                 f"int4 groups of {self.group}")
 
 
+RESCORE_TOP = 32
+"""Candidates of :class:`RescoredHead` whose logits are recomputed exactly."""
+
+
+class RescoredHead(nn.Module):
+    """LM head: int4 logits (:class:`Int4Linear`) over the vocabulary, then the exact logits (``x @ W[i]``, the dense
+    weight kept — the tied embedding) of the top ``top`` candidates written over theirs. ``max_rows``: inputs of more
+    rows get the dense product (``int8-decode``); ``None``: every input takes the rescored path."""
+
+    def __init__(self, linear: nn.Linear, max_rows: int | None = None, top: int = RESCORE_TOP) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.max_rows, self.top = max_rows, top
+        self.int4 = Int4Linear(linear)
+        self.register_buffer("dense", linear.weight.detach(), persistent=False)
+        self.register_buffer("bias", linear.bias.detach() if linear.bias is not None else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if self.max_rows is not None and x2.shape[0] > self.max_rows:
+            return F.linear(x, self.dense.to(x.dtype), bias)
+        y = self.int4(x2)  # int4 bias included
+        idx = y.topk(min(self.top, self.out_features), dim=-1).indices  # [rows, top]
+        exact = torch.einsum("rd,rkd->rk", x2, self.dense[idx].to(x2.dtype))
+        if bias is not None:
+            exact = exact + bias[idx]
+        return y.scatter(-1, idx, exact.to(y.dtype)).reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        rows = f", rows <= {self.max_rows} (dense above)" if self.max_rows is not None else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 + exact top {self.top}{rows}"
+
+
+def _tied(model: nn.Module, head: nn.Module | None) -> bool:
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return isinstance(head, nn.Linear) and emb is not None and head.weight is getattr(emb, "weight", None)
+
+
 def _fuse_siblings(model: nn.Module, max_rows: int | None) -> None:
     """Replace each group of :data:`FUSED` sibling ``nn.Linear`` s (same input width) by one fused int8 layer."""
     for owner in list(model.modules()):
@@ -232,11 +278,12 @@ def _fuse_siblings(model: nn.Module, max_rows: int | None) -> None:
                 setattr(owner, n, FusedPart(group, i))
 
 
-def quantize_model(model: nn.Module, mode: str = "int8", fuse: bool = True) -> int:
+def quantize_model(model: nn.Module, mode: str = "int8", fuse: bool = True, rescore: bool = True) -> int:
     """Replace every ``nn.Linear`` of ``model`` by :class:`Int8Linear` (``mode="int8"``; ``"int8-decode"``: int8
     for inputs of at most :data:`DECODE_ROWS` rows, the original weights kept for the rest) or, for ``mode="int4"``,
     by :class:`Int4Linear` (the LM head and any layer whose input width is not a multiple of the group: int8);
-    returns how many. In the int8 modes, with ``fuse``, sibling projections (:data:`FUSED`) become one layer.
+    returns how many. In the int8 modes, with ``fuse``, sibling projections (:data:`FUSED`) become one layer, and with
+    ``rescore`` a tied LM head on CPU becomes a :class:`RescoredHead`.
 
     ``mode="none"`` leaves the model as it is. The model records ``saesteer_quantize`` (shown by the CLI and the
     server's model card)."""
@@ -252,6 +299,9 @@ def quantize_model(model: nn.Module, mode: str = "int8", fuse: bool = True) -> i
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         int4 = mode == "int4" and lin is not head and lin.in_features % INT4_GROUP == 0
-        setattr(parent, child, Int4Linear(lin) if int4 else Int8Linear(lin, max_rows))
+        rescored = (mode != "int4" and lin is head and rescore and _tied(model, lin) and lin.weight.device.type == "cpu"
+                    and lin.in_features % INT4_GROUP == 0)
+        setattr(parent, child, Int4Linear(lin) if int4 else RescoredHead(lin, max_rows) if rescored
+                else Int8Linear(lin, max_rows))
     model.saesteer_quantize = mode
     return len(targets)
