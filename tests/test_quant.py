@@ -203,14 +203,15 @@ def test_int8_decode_keeps_prefill_exact_and_decodes_in_int8(monkeypatch):
     with torch.no_grad():
         a, b = model(**ids).logits.float(), qm(**ids).logits.float()
     assert torch.allclose(a, b, atol=2e-2, rtol=2e-2) and float((a - b).abs().max()) < 0.05
-    calls = []
-    real = torch._weight_int8pack_mm
-    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda x, *r: calls.append(x.shape[0]) or real(x, *r))
+    calls, heads = [], []
+    real8, real4 = torch._weight_int8pack_mm, torch._weight_int4pack_mm_for_cpu
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda x, *r: calls.append(x.shape[0]) or real8(x, *r))
+    monkeypatch.setattr(torch, "_weight_int4pack_mm_for_cpu", lambda x, *r: heads.append(x.shape[0]) or real4(x, *r))
     outs = generate_rows(qm, tok, ["hello there"], GenerationConfig(max_new_tokens=5, batch_size=1, eos_ids=[]))
     assert len(outs[0].out_ids) == 5
-    # 4 decode steps after the prefill, each: 2 layers x 4 int8 calls (qkv, o, gate/up, down) + the LM head; and the
-    # prefill's LM head on its last position only (one row)
-    assert calls and set(calls) == {1} and len(calls) == 4 * (2 * 4 + 1) + 1
+    # 4 decode steps after the prefill, each: 2 layers x 4 int8 calls (qkv, o, gate/up, down); the LM head (the
+    # rescored int4 head) on those and on the prefill's last position (one row)
+    assert set(calls) == {1} and len(calls) == 4 * 2 * 4 and heads == [1] * 5
 
 
 def test_resolve_quantize_auto():
@@ -252,7 +253,7 @@ def test_rescored_head_exact_on_its_candidates(dtype):
         assert torch.equal(head(big), nn.functional.linear(big, lin.weight))
 
 
-def test_quantize_model_rescores_a_tied_head_only():
+def test_quantize_model_rescores_a_kept_head_only():
     from saesteer.models.quant import RescoredHead
 
     tied, _ = tiny_model("llama", layers=1)  # tie_word_embeddings
@@ -261,6 +262,9 @@ def test_quantize_model_rescores_a_tied_head_only():
     quantize_model(untied, "int8-decode")
     assert isinstance(tied.get_output_embeddings(), RescoredHead)
     assert tied.get_output_embeddings().dense.data_ptr() == tied.get_input_embeddings().weight.data_ptr()  # no copy
+    assert isinstance(untied.get_output_embeddings(), RescoredHead)  # int8-decode keeps the dense head anyway
+    untied, _ = tiny_model("qwen2", layers=1)
+    quantize_model(untied, "int8")  # would have to keep a dense copy: int8 head
     assert isinstance(untied.get_output_embeddings(), Int8Linear)
     plain, _ = tiny_model("llama", layers=1)
     quantize_model(plain, "int8", rescore=False)

@@ -17,7 +17,8 @@ A decode step of one sequence is bound by reading the weights (the default model
   linears' bf16 memory again. ``auto`` (the default of ``chat`` and ``serve``) is this mode on CPUs running bf16, and
   ``none`` elsewhere (:func:`resolve_quantize`).
 
-In the int8 modes a tied LM head (its weight is the input embedding, kept anyway) becomes a :class:`RescoredHead`:
+In the int8 modes an LM head whose dense weight is kept anyway (tied to the input embedding, or ``int8-decode``)
+becomes a :class:`RescoredHead`:
 int4 logits over the vocabulary to find the top :data:`RESCORE_TOP` candidates, whose logits are then recomputed
 exactly from the embedding weight — greedy decoding picks the same token as the dense head unless the dense argmax
 falls outside the int4 top 32, at half the int8 head's bytes (the head is a quarter of a 0.5B model's weights).
@@ -283,7 +284,8 @@ def quantize_model(model: nn.Module, mode: str = "int8", fuse: bool = True, resc
     for inputs of at most :data:`DECODE_ROWS` rows, the original weights kept for the rest) or, for ``mode="int4"``,
     by :class:`Int4Linear` (the LM head and any layer whose input width is not a multiple of the group: int8);
     returns how many. In the int8 modes, with ``fuse``, sibling projections (:data:`FUSED`) become one layer, and with
-    ``rescore`` a tied LM head on CPU becomes a :class:`RescoredHead`.
+    ``rescore`` the LM head on CPU becomes a :class:`RescoredHead` where its dense weight is kept anyway (tied, or
+    ``int8-decode``).
 
     ``mode="none"`` leaves the model as it is. The model records ``saesteer_quantize`` (shown by the CLI and the
     server's model card)."""
@@ -299,8 +301,8 @@ def quantize_model(model: nn.Module, mode: str = "int8", fuse: bool = True, resc
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         int4 = mode == "int4" and lin is not head and lin.in_features % INT4_GROUP == 0
-        rescored = (mode != "int4" and lin is head and rescore and _tied(model, lin) and lin.weight.device.type == "cpu"
-                    and lin.in_features % INT4_GROUP == 0)
+        rescored = (mode != "int4" and lin is head and rescore and (_tied(model, lin) or max_rows is not None)
+                    and lin.weight.device.type == "cpu" and lin.in_features % INT4_GROUP == 0)
         setattr(parent, child, Int4Linear(lin) if int4 else RescoredHead(lin, max_rows) if rescored
                 else Int8Linear(lin, max_rows))
     model.saesteer_quantize = mode
