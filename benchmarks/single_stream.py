@@ -28,7 +28,6 @@ from _common import run_command  # noqa: E402
 from saesteer import models  # noqa: E402
 from saesteer.core import atomic_write_json, set_threads  # noqa: E402
 from saesteer.generation import GenerationConfig, generate_rows  # noqa: E402
-from saesteer.models.quant import Int4Linear, Int8Linear  # noqa: E402
 from saesteer.steering import Add, steer  # noqa: E402
 
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -38,11 +37,7 @@ LAYOUTS = {"int4 groups of 32, all projections (head int8)": (PROJ, 32),
 
 def layout(base, int4_names, group):
     m = copy.deepcopy(base)
-    head = m.get_output_embeddings()
-    for name, lin in [(n, x) for n, x in m.named_modules() if isinstance(x, torch.nn.Linear)]:
-        parent_name, _, child = name.rpartition(".")
-        use4 = lin is not head and name.rsplit(".", 1)[-1] in int4_names
-        setattr(m.get_submodule(parent_name), child, Int4Linear(lin, group) if use4 else Int8Linear(lin))
+    models.quantize_model(m, "int4", int4_group=group, int4_names=int4_names)
     return m
 
 

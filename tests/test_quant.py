@@ -269,3 +269,12 @@ def test_quantize_model_rescores_a_kept_head_only():
     plain, _ = tiny_model("llama", layers=1)
     quantize_model(plain, "int8", rescore=False)
     assert isinstance(plain.get_output_embeddings(), Int8Linear)
+
+
+def test_quantize_model_int4_layout_options():
+    model, _ = tiny_model("qwen2", layers=1)
+    quantize_model(model, "int4", int4_group=32, int4_names=("gate_proj", "up_proj"))
+    mlp, attn = model.model.layers[0].mlp, model.model.layers[0].self_attn
+    assert isinstance(mlp.gate_proj, Int4Linear) and mlp.gate_proj.group == 32 and isinstance(mlp.up_proj, Int4Linear)
+    assert isinstance(mlp.down_proj, Int8Linear) and isinstance(attn.q_proj, Int8Linear)
+    assert isinstance(model.get_output_embeddings(), Int8Linear)

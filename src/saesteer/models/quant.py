@@ -279,13 +279,15 @@ def _fuse_siblings(model: nn.Module, max_rows: int | None) -> None:
                 setattr(owner, n, FusedPart(group, i))
 
 
-def quantize_model(model: nn.Module, mode: str = "int8", fuse: bool = True, rescore: bool = True) -> int:
+def quantize_model(model: nn.Module, mode: str = "int8", fuse: bool = True, rescore: bool = True,
+                   int4_group: int = INT4_GROUP, int4_names: tuple[str, ...] | None = None) -> int:
     """Replace every ``nn.Linear`` of ``model`` by :class:`Int8Linear` (``mode="int8"``; ``"int8-decode"``: int8
     for inputs of at most :data:`DECODE_ROWS` rows, the original weights kept for the rest) or, for ``mode="int4"``,
     by :class:`Int4Linear` (the LM head and any layer whose input width is not a multiple of the group: int8);
     returns how many. In the int8 modes, with ``fuse``, sibling projections (:data:`FUSED`) become one layer, and with
     ``rescore`` the LM head on CPU becomes a :class:`RescoredHead` where its dense weight is kept anyway (tied, or
-    ``int8-decode``).
+    ``int8-decode``). ``int4_group`` / ``int4_names`` (int4 mode): the group size, and which projections (by attribute
+    name, e.g. ``("gate_proj", "up_proj")``; None = all) go int4 — the rest int8.
 
     ``mode="none"`` leaves the model as it is. The model records ``saesteer_quantize`` (shown by the CLI and the
     server's model card)."""
@@ -300,10 +302,11 @@ def quantize_model(model: nn.Module, mode: str = "int8", fuse: bool = True, resc
     for name, lin in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        int4 = mode == "int4" and lin is not head and lin.in_features % INT4_GROUP == 0
+        int4 = (mode == "int4" and lin is not head and lin.in_features % int4_group == 0
+                and (int4_names is None or child in int4_names))
         rescored = (mode != "int4" and lin is head and rescore and (_tied(model, lin) or max_rows is not None)
                     and lin.weight.device.type == "cpu" and lin.in_features % INT4_GROUP == 0)
-        setattr(parent, child, Int4Linear(lin) if int4 else RescoredHead(lin, max_rows) if rescored
+        setattr(parent, child, Int4Linear(lin, int4_group) if int4 else RescoredHead(lin, max_rows) if rescored
                 else Int8Linear(lin, max_rows))
     model.saesteer_quantize = mode
     return len(targets)
