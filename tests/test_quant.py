@@ -278,3 +278,28 @@ def test_quantize_model_int4_layout_options():
     assert isinstance(mlp.gate_proj, Int4Linear) and mlp.gate_proj.group == 32 and isinstance(mlp.up_proj, Int4Linear)
     assert isinstance(mlp.down_proj, Int8Linear) and isinstance(attn.q_proj, Int8Linear)
     assert isinstance(model.get_output_embeddings(), Int8Linear)
+
+
+def test_server_on_an_int8_decode_model_matches_direct_generation():
+    """``serve`` on CPU in bf16 defaults to int8-decode: a single request is decoded through the int8 path and
+    answers exactly what direct generation on the same quantized model gives; /health says so."""
+    from fastapi.testclient import TestClient
+
+    from saesteer.generation import GenerationConfig, generate
+    from saesteer.serve import ServeConfig, make_app, served_models
+
+    model, tok = tiny_model("llama", weight_std=0.15)
+    model.to(torch.bfloat16)
+    quantize_model(model, "int8-decode")
+    msgs = [{"role": "user", "content": "how do i make a cake?"}]
+    ref = generate(model, tok, [msgs], GenerationConfig(max_new_tokens=6, batch_size=1))[0]
+    app = make_app(model, tok, served_models(model), ServeConfig(max_tokens_limit=40, batch_wait_ms=5))
+    try:
+        with TestClient(app) as c:
+            assert c.get("/health").json()["weights"] == {"dtype": "bfloat16", "quantize": "int8-decode"}
+            r = c.post("/v1/chat/completions", json={"model": "default", "messages": msgs, "max_tokens": 6,
+                                                         "temperature": 0})
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["message"]["content"] == ref
+    finally:
+        app.state.engine.close()
