@@ -303,3 +303,22 @@ def test_server_on_an_int8_decode_model_matches_direct_generation():
             assert r.json()["choices"][0]["message"]["content"] == ref
     finally:
         app.state.engine.close()
+
+
+def test_dense_path_of_a_sliced_3d_input_is_one_matmul():
+    """The kept dense weight is not a Parameter: ``F.linear`` on the LM head's non-contiguous ``hidden[:, -1:]`` would
+    take ``bmm`` over a copy of the weight per row (20 s for a 64-row prefill of the default model); the dense paths
+    fold the input to 2-D first — same numbers as nn.Linear, and no bmm."""
+    from torch.profiler import profile
+
+    from saesteer.models.quant import RescoredHead
+
+    lin = nn.Linear(64, 384, bias=True)
+    h = torch.randn(6, 5, 64)
+    x = h[:, -1:, :]  # [6, 1, 64], not contiguous
+    assert not x.is_contiguous()
+    for layer in (Int8Linear(lin, max_rows=4), RescoredHead(lin, max_rows=4)):
+        with torch.inference_mode(), profile() as prof:
+            got = layer(x)
+        assert got.shape == (6, 1, 384) and torch.allclose(got, lin(x), atol=1e-5)
+        assert not any(e.key == "aten::bmm" for e in prof.key_averages())

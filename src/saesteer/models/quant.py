@@ -71,6 +71,13 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+def _dense_linear(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x2 @ w.T + bias`` for a 2-D input. Always 2-D: ``F.linear`` on a non-contiguous 3-D input (the LM head's
+    ``hidden[:, -1:]``) with a weight that is not a Parameter takes ``bmm`` over a materialised ``[B, in, out]`` copy
+    of the weight — 20 s instead of 0.05 s for a 64-row prefill's LM head here."""
+    return F.linear(x2, w.to(x2.dtype), None if bias is None else bias.to(x2.dtype))
+
+
 class Int8Linear(nn.Module):
     """``nn.Linear`` with int8 weights (one scale per output feature) and the original bias.
 
@@ -112,7 +119,7 @@ class Int8Linear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if self.dense is not None and x2.shape[0] > self.max_rows:
-            return F.linear(x, self.dense.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+            return _dense_linear(x2, self.dense, self.bias).reshape(*lead, self.out_features)
         if x2.device.type == "cpu" and x2.dtype == torch.bfloat16:
             y = torch._weight_int8pack_mm(x2.contiguous(), self.weight_int8, self.scale.to(x2.dtype))
         else:
@@ -249,7 +256,7 @@ class RescoredHead(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if self.max_rows is not None and x2.shape[0] > self.max_rows:
-            return F.linear(x, self.dense.to(x.dtype), bias)
+            return _dense_linear(x2, self.dense, self.bias).reshape(*lead, self.out_features)
         y = self.int4(x2)  # int4 bias included
         idx = y.topk(min(self.top, self.out_features), dim=-1).indices  # [rows, top]
         exact = torch.einsum("rd,rkd->rk", x2, self.dense[idx].to(x2.dtype))
