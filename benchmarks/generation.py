@@ -294,7 +294,7 @@ def engine_main(argv: list[str] | None = None) -> None:
 
 
 XSTEST_N = 32  # per side of the eval workload
-CONDITIONS = ("float32", "bfloat16", "bfloat16+int8", "bfloat16+int8-decode", "bfloat16+int4")
+CONDITIONS = ("float32", "bfloat16", "bfloat16+int8", "bfloat16+int8-decode", "bfloat16+int4", "bfloat16+int4-decode")
 
 
 def eval_prompts(seed: int = 0) -> list[str]:
@@ -385,7 +385,7 @@ def dtypes_main(argv: list[str] | None = None) -> None:
         print(name, "single", c["single_stream_steered"], flush=True)
         # int8-decode changes only the steps of <= 4 rows: its verdicts are taken one prompt at a time, as chat / serve
         # with one user decode
-        vb = 1 if name.endswith("int8-decode") else None
+        vb = 1 if name.endswith("-decode") else None
         c["verdicts"] = verdicts(model, tok, prompts_eval, args.eval_tokens, vec, args.layer, vb)
         c["verdict_batch_size"] = vb or len(prompts_eval)
         if name != "float32":

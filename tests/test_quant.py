@@ -150,7 +150,7 @@ def test_cli_generate_quantized(tiny_dir, capsys):
     with pytest.raises(SystemExit) as ei:
         main(["generate", "hello", "--model", str(tiny_dir), "--quantize", "int3"])
     err = capsys.readouterr().err
-    assert ei.value.code == 2 and err.strip() == "saesteer: error: --quantize must be one of auto, none, int8, int4, int8-decode, got 'int3'"
+    assert ei.value.code == 2 and err.strip() == "saesteer: error: --quantize must be one of auto, none, int8, int4, int8-decode, int4-decode, got 'int3'"
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
@@ -322,3 +322,30 @@ def test_dense_path_of_a_sliced_3d_input_is_one_matmul():
             got = layer(x)
         assert got.shape == (6, 1, 384) and torch.allclose(got, lin(x), atol=1e-5)
         assert not any(e.key == "aten::bmm" for e in prof.key_averages())
+
+
+def test_int4_decode_fuses_and_decodes_in_int4(monkeypatch):
+    """``int4-decode``: fused int4 groups (q/k/v, gate/up) and int4 o / down projections for one-row steps, the
+    rescored head, the model's own weights for the prompt (prefill logits as the unquantized model's)."""
+    from saesteer.generation import GenerationConfig, generate_rows
+    from saesteer.models.quant import FusedPart, RescoredHead
+
+    model, tok = tiny_model("qwen2", layers=2, weight_std=0.2)
+    model.to(torch.bfloat16)
+    qm = copy.deepcopy(model)
+    quantize_model(qm, "int4-decode")
+    attn = qm.model.layers[0].self_attn
+    assert isinstance(attn.q_proj, FusedPart) and isinstance(attn.q_proj.group.layer, Int4Linear)
+    assert isinstance(attn.o_proj, Int4Linear) and attn.o_proj.max_rows is not None
+    assert isinstance(qm.get_output_embeddings(), RescoredHead)
+    ids = tok(["hello there, how do i bake bread?"], return_tensors="pt")
+    with torch.no_grad():
+        a, b = model(**ids).logits.float(), qm(**ids).logits.float()
+    assert float((a - b).abs().max()) < 0.05
+    calls = []
+    real4 = torch._weight_int4pack_mm_for_cpu
+    monkeypatch.setattr(torch, "_weight_int4pack_mm_for_cpu", lambda x, *r: calls.append(x.shape[0]) or real4(x, *r))
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *a: pytest.fail("no int8 layer in int4-decode"))
+    generate_rows(qm, tok, ["hello there"], GenerationConfig(max_new_tokens=5, batch_size=1, eos_ids=[]))
+    # 4 steps x (2 layers x 4 int4 calls + the head) + the prefill's head on its last position
+    assert set(calls) == {1} and len(calls) == 4 * (2 * 4 + 1) + 1

@@ -1,7 +1,7 @@
 """Weight-only quantized linears: the interactive single-stream path on CPUs (``load_model(..., quantize=...)``).
 
 A decode step of one sequence is bound by reading the weights (the default model's bf16 linears and LM head are
-~1 GB per token). Two modes:
+~1 GB per token). Modes:
 
 * ``int8``: every ``nn.Linear`` stores int8 weights with one scale per output row (symmetric). On CPU with bf16
   activations the product runs in torch's packed int8 kernel (``torch._weight_int8pack_mm``, the kernel behind
@@ -11,22 +11,23 @@ A decode step of one sequence is bound by reading the weights (the default model
   kernel (``torch._weight_int4pack_mm_for_cpu``), elsewhere dequantized per call; the LM head — whose errors move the
   argmax directly — stays int8.
 
-* ``int8-decode``: the same int8 weights, used only where they pay — inputs of at most :data:`DECODE_ROWS` rows (the
-  decode steps of one or a few conversations) — while the model's own bf16 / fp32 weights, kept beside them, serve
-  prefill and batched decoding. Prompts are read exactly as without quantization; the int8 copies cost half the
-  linears' bf16 memory again. ``auto`` (the default of ``chat`` and ``serve``) is this mode on CPUs running bf16, and
-  ``none`` elsewhere (:func:`resolve_quantize`).
+* ``int8-decode`` / ``int4-decode``: the same quantized weights, used only where they pay — inputs of at most
+  :data:`DECODE_ROWS` rows (the decode steps of one or a few conversations) — while the model's own bf16 / fp32
+  weights, kept beside them, serve prefill and batched decoding. Prompts are read exactly as without quantization
+  (most of what decides a refusal verdict), and the quantized copies cost half (int8) or a quarter (int4) of the
+  linears' bf16 memory again. ``auto`` (the default of ``chat`` and ``serve``) is :data:`AUTO_QUANTIZE` on CPUs
+  running bf16 and ``none`` elsewhere (:func:`resolve_quantize`); ``benchmarks/generation.py`` and
+  ``benchmarks/quant_capability.py`` measure speed, refusal verdicts and HumanEval for each mode.
 
-In the int8 modes an LM head whose dense weight is kept anyway (tied to the input embedding, or ``int8-decode``)
-becomes a :class:`RescoredHead`:
-int4 logits over the vocabulary to find the top :data:`RESCORE_TOP` candidates, whose logits are then recomputed
-exactly from the embedding weight — greedy decoding picks the same token as the dense head unless the dense argmax
-falls outside the int4 top 32, at half the int8 head's bytes (the head is a quarter of a 0.5B model's weights).
-Sampling and logprobs see int4 logits outside those candidates.
+Except in plain ``int4`` mode, an LM head whose dense weight is kept anyway (tied to the input embedding, or a
+``-decode`` mode) becomes a :class:`RescoredHead`: int4 logits over the vocabulary find the top :data:`RESCORE_TOP`
+candidates, whose logits are then recomputed exactly from the dense weight — greedy decoding picks the same token as
+the dense head unless the dense argmax falls outside the int4 top 32, at half the int8 head's bytes (the head is a
+quarter of a 0.5B model's weights). Sampling and logprobs see int4 logits outside those candidates.
 
-In the int8 modes the projections that read the same input run as one matmul (q / k / v, and the MLP's gate / up,
-:class:`FusedLinears`): per-row scales make the fused weights the very same numbers, and a one-row step makes 4 int8
-calls per layer instead of 7.
+Except in plain ``int4`` mode, the projections that read the same input run as one matmul (q / k / v, and the MLP's
+gate / up, :class:`FusedLinears`): per-row scales (int8) and per-row groups (int4) make the fused weights the very
+same numbers, and a one-row step makes 4 quantized calls per layer instead of 7.
 
 Only ``nn.Linear`` modules are replaced; embeddings, norms and the residual stream — where SAEs read and steering
 writes — keep the model's dtype. Quantize after the model is on its device (``load_model`` does). Batched decoding is
@@ -42,25 +43,30 @@ from torch.nn import functional as F
 
 from saesteer.core import ensure
 
-QUANTIZE_MODES = ("none", "int8", "int4", "int8-decode")
+QUANTIZE_MODES = ("none", "int8", "int4", "int8-decode", "int4-decode")
 QUANTIZE_CHOICES = ("auto", *QUANTIZE_MODES)
 INT4_GROUP = 64
 DECODE_ROWS = 4
-"""``int8-decode`` uses the int8 weights for inputs of at most this many rows (decode steps of <= 4 sequences)."""
+"""The ``-decode`` modes use their quantized weights for inputs of at most this many rows (decode steps of <= 4
+sequences; ``benchmarks/int8_rows.py``: int8 steps are faster than bf16 up to 4-6 rows here)."""
 FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 """Sibling projections that read the same input and are fused in the int8 modes (Llama, Qwen2, Gemma, Mistral ...;
 Phi-3's ``qkv_proj`` / ``gate_up_proj`` are fused already)."""
 
 
+AUTO_QUANTIZE = "int8-decode"
+"""What ``--quantize auto`` means on a CPU running bf16."""
+
+
 def resolve_quantize(mode: str | None, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None) -> str:
-    """``auto`` -> ``int8-decode`` on CPU in bfloat16 (torch's packed int8 kernel takes bf16 activations), else
+    """``auto`` -> :data:`AUTO_QUANTIZE` on CPU in bfloat16 (torch's packed kernels take bf16 activations), else
     ``none``; any other mode is returned as is (checked)."""
     mode = mode or "none"
     ensure(mode in QUANTIZE_CHOICES, f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {mode!r}")
     if mode != "auto":
         return mode
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    return "int8-decode" if torch.device(device).type == "cpu" and dtype == torch.bfloat16 else "none"
+    return AUTO_QUANTIZE if torch.device(device).type == "cpu" and dtype == torch.bfloat16 else "none"
 
 
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,6 +75,20 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
     q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
     return q, scale
+
+
+def concat_linears(linears: list[nn.Linear]) -> nn.Linear:
+    """One ``nn.Linear`` computing ``cat([l(x) for l in linears], -1)`` (same input width; a missing bias is zeros)."""
+    ref = linears[0]
+    ensure(all(lin.in_features == ref.in_features for lin in linears), "fused linears must share their input")
+    big = nn.Linear(ref.in_features, sum(lin.out_features for lin in linears),
+                    bias=any(lin.bias is not None for lin in linears), device="meta")
+    big.weight = nn.Parameter(torch.cat([lin.weight.detach() for lin in linears]), requires_grad=False)
+    if big.bias is not None:
+        big.bias = nn.Parameter(torch.cat([lin.bias.detach() if lin.bias is not None else
+                                           lin.weight.new_zeros(lin.out_features) for lin in linears]),
+                                requires_grad=False)
+    return big
 
 
 def _dense_linear(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -96,19 +116,6 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", bias)
         self.register_buffer("dense", linear.weight.detach() if max_rows is not None else None, persistent=False)
 
-    @classmethod
-    def fused(cls, linears: list[nn.Linear], max_rows: int | None = None) -> Int8Linear:
-        """One layer computing ``cat([l(x) for l in linears], -1)`` (same input width; a missing bias is zeros)."""
-        ref = linears[0]
-        ensure(all(lin.in_features == ref.in_features for lin in linears), "fused linears must share their input")
-        big = nn.Linear(ref.in_features, sum(lin.out_features for lin in linears),
-                        bias=any(lin.bias is not None for lin in linears), device="meta")
-        big.weight = nn.Parameter(torch.cat([lin.weight.detach() for lin in linears]), requires_grad=False)
-        if big.bias is not None:
-            big.bias = nn.Parameter(torch.cat([lin.bias.detach() if lin.bias is not None else
-                                               lin.weight.new_zeros(lin.out_features) for lin in linears]),
-                                    requires_grad=False)
-        return cls(big, max_rows)
 
     def dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight the layer computes with, as a dense matrix (tests, inspection)."""
@@ -189,9 +196,11 @@ def quantize_groups(w: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Ten
 class Int4Linear(nn.Module):
     """``nn.Linear`` with 4-bit group-quantized weights (:func:`quantize_groups`) and the original bias."""
 
-    def __init__(self, linear: nn.Linear, group: int = INT4_GROUP) -> None:
+    def __init__(self, linear: nn.Linear, group: int = INT4_GROUP, max_rows: int | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features, self.group = linear.in_features, linear.out_features, group
+        self.max_rows = max_rows  # as Int8Linear's: int4 only for inputs of at most this many rows, dense above
+        self.register_buffer("dense", linear.weight.detach() if max_rows is not None else None, persistent=False)
         dev, dtype = linear.weight.device, linear.weight.dtype
         q, scale, zero = quantize_groups(linear.weight, group)
         self.packed = dev.type == "cpu"
@@ -220,6 +229,8 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
+        if self.dense is not None and x2.shape[0] > self.max_rows:
+            return _dense_linear(x2, self.dense, self.bias).reshape(*lead, self.out_features)
         if self.packed:
             y = torch._weight_int4pack_mm_for_cpu(x2.contiguous(), self.weight_int4, self.group,
                                                   self.scale_zero.to(x2.dtype))
@@ -274,46 +285,53 @@ def _tied(model: nn.Module, head: nn.Module | None) -> bool:
     return isinstance(head, nn.Linear) and emb is not None and head.weight is getattr(emb, "weight", None)
 
 
-def _fuse_siblings(model: nn.Module, max_rows: int | None) -> None:
-    """Replace each group of :data:`FUSED` sibling ``nn.Linear`` s (same input width) by one fused int8 layer."""
+def _fuse_siblings(model: nn.Module, max_rows: int | None, int4_group: int | None = None) -> None:
+    """Replace each group of :data:`FUSED` sibling ``nn.Linear`` s (same input width) by one fused int8 layer (int4
+    with ``int4_group``, where the width allows)."""
     for owner in list(model.modules()):
         for names in FUSED:
             lins = [getattr(owner, n, None) for n in names]
             if not all(isinstance(lin, nn.Linear) for lin in lins) or len({lin.in_features for lin in lins}) != 1:
                 continue
-            group = FusedLinears(Int8Linear.fused(lins, max_rows), [lin.out_features for lin in lins])
+            big = concat_linears(lins)
+            four = int4_group is not None and big.in_features % int4_group == 0
+            layer = Int4Linear(big, int4_group, max_rows) if four else Int8Linear(big, max_rows)
+            group = FusedLinears(layer, [lin.out_features for lin in lins])
             for i, n in enumerate(names):
                 setattr(owner, n, FusedPart(group, i))
 
 
 def quantize_model(model: nn.Module, mode: str = "int8", fuse: bool = True, rescore: bool = True,
                    int4_group: int = INT4_GROUP, int4_names: tuple[str, ...] | None = None) -> int:
-    """Replace every ``nn.Linear`` of ``model`` by :class:`Int8Linear` (``mode="int8"``; ``"int8-decode"``: int8
-    for inputs of at most :data:`DECODE_ROWS` rows, the original weights kept for the rest) or, for ``mode="int4"``,
-    by :class:`Int4Linear` (the LM head and any layer whose input width is not a multiple of the group: int8);
-    returns how many. In the int8 modes, with ``fuse``, sibling projections (:data:`FUSED`) become one layer, and with
-    ``rescore`` the LM head on CPU becomes a :class:`RescoredHead` where its dense weight is kept anyway (tied, or
-    ``int8-decode``). ``int4_group`` / ``int4_names`` (int4 mode): the group size, and which projections (by attribute
-    name, e.g. ``("gate_proj", "up_proj")``; None = all) go int4 — the rest int8.
+    """Replace every ``nn.Linear`` of ``model`` by :class:`Int8Linear` (``mode="int8"``) or :class:`Int4Linear`
+    (``"int4"``: the LM head and any layer whose input width is not a multiple of the group stay int8); the
+    ``-decode`` modes use those weights only for inputs of at most :data:`DECODE_ROWS` rows and keep the original
+    weights for the rest. Returns how many linears were replaced.
+
+    Except in plain ``int4`` mode: with ``fuse``, sibling projections (:data:`FUSED`) become one layer, and with
+    ``rescore`` the LM head on CPU becomes a :class:`RescoredHead` where its dense weight is kept anyway (tied to the
+    embedding, or a ``-decode`` mode). ``int4_group`` / ``int4_names``: the int4 group size, and (plain ``int4``) which
+    projections by attribute name (e.g. ``("gate_proj", "up_proj")``; None = all) go int4 — the rest int8.
 
     ``mode="none"`` leaves the model as it is. The model records ``saesteer_quantize`` (shown by the CLI and the
-    server's model card)."""
+    server's ``/health``)."""
     ensure(mode in QUANTIZE_MODES, f"--quantize must be one of {', '.join(QUANTIZE_MODES)}, got {mode!r}")
     if mode == "none":
         return 0
-    max_rows = DECODE_ROWS if mode == "int8-decode" else None
+    max_rows = DECODE_ROWS if mode.endswith("-decode") else None
+    four = mode.startswith("int4")
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     if fuse and mode != "int4":
-        _fuse_siblings(model, max_rows)
+        _fuse_siblings(model, max_rows, int4_group if four else None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     for name, lin in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        int4 = (mode == "int4" and lin is not head and lin.in_features % int4_group == 0
+        int4 = (four and lin is not head and lin.in_features % int4_group == 0
                 and (int4_names is None or child in int4_names))
         rescored = (mode != "int4" and lin is head and rescore and (_tied(model, lin) or max_rows is not None)
                     and lin.weight.device.type == "cpu" and lin.in_features % INT4_GROUP == 0)
-        setattr(parent, child, Int4Linear(lin, int4_group) if int4 else RescoredHead(lin, max_rows) if rescored
-                else Int8Linear(lin, max_rows))
+        setattr(parent, child, Int4Linear(lin, int4_group, max_rows) if int4 else RescoredHead(lin, max_rows)
+                if rescored else Int8Linear(lin, max_rows))
     model.saesteer_quantize = mode
     return len(targets)
