@@ -217,8 +217,8 @@ def test_int8_decode_keeps_prefill_exact_and_decodes_in_int8(monkeypatch):
 def test_resolve_quantize_auto():
     from saesteer.models import resolve_quantize
 
-    assert resolve_quantize("auto", "cpu", torch.bfloat16) == "int8-decode"
-    assert resolve_quantize("auto", "cpu", "bfloat16") == "int8-decode"
+    assert resolve_quantize("auto", "cpu", torch.bfloat16) == "int4-decode"
+    assert resolve_quantize("auto", "cpu", "bfloat16") == "int4-decode"
     assert resolve_quantize("auto", "cpu", torch.float32) == "none"
     assert resolve_quantize("auto", "cuda", torch.bfloat16) == "none"
     assert resolve_quantize(None) == "none" and resolve_quantize("int4", "cuda") == "int4"

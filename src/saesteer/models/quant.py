@@ -54,7 +54,7 @@ FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 Phi-3's ``qkv_proj`` / ``gate_up_proj`` are fused already)."""
 
 
-AUTO_QUANTIZE = "int8-decode"
+AUTO_QUANTIZE = "int4-decode"
 """What ``--quantize auto`` means on a CPU running bf16."""
 
 
