@@ -110,10 +110,10 @@ def test_direction_then_generate_and_chat(env, tmp_path):
     assert f"saesteer chat · {env['model']} · float32 · int8 weights · steering: none · /reset, /exit" in flat, plain
     assert "╭─ model " in plain and "steered" not in plain  # the answer panel is titled "model", not "steered"
     assert plain.count("you> ") == 2  # one turn, then EOF
-    # the default --quantize auto: int4 for the decode steps on CPU in bf16, unquantized in fp32
+    # the default --quantize auto: int8 for the decode steps on CPU in bf16, unquantized in fp32
     auto = " ".join(_ok(["chat", "--model", env["model"], "--max-new-tokens", "3", "--dtype", "bfloat16"],
                         input="hello\n").split())
-    assert "· bfloat16 · int4-decode weights · steering: none" in auto, auto
+    assert "· bfloat16 · int8-decode weights · steering: none" in auto, auto
     fp = " ".join(_ok(["chat", "--model", env["model"], "--max-new-tokens", "3", "--dtype", "float32"],
                       input="hello\n").split())
     assert "· float32 · steering: none" in fp, fp

@@ -217,8 +217,8 @@ def test_int8_decode_keeps_prefill_exact_and_decodes_in_int8(monkeypatch):
 def test_resolve_quantize_auto():
     from saesteer.models import resolve_quantize
 
-    assert resolve_quantize("auto", "cpu", torch.bfloat16) == "int4-decode"
-    assert resolve_quantize("auto", "cpu", "bfloat16") == "int4-decode"
+    assert resolve_quantize("auto", "cpu", torch.bfloat16) == "int8-decode"
+    assert resolve_quantize("auto", "cpu", "bfloat16") == "int8-decode"
     assert resolve_quantize("auto", "cpu", torch.float32) == "none"
     assert resolve_quantize("auto", "cuda", torch.bfloat16) == "none"
     assert resolve_quantize(None) == "none" and resolve_quantize("int4", "cuda") == "int4"
@@ -349,3 +349,22 @@ def test_int4_decode_fuses_and_decodes_in_int4(monkeypatch):
     generate_rows(qm, tok, ["hello there"], GenerationConfig(max_new_tokens=5, batch_size=1, eos_ids=[]))
     # 4 steps x (2 layers x 4 int4 calls + the head) + the prefill's head on its last position
     assert set(calls) == {1} and len(calls) == 4 * (2 * 4 + 1) + 1
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma", "gemma2", "phi3", "gpt2"])
+@pytest.mark.parametrize("mode", ["int8-decode", "int4-decode"])
+def test_decode_modes_on_every_architecture(arch, mode):
+    """Every tiny architecture quantizes in the -decode modes, reads a prompt like the unquantized model and
+    generates through its one-row quantized path (fused q/k/v and gate/up where the names exist)."""
+    from saesteer.generation import GenerationConfig, generate_rows
+
+    model, tok = tiny_model(arch, layers=2, weight_std=0.2)
+    model.to(torch.bfloat16)
+    qm = copy.deepcopy(model)
+    quantize_model(qm, mode)
+    ids = tok(["hello there, how do i bake bread?"], return_tensors="pt")
+    with torch.no_grad():
+        a, b = model(**ids).logits.float(), qm(**ids).logits.float()
+    assert float((a - b).abs().max()) < 0.1
+    out = generate_rows(qm, tok, ["hello there"], GenerationConfig(max_new_tokens=4, batch_size=1, eos_ids=[]))
+    assert len(out[0].out_ids) == 4

@@ -54,7 +54,7 @@ FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 Phi-3's ``qkv_proj`` / ``gate_up_proj`` are fused already)."""
 
 
-AUTO_QUANTIZE = "int4-decode"
+AUTO_QUANTIZE = "int8-decode"
 """What ``--quantize auto`` means on a CPU running bf16."""
 
 
@@ -154,7 +154,8 @@ class FusedLinears(nn.Module):
 
     def output(self, i: int, x: torch.Tensor) -> torch.Tensor:
         if self._x is not x or self._outs[i] is None:
-            self._x, self._outs = x, [o.contiguous() for o in self.layer(x).split(self.sizes, -1)]
+            # views of the fused output (no copies): the models split their last dim with .view, which a slice allows
+            self._x, self._outs = x, list(self.layer(x).split(self.sizes, -1))
         out, self._outs[i] = self._outs[i], None
         if all(o is None for o in self._outs):
             self._x = None  # every part has taken its output: hold nothing between calls
