@@ -3,7 +3,9 @@
 # (scripts/baselines_demo.sh): every held-out test item of each refusal set (--limit 0: n = 95 / 219 / 40 unsafe,
 # 137 / 40 safe; the rest of each set trained or calibrated a gate), 24 replayed conversations, 64 seeded HumanEval
 # and 64 seeded GSM8K-chat problems, the prefix judge plus the 1.5B model judge on a seeded 16 answers per set and
-# condition, broken labels, and 24 answers per condition regenerated at 256 tokens. About 1.5 h on 2 cores in bf16.
+# condition, broken labels, and 24 answers per condition regenerated at 256 tokens. ~12 min per condition on 2 cores
+# in bf16 (the unconditional ones longer: steered replies run to the 512-token HumanEval budget); compare resumes per
+# condition and group, in the order of --policies.
 #
 #   make setup-gate-model   # the 1.5B judge
 #   scripts/compare_full.sh runs/s6b/demo runs/s6b/baselines runs/s7/compare-full
@@ -12,7 +14,7 @@ RUN=${1:?demo run folder}; BASE=${2:?baselines folder (scripts/baselines_demo.sh
 S=${SAESTEER:-.venv/bin/saesteer}
 P=$BASE/policies
 $S compare --model qwen2.5-coder-0.5b-instruct \
-   --policies "$RUN/policies/clamp.json,$P/system-prompt.json,$P/system-prompt+clamp.json,$P/direction+always.json,$P/direction+probe.json,$RUN/policies/clamp+cast.json,$RUN/policies/clamp+probe.json,$P/two-sided-probe.json" \
+   --policies "$RUN/policies/clamp.json,$P/system-prompt.json,$P/two-sided-probe.json,$RUN/policies/clamp+probe.json,$P/direction+probe.json,$RUN/policies/clamp+cast.json,$P/system-prompt+clamp.json,$P/direction+always.json" \
    --limit 0 --capability humaneval,gsm8k_chat --gsm8k-limit 64 --judge prefix \
    --judges model:hf:qwen2.5-coder-1.5b-instruct --judges-limit 16 --broken --long-check 24 --long-tokens 256 \
    --multiturn-limit 24 --max-turns 3 --batch-size 64 --exclude "$RUN/features/selection.json" --out "$OUT"

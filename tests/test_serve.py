@@ -262,7 +262,7 @@ def test_cli_serve_end_to_end_subprocess(lm, tmp_path):
                 s.bind(("127.0.0.1", 0))
                 port = s.getsockname()[1]
             cmd = [sys.executable, "-m", "saesteer", "serve", "--model", str(tmp_path / "tiny"), "--port", str(port),
-                   "--api-key", KEY, "--threads", "1"]
+                   "--api-key", KEY, "--threads", "1", "--dtype", "float32"]  # the reference below is fp32
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             t0 = time.time()
             while proc.poll() is None:
@@ -281,6 +281,7 @@ def test_cli_serve_end_to_end_subprocess(lm, tmp_path):
     try:
         c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0)
         assert [m.id for m in c.models.list().data] == ["default"]
+        assert httpx.get(f"http://127.0.0.1:{port}/health").json()["weights"] == {"dtype": "float32", "quantize": "none"}
         r = c.chat.completions.create(model="default", messages=MSGS, max_tokens=6, temperature=0)
         assert r.choices[0].message.content == generate(model, tok, [MSGS], max_new_tokens=6)[0]
     finally:
