@@ -98,47 +98,61 @@ def _dense_linear(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) 
     return F.linear(x2, w.to(x2.dtype), None if bias is None else bias.to(x2.dtype))
 
 
-class Int8Linear(nn.Module):
+class _QuantLinear(nn.Module):
+    """What the quantized linears share: the original bias, the ``max_rows`` switch to the kept dense weight (the
+    ``-decode`` modes; ``None``: quantized for every input, dense weight dropped), and the reshape around the
+    subclass's 2-D quantized product :meth:`_matmul`."""
+
+    def __init__(self, linear: nn.Linear, max_rows: int | None) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.max_rows = linear.in_features, linear.out_features, max_rows
+        self.register_buffer("bias", linear.bias.detach() if linear.bias is not None else None)
+        self.register_buffer("dense", linear.weight.detach() if max_rows is not None else None, persistent=False)
+
+    def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if self.dense is not None and x2.shape[0] > self.max_rows:
+            y = _dense_linear(x2, self.dense, self.bias)
+        else:
+            y = self._matmul(x2)
+            if self.bias is not None:
+                y = y + self.bias.to(y.dtype)
+        return y.reshape(*lead, self.out_features)
+
+    def _repr(self, kind: str) -> str:
+        rows = f" (rows <= {self.max_rows}; dense above)" if self.max_rows is not None else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"{kind}{rows}")
+
+
+class Int8Linear(_QuantLinear):
     """``nn.Linear`` with int8 weights (one scale per output feature) and the original bias.
 
     ``max_rows``: use the int8 weights only for inputs of at most this many rows and the original (dense) weight,
     kept, for larger ones (``int8-decode``); ``None``: int8 for everything and the dense weight is dropped."""
 
     def __init__(self, linear: nn.Linear, max_rows: int | None = None) -> None:
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.max_rows = max_rows
+        super().__init__(linear, max_rows)
         q, scale = quantize_rows(linear.weight)
-        dtype = linear.weight.dtype
         self.register_buffer("weight_int8", q.to(linear.weight.device))
-        self.register_buffer("scale", scale.to(device=linear.weight.device, dtype=dtype))
-        bias = linear.bias.detach() if linear.bias is not None else None
-        self.register_buffer("bias", bias)
-        self.register_buffer("dense", linear.weight.detach() if max_rows is not None else None, persistent=False)
-
+        self.register_buffer("scale", scale.to(device=linear.weight.device, dtype=linear.weight.dtype))
 
     def dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight the layer computes with, as a dense matrix (tests, inspection)."""
         dtype = dtype or self.scale.dtype
         return self.weight_int8.to(dtype) * self.scale.to(dtype)[:, None]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        if self.dense is not None and x2.shape[0] > self.max_rows:
-            return _dense_linear(x2, self.dense, self.bias).reshape(*lead, self.out_features)
+    def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
         if x2.device.type == "cpu" and x2.dtype == torch.bfloat16:
-            y = torch._weight_int8pack_mm(x2.contiguous(), self.weight_int8, self.scale.to(x2.dtype))
-        else:
-            y = F.linear(x2, self.weight_int8.to(x2.dtype)) * self.scale.to(x2.dtype)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y.reshape(*lead, self.out_features)
+            return torch._weight_int8pack_mm(x2.contiguous(), self.weight_int8, self.scale.to(x2.dtype))
+        return F.linear(x2, self.weight_int8.to(x2.dtype)) * self.scale.to(x2.dtype)
 
     def extra_repr(self) -> str:
-        rows = f" (rows <= {self.max_rows}; dense above)" if self.max_rows is not None else ""
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"int8{rows}")
+        return self._repr("int8")
 
 
 class FusedLinears(nn.Module):
@@ -194,14 +208,13 @@ def quantize_groups(w: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Ten
     return q, scale, lo + 8 * scale
 
 
-class Int4Linear(nn.Module):
-    """``nn.Linear`` with 4-bit group-quantized weights (:func:`quantize_groups`) and the original bias."""
+class Int4Linear(_QuantLinear):
+    """``nn.Linear`` with 4-bit group-quantized weights (:func:`quantize_groups`) and the original bias; ``max_rows``
+    as :class:`Int8Linear`'s."""
 
     def __init__(self, linear: nn.Linear, group: int = INT4_GROUP, max_rows: int | None = None) -> None:
-        super().__init__()
-        self.in_features, self.out_features, self.group = linear.in_features, linear.out_features, group
-        self.max_rows = max_rows  # as Int8Linear's: int4 only for inputs of at most this many rows, dense above
-        self.register_buffer("dense", linear.weight.detach() if max_rows is not None else None, persistent=False)
+        super().__init__(linear, max_rows)
+        self.group = group
         dev, dtype = linear.weight.device, linear.weight.dtype
         q, scale, zero = quantize_groups(linear.weight, group)
         self.packed = dev.type == "cpu"
@@ -211,7 +224,6 @@ class Int4Linear(nn.Module):
             self.register_buffer("weight_int4", q.to(device=dev, dtype=torch.uint8))
         # [in / group, out, 2]: the layout of torch's int4 kernels
         self.register_buffer("scale_zero", torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(dev, dtype))
-        self.register_buffer("bias", linear.bias.detach() if linear.bias is not None else None)
 
     def _dense(self, dtype: torch.dtype) -> torch.Tensor:
         q = self.weight_int4.to(dtype).reshape(self.out_features, -1, self.group)
@@ -227,23 +239,14 @@ class Int4Linear(nn.Module):
         w = torch._weight_int4pack_mm_for_cpu(eye, self.weight_int4, self.group, self.scale_zero)
         return w.t().to(dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        if self.dense is not None and x2.shape[0] > self.max_rows:
-            return _dense_linear(x2, self.dense, self.bias).reshape(*lead, self.out_features)
+    def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
         if self.packed:
-            y = torch._weight_int4pack_mm_for_cpu(x2.contiguous(), self.weight_int4, self.group,
-                                                  self.scale_zero.to(x2.dtype))
-        else:
-            y = F.linear(x2, self._dense(x2.dtype))
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y.reshape(*lead, self.out_features)
+            return torch._weight_int4pack_mm_for_cpu(x2.contiguous(), self.weight_int4, self.group,
+                                                     self.scale_zero.to(x2.dtype))
+        return F.linear(x2, self._dense(x2.dtype))
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"int4 groups of {self.group}")
+        return self._repr(f"int4 groups of {self.group}")
 
 
 RESCORE_TOP = 32
