@@ -46,7 +46,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "decode_step.json"))
     args = ap.parse_args()
     set_threads(args.threads)
-    model, tok = models.load_model(args.model)
+    model, tok = models.load_model(args.model, dtype="float32")  # the fp32 GEMMs this benchmark is about
     lins = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     n_lin = sum(m.weight.numel() for m in lins)
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
