@@ -22,7 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from _common import run_command  # noqa: E402
+from _common import decode_step_fn, run_command  # noqa: E402
 
 from saesteer import models
 from saesteer.core import atomic_write_json, set_threads  # noqa: E402
@@ -57,16 +57,7 @@ def main() -> None:
     for M in (int(x) for x in args.rows.split(",")):
         xs = {m.in_features: torch.randn(M, m.in_features) for m in lins}
         t_lin = _time(lambda xs=xs: [m(xs[m.in_features]) for m in lins], args.reps)
-        ids = tok(["The quick brown fox jumps over the lazy dog. " * 4] * M, return_tensors="pt").input_ids
-        out = model(ids, use_cache=True)
-        pkv, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-
-        def step():
-            nonlocal pkv, nxt
-            o = model(nxt, past_key_values=pkv, use_cache=True, logits_to_keep=1)
-            pkv, nxt = o.past_key_values, o.logits[:, -1:].argmax(-1)
-
-        t_step = _time(step, args.reps)
+        t_step = _time(decode_step_fn(model, tok, M), args.reps)
         row = {"rows": M, "linears_ms": round(t_lin * 1e3, 1), "decode_step_ms": round(t_step * 1e3, 1),
                "linear_share_of_step": round(t_lin / t_step, 2),
                "linear_gflops": round(2 * M * n_lin / t_lin / 1e9, 1), "tok_s_ceiling_from_step": round(M / t_step, 1)}

@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from _common import run_command  # noqa: E402
+from _common import decode_step_fn, run_command  # noqa: E402
 
 from saesteer import models  # noqa: E402
 from saesteer.core import atomic_write_json, set_threads  # noqa: E402
@@ -56,18 +56,6 @@ def _layers(model) -> list:
     return out
 
 
-def _step_fn(model, tok, rows: int):
-    ids = tok(["The quick brown fox jumps over the lazy dog. " * 4] * rows, return_tensors="pt").input_ids
-    out = model(ids, use_cache=True, logits_to_keep=1)
-    state = {"pkv": out.past_key_values, "nxt": out.logits[:, -1:].argmax(-1)}
-
-    def step():
-        o = model(state["nxt"], past_key_values=state["pkv"], use_cache=True, logits_to_keep=1)
-        state["pkv"], state["nxt"] = o.past_key_values, o.logits[:, -1:].argmax(-1)
-
-    return step
-
-
 @torch.inference_mode()
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -94,7 +82,7 @@ def main() -> None:
             xs = {lay.in_features: torch.randn(M, lay.in_features, dtype=torch.bfloat16) for lay in lays}
             run = lambda lays=lays, xs=xs: [lay(xs[lay.in_features]) for lay in lays]  # noqa: E731
             row[f"{name}_linears_ms"] = round(_best(run, args.reps, 3) * 1e3, 2)
-            row[f"{name}_step_ms"] = round(_best(_step_fn(m, tok, M), args.reps, args.steps) * 1e3, 2)
+            row[f"{name}_step_ms"] = round(_best(decode_step_fn(m, tok, M), args.reps, args.steps) * 1e3, 2)
         row["int8_over_bf16_step"] = round(row["int8_step_ms"] / row["bf16_step_ms"], 2)
         res["rows"].append(row)
         print(row, flush=True)
@@ -102,7 +90,7 @@ def main() -> None:
     res["largest_rows_where_int8_wins"] = max(wins) if wins else 0
     from torch.profiler import ProfilerActivity, profile
 
-    step = _step_fn(q8, tok, 1)
+    step = decode_step_fn(q8, tok, 1)
     step()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(args.steps):
