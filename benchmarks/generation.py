@@ -8,7 +8,9 @@
 (``Add`` of a fixed random vector at ``--layer``) for every condition: float32, bfloat16, and bfloat16 with weight-only
 int8 linears (q/k/v and gate/up fused), the same int8 weights used only for steps of <= 4 rows (``int8-decode``, the
 default of chat / serve on such CPUs; its verdicts are taken one prompt at a time), or int4 linears (``models.quant``;
-int4 keeps the LM head int8). Per condition: batched steered decode at 64 rows (``--new-tokens`` each, EOS off),
+int4 keeps the LM head int8), and unquantized bf16 with every weight reordered once for oneDNN (``packed``, the
+same numbers; the kept weights of the -decode modes are packed too). Quantized conditions record the largest logit
+difference from bf16 on the 64-row prompt batch (the prefill path). Per condition: batched steered decode at 64 rows (``--new-tokens`` each, EOS off),
 steered batch-1 decode (``--single-prompts`` prompts one after another, ``--single-tokens`` each, EOS off), and the
 refusal-eval workload — 64 XSTest prompts (32 safe, 32 unsafe, seeded), ``--eval-tokens`` answer budget, prefix judge,
 unsteered and steered — whose verdicts are compared with float32's row by row. The reference is llama.cpp
@@ -294,7 +296,8 @@ def engine_main(argv: list[str] | None = None) -> None:
 
 
 XSTEST_N = 32  # per side of the eval workload
-CONDITIONS = ("float32", "bfloat16", "bfloat16+int8", "bfloat16+int8-decode", "bfloat16+int4", "bfloat16+int4-decode")
+CONDITIONS = ("float32", "bfloat16", "bfloat16+packed", "bfloat16+int8", "bfloat16+int8-decode", "bfloat16+int4",
+              "bfloat16+int4-decode")
 
 
 def eval_prompts(seed: int = 0) -> list[str]:
@@ -372,6 +375,11 @@ def dtypes_main(argv: list[str] | None = None) -> None:
             model = copy.deepcopy(base)
             models.quantize_model(model, name.split("+")[1])
         c: dict = {}
+        if model is not base:  # a 64-row prompt batch (the prefill path): logits against unquantized bf16's
+            enc = tok(batch, return_tensors="pt", padding=True)
+            with torch.inference_mode():
+                ref_logits, got = base(**enc, logits_to_keep=1).logits, model(**enc, logits_to_keep=1).logits
+            c["prefill_logits_max_abs_diff_vs_bfloat16"] = float((ref_logits.float() - got.float()).abs().max())
         ours(model, tok, batch[:2], 2, 2)  # warm-up
         with steer(model, [Add(vector=vec, alpha=1.0, layer=args.layer)]):
             dt, out = ours(model, tok, batch, args.new_tokens, args.rows)

@@ -397,3 +397,16 @@ def test_length_groups_partition_and_cost():
     assert shared_prefix_len([[1, 2, 3], [1, 2, 3]]) == 2  # each row keeps a token of its own
     assert shared_prefix_len([[1, 2, 3, 4], [1, 2, 5]]) == 2
     assert shared_prefix_len([[1, 2, 3]]) == 0
+
+
+def test_greedy_pick_on_bf16_logits_is_torch_argmax():
+    """The decode loop upcasts bf16 logits before its argmax (4x faster on CPU): the same index as argmax over the
+    bf16 row itself, ties included (the first maximum)."""
+    from saesteer.generation.decode import Row, _sample
+
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(5, 1000, generator=g) * 3).bfloat16()
+    logits[1, 10] = logits[1, 700] = logits[1].max() + 1  # a tie: the first index wins
+    rows = [Row(i, [1], 4) for i in range(5)]
+    got = _sample(logits, rows)
+    assert torch.equal(got, logits.argmax(-1)) and int(got[1]) == 10

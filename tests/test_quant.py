@@ -138,7 +138,7 @@ def test_load_model_quantize(tiny_dir):
 
     m, _ = load_model(str(tiny_dir), dtype="float32", quantize="int8")
     assert any(isinstance(x, Int8Linear) for x in m.modules()) and not any(isinstance(x, nn.Linear) for x in m.modules())
-    with pytest.raises(SaesteerError, match="--quantize must be one of auto, none, int8"):
+    with pytest.raises(SaesteerError, match="--quantize must be one of auto, none, packed, int8"):
         load_model(str(tiny_dir), quantize="int3")
 
 
@@ -150,7 +150,7 @@ def test_cli_generate_quantized(tiny_dir, capsys):
     with pytest.raises(SystemExit) as ei:
         main(["generate", "hello", "--model", str(tiny_dir), "--quantize", "int3"])
     err = capsys.readouterr().err
-    assert ei.value.code == 2 and err.strip() == "saesteer: error: --quantize must be one of auto, none, int8, int4, int8-decode, int4-decode, got 'int3'"
+    assert ei.value.code == 2 and err.strip() == "saesteer: error: --quantize must be one of auto, none, packed, int8, int4, int8-decode, int4-decode, got 'int3'"
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])

@@ -20,10 +20,11 @@ DTYPE_HELP = ("model dtype: float32 | bfloat16 | float16 | auto (default: the pr
               "and on CPUs with AVX512-BF16 / AMX, float32 elsewhere; SAESTEER_DTYPE sets it); SAE and clamp math "
               "stay float32")
 DTYPE_OPT = typer.Option(None, "--dtype", help=DTYPE_HELP)
-QUANTIZE_HELP = ("auto | none | int8 | int4 | int8-decode | int4-decode: weight-only quantized linears (int8: per-row "
-                 "scales; int4: groups of 64; the -decode modes use them only for the decode steps of <= 4 sequences "
-                 "and the model's own weights for prompts and batches; auto: int8-decode on CPU in bf16, else none). "
-                 "The residual stream, SAE and clamp keep their dtype")
+QUANTIZE_HELP = ("auto | none | packed | int8 | int4 | int8-decode | int4-decode: weight-only quantized linears (int8: "
+                 "per-row scales; int4: groups of 64; the -decode modes use them only for the decode steps of <= 4 "
+                 "sequences and the model's own weights, packed for oneDNN on bf16 CPUs, for prompts and batches; "
+                 "packed: bf16 weights reordered once for oneDNN, the same numbers; auto: int8-decode on CPU in bf16, "
+                 "else none). The residual stream, SAE and clamp keep their dtype")
 QUANTIZE_OPT = typer.Option("none", "--quantize", help=QUANTIZE_HELP)
 QUANTIZE_AUTO_OPT = typer.Option("auto", "--quantize", help=QUANTIZE_HELP)
 

@@ -179,7 +179,7 @@ def _forward_fn(model: Any, compile_: bool) -> Callable[..., Any]:
 
 def _sample(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
     """Next token per row: argmax for greedy rows, temperature / top-p sampling with the row's generator otherwise."""
-    nxt = logits.argmax(-1)
+    nxt = logits.float().argmax(-1)  # the same index; torch's argmax over bf16 is ~4x slower than over fp32 on CPU
     for j, r in enumerate(rows):
         if r.temperature <= 0:
             continue

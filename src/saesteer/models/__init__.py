@@ -35,6 +35,7 @@ from .layers import (  # noqa: F401
     run_to_layer,
 )
 from .load import load_model, model_name, prepare_tokenizer, resolve_model_path  # noqa: F401
+from .packed import PackedLinear, packing_supported  # noqa: F401
 from .quant import (  # noqa: F401
     QUANTIZE_CHOICES,
     QUANTIZE_MODES,

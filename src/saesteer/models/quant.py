@@ -11,16 +11,20 @@ A decode step of one sequence is bound by reading the weights (the default model
   kernel (``torch._weight_int4pack_mm_for_cpu``), elsewhere dequantized per call; the LM head — whose errors move the
   argmax directly — stays int8.
 
+* ``packed`` (bf16 on CPU): no quantized projection — every linear keeps its bf16 weight, reordered once into
+  oneDNN's blocked layout (:mod:`.packed`), which computes the same numbers as ``F.linear`` faster; with fused q/k/v
+  and gate/up and, for steps of <= :data:`DECODE_ROWS` rows, the rescored LM head below.
+
 * ``int8-decode`` / ``int4-decode``: the same quantized weights, used only where they pay — inputs of at most
   :data:`DECODE_ROWS` rows (the decode steps of one or a few conversations) — while the model's own bf16 / fp32
-  weights, kept beside them, serve prefill and batched decoding. Prompts are read exactly as without quantization
-  (most of what decides a refusal verdict), and the quantized copies cost half (int8) or a quarter (int4) of the
-  linears' bf16 memory again. ``auto`` (the default of ``chat`` and ``serve``) is :data:`AUTO_QUANTIZE` on CPUs
+  weights, kept beside them (bf16 on CPU: reordered for oneDNN as in ``packed``, the same numbers, faster), serve
+  prefill and batched decoding. Prompts are read exactly as without quantization (most of what decides a refusal
+  verdict), and the quantized copies cost half (int8) or a quarter (int4) of the linears' bf16 memory again. ``auto`` (the default of ``chat`` and ``serve``) is :data:`AUTO_QUANTIZE` on CPUs
   running bf16 and ``none`` elsewhere (:func:`resolve_quantize`); ``benchmarks/generation.py`` and
   ``benchmarks/quant_capability.py`` measure speed, refusal verdicts and HumanEval for each mode.
 
 Except in plain ``int4`` mode, an LM head whose dense weight is kept anyway (tied to the input embedding, or a
-``-decode`` mode) becomes a :class:`RescoredHead`: int4 logits over the vocabulary find the top :data:`RESCORE_TOP`
+``-decode`` or ``packed`` mode) becomes a :class:`RescoredHead`: int4 logits over the vocabulary find the top :data:`RESCORE_TOP`
 candidates, whose logits are then recomputed exactly from the dense weight — greedy decoding picks the same token as
 the dense head unless the dense argmax falls outside the int4 top 32, at half the int8 head's bytes (the head is a
 quarter of a 0.5B model's weights). Sampling and logprobs see int4 logits outside those candidates.
@@ -43,7 +47,9 @@ from torch.nn import functional as F
 
 from saesteer.core import ensure
 
-QUANTIZE_MODES = ("none", "int8", "int4", "int8-decode", "int4-decode")
+from .packed import PackedLinear, can_pack, packing_supported
+
+QUANTIZE_MODES = ("none", "packed", "int8", "int4", "int8-decode", "int4-decode")
 QUANTIZE_CHOICES = ("auto", *QUANTIZE_MODES)
 INT4_GROUP = 64
 DECODE_ROWS = 4
@@ -107,7 +113,12 @@ class _QuantLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.max_rows = linear.in_features, linear.out_features, max_rows
         self.register_buffer("bias", linear.bias.detach() if linear.bias is not None else None)
-        self.register_buffer("dense", linear.weight.detach() if max_rows is not None else None, persistent=False)
+        # the kept weight of the -decode modes: reordered for oneDNN where it can be (bf16 on CPU: the same numbers,
+        # faster prompts and batches; :mod:`.packed`), else as it is
+        pack = max_rows is not None and can_pack(linear.weight)
+        self.dense_packed = PackedLinear(linear) if pack else None
+        self.register_buffer("dense", linear.weight.detach() if max_rows is not None and not pack else None,
+                             persistent=False)
 
     def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -115,8 +126,8 @@ class _QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if self.dense is not None and x2.shape[0] > self.max_rows:
-            y = _dense_linear(x2, self.dense, self.bias)
+        if self.max_rows is not None and x2.shape[0] > self.max_rows:
+            y = self.dense_packed(x2) if self.dense_packed is not None else _dense_linear(x2, self.dense, self.bias)
         else:
             y = self._matmul(x2)
             if self.bias is not None:
@@ -289,9 +300,9 @@ def _tied(model: nn.Module, head: nn.Module | None) -> bool:
     return isinstance(head, nn.Linear) and emb is not None and head.weight is getattr(emb, "weight", None)
 
 
-def _fuse_siblings(model: nn.Module, max_rows: int | None, int4_group: int | None = None) -> None:
+def _fuse_siblings(model: nn.Module, max_rows: int | None, int4_group: int | None = None, packed: bool = False) -> None:
     """Replace each group of :data:`FUSED` sibling ``nn.Linear`` s (same input width) by one fused int8 layer (int4
-    with ``int4_group``, where the width allows)."""
+    with ``int4_group``, where the width allows; a bf16 :class:`.packed.PackedLinear` with ``packed``)."""
     for owner in list(model.modules()):
         for names in FUSED:
             lins = [getattr(owner, n, None) for n in names]
@@ -299,7 +310,8 @@ def _fuse_siblings(model: nn.Module, max_rows: int | None, int4_group: int | Non
                 continue
             big = concat_linears(lins)
             four = int4_group is not None and big.in_features % int4_group == 0
-            layer = Int4Linear(big, int4_group, max_rows) if four else Int8Linear(big, max_rows)
+            layer = (PackedLinear(big) if packed else Int4Linear(big, int4_group, max_rows) if four
+                     else Int8Linear(big, max_rows))
             group = FusedLinears(layer, [lin.out_features for lin in lins])
             for i, n in enumerate(names):
                 setattr(owner, n, FusedPart(group, i))
@@ -310,7 +322,9 @@ def quantize_model(model: nn.Module, mode: str = "int8", fuse: bool = True, resc
     """Replace every ``nn.Linear`` of ``model`` by :class:`Int8Linear` (``mode="int8"``) or :class:`Int4Linear`
     (``"int4"``: the LM head and any layer whose input width is not a multiple of the group stay int8); the
     ``-decode`` modes use those weights only for inputs of at most :data:`DECODE_ROWS` rows and keep the original
-    weights for the rest. Returns how many linears were replaced.
+    weights for the rest. ``"packed"`` (bf16 on CPU): every linear keeps its bf16 weight, reordered once for oneDNN
+    (:class:`.packed.PackedLinear`, the same numbers), and the LM head is rescored as in the ``-decode`` modes.
+    Returns how many linears were replaced.
 
     Except in plain ``int4`` mode: with ``fuse``, sibling projections (:data:`FUSED`) become one layer, and with
     ``rescore`` the LM head on CPU becomes a :class:`RescoredHead` where its dense weight is kept anyway (tied to the
@@ -322,11 +336,16 @@ def quantize_model(model: nn.Module, mode: str = "int8", fuse: bool = True, resc
     ensure(mode in QUANTIZE_MODES, f"--quantize must be one of {', '.join(QUANTIZE_MODES)}, got {mode!r}")
     if mode == "none":
         return 0
-    max_rows = DECODE_ROWS if mode.endswith("-decode") else None
+    packed = mode == "packed"
+    max_rows = DECODE_ROWS if mode.endswith("-decode") or packed else None
     four = mode.startswith("int4")
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if packed:  # checked before any layer changes: no half-packed model
+        ensure(packing_supported(), "--quantize packed needs a torch build whose oneDNN packs bf16 weights on this CPU")
+        ensure(all(m.weight.dtype == torch.bfloat16 and m.weight.device.type == "cpu" for _, m in targets),
+               "--quantize packed needs a bfloat16 model on CPU (use --dtype bfloat16)")
     if fuse and mode != "int4":
-        _fuse_siblings(model, max_rows, int4_group if four else None)
+        _fuse_siblings(model, max_rows, int4_group if four else None, packed=packed)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     for name, lin in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]:
         parent_name, _, child = name.rpartition(".")
@@ -336,6 +355,6 @@ def quantize_model(model: nn.Module, mode: str = "int8", fuse: bool = True, resc
         rescored = (mode != "int4" and lin is head and rescore and (_tied(model, lin) or max_rows is not None)
                     and lin.weight.device.type == "cpu" and lin.in_features % INT4_GROUP == 0)
         setattr(parent, child, Int4Linear(lin, int4_group, max_rows) if int4 else RescoredHead(lin, max_rows)
-                if rescored else Int8Linear(lin, max_rows))
+                if rescored else PackedLinear(lin) if packed else Int8Linear(lin, max_rows))
     model.saesteer_quantize = mode
     return len(targets)
