@@ -94,6 +94,8 @@ def fit_cmd(
     gate_suffix: str = typer.Option("", help="text the gate reads after each prompt (a prompted probe), e.g. "
                                      "'Before answering, I judge whether this request is harmful or harmless. "
                                      "Verdict: the request is'; generation never sees it"),
+    gate_read: str = typer.Option("last", help="what the gate reads of a conversation: last (the tokens after the "
+                                  "last user message) | turns (the highest score over every user turn's)"),
     chat_only: bool = typer.Option(True, "--chat-only/--any-text", help="never steer prompts that do not end with the "
                                    "chat template's post-instruction tokens (raw text the gate was not fitted on)"),
     system_prompt: Optional[str] = typer.Option(None, help="a fixed system prompt the policy puts first in every chat "
@@ -136,7 +138,7 @@ def fit_cmd(
                           strength=strength, train=split_list(train), val=split_list(val), heldout=split_list(heldout),
                           limit=limit or None, top_m=top_m, C=c, sae=_abs(str(gate_sae)) if gate_sae else None,
                           batch_size=batch_size, cache=str(cache) if cache else None, name=name or "", seed=seed,
-                          gate_model=gate_model, chat_only=chat_only, gate_suffix=gate_suffix,
+                          gate_model=gate_model, chat_only=chat_only, gate_suffix=gate_suffix, read=gate_read,
                           system=system_prompt, steering_low=low, low_rate=low_rate, match=match,
                           match_strengths=split_floats(match_strengths, "--match-strengths"))
     m, tok = load(model, device, threads, dtype)

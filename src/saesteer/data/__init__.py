@@ -39,3 +39,4 @@ from .sources import (  # noqa: F401
     search_roots,
     user_data_dir,
 )
+from .spread import by_reference, embedded  # noqa: F401  (also registers turns:<spec> / embedded:<spec>)

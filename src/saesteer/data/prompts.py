@@ -6,7 +6,8 @@
     ``arditi-harmful`` / ``arditi-harmless`` (``:train`` / ``:val`` / ``:test``; no split = all three),
     ``hh-harmless`` (multi-turn ``messages``), ``hh-helpful`` (chat corpus), ``wikipedia``, ``wikitext2``,
     ``gsm8k`` (``:test`` default, ``:train``), ``truthfulqa``, ``mmlu`` (``:test`` default, ``:dev``),
-    ``arc`` (``:test`` default, ``:dev``), ``mt-bench``, ``pyrit-refusal``;
+    ``arc`` (``:test`` default, ``:dev``), ``mt-bench``, ``pyrit-refusal``; ``turns:<spec>`` / ``embedded:<spec>``
+    (any set with its request spread over a two-turn conversation / embedded in a Wikipedia article: ``data.spread``);
   * a local ``.jsonl`` / ``.json`` / ``.csv`` / ``.parquet`` file; the text column is auto-detected
     (``messages``, ``prompt``, ``instruction``, ``goal``, ``question``, ``text``) or named: ``file.csv:column``.
     WildGuardTest-style files (``prompt``, ``prompt_harm_label``, ``adversarial``) get labels automatically;
@@ -298,6 +299,8 @@ NAMED: dict[str, Callable[[str | None], list[PromptItem]]] = {
     "mt-bench": _mt_bench,
     "pyrit-refusal": _pyrit,
 }
+DERIVED: dict[str, Callable[[str | None], list[PromptItem]]] = {}
+"""Sets built from another set, ``name:<spec>`` (``data.spread`` registers ``turns`` and ``embedded``)."""
 _ALIASES = {"xstest-safe": ("xstest", "safe"), "xstest-unsafe": ("xstest", "unsafe")}
 _FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".jsonl.gz", ".json.gz", ".csv.gz")
 
@@ -344,10 +347,12 @@ def load_prompts(spec: str, split: str | None = None, limit: int | None = None, 
     name, _, sub = spec.partition(":")
     if name in _ALIASES:
         name, sub = _ALIASES[name][0], sub or _ALIASES[name][1]
+    if name in DERIVED:
+        return _subsample(DERIVED[name](sub or None), limit, seed)
     if name not in NAMED:
         raise SaesteerError(
             f"unknown data spec {spec!r}: not a file (.jsonl/.json/.csv/.parquet), hf:owner/name, or a named set "
-            f"({', '.join([*NAMED, *_ALIASES])})"
+            f"({', '.join([*NAMED, *_ALIASES, *(f'{d}:<set>' for d in DERIVED)])})"
         )
     split = split or sub or None
     return _subsample(NAMED[name](split), limit, seed)

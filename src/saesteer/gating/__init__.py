@@ -12,6 +12,7 @@ from .fit import (  # noqa: F401
     split_weight,
     template_ids,
     text_key,
+    turn_prefixes,
 )
 from .gates import (  # noqa: F401
     REDUCE_MODES,
@@ -32,6 +33,7 @@ from .gates import (  # noqa: F401
 )
 from .policy import (  # noqa: F401
     FORMAT,
+    GATE_READS,
     SAFETY_SYSTEM_PROMPT,
     VERSION,
     Policy,

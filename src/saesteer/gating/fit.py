@@ -38,7 +38,7 @@ from saesteer import models
 from saesteer.core import SaesteerError, atomic_write_bytes, ensure, rate_summary
 from saesteer.steering import SteeringSpec, load_sae_cached
 
-from .policy import SAFETY_SYSTEM_PROMPT, Policy, check_same_tokenizer, load_gate_model, load_policy
+from .policy import GATE_READS, SAFETY_SYSTEM_PROMPT, Policy, check_same_tokenizer, load_gate_model, load_policy
 
 
 def text_key(prompt: Any) -> str:
@@ -137,6 +137,10 @@ class PolicyFitConfig:
     match: str | None = None
     """Match the steering's strength to a validation unsafe refusal: a rate in [0, 1], or a policy file whose refusal
     on the same harmful validation prompts is the target (e.g. the unconditional clamp). None: keep the strength."""
+    read: str = "last"
+    """What the gate reads of a conversation: ``last`` = the post-instruction tokens after the last user message;
+    ``turns`` = the highest score over those after every user turn (a request made turns earlier still fires the
+    gate). Validation and held-out scores use the same maximum, scoring each conversation cut after each user turn."""
     match_strengths: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0])
     """Multipliers of the steering's strength tried by ``match`` (an ``add`` of alpha 1: the alphas)."""
 
@@ -146,6 +150,15 @@ def template_ids(tok: Any, positions: int) -> list[int]:
     ids = tok(models.format_chat(tok, "x"), add_special_tokens=False)["input_ids"]
     ensure(len(ids) >= positions, f"the chat template yields {len(ids)} tokens, fewer than the {positions} gate positions")
     return [int(i) for i in ids[-positions:]]
+
+
+def turn_prefixes(prompt: Any) -> list[Any]:
+    """The conversations a ``turns`` gate scores: a message list cut after each of its user turns (a plain prompt, or
+    a conversation with no user turn, is itself)."""
+    if not isinstance(prompt, list):
+        return [prompt]
+    cuts = [prompt[: i + 1] for i, m in enumerate(prompt) if m.get("role") == "user"]
+    return cuts or [prompt]
 
 
 def gate_inputs_key(model_name: str, layer: int, positions: int, prompts: Sequence[Any],
@@ -281,6 +294,11 @@ def fit_policy(model: nn.Module, tok: Any, cfg: PolicyFitConfig, progress: bool 
            "use --gate always")
     ensure(not (cfg.gate == "always" and cfg.steering_low), "an unconditional policy (gate always) has no low side")
     ensure(0.0 <= cfg.low_rate <= 1.0, f"the low-side rate must be in [0, 1], got {cfg.low_rate}")
+    ensure(cfg.read in GATE_READS, f"unknown gate read {cfg.read!r} (choose from {', '.join(GATE_READS)})")
+    if cfg.read == "turns":
+        ensure(cfg.gate != "always", "an unconditional policy (gate always) reads no turns")
+        ensure(cfg.chat_only, "a gate that reads every user turn finds them by the template's tokens: keep --chat-only")
+        ensure(not cfg.gate_suffix, "a gate that reads every user turn cannot also read a gate suffix")
     cache: dict[str, Any] = {}
     ivs = [iv for s in cfg.steering for iv in s.build(model, cache)]
     low_ivs = [iv for s in cfg.steering_low for iv in s.build(model, cache)]
@@ -312,7 +330,7 @@ def fit_policy(model: nn.Module, tok: Any, cfg: PolicyFitConfig, progress: bool 
     pol = Policy(gate=gate, steering=list(cfg.steering), name=cfg.name or cfg.gate, model=models.model_name(model),
                  meta=meta, gate_model=gated_model, gate_suffix=cfg.gate_suffix or None, gate_suffix_ids=suffix_ids,
                  template_ids=template_ids(tok, post_instruction_positions(tok)) if cfg.chat_only else None,
-                 system=system)
+                 system=system, gate_read=cfg.read)
     pol.check(model, ivs + low_ivs)
     vh, vs, vused = labelled_prompts(cfg.val, cfg.limit, cfg.seed, "val") if cfg.match or cfg.gate != "always" \
         else ([], [], [])
@@ -342,6 +360,15 @@ def fit_policy(model: nn.Module, tok: Any, cfg: PolicyFitConfig, progress: bool 
                 atomic_write_bytes(f, save({"h": memo[key].contiguous()}))
         return memo[key]
 
+    def scores(prompts: list[Any], desc: str) -> torch.Tensor:
+        """Gate scores as applied: the last turn's (``read="last"``) or the highest over the cut conversations."""
+        if cfg.read == "last":
+            return gate.score(inputs(prompts, desc))
+        cuts = [(i, c) for i, p in enumerate(prompts) for c in turn_prefixes(p)]
+        s = gate.score(inputs([c for _, c in cuts], desc)).float()
+        owner = torch.tensor([i for i, _ in cuts])
+        return torch.full((len(prompts),), float("-inf")).scatter_reduce(0, owner, s, reduce="amax")
+
     th, ts, used = labelled_prompts(cfg.train, cfg.limit, cfg.seed, "train")
     ensure(len(th) >= 2 and len(ts) >= 2, "train sets need >= 2 harmful and >= 2 harmless prompts")
     weights = {}
@@ -354,8 +381,8 @@ def fit_policy(model: nn.Module, tok: Any, cfg: PolicyFitConfig, progress: bool 
                      "n_harmless": len(ts)}
     ensure(len(vs) > 0, "validation sets hold no harmless prompts: the FPR cap needs benign scores")
     ensure(cfg.fpr_cap in ("pooled", "per-set"), f"fpr_cap must be pooled or per-set, got {cfg.fpr_cap!r}")
-    hs = gate.score(inputs(vh, "gate val harmful")) if vh else None
-    bs = gate.score(inputs(vs, "gate val harmless"))
+    hs = scores(vh, "gate val harmful") if vh else None
+    bs = scores(vs, "gate val harmless")
     sets = _per_set(vused, "harmless", bs) if cfg.fpr_cap == "per-set" else None
     meta["val"] = {"sets": [{k: v for k, v in u.items() if k != "keys"} for u in vused],
                    **gate.calibrate(bs, hs, cfg.fpr, benign_sets=sets)}
@@ -373,9 +400,9 @@ def fit_policy(model: nn.Module, tok: Any, cfg: PolicyFitConfig, progress: bool 
         items = [it for it in load_slice(spec, limit=cfg.limit, seed=cfg.seed)
                  if text_key(it.messages or it.prompt) not in seen]
         ensure(len(items) > 0, f"held-out set {spec!r} is empty (after leaving out the prompts used for fitting)")
-        h = inputs([it.messages or it.prompt for it in items], f"gate {spec}")
-        _, fired, _ = gate.decide(h)
-        below = gate.score(h) < pol.low_threshold if pol.low_threshold is not None else None
+        sc = scores([it.messages or it.prompt for it in items], f"gate {spec}")
+        fired = sc > gate.threshold
+        below = sc < pol.low_threshold if pol.low_threshold is not None else None
         labels = sorted({str(it.label) for it in items})
         for lab in labels:  # a mixed set (xstest) gets one fire rate per label: TPR on harmful, FPR on harmless
             sel = [i for i, it in enumerate(items) if str(it.label) == lab]

@@ -46,6 +46,13 @@ lm-eval model and the server pass it to their own chat formatting). It is uncond
 before any gate could read it — and goes before any system message the prompt already has. Raw-text prompts are
 untouched. A policy may hold only a system prompt (gate ``always``, no steering): the system-prompt baseline.
 
+**What the gate reads of a conversation** (``gate_read``): ``last`` (default) reads the post-instruction tokens after
+the last user message. ``turns`` scores the post-instruction tokens after *every* user turn of the prompt and keeps
+the highest score, so a request made two turns earlier ("walk me through it") still fires the gate. By causality the
+residual at an earlier turn's template tokens is the residual of the conversation cut after that turn, so this costs
+nothing beyond the forward that already runs (``policy fit`` calibrates the threshold on the same per-turn maximum,
+scoring each cut conversation). It needs ``template_ids`` (to find the turns) and no gate suffix.
+
 Caveats: without a KV cache every forward is a prefill, so the gate re-decides on the last tokens at each step (use a
 cache when generating). Gates are fitted on the chat template's post-instruction tokens; a policy with
 ``template_ids`` (what ``policy fit`` records) leaves rows that do not end with them (raw text such as harness-style
@@ -70,8 +77,9 @@ from saesteer import models
 from saesteer.core import SaesteerError, atomic_write_json, ensure, read_json
 from saesteer.steering import AblateDirection, Intervention, SteeringSpec, load_sae_cached, steer, with_strength
 
-from .gates import AlwaysGate, Gate, SAEFeatureGate, gate_from_header
+from .gates import AlwaysGate, Gate, SAEFeatureGate, gate_from_header, strength_from_scores
 
+GATE_READS = ("last", "turns")
 FORMAT = "saesteer-policy"
 VERSION = 1
 
@@ -97,8 +105,11 @@ class PolicyRun:
     def __init__(self, gate: Gate, interventions: list[Intervention], lookahead: nn.Module | None = None,
                  template_ids: Sequence[int] | None = None, suffix_ids: Sequence[int] | None = None,
                  low: Sequence[Intervention] = (), low_threshold: float | None = None,
-                 system_prefix: str | None = None) -> None:
+                 system_prefix: str | None = None, read: str = "last") -> None:
         self.gate, self.interventions = gate, interventions
+        ensure(read in GATE_READS, f"unknown gate read {read!r} (choose from {', '.join(GATE_READS)})")
+        ensure(read == "last" or template_ids, "a gate that reads every user turn needs the template's token ids")
+        self.read = read
         # the low side (two-sided policies): ``low`` applied to rows whose score is below ``low_threshold``
         self.low, self.low_threshold = list(low), low_threshold
         self.system_prefix = system_prefix  # asked for by the decoder (models.hooks.system_prefix)
@@ -160,7 +171,7 @@ class PolicyRun:
             h = models.run_to_layer(self.lookahead, ids, mask, self.gate.layer)
         finally:
             self._nested = False
-        self._decide(h, rows=rows)
+        self._decide(h, rows=rows, ids=ids, read_mask=mask)
         self._decided = True
     # the gate hook ---------------------------------------------------------------------------------------------------
     def gate_hook(self, _mod: nn.Module, _inp: Any, out: Any) -> None:
@@ -169,9 +180,11 @@ class PolicyRun:
         self._decide(models.layer_output(out))
         return None
 
-    def _decide(self, h: torch.Tensor | None, rows: torch.Tensor | None = None) -> None:
+    def _decide(self, h: torch.Tensor | None, rows: torch.Tensor | None = None, ids: torch.Tensor | None = None,
+                read_mask: torch.Tensor | None = None) -> None:
         """Gate the batch from residuals ``h``; with ``rows``, ``h`` holds only those rows of the batch (the chat
-        rows: the others are never steered, their score is logged as None)."""
+        rows: the others are never steered, their score is logged as None). ``ids`` / ``mask``: the token ids and
+        mask ``h`` was computed from (default: the prefill's own)."""
         P = self.gate.positions
         mask = self._mask if isinstance(self._mask, torch.Tensor) and self._mask.ndim == 2 else None
         if mask is not None:
@@ -181,7 +194,18 @@ class PolicyRun:
             h = h.unsqueeze(0) if h.ndim == 2 else h
             ensure(h.shape[1] >= P, f"policy gate reads the last {P} prompt tokens but the prompt has {h.shape[1]}")
             with torch.no_grad():
-                scores, fired, strength = (t.cpu() for t in self.gate.decide(h[:, -P:].detach()))
+                if self.read == "turns":
+                    rid, rmask = (self._ids, mask) if ids is None else (ids, read_mask)
+                    ensure(isinstance(rid, torch.Tensor) and rid.ndim == 2,
+                           "a gate that reads every user turn needs input_ids (not inputs_embeds)")
+                    rmask = rmask if isinstance(rmask, torch.Tensor) and rmask.ndim == 2 else None
+                    s = self.turn_scores(h.detach(), rid, rmask).cpu()
+                    ensure(bool(torch.isfinite(s).all()), "gate produced NaN/inf scores (non-finite residuals?)")
+                    g = self.gate
+                    scores, fired = s, s > g.threshold
+                    strength = strength_from_scores(s, g.threshold, g.strength, g.ramp)
+                else:
+                    scores, fired, strength = (t.cpu() for t in self.gate.decide(h[:, -P:].detach()))
         if rows is not None:  # scatter into the whole batch; unread rows: no score, never fired
             n = self._ids.shape[0]
             part = (scores, fired, strength) if h is not None else None
@@ -203,6 +227,35 @@ class PolicyRun:
         for iv in self.interventions:
             iv.set_row_scale(strength.to(dev))
         self._log(scores, fired, strength, mask, chat, low)
+
+    def turn_scores(self, h: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Per row, the highest gate score over the post-instruction tokens after each user turn (``read="turns"``).
+
+        ``h`` ``[n, T, d]`` holds the residuals of ``ids`` ``[n, T]`` (left padded, ``mask`` 1 on real tokens). A turn
+        ends wherever the template's post-instruction ids occur on real tokens; the row's own last positions always
+        count (a row without the template is scored on them, as ``read="last"`` does)."""
+        P, t = self.gate.positions, self.template_ids
+        ensure(t is not None, "a gate that reads every user turn needs the template's token ids")
+        ensure(ids.shape == h.shape[:2], f"gate residuals {tuple(h.shape[:2])} do not match the token ids {tuple(ids.shape)}")
+        n, T, L = ids.shape[0], ids.shape[1], t.numel()
+        ends = torch.zeros(n, T, dtype=torch.bool)
+        if T >= L:
+            hit = (ids.cpu().unfold(1, L, 1) == t).all(-1)  # [n, T-L+1]: template starting at j, ending at j+L-1
+            ends[:, L - 1:] = hit
+        ends[:, :P - 1] = False  # an end must leave room for the P positions read
+        if mask is not None:  # all P positions read must be real tokens
+            real = mask.cpu().bool()
+            ok = real.clone()
+            for k in range(1, P):  # position e is usable when e, e-1, ..., e-P+1 are real
+                ok[:, k:] &= real[:, : T - k]
+            ends &= ok
+        ends[:, -1] = True
+        row, pos = torch.nonzero(ends, as_tuple=True)
+        idx = pos.unsqueeze(1) + torch.arange(-P + 1, 1).unsqueeze(0)  # [m, P]
+        win = h[row.to(h.device).unsqueeze(1), idx.to(h.device)]  # [m, P, d]
+        s = self.gate.score(win).float().cpu()
+        out = torch.full((n,), float("-inf"))
+        return out.scatter_reduce(0, row, s, reduce="amax")
 
     def _chat_rows(self, n: int) -> torch.Tensor | None:
         """Which rows end with the template's post-instruction tokens (None: no template check)."""
@@ -292,6 +345,9 @@ class Policy:
     system: str | None = None
     """A fixed system prompt put before every chat prompt generated under the policy (e.g.
     :data:`SAFETY_SYSTEM_PROMPT`); unconditional, whatever the gate decides."""
+    gate_read: str = "last"
+    """What the gate reads of a conversation: ``last`` = the post-instruction tokens after the last user message;
+    ``turns`` = the highest score over those after every user turn (needs ``template_ids``, no gate suffix)."""
     last_run: PolicyRun | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -311,6 +367,12 @@ class Policy:
                    f"the low threshold ({self.low_threshold}) must be a number <= the gate threshold "
                    f"({self.gate.threshold}): a row may not be steered both ways")
         ensure((self.gate_suffix is None) == (self.gate_suffix_ids is None), "a gate suffix needs its text and its ids")
+        ensure(self.gate_read in GATE_READS,
+               f"unknown gate read {self.gate_read!r} (choose from {', '.join(GATE_READS)})")
+        if self.gate_read == "turns":
+            ensure(not isinstance(self.gate, AlwaysGate), "an unconditional policy (gate always) reads no turns")
+            ensure(bool(self.template_ids), "a gate that reads every user turn needs template_ids (fit with --chat-only)")
+            ensure(self.gate_suffix_ids is None, "a gate that reads every user turn cannot also read a gate suffix")
         if self.gate_suffix_ids is not None:
             ensure(len(self.gate_suffix_ids) >= self.gate.positions,
                    f"the gate reads {self.gate.positions} positions but its suffix has {len(self.gate_suffix_ids)} tokens")
@@ -338,7 +400,8 @@ class Policy:
                 "gate": self.gate.header(), "gate_model": self.gate_model, "template_ids": self.template_ids,
                 "gate_suffix": self.gate_suffix, "gate_suffix_ids": self.gate_suffix_ids,
                 "steer": [s.to_dict() for s in self.steering], "steer_low": [s.to_dict() for s in self.steering_low],
-                "low_threshold": _num_out(self.low_threshold), "system": self.system, "meta": self.meta,
+                "low_threshold": _num_out(self.low_threshold), "system": self.system, "gate_read": self.gate_read,
+                "meta": self.meta,
                 "tensors": base64.b64encode(blob).decode("ascii"), "tensors_sha256": hashlib.sha256(blob).hexdigest()}
 
     def save(self, path: str | Path) -> Path:
@@ -385,7 +448,8 @@ class Policy:
         return cls(gate=gate, steering=specs, name=str(obj.get("name") or ""), model=obj.get("model"),
                    meta=dict(obj.get("meta") or {}), gate_model=gm, template_ids=tids or None,
                    gate_suffix=sx, gate_suffix_ids=sids, steering_low=[SteeringSpec.from_dict(s) for s in low],
-                   low_threshold=_num_in(obj.get("low_threshold"), f"{where}: low_threshold"), system=system)
+                   low_threshold=_num_in(obj.get("low_threshold"), f"{where}: low_threshold"), system=system,
+                   gate_read=str(obj.get("gate_read") or "last"))
 
     @classmethod
     def load(cls, path: str | Path) -> "Policy":
@@ -461,7 +525,8 @@ class Policy:
         run = PolicyRun(self.gate, ivs, lookahead=reader if self.needs_lookahead(model, ivs + low) else None,
                         template_ids=self.template_ids if gated else None,
                         suffix_ids=self.gate_suffix_ids if gated else None, low=low,
-                        low_threshold=self.low_threshold, system_prefix=self.system)
+                        low_threshold=self.low_threshold, system_prefix=self.system,
+                        read=self.gate_read if gated else "last")
         self.last_run = run
         with steer(model, ivs + low):
             hs = models.hooks.install(model, run, members=[run])
@@ -505,7 +570,7 @@ def policy_summary(p: Policy) -> dict[str, Any]:
     thr = g.threshold
     out = {"name": p.name, "model": p.model, "gate_model": p.gate_model, "gate": g.kind, "layer": g.layer, "positions": g.positions,
            "reduce": g.reduce, "threshold": thr if math.isfinite(thr) else str(thr), "strength": g.strength,
-           "gate_suffix": p.gate_suffix, "system_prompt": p.system,
+           "gate_suffix": p.gate_suffix, "gate_read": p.gate_read, "system_prompt": p.system,
            "steer": [s.to_dict() for s in p.steering]}
     if p.steering_low:
         out.update(steer_low=[s.to_dict() for s in p.steering_low], low_threshold=_num_out(p.low_threshold))
