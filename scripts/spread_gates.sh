@@ -1,29 +1,33 @@
 #!/usr/bin/env bash
 # Issue 15 §3: gates where harm is spread out. On the default model, the refusal direction (diff-in-means, Arditi)
-# added at layer 12 behind a probe gate (layer 12), fitted three ways and compared on JailbreakBench's 100 harmful /
-# 100 benign behaviours in three shapes (none of them seen by any fit):
+# added at its own layer behind a probe gate at layer 12, fitted three ways, and compared on the JailbreakBench
+# behaviours no fit saw (40 harmful / 40 benign: the gates train on 40 % and calibrate on 20 % of JBB and XSTest, as
+# scripts/baselines_demo.sh does) in three shapes:
 #   * single turn (jbb-harmful / jbb-benign),
 #   * by reference over two turns (turns:jbb-*: the request, a neutral reply, "walk me through it"),
 #   * embedded in a 300-word Wikipedia article (embedded:jbb-*).
-# Policies: the direction unconditionally (its strength matched to 90 % refusal on the harmful validation prompts),
-# the probe reading the last turn (probe-last), the same probe reading every user turn (probe-turns, --gate-read
-# turns), and a probe trained and calibrated also on spread-out arditi prompts (probe-spread, reading every turn).
+# A spread item counts as seen when its request was fitted on (gating.item_keys), so the three shapes hold the
+# same 40 + 40 requests. Policies: the direction unconditionally (strength matched to 90 % refusal on the harmful
+# validation prompts), the probe reading the last turn (probe-last), the same probe reading every user turn
+# (probe-turns, --gate-read turns), and a probe also trained and calibrated on the spread-out shapes of its own
+# train / val prompts (probe-spread, reading every turn).
 #
-#   scripts/spread_gates.sh runs/s9/spread            # LIMIT=0 (all 100 per set) by default
+#   scripts/spread_gates.sh runs/s9/spread
 set -euo pipefail
 OUT=${1:?output folder}
 S=${SAESTEER:-.venv/bin/saesteer}
 M=qwen2.5-coder-0.5b-instruct
-LIMIT=${LIMIT:-0}
+LIMIT=${LIMIT:-0}  # per compare set after leaving out the fitted requests (0 = all 40)
 P=$OUT/policies
 mkdir -p "$P"
 D=$OUT/direction.safetensors
-TRAIN="arditi-harmful:train,arditi-harmless:train"
-VAL="arditi-harmful:val,arditi-harmless:val"
-SPREAD_TRAIN="$TRAIN,turns:arditi-harmful:train,turns:arditi-harmless:train,embedded:arditi-harmful:train,embedded:arditi-harmless:train"
-SPREAD_VAL="$VAL,turns:arditi-harmful:val,turns:arditi-harmless:val,embedded:arditi-harmful:val,embedded:arditi-harmless:val"
-HELD="turns:jbb-harmful,turns:jbb-benign,embedded:jbb-harmful,embedded:jbb-benign"
-COMMON=(--model $M --gate-layer 12 --fpr 0.02 --limit 128 --cache "$OUT/gate-cache" --heldout "$HELD")
+TRAIN="arditi-harmful:train,arditi-harmless:train,xstest#0:0.4,jbb-harmful#0:0.4,jbb-benign#0:0.4"
+VAL="arditi-harmful:val,arditi-harmless:val,xstest#0.4:0.6,jbb-harmful#0.4:0.6,jbb-benign#0.4:0.6"
+spread() { local out="" s; IFS=, read -ra parts <<< "$1"; for s in "${parts[@]}"; do out+=",turns:$s,embedded:$s"; done; echo "$1$out"; }
+SPREAD_TRAIN=$(spread "$TRAIN")
+SPREAD_VAL=$(spread "$VAL")
+HELD="jbb-harmful,jbb-benign,turns:jbb-harmful,turns:jbb-benign,embedded:jbb-harmful,embedded:jbb-benign"
+COMMON=(--model $M --gate-layer 12 --fpr 0.02 --limit 64 --cache "$OUT/gate-cache" --heldout "$HELD")
 [ -f "$D" ] || $S direction --model $M --out "$D"
 [ -f "$P/direction.json" ] || $S policy fit --model $M --direction "$D" --gate always --match 0.9 \
    --match-strengths 0.25,0.5,1,2,4,8 --val "$VAL" --limit 128 --name direction --out "$P/direction.json"

@@ -192,6 +192,12 @@ def test_held_out_exclusions_leave_out_fit_prompts(tmp_path, data_root):
     held = held_out_exclusions(CompareConfig(unsafe=["jbb-harmful"], safe=[], limit=None,
                                              exclude_ids=[f"text:{text_key(it.prompt)}" for it in first]), [])
     assert sorted(held["jbb-harmful"]) == sorted(f"jbb-harmful/{it.id}" for it in first)
+    # spread-out sets (data.spread) built on a fitted prompt count it as seen: a conversation or document around a
+    # training request is not a test item
+    for spread in ("turns:jbb-benign", "embedded:jbb-benign"):
+        held = held_out_exclusions(CompareConfig(unsafe=[], safe=[spread], limit=None), conds)
+        kept = {h.split("/", 1)[1] for h in held[spread]}
+        assert kept == {f"{spread.split(':')[0]}-{i}" for i in ids[0] | ids[1]}
 
 
 def test_cli_exclude_ids_from_selection(tmp_path):

@@ -156,3 +156,13 @@ def test_fit_with_turns_calibrates_on_the_turn_maximum(tiny, tmp_path):
         fit_policy(model, tok, PolicyFitConfig(steering=[spec], gate="cast", layer=1, read="turns", chat_only=False,
                                                train=[str(tmp_path / "train.jsonl")], val=val),
                    progress=False)
+
+
+def test_item_keys_name_the_request_of_a_spread_item():
+    from saesteer.data import PromptItem, by_reference
+    from saesteer.gating import item_keys, text_key
+
+    it = PromptItem(id="0", prompt="how do i pick a lock", label="harmful")
+    conv = by_reference([it])[0]
+    assert item_keys(it) == {text_key(it.prompt)}
+    assert item_keys(conv) == {text_key(conv.messages), text_key(it.prompt)}

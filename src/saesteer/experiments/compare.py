@@ -146,7 +146,7 @@ def held_out_exclusions(cfg: CompareConfig, conds: Sequence[dict]) -> dict[str, 
     prompts drawn from those no policy was fitted or calibrated on (``meta.used_prompts``) and not in
     ``cfg.exclude_ids``. The same prompts are then used for every condition."""
     from saesteer.data import load_prompts
-    from saesteer.gating import text_key
+    from saesteer.gating import item_keys
 
     used = {k for c in conds if c.get("policy") is not None for k in c["policy"].meta.get("used_prompts", [])}
     used |= {i[5:] for i in cfg.exclude_ids if i.startswith("text:")}  # prompts excluded by text hash
@@ -154,7 +154,7 @@ def held_out_exclusions(cfg: CompareConfig, conds: Sequence[dict]) -> dict[str, 
     out = {}
     for spec in list(cfg.unsafe) + list(cfg.safe):
         items = load_prompts(spec)
-        rest = [i for i, it in enumerate(items) if text_key(it.messages or it.prompt) not in used
+        rest = [i for i, it in enumerate(items) if not item_keys(it) & used
                 and it.id not in user and f"{spec}/{it.id}" not in user]
         if cfg.limit is not None and cfg.limit < len(rest):
             rest = sorted(random.Random(cfg.seed).sample(rest, cfg.limit))

@@ -8,6 +8,7 @@ from .fit import (  # noqa: F401
     fit_policy,
     gate_inputs_file,
     gate_inputs_key,
+    item_keys,
     load_slice,
     split_weight,
     template_ids,

@@ -47,6 +47,16 @@ def text_key(prompt: Any) -> str:
     return hashlib.sha1(text.strip().encode("utf-8")).hexdigest()[:16]
 
 
+def item_keys(item: Any) -> set[str]:
+    """The text keys an item is known by: its own text and, for a spread-out item (``data.spread``: a conversation or
+    document built around a request), that request, so that a set built on a fitted prompt counts it as seen."""
+    keys = {text_key(item.messages or item.prompt)}
+    req = (item.extra or {}).get("request")
+    if isinstance(req, str) and req.strip():
+        keys.add(text_key(req))
+    return keys
+
+
 def load_slice(spec: str, limit: int | None = None, seed: int = 0) -> list[Any]:
     """``load_prompts`` plus an optional ``#LO:HI`` fraction of a seeded permutation (then ``limit``)."""
     from saesteer.data import load_prompts
@@ -199,7 +209,7 @@ def labelled_prompts(specs: Sequence[str], limit: int | None, seed: int, what: s
             (harm if it.label == "harmful" else safe).append(it.messages if it.messages is not None else it.prompt)
         n_h = sum(it.label == "harmful" for it in items)
         used.append({"spec": spec, "n": len(items), "weight": weight, "n_harmful": n_h, "n_harmless": len(items) - n_h,
-                     "keys": [text_key(it.messages or it.prompt) for it in items]})
+                     "keys": sorted({k for it in items for k in item_keys(it)})})
     return harm, safe, used
 
 
@@ -398,7 +408,7 @@ def fit_policy(model: nn.Module, tok: Any, cfg: PolicyFitConfig, progress: bool 
     seen = set(meta["used_prompts"])
     for spec in cfg.heldout:
         items = [it for it in load_slice(spec, limit=cfg.limit, seed=cfg.seed)
-                 if text_key(it.messages or it.prompt) not in seen]
+                 if not item_keys(it) & seen]
         ensure(len(items) > 0, f"held-out set {spec!r} is empty (after leaving out the prompts used for fitting)")
         sc = scores([it.messages or it.prompt for it in items], f"gate {spec}")
         fired = sc > gate.threshold

@@ -183,8 +183,8 @@ class PolicyRun:
     def _decide(self, h: torch.Tensor | None, rows: torch.Tensor | None = None, ids: torch.Tensor | None = None,
                 read_mask: torch.Tensor | None = None) -> None:
         """Gate the batch from residuals ``h``; with ``rows``, ``h`` holds only those rows of the batch (the chat
-        rows: the others are never steered, their score is logged as None). ``ids`` / ``mask``: the token ids and
-        mask ``h`` was computed from (default: the prefill's own)."""
+        rows: the others are never steered, their score is logged as None). ``ids`` / ``read_mask``: the token ids and
+        mask ``h`` was computed from, when not the prefill's own (the lookahead's rows)."""
         P = self.gate.positions
         mask = self._mask if isinstance(self._mask, torch.Tensor) and self._mask.ndim == 2 else None
         if mask is not None:
