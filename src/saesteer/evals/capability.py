@@ -68,8 +68,11 @@ PUBLISHED = {
     "qwen2.5-coder-0.5b-instruct": {"humaneval": 0.616},
     "qwen2.5-coder-1.5b-instruct": {"humaneval": 0.707},
 }
-"""Published HumanEval pass@1 of the built-in instruct models (Qwen2.5-Coder Technical Report, arXiv:2409.12186,
-instruct-model table; their own chat prompt and harness, so only roughly comparable)."""
+"""HumanEval pass@1 the model maker reports for the built-in instruct models (Qwen2.5-Coder Technical Report,
+arXiv:2409.12186, instruct-model table; their own chat prompt and EvalPlus harness, greedy, so only roughly
+comparable). Checked in session 9 only against a secondary source: whatmodel.sh's model pages
+(github.com/jakemanger/whatmodel, ``pages/model/qwen2-5-coder-0-5b.md`` / ``-1-5b.md``) list 61.6 / 70.7 as the maker's
+figures; the report's table could not be read here (the Qwen blog shows it as an image)."""
 
 GSM8K_STOP = ("Question:", "</s>", "<|im_end|>")
 GSM8K_STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
