@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from typing import Sequence
+from typing import Callable, Sequence
 
 from saesteer.core import ensure
 
@@ -68,12 +68,12 @@ def by_reference(items: Sequence[PromptItem], seed: int = 0) -> list[PromptItem]
     """Each item as ``[user: request, assistant: neutral reply, user: follow-up by reference]`` (see module doc)."""
     out = []
     for it in items:
-        r = _rng(it.id, seed, "turns")
-        msgs = [{"role": "user", "content": _request(it)},
+        r, req = _rng(it.id, seed, "turns"), _request(it)
+        msgs = [{"role": "user", "content": req},
                 {"role": "assistant", "content": r.choice(NEUTRAL_REPLIES)},
                 {"role": "user", "content": r.choice(FOLLOW_UPS)}]
         out.append(PromptItem(id=f"turns-{it.id}", messages=msgs, label=it.label, category=it.category,
-                              source=f"turns:{it.source}", extra={"request": _request(it)}))
+                              source=f"turns:{it.source}", extra={"request": req}))
     return out
 
 
@@ -84,11 +84,9 @@ def _paragraphs(text: str, words: int) -> list[str]:
         w = line.split()
         if not w:
             continue
-        if n + len(w) > words:
-            w = w[: max(0, words - n)]
-        if w:
-            paras.append(" ".join(w))
-            n += len(w)
+        w = w[: words - n]  # n < words here: the loop stops once it reaches words
+        paras.append(" ".join(w))
+        n += len(w)
         if n >= words:
             break
     return paras
@@ -105,27 +103,25 @@ def embedded(items: Sequence[PromptItem], documents: Sequence[str], seed: int = 
     ensure(len(docs) > 0, f"no document has {words} or more words to embed requests in")
     out = []
     for it in items:
-        r = _rng(it.id, seed, "embedded")
+        r, req = _rng(it.id, seed, "embedded"), _request(it)
         paras = _paragraphs(docs[r.randrange(len(docs))], words)
         if len(paras) < 3:  # one long paragraph: insert between sentences instead
             paras = [s if s.endswith(".") else s + "." for s in " ".join(paras).split(". ") if s]
         at = r.randrange(1, len(paras)) if len(paras) >= 2 else 1
-        body = paras[:at] + [EMBED_MARK.format(request=_request(it))] + paras[at:]
+        body = paras[:at] + [EMBED_MARK.format(request=req)] + paras[at:]
         prompt = r.choice(EMBED_FRAMES).format(doc="\n\n".join(body))
         out.append(PromptItem(id=f"embedded-{it.id}", prompt=prompt, label=it.label, category=it.category,
-                              source=f"embedded:{it.source}", extra={"request": _request(it), "words": words}))
+                              source=f"embedded:{it.source}", extra={"request": req, "words": words}))
     return out
 
 
-def _named(kind: str):
+def _named(kind: str, build: Callable[[list[PromptItem]], list[PromptItem]]):
     def load(base: str | None) -> list[PromptItem]:
         ensure(bool(base), f"{kind}: name the set to spread out, e.g. {kind}:jbb-harmful or {kind}:arditi-harmful:train")
-        items = load_prompts(base)
-        if kind == "turns":
-            return by_reference(items)
-        return embedded(items, load_texts("wikipedia"))
+        return build(load_prompts(base))
 
     return load
 
 
-DERIVED.update(turns=_named("turns"), embedded=_named("embedded"))  # ``turns:<spec>`` / ``embedded:<spec>``
+DERIVED.update(turns=_named("turns", by_reference),
+               embedded=_named("embedded", lambda items: embedded(items, load_texts("wikipedia"))))  # ``turns:<spec>`` / ``embedded:<spec>``

@@ -38,7 +38,7 @@ from saesteer import models
 from saesteer.core import SaesteerError, atomic_write_bytes, ensure, rate_summary
 from saesteer.steering import SteeringSpec, load_sae_cached
 
-from .policy import GATE_READS, SAFETY_SYSTEM_PROMPT, Policy, check_same_tokenizer, load_gate_model, load_policy
+from .policy import SAFETY_SYSTEM_PROMPT, Policy, check_same_tokenizer, load_gate_model, load_policy
 
 
 def text_key(prompt: Any) -> str:
@@ -304,11 +304,6 @@ def fit_policy(model: nn.Module, tok: Any, cfg: PolicyFitConfig, progress: bool 
            "use --gate always")
     ensure(not (cfg.gate == "always" and cfg.steering_low), "an unconditional policy (gate always) has no low side")
     ensure(0.0 <= cfg.low_rate <= 1.0, f"the low-side rate must be in [0, 1], got {cfg.low_rate}")
-    ensure(cfg.read in GATE_READS, f"unknown gate read {cfg.read!r} (choose from {', '.join(GATE_READS)})")
-    if cfg.read == "turns":
-        ensure(cfg.gate != "always", "an unconditional policy (gate always) reads no turns")
-        ensure(cfg.chat_only, "a gate that reads every user turn finds them by the template's tokens: keep --chat-only")
-        ensure(not cfg.gate_suffix, "a gate that reads every user turn cannot also read a gate suffix")
     cache: dict[str, Any] = {}
     ivs = [iv for s in cfg.steering for iv in s.build(model, cache)]
     low_ivs = [iv for s in cfg.steering_low for iv in s.build(model, cache)]
@@ -410,8 +405,7 @@ def fit_policy(model: nn.Module, tok: Any, cfg: PolicyFitConfig, progress: bool 
         items = [it for it in load_slice(spec, limit=cfg.limit, seed=cfg.seed)
                  if not item_keys(it) & seen]
         ensure(len(items) > 0, f"held-out set {spec!r} is empty (after leaving out the prompts used for fitting)")
-        sc = scores([it.messages or it.prompt for it in items], f"gate {spec}")
-        fired = sc > gate.threshold
+        sc, fired, _ = gate.decide_scores(scores([it.messages or it.prompt for it in items], f"gate {spec}"))
         below = sc < pol.low_threshold if pol.low_threshold is not None else None
         labels = sorted({str(it.label) for it in items})
         for lab in labels:  # a mixed set (xstest) gets one fire rate per label: TPR on harmful, FPR on harmless

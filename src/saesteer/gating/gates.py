@@ -144,7 +144,10 @@ class Gate:
 
     def decide(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(scores, fired, strength)`` for residuals ``[n, P, d]``."""
-        s = self.score(h)
+        return self.decide_scores(self.score(h))
+
+    def decide_scores(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(scores, fired, strength)`` for scores already computed (e.g. the per-turn maximum of a policy)."""
         ensure(bool(torch.isfinite(s).all()), "gate produced NaN/inf scores (non-finite residuals?)")
         return s, s > self.threshold, strength_from_scores(s, self.threshold, self.strength, self.ramp)
 

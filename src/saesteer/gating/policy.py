@@ -77,7 +77,7 @@ from saesteer import models
 from saesteer.core import SaesteerError, atomic_write_json, ensure, read_json
 from saesteer.steering import AblateDirection, Intervention, SteeringSpec, load_sae_cached, steer, with_strength
 
-from .gates import AlwaysGate, Gate, SAEFeatureGate, gate_from_header, strength_from_scores
+from .gates import AlwaysGate, Gate, SAEFeatureGate, gate_from_header
 
 GATE_READS = ("last", "turns")
 FORMAT = "saesteer-policy"
@@ -199,11 +199,7 @@ class PolicyRun:
                     ensure(isinstance(rid, torch.Tensor) and rid.ndim == 2,
                            "a gate that reads every user turn needs input_ids (not inputs_embeds)")
                     rmask = rmask if isinstance(rmask, torch.Tensor) and rmask.ndim == 2 else None
-                    s = self.turn_scores(h.detach(), rid, rmask).cpu()
-                    ensure(bool(torch.isfinite(s).all()), "gate produced NaN/inf scores (non-finite residuals?)")
-                    g = self.gate
-                    scores, fired = s, s > g.threshold
-                    strength = strength_from_scores(s, g.threshold, g.strength, g.ramp)
+                    scores, fired, strength = self.gate.decide_scores(self.turn_scores(h.detach(), rid, rmask))
                 else:
                     scores, fired, strength = (t.cpu() for t in self.gate.decide(h[:, -P:].detach()))
         if rows is not None:  # scatter into the whole batch; unread rows: no score, never fired

@@ -342,7 +342,7 @@ def quantize_model(model: nn.Module, mode: str = "int8", fuse: bool = True, resc
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     if packed:  # checked before any layer changes: no half-packed model
         ensure(packing_supported(), "--quantize packed needs a torch build whose oneDNN packs bf16 weights on this CPU")
-        ensure(all(m.weight.dtype == torch.bfloat16 and m.weight.device.type == "cpu" for _, m in targets),
+        ensure(all(can_pack(m.weight) for _, m in targets),
                "--quantize packed needs a bfloat16 model on CPU (use --dtype bfloat16)")
     if fuse and mode != "int4":
         _fuse_siblings(model, max_rows, int4_group if four else None, packed=packed)
