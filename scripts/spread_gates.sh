@@ -9,8 +9,10 @@
 # A spread item counts as seen when its request was fitted on (gating.item_keys), so the three shapes hold the
 # same 40 + 40 requests. Policies: the direction unconditionally (strength matched to 90 % refusal on the harmful
 # validation prompts), the probe reading the last turn (probe-last), the same probe reading every user turn
-# (probe-turns, --gate-read turns), and a probe also trained and calibrated on the spread-out shapes of its own
-# train / val prompts (probe-spread, reading every turn).
+# (probe-turns, --gate-read turns), a probe also trained and calibrated on the spread-out shapes of its own
+# train / val prompts (probe-spread, reading every turn), and both probes reading windows of long messages as well
+# (--gate-read windows: every user message longer than 96 tokens is also read as 96-token windows every 48 tokens,
+# each posed as its own request; probe-windows, probe-spread-windows).
 #
 #   scripts/spread_gates.sh runs/s9/spread
 set -euo pipefail
@@ -39,6 +41,13 @@ echo "direction alpha (matched to 90 % validation refusal): $ALPHA"
    --gate-read turns --train "$TRAIN" --val "$VAL" --name probe-turns --out "$P/probe-turns.json"
 [ -f "$P/probe-spread.json" ] || $S policy fit "${COMMON[@]}" --direction "$D" --alpha "$ALPHA" --gate probe \
    --gate-read turns --train "$SPREAD_TRAIN" --val "$SPREAD_VAL" --name probe-spread --out "$P/probe-spread.json"
-$S compare --model $M --policies "$P/direction.json,$P/probe-last.json,$P/probe-turns.json,$P/probe-spread.json" \
+[ -f "$P/probe-windows.json" ] || $S policy fit "${COMMON[@]}" --direction "$D" --alpha "$ALPHA" --gate probe \
+   --gate-read windows --train "$TRAIN" --val "$VAL" --name probe-windows --out "$P/probe-windows.json"
+[ -f "$P/probe-spread-windows.json" ] || $S policy fit "${COMMON[@]}" --direction "$D" --alpha "$ALPHA" --gate probe \
+   --gate-read windows --train "$SPREAD_TRAIN" --val "$SPREAD_VAL" --name probe-spread-windows \
+   --out "$P/probe-spread-windows.json"
+POLICIES="$P/direction.json,$P/probe-last.json,$P/probe-turns.json,$P/probe-spread.json"
+POLICIES+=",$P/probe-windows.json,$P/probe-spread-windows.json"
+$S compare --model $M --policies "$POLICIES" \
    --unsafe "jbb-harmful,turns:jbb-harmful,embedded:jbb-harmful" --safe "jbb-benign,turns:jbb-benign,embedded:jbb-benign" \
    --limit "$LIMIT" --capability "" --no-multiturn --batch-size 32 --out "$OUT/compare"

@@ -95,7 +95,10 @@ def fit_cmd(
                                      "'Before answering, I judge whether this request is harmful or harmless. "
                                      "Verdict: the request is'; generation never sees it"),
     gate_read: str = typer.Option("last", help="what the gate reads of a conversation: last (the tokens after the "
-                                  "last user message) | turns (the highest score over every user turn's)"),
+                                  "last user message) | turns (the highest score over every user turn's) | windows (turns, and "
+                                  "windows of every long user message each read as its own request)"),
+    gate_window: int = typer.Option(96, help="--gate-read windows: window length in tokens"),
+    gate_window_stride: int = typer.Option(48, help="--gate-read windows: tokens between window starts"),
     chat_only: bool = typer.Option(True, "--chat-only/--any-text", help="never steer prompts that do not end with the "
                                    "chat template's post-instruction tokens (raw text the gate was not fitted on)"),
     system_prompt: Optional[str] = typer.Option(None, help="a fixed system prompt the policy puts first in every chat "
@@ -139,6 +142,7 @@ def fit_cmd(
                           limit=limit or None, top_m=top_m, C=c, sae=_abs(str(gate_sae)) if gate_sae else None,
                           batch_size=batch_size, cache=str(cache) if cache else None, name=name or "", seed=seed,
                           gate_model=gate_model, chat_only=chat_only, gate_suffix=gate_suffix, read=gate_read,
+                          window=gate_window, window_stride=gate_window_stride,
                           system=system_prompt, steering_low=low, low_rate=low_rate, match=match,
                           match_strengths=split_floats(match_strengths, "--match-strengths"))
     m, tok = load(model, device, threads, dtype)

@@ -46,3 +46,4 @@ from .policy import (  # noqa: F401
     policy_summary,
     prompt_key,
 )
+from .windows import WindowRead  # noqa: F401

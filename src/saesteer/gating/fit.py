@@ -39,6 +39,7 @@ from saesteer.core import SaesteerError, atomic_write_bytes, ensure, rate_summar
 from saesteer.steering import SteeringSpec, load_sae_cached
 
 from .policy import SAFETY_SYSTEM_PROMPT, Policy, check_same_tokenizer, load_gate_model, load_policy
+from .windows import WindowRead
 
 
 def text_key(prompt: Any) -> str:
@@ -150,7 +151,14 @@ class PolicyFitConfig:
     read: str = "last"
     """What the gate reads of a conversation: ``last`` = the post-instruction tokens after the last user message;
     ``turns`` = the highest score over those after every user turn (a request made turns earlier still fires the
-    gate). Validation and held-out scores use the same maximum, scoring each conversation cut after each user turn."""
+    gate). Validation and held-out scores use the same maximum, scoring each conversation cut after each user turn;
+    ``windows`` = ``turns`` and overlapping windows of every user message longer than ``window`` tokens, each read
+    as its own one-turn request (``gating.windows``: a harmful sentence inside a long document)."""
+    window: int = 96
+    """``read="windows"``: window length in tokens."""
+    window_stride: int = 48
+    """``read="windows"``: tokens between window starts (a request of up to window - stride + 1 tokens lies whole
+    inside one window)."""
     match_strengths: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0])
     """Multipliers of the steering's strength tried by ``match`` (an ``add`` of alpha 1: the alphas)."""
 
@@ -335,7 +343,9 @@ def fit_policy(model: nn.Module, tok: Any, cfg: PolicyFitConfig, progress: bool 
     pol = Policy(gate=gate, steering=list(cfg.steering), name=cfg.name or cfg.gate, model=models.model_name(model),
                  meta=meta, gate_model=gated_model, gate_suffix=cfg.gate_suffix or None, gate_suffix_ids=suffix_ids,
                  template_ids=template_ids(tok, post_instruction_positions(tok)) if cfg.chat_only else None,
-                 system=system, gate_read=cfg.read)
+                 system=system, gate_read=cfg.read,
+                 gate_window=WindowRead.from_tokenizer(tok, cfg.window, cfg.window_stride, system)
+                 if cfg.read == "windows" else None)
     pol.check(model, ivs + low_ivs)
     vh, vs, vused = labelled_prompts(cfg.val, cfg.limit, cfg.seed, "val") if cfg.match or cfg.gate != "always" \
         else ([], [], [])
@@ -370,6 +380,10 @@ def fit_policy(model: nn.Module, tok: Any, cfg: PolicyFitConfig, progress: bool 
         if cfg.read == "last":
             return gate.score(inputs(prompts, desc))
         cuts = [(i, c) for i, p in enumerate(prompts) for c in turn_prefixes(p)]
+        if pol.gate_window is not None:  # and the windows of long user messages, as token ids
+            conv = [tok(models.format_chat(tok, p, system_prefix=system), add_special_tokens=False)["input_ids"]
+                    for p in prompts]
+            cuts += [(i, v) for i, c in enumerate(conv) for v in pol.gate_window.views(c)]
         s = gate.score(inputs([c for _, c in cuts], desc)).float()
         owner = torch.tensor([i for i, _ in cuts])
         return torch.full((len(prompts),), float("-inf")).scatter_reduce(0, owner, s, reduce="amax")

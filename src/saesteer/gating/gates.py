@@ -393,7 +393,8 @@ def collect_gate_inputs(model: Any, tok: Any, prompts: Sequence[Any], layer: int
     """Residuals ``[n, positions, d]`` after ``layer`` at the last ``positions`` tokens of each chat-formatted prompt.
 
     Prompts are strings or message lists (chat template applied, generation prompt added) — the same text the
-    policy hook sees at prefill. Left padding keeps the last positions real tokens. ``suffix_ids`` are appended to
+    policy hook sees at prefill — or lists of token ids, read as they are (a windows read's views,
+    ``gating.windows``). Left padding keeps the last positions real tokens. ``suffix_ids`` are appended to
     every prompt's ids (a policy's ``gate_suffix``), as the policy's lookahead does; ``system_prefix`` (a policy's
     system prompt) is formatted in as generation under the policy does.
     """
@@ -401,7 +402,10 @@ def collect_gate_inputs(model: Any, tok: Any, prompts: Sequence[Any], layer: int
 
     check_layer(model, layer)
     ensure(len(prompts) > 0, f"no prompts to collect {desc} from")
-    texts = [format_chat(tok, p, system_prefix=system_prefix) for p in prompts]
+    def is_ids(p: Any) -> bool:
+        return isinstance(p, (list, tuple)) and len(p) > 0 and all(isinstance(i, int) for i in p)
+
+    texts = [p if is_ids(p) else format_chat(tok, p, system_prefix=system_prefix) for p in prompts]
     suffix = [int(i) for i in suffix_ids or ()]
     device = next(model.parameters()).device
     out: list[torch.Tensor] = []
@@ -409,7 +413,10 @@ def collect_gate_inputs(model: Any, tok: Any, prompts: Sequence[Any], layer: int
 
     with progress_bar(len(texts), desc, unit="prompt", enabled=progress) as bar:
         for i in range(0, len(texts), batch_size):
-            ids = [list(x) + suffix for x in tok(texts[i:i + batch_size], add_special_tokens=False)["input_ids"]]
+            part = texts[i:i + batch_size]
+            strs = [t for t in part if isinstance(t, str)]
+            enc_strs = iter(tok(strs, add_special_tokens=False)["input_ids"] if strs else [])
+            ids = [list(t if not isinstance(t, str) else next(enc_strs)) + suffix for t in part]
             enc = tok.pad({"input_ids": ids}, return_tensors="pt")
             ensure(enc["input_ids"].shape[1] >= positions, f"prompts shorter than the {positions} gate positions")
             h = run_to_layer(model, enc["input_ids"].to(device), enc["attention_mask"].to(device), layer)

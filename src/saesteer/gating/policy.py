@@ -51,7 +51,10 @@ the last user message. ``turns`` scores the post-instruction tokens after *every
 the highest score, so a request made two turns earlier ("walk me through it") still fires the gate. By causality the
 residual at an earlier turn's template tokens is the residual of the conversation cut after that turn, so this costs
 nothing beyond the forward that already runs (``policy fit`` calibrates the threshold on the same per-turn maximum,
-scoring each cut conversation). It needs ``template_ids`` (to find the turns) and no gate suffix.
+scoring each cut conversation). It needs ``template_ids`` (to find the turns) and no gate suffix. ``windows`` does
+what ``turns`` does and also scores overlapping windows of every long user message, each posed as its own one-turn
+request (``gating.windows.WindowRead``, kept in ``gate_window``): a harmful sentence inside a long document is read
+as if sent alone. It always runs the lookahead, plus a partial forward over the windows.
 
 Caveats: without a KV cache every forward is a prefill, so the gate re-decides on the last tokens at each step (use a
 cache when generating). Gates are fitted on the chat template's post-instruction tokens; a policy with
@@ -78,8 +81,9 @@ from saesteer.core import SaesteerError, atomic_write_json, ensure, read_json
 from saesteer.steering import AblateDirection, Intervention, SteeringSpec, load_sae_cached, steer, with_strength
 
 from .gates import AlwaysGate, Gate, SAEFeatureGate, gate_from_header
+from .windows import WindowRead
 
-GATE_READS = ("last", "turns")
+GATE_READS = ("last", "turns", "windows")
 FORMAT = "saesteer-policy"
 VERSION = 1
 
@@ -105,11 +109,13 @@ class PolicyRun:
     def __init__(self, gate: Gate, interventions: list[Intervention], lookahead: nn.Module | None = None,
                  template_ids: Sequence[int] | None = None, suffix_ids: Sequence[int] | None = None,
                  low: Sequence[Intervention] = (), low_threshold: float | None = None,
-                 system_prefix: str | None = None, read: str = "last") -> None:
+                 system_prefix: str | None = None, read: str = "last", window: WindowRead | None = None) -> None:
         self.gate, self.interventions = gate, interventions
         ensure(read in GATE_READS, f"unknown gate read {read!r} (choose from {', '.join(GATE_READS)})")
         ensure(read == "last" or template_ids, "a gate that reads every user turn needs the template's token ids")
-        self.read = read
+        ensure((read == "windows") == (window is not None), "a windows read needs its WindowRead (and only it has one)")
+        ensure(read != "windows" or lookahead is not None, "a windows read runs the lookahead: pass the gate's reader")
+        self.read, self.window = read, window
         # the low side (two-sided policies): ``low`` applied to rows whose score is below ``low_threshold``
         self.low, self.low_threshold = list(low), low_threshold
         self.system_prefix = system_prefix  # asked for by the decoder (models.hooks.system_prefix)
@@ -169,10 +175,43 @@ class PolicyRun:
         self._nested = True
         try:
             h = models.run_to_layer(self.lookahead, ids, mask, self.gate.layer)
+            extra = self.window_scores(ids, mask) if self.window is not None else None
         finally:
             self._nested = False
-        self._decide(h, rows=rows, ids=ids, read_mask=mask)
+        self._decide(h, rows=rows, ids=ids, read_mask=mask, extra=extra)
         self._decided = True
+
+    @torch.no_grad()
+    def window_scores(self, ids: torch.Tensor, mask: torch.Tensor | None = None, batch_size: int = 32) -> torch.Tensor:
+        """Per row of ``ids`` (left padded, ``mask`` 1 on real tokens), the highest gate score over the windows of its
+        long user messages (``WindowRead.views``; -inf for a row with none), read by the lookahead model unsteered."""
+        assert self.window is not None and self.lookahead is not None
+        n, P = ids.shape[0], self.gate.positions
+        views, owner = [], []
+        for i in range(n):
+            real = ids[i] if mask is None else ids[i][mask[i].bool()]
+            for v in self.window.views(real.tolist()):
+                views.append(v)
+                owner.append(i)
+        out = torch.full((n,), float("-inf"))
+        if not views:
+            return out
+        dev = ids.device
+        s = []
+        for j in range(0, len(views), batch_size):
+            chunk = views[j:j + batch_size]
+            T = max(len(v) for v in chunk)
+            vid = torch.zeros(len(chunk), T, dtype=torch.long)
+            vmask = torch.zeros(len(chunk), T, dtype=torch.long)
+            for r, v in enumerate(chunk):  # left padding, as every prompt the gate reads
+                vid[r, T - len(v):] = torch.as_tensor(v)
+                vmask[r, T - len(v):] = 1
+            off = torch.zeros(len(chunk), device=dev)
+            for iv in self.interventions + self.low:
+                iv.set_row_scale(off)  # the windows are read unsteered
+            h = models.run_to_layer(self.lookahead, vid.to(dev), vmask.to(dev), self.gate.layer)
+            s.append(self.gate.score(h[:, -P:]).float().cpu())
+        return out.scatter_reduce(0, torch.as_tensor(owner), torch.cat(s), reduce="amax")
     # the gate hook ---------------------------------------------------------------------------------------------------
     def gate_hook(self, _mod: nn.Module, _inp: Any, out: Any) -> None:
         if not self._prefill or self._nested or self._decided:
@@ -181,10 +220,11 @@ class PolicyRun:
         return None
 
     def _decide(self, h: torch.Tensor | None, rows: torch.Tensor | None = None, ids: torch.Tensor | None = None,
-                read_mask: torch.Tensor | None = None) -> None:
+                read_mask: torch.Tensor | None = None, extra: torch.Tensor | None = None) -> None:
         """Gate the batch from residuals ``h``; with ``rows``, ``h`` holds only those rows of the batch (the chat
         rows: the others are never steered, their score is logged as None). ``ids`` / ``read_mask``: the token ids and
-        mask ``h`` was computed from, when not the prefill's own (the lookahead's rows)."""
+        mask ``h`` was computed from, when not the prefill's own (the lookahead's rows); ``extra``: further scores per
+        read row that the gate's score is the maximum with (a windows read's)."""
         P = self.gate.positions
         mask = self._mask if isinstance(self._mask, torch.Tensor) and self._mask.ndim == 2 else None
         if mask is not None:
@@ -194,12 +234,15 @@ class PolicyRun:
             h = h.unsqueeze(0) if h.ndim == 2 else h
             ensure(h.shape[1] >= P, f"policy gate reads the last {P} prompt tokens but the prompt has {h.shape[1]}")
             with torch.no_grad():
-                if self.read == "turns":
+                if self.read in ("turns", "windows"):
                     rid, rmask = (self._ids, mask) if ids is None else (ids, read_mask)
                     ensure(isinstance(rid, torch.Tensor) and rid.ndim == 2,
                            "a gate that reads every user turn needs input_ids (not inputs_embeds)")
                     rmask = rmask if isinstance(rmask, torch.Tensor) and rmask.ndim == 2 else None
-                    scores, fired, strength = self.gate.decide_scores(self.turn_scores(h.detach(), rid, rmask))
+                    sc = self.turn_scores(h.detach(), rid, rmask)
+                    if extra is not None:
+                        sc = torch.maximum(sc, extra.to(sc.dtype))
+                    scores, fired, strength = self.gate.decide_scores(sc)
                 else:
                     scores, fired, strength = (t.cpu() for t in self.gate.decide(h[:, -P:].detach()))
         if rows is not None:  # scatter into the whole batch; unread rows: no score, never fired
@@ -343,7 +386,10 @@ class Policy:
     :data:`SAFETY_SYSTEM_PROMPT`); unconditional, whatever the gate decides."""
     gate_read: str = "last"
     """What the gate reads of a conversation: ``last`` = the post-instruction tokens after the last user message;
-    ``turns`` = the highest score over those after every user turn (needs ``template_ids``, no gate suffix)."""
+    ``turns`` = the highest score over those after every user turn (needs ``template_ids``, no gate suffix);
+    ``windows`` = ``turns`` and windows of every long user message (needs ``gate_window``)."""
+    gate_window: WindowRead | None = None
+    """How a ``windows`` read cuts long user messages (``WindowRead``: window size, stride, the template's markers)."""
     last_run: PolicyRun | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -365,7 +411,9 @@ class Policy:
         ensure((self.gate_suffix is None) == (self.gate_suffix_ids is None), "a gate suffix needs its text and its ids")
         ensure(self.gate_read in GATE_READS,
                f"unknown gate read {self.gate_read!r} (choose from {', '.join(GATE_READS)})")
-        if self.gate_read == "turns":
+        ensure((self.gate_read == "windows") == (self.gate_window is not None),
+               "a windows gate read needs its gate_window (and no other read has one)")
+        if self.gate_read in ("turns", "windows"):
             ensure(not isinstance(self.gate, AlwaysGate), "an unconditional policy (gate always) reads no turns")
             ensure(bool(self.template_ids), "a gate that reads every user turn needs template_ids (fit with --chat-only)")
             ensure(self.gate_suffix_ids is None, "a gate that reads every user turn cannot also read a gate suffix")
@@ -397,7 +445,7 @@ class Policy:
                 "gate_suffix": self.gate_suffix, "gate_suffix_ids": self.gate_suffix_ids,
                 "steer": [s.to_dict() for s in self.steering], "steer_low": [s.to_dict() for s in self.steering_low],
                 "low_threshold": _num_out(self.low_threshold), "system": self.system, "gate_read": self.gate_read,
-                "meta": self.meta,
+                "gate_window": self.gate_window.to_dict() if self.gate_window is not None else None, "meta": self.meta,
                 "tensors": base64.b64encode(blob).decode("ascii"), "tensors_sha256": hashlib.sha256(blob).hexdigest()}
 
     def save(self, path: str | Path) -> Path:
@@ -445,7 +493,8 @@ class Policy:
                    meta=dict(obj.get("meta") or {}), gate_model=gm, template_ids=tids or None,
                    gate_suffix=sx, gate_suffix_ids=sids, steering_low=[SteeringSpec.from_dict(s) for s in low],
                    low_threshold=_num_in(obj.get("low_threshold"), f"{where}: low_threshold"), system=system,
-                   gate_read=str(obj.get("gate_read") or "last"))
+                   gate_read=str(obj.get("gate_read") or "last"),
+                   gate_window=WindowRead.from_dict(obj["gate_window"], where) if obj.get("gate_window") else None)
 
     @classmethod
     def load(cls, path: str | Path) -> "Policy":
@@ -496,8 +545,8 @@ class Policy:
         before the gate could decide, so the decision comes from an unsteered lookahead forward instead."""
         if isinstance(self.gate, AlwaysGate):
             return False
-        if self.gate_model is not None or self.gate_suffix_ids is not None:
-            return True  # another model or another text (the suffix): always an extra (partial) prefill
+        if self.gate_model is not None or self.gate_suffix_ids is not None or self.gate_read == "windows":
+            return True  # another model or another text (the suffix, the windows): always an extra (partial) prefill
         g = models.check_layer(model, self.gate.layer)
         return any(g > _first_edit(iv, model) for iv in interventions if (iv.positions or "all") != "generated")
 
@@ -522,7 +571,7 @@ class Policy:
                         template_ids=self.template_ids if gated else None,
                         suffix_ids=self.gate_suffix_ids if gated else None, low=low,
                         low_threshold=self.low_threshold, system_prefix=self.system,
-                        read=self.gate_read if gated else "last")
+                        read=self.gate_read if gated else "last", window=self.gate_window if gated else None)
         self.last_run = run
         with steer(model, ivs + low):
             hs = models.hooks.install(model, run, members=[run])
@@ -567,6 +616,7 @@ def policy_summary(p: Policy) -> dict[str, Any]:
     out = {"name": p.name, "model": p.model, "gate_model": p.gate_model, "gate": g.kind, "layer": g.layer, "positions": g.positions,
            "reduce": g.reduce, "threshold": thr if math.isfinite(thr) else str(thr), "strength": g.strength,
            "gate_suffix": p.gate_suffix, "gate_read": p.gate_read, "system_prompt": p.system,
+           **({"gate_window": {"size": p.gate_window.size, "stride": p.gate_window.stride}} if p.gate_window else {}),
            "steer": [s.to_dict() for s in p.steering]}
     if p.steering_low:
         out.update(steer_low=[s.to_dict() for s in p.steering_low], low_threshold=_num_out(p.low_threshold))
