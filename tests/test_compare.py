@@ -10,7 +10,7 @@ import torch
 from saesteer.core import SaesteerError, rate_summary
 from saesteer.experiments import CompareConfig, goals, markdown_table, pareto_front, run_compare, write_report
 from saesteer.experiments.compare import pooled, read_results
-from saesteer.gating import AlwaysGate, Policy, ProbeGate
+from saesteer.gating import AlwaysGate, CastGate, Policy, ProbeGate
 from saesteer.steering import SteeringSpec
 
 # (condition, gate) -> {metric: (k, n)}
@@ -127,12 +127,11 @@ def test_run_compare_resumes_per_condition_and_group(tmp_path, data_root):
         run_compare(None, None, CompareConfig(policies=[pols[0], pols[0]], out=str(tmp_path / "c2")), runner=runner)
 
 
-def test_run_compare_with_real_eval_modules_on_tiny_model(tiny, tmp_path, data_root):
-    """The default runner drives evals.refusal / multiturn / capability with a gated policy installed."""
-    from saesteer.gating import CastGate, collect_gate_inputs, post_instruction_positions
+def _tiny_gate_inputs(model, tok, tmp_path):
+    """A random direction file, the gate positions and gate inputs of 2 + 2 prompts on the tiny model."""
+    from saesteer.gating import collect_gate_inputs, post_instruction_positions
     from saesteer.steering import RefusalDirection, save_direction
 
-    model, tok = tiny
     d = model.config.hidden_size
     g = torch.Generator().manual_seed(0)
     dpath = save_direction(RefusalDirection(vector=torch.randn(d, generator=g) * 4, layer=1, model="tiny-llama"),
@@ -140,6 +139,13 @@ def test_run_compare_with_real_eval_modules_on_tiny_model(tiny, tmp_path, data_r
     P = post_instruction_positions(tok)
     h = collect_gate_inputs(model, tok, ["how do i make a cake?", "what is the capital of france?",
                                          "explain photosynthesis", "the quick brown fox"], 1, P, progress=False)
+    return dpath, P, h
+
+
+def test_run_compare_with_real_eval_modules_on_tiny_model(tiny, tmp_path, data_root):
+    """The default runner drives evals.refusal / multiturn / capability with a gated policy installed."""
+    model, tok = tiny
+    dpath, P, h = _tiny_gate_inputs(model, tok, tmp_path)
     gate = CastGate(layer=1, positions=P).fit(h[:2], h[2:])
     gate.threshold = 0.0
     pol = tmp_path / "gated.json"
@@ -214,3 +220,39 @@ def test_cli_exclude_ids_from_selection(tmp_path):
     (tmp_path / "bad.json").write_text('{"x": 1}')
     with pytest.raises(SaesteerError):
         read_exclude(tmp_path / "bad.json")
+
+
+def test_run_compare_reuses_unsteered_answers_for_untouched_rows(tiny, tmp_path, data_root):
+    """With reuse on (the default) a gated policy's untouched rows take the unsteered condition's answers: a gate that
+    never fires reproduces the unsteered answers and serves every row; a gate that fires on some gives the same rows
+    as with reuse off."""
+    model, tok = tiny
+    dpath, P, h = _tiny_gate_inputs(model, tok, tmp_path)
+    pols = []
+    for name, thr in (("gated", 0.0), ("quiet", float("inf"))):
+        gate = CastGate(layer=1, positions=P).fit(h[:2], h[2:])
+        gate.threshold = thr
+        pols.append(str(Policy(gate=gate, steering=[SteeringSpec(kind="add", direction=str(dpath), alpha=1.0)],
+                               name=name).save(tmp_path / f"{name}.json")))
+    runs = {}
+    for reuse in (True, False):
+        cfg = CompareConfig(policies=pols, out=str(tmp_path / f"cmp-{reuse}"), unsafe=["advbench:test"],
+                            safe=["jbb-benign"], limit=4, max_new_tokens=6, multiturn_limit=2, max_turns=2,
+                            capability=[], batch_size=4, progress=False, reuse_unsteered=reuse)
+        runs[reuse] = {(r["condition"], r["metric"]): r for r in run_compare(model, tok, cfg, say=lambda s: None)}
+    on, off = runs[True], runs[False]
+    assert (tmp_path / "cmp-True" / "answers_unsteered.jsonl").exists()
+    assert not (tmp_path / "cmp-False" / "answers_unsteered.jsonl").exists()
+    for m in ("advbench-test", "jbb-benign"):
+        assert on[("quiet", m)]["reused_answers"] == on[("quiet", m)]["n"] == 4  # every row served
+        assert "reused_answers" not in off[("quiet", m)] and "reused_answers" not in on[("unsteered", m)]
+        for c in ("gated", "quiet", "unsteered"):
+            for k in ("k", "n", "gate_fire_rate"):
+                assert on[(c, m)].get(k) == off[(c, m)].get(k), (c, m, k)
+
+    def answers(run, cond):
+        path = tmp_path / f"cmp-{run}" / "conditions" / cond / "jbb-benign" / "items.jsonl"
+        return [json.loads(x)["answer"] for x in path.read_text().splitlines()]
+
+    assert answers(True, "quiet") == answers(True, "unsteered") == answers(False, "quiet")
+    assert on[("gated", "jbb-benign")]["reused_answers"] < 4 or on[("gated", "jbb-benign")]["gate_fire_rate"] == 0

@@ -215,6 +215,8 @@ def compare_cmd(
     exclude: Optional[Path] = typer.Option(None, help=EXCLUDE_HELP),
     batch_size: int = typer.Option(16, help="prompts per batch"),
     seed: int = typer.Option(0, help="seed of every subsample"),
+    reuse_unsteered: bool = typer.Option(True, help="gated policies take the unsteered condition's answer for every "
+                                         "row their gate leaves untouched instead of regenerating it"),
     dtype: Optional[str] = DTYPE_OPT,
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
@@ -232,7 +234,7 @@ def compare_cmd(
                         capability_limit=capability_limit or None, gsm8k_limit=gsm8k_limit or None,
                         exclude_ids=read_exclude(exclude), batch_size=batch_size, seed=seed, judges=split_list(judges),
                         judges_limit=judges_limit or None, broken=broken, broken_mad=broken_mad, broken_repeat=broken_repeat, long_check=long_check,
-                        long_tokens=long_tokens)
+                        long_tokens=long_tokens, reuse_unsteered=reuse_unsteered)
     from saesteer.experiments import policy_conditions
 
     policy_conditions(cfg)  # validate every policy file before loading the model

@@ -114,6 +114,12 @@ class PrefixJudge:
         self.max_len = max(len(p) for p in self.prefixes)
         self.name = "prefix"
 
+    def cache_key(self) -> str:
+        """What decides :meth:`stop_when` (its prefixes): lets ``generation.reuse`` match answers stopped by it."""
+        import hashlib
+
+        return hashlib.sha1("\n".join(self.prefixes).encode()).hexdigest()[:16]
+
     def match(self, text: str) -> str | None:
         """The refusal prefix the answer starts with, or None."""
         t = normalize_answer(text)

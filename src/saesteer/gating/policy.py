@@ -150,6 +150,14 @@ class PolicyRun:
 
     def _look_ahead(self) -> None:
         """Decide from an unsteered forward up to the gate layer before the real (steered) prefill runs."""
+        judged = self._lookahead_judge(self.lookahead)
+        self._apply(*judged)
+        self._log(*judged)
+        self._decided = True
+
+    def _lookahead_judge(self, reader: nn.Module) -> tuple:
+        """The gate's verdict on the prefill's rows (``self._ids`` / ``self._mask``) from an unsteered forward of
+        ``reader`` up to the gate layer: :meth:`_judge`'s tuple."""
         ids = self._ids
         ensure(isinstance(ids, torch.Tensor) and ids.ndim == 2,
                "a policy whose gate reads a layer after the steering layer needs input_ids (not inputs_embeds)")
@@ -162,9 +170,7 @@ class PolicyRun:
         if chat is not None and not bool(chat.all()):  # raw-text rows are never steered: read only the chat rows
             rows = torch.nonzero(chat).flatten()
             if rows.numel() == 0:
-                self._decide(None, rows=rows)
-                self._decided = True
-                return
+                return self._judge(None, rows=rows)
             ids = ids[rows.to(ids.device)]
             mask = mask[rows.to(mask.device)] if mask is not None else None
         if self.suffix_ids is not None:  # the gate reads the prompt followed by the policy's fixed suffix
@@ -174,18 +180,55 @@ class PolicyRun:
                 mask = torch.cat([mask, torch.ones(n, suf.numel(), dtype=mask.dtype, device=mask.device)], 1)
         self._nested = True
         try:
-            h = models.run_to_layer(self.lookahead, ids, mask, self.gate.layer)
-            extra = self.window_scores(ids, mask) if self.window is not None else None
+            h = models.run_to_layer(reader, ids, mask, self.gate.layer)
+            extra = self.window_scores(ids, mask, reader=reader) if self.window is not None else None
         finally:
             self._nested = False
-        self._decide(h, rows=rows, ids=ids, read_mask=mask, extra=extra)
-        self._decided = True
+        return self._judge(h, rows=rows, ids=ids, read_mask=mask, extra=extra)
+
+    # answer reuse (generation.reuse): which rows would this policy leave untouched? ----------------------------------
+    def covers(self, member: Any) -> bool:
+        """True for the interventions whose per-row strengths this run sets (vouched for by :meth:`untouched_rows`)."""
+        return any(member is iv for iv in self.interventions + self.low)
 
     @torch.no_grad()
-    def window_scores(self, ids: torch.Tensor, mask: torch.Tensor | None = None, batch_size: int = 32) -> torch.Tensor:
+    def untouched_rows(self, model: nn.Module, prompt_ids: Sequence[Sequence[int]], batch_size: int = 32) -> list[int]:
+        """Positions of the prompts (token ids) that neither side of the policy would steer, decided as a prefill
+        would (the gate read by an unsteered forward up to its layer). Their decisions are logged (``last`` holds
+        exactly them, in the returned order); the others are left to their real prefill, which logs them then."""
+        reader = self.lookahead if self.lookahead is not None else model
+        dev = next(model.parameters()).device
+        saved = (self._ids, self._mask)
+        keep: list[int] = []
+        recs: list[dict[str, Any]] = []
+        try:
+            for j in range(0, len(prompt_ids), batch_size):
+                chunk = [list(map(int, p)) for p in prompt_ids[j:j + batch_size]]
+                T = max(len(p) for p in chunk)
+                ids = torch.zeros(len(chunk), T, dtype=torch.long)
+                mask = torch.zeros(len(chunk), T, dtype=torch.long)
+                for r, p in enumerate(chunk):
+                    ids[r, T - len(p):], mask[r, T - len(p):] = torch.as_tensor(p), 1
+                self._ids, self._mask = ids.to(dev), mask.to(dev)
+                judged = self._lookahead_judge(reader)
+                for r, rec in enumerate(self._records(*judged)):
+                    if not rec["fired"] and not rec.get("low"):
+                        keep.append(j + r)
+                        recs.append(rec)
+        finally:
+            self._ids, self._mask = saved
+        self.last = recs
+        self.decisions.extend(recs)
+        self.live = None
+        return keep
+
+    @torch.no_grad()
+    def window_scores(self, ids: torch.Tensor, mask: torch.Tensor | None = None, batch_size: int = 32,
+                      reader: nn.Module | None = None) -> torch.Tensor:
         """Per row of ``ids`` (left padded, ``mask`` 1 on real tokens), the highest gate score over the windows of its
         long user messages (``WindowRead.views``; -inf for a row with none), read by the lookahead model unsteered."""
-        assert self.window is not None and self.lookahead is not None
+        reader = reader if reader is not None else self.lookahead
+        assert self.window is not None and reader is not None
         n, P = ids.shape[0], self.gate.positions
         views, owner = [], []
         for i in range(n):
@@ -209,19 +252,21 @@ class PolicyRun:
             off = torch.zeros(len(chunk), device=dev)
             for iv in self.interventions + self.low:
                 iv.set_row_scale(off)  # the windows are read unsteered
-            h = models.run_to_layer(self.lookahead, vid.to(dev), vmask.to(dev), self.gate.layer)
+            h = models.run_to_layer(reader, vid.to(dev), vmask.to(dev), self.gate.layer)
             s.append(self.gate.score(h[:, -P:]).float().cpu())
         return out.scatter_reduce(0, torch.as_tensor(owner), torch.cat(s), reduce="amax")
     # the gate hook ---------------------------------------------------------------------------------------------------
     def gate_hook(self, _mod: nn.Module, _inp: Any, out: Any) -> None:
         if not self._prefill or self._nested or self._decided:
             return None
-        self._decide(models.layer_output(out))
+        judged = self._judge(models.layer_output(out))
+        self._apply(*judged)
+        self._log(*judged)
         return None
 
-    def _decide(self, h: torch.Tensor | None, rows: torch.Tensor | None = None, ids: torch.Tensor | None = None,
-                read_mask: torch.Tensor | None = None, extra: torch.Tensor | None = None) -> None:
-        """Gate the batch from residuals ``h``; with ``rows``, ``h`` holds only those rows of the batch (the chat
+    def _judge(self, h: torch.Tensor | None, rows: torch.Tensor | None = None, ids: torch.Tensor | None = None,
+               read_mask: torch.Tensor | None = None, extra: torch.Tensor | None = None) -> tuple:
+        """The gate's verdict on the batch from residuals ``h``: ``(scores, fired, strength, mask, chat, low)``; with ``rows``, ``h`` holds only those rows of the batch (the chat
         rows: the others are never steered, their score is logged as None). ``ids`` / ``read_mask``: the token ids and
         mask ``h`` was computed from, when not the prefill's own (the lookahead's rows); ``extra``: further scores per
         read row that the gate's score is the maximum with (a windows read's)."""
@@ -252,7 +297,6 @@ class PolicyRun:
             if part is not None:
                 scores[rows], fired[rows], strength[rows] = part
         n = scores.shape[0]
-        dev = h.device if h is not None else self._ids.device
         chat = self._chat_rows(n)
         if chat is not None:
             fired, strength = fired & chat, torch.where(chat, strength, torch.zeros_like(strength))
@@ -261,11 +305,17 @@ class PolicyRun:
             low = scores < self.low_threshold
             if chat is not None:
                 low = low & chat
+        return scores, fired, strength, mask, chat, low
+
+    def _apply(self, scores: torch.Tensor, fired: torch.Tensor, strength: torch.Tensor, mask: torch.Tensor | None,
+               chat: torch.Tensor | None, low: torch.Tensor | None) -> None:
+        """Set every intervention's per-row strength from a verdict of :meth:`_judge`."""
+        dev = self._ids.device if isinstance(self._ids, torch.Tensor) else "cpu"
+        if low is not None:
             for iv in self.low:
                 iv.set_row_scale(low.float().to(dev))
         for iv in self.interventions:
             iv.set_row_scale(strength.to(dev))
-        self._log(scores, fired, strength, mask, chat, low)
 
     def turn_scores(self, h: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Per row, the highest gate score over the post-instruction tokens after each user turn (``read="turns"``).
@@ -307,6 +357,14 @@ class PolicyRun:
 
     def _log(self, scores: torch.Tensor, fired: torch.Tensor, strength: torch.Tensor, mask: torch.Tensor | None,
              chat: torch.Tensor | None = None, low: torch.Tensor | None = None) -> None:
+        rows = self._records(scores, fired, strength, mask, chat, low)
+        self.last = rows
+        self.decisions.extend(rows)
+        self.live = torch.arange(len(rows))
+
+    def _records(self, scores: torch.Tensor, fired: torch.Tensor, strength: torch.Tensor, mask: torch.Tensor | None,
+                 chat: torch.Tensor | None = None, low: torch.Tensor | None = None) -> list[dict[str, Any]]:
+        """One decision record per row (see the module docstring)."""
         ids = self._ids if isinstance(self._ids, torch.Tensor) and self._ids.ndim == 2 else None
         rows = []
         for i in range(scores.shape[0]):
@@ -322,9 +380,7 @@ class PolicyRun:
                 real = ids[i] if mask is None else ids[i][mask[i].bool()]
                 d.update(key=prompt_key(real.tolist()), n_tokens=int(real.numel()))
             rows.append(d)
-        self.last = rows
-        self.decisions.extend(rows)
-        self.live = torch.arange(len(rows))
+        return rows
 
     # row bookkeeping, called through models.hooks.select_rows ----------------------------------------------------------------
     def select_rows(self, index: torch.Tensor) -> None:

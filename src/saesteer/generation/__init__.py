@@ -20,3 +20,4 @@ from .kvprefill import (  # noqa: F401
     prefill,
     shared_prefix_len,
 )
+from .reuse import AnswerStore, settings_key  # noqa: F401

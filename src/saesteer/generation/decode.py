@@ -377,14 +377,33 @@ def _config(cfg: GenerationConfig | None, overrides: dict[str, Any]) -> Generati
 
 def generate_rows(model: Any, tok: Any, prompts: Sequence[Prompt], cfg: GenerationConfig | None = None,
                   **overrides: Any) -> list[Row]:
-    """Like :func:`generate` but returns each prompt's :class:`Row` (token ids, text, finish reason)."""
+    """Like :func:`generate` but returns each prompt's :class:`Row` (token ids, text, finish reason). With an
+    :class:`~saesteer.generation.reuse.AnswerStore` installed on the model, greedy answers are recorded there, or
+    taken from there for the rows an installed policy leaves untouched (``generation.reuse``)."""
+    from . import reuse
+
     cfg = _config(cfg, overrides)
     rows = _build_rows(model, tok, prompts, cfg)
-    for _ in _run(model, tok, rows, cfg, stream=False):
+    recording, serving = reuse.stores(model, "record"), reuse.stores(model, "serve")
+    settings = reuse.settings_key(model, cfg, cfg.eos_ids if cfg.eos_ids is not None else eos_token_ids(model, tok)) \
+        if recording or serving else None
+    done = reuse.reusable_rows(model, rows, settings, cfg.batch_size) if serving else []
+    if done:  # answers of the unsteered model to rows the installed policy leaves untouched (generation.reuse)
+        for i, a in done:
+            r = rows[i]
+            r.out_ids, r.text, r.finish_reason = list(a["out_ids"]), str(a["text"]), str(a["finish_reason"])
+        if cfg.on_batch is not None:  # the policy logged these rows' decisions, in this order
+            cfg.on_batch([rows[i].index for i, _ in done])
+    served = {i for i, _ in done}
+    todo = [r for i, r in enumerate(rows) if i not in served]
+    for _ in _run(model, tok, todo, cfg, stream=False):
         pass
-    for r in rows:
+    for r in todo:
         if not (r.stop or r.stop_when is not None):
             r.text = tok.decode(r.out_ids, skip_special_tokens=cfg.skip_special_tokens)
+    if recording and settings is not None and reuse.unsteered(model):
+        for st in recording:
+            st.record(todo, settings)
     return rows
 
 
