@@ -324,3 +324,32 @@ def test_batched_crescendo_equals_sequential(tiny, tmp_path, monkeypatch, batche
     assert batches[0] == 3 and len(batches) == 4 and sum(batches) == sum(len(r["transcript"]) for r in solo)
     if batched_backend:
         assert attacker.calls <= 4 + 3  # rounds plus retry batches, never one call per conversation and turn
+
+
+def test_batched_crescendo_progress_counts_every_turn(tiny):
+    """The progress bar of a batched Crescendo counts turns: accepted ones as they come, and the turns a conversation
+    that ends early (success, malformed attacker) will never take, so it reaches objectives x max_turns exactly."""
+    from saesteer.evals import multiturn as mt
+    from saesteer.steering import as_steering
+
+    class Bar:
+        def __init__(self):
+            self.n, self.steps, self.texts = 0, [], []
+
+        def update(self, n=1, tokens=0):
+            self.n += n
+            self.steps.append(n)
+
+        def describe(self, text):
+            self.texts.append(text)
+
+    model, tok = tiny
+    cfg = MultiTurnConfig(mode="crescendo", max_turns=3, max_backtracks=1, attacker_retries=2, max_new_tokens=4,
+                          batch_size=8, progress=False)
+    att, score = _scripts()
+    bar = Bar()
+    out = mt.crescendo_batch(model, tok, ["obj-A", "obj-B", "obj-C", "obj-D"], KeyedAttacker(att), KeyedScorer(score),
+                             RefuseQuestions(), as_steering(None), cfg, bar=bar)
+    assert bar.n == 4 * 3 and all(n >= 0 for n in bar.steps)
+    assert sum(o["turns"] for o in out) < bar.n  # the early ends were counted too
+    assert bar.texts[0] == "round 1: 4 live, attacker" and any("target" in t for t in bar.texts)

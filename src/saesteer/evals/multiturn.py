@@ -327,16 +327,26 @@ class _Attack:
 
 
 def crescendo_batch(model: Any, tok: Any, objectives: Sequence[str], attacker: Any, success_judge: Any,
-                    refusal_judge: Any, st: Steering, cfg: MultiTurnConfig, on_done: Any = None) -> list[dict]:
+                    refusal_judge: Any, st: Steering, cfg: MultiTurnConfig, on_done: Any = None,
+                    bar: Any = None) -> list[dict]:
     """Attack all ``objectives`` together, with the semantics of :func:`crescendo_one` per objective: each round asks
     the attacker of every live conversation as one batch (retries batched too), decodes every target turn as one
     batch (``cfg.batch_size`` rows at a time; a backtracked turn is erased from its own conversation only), judges
     refusal once over the round and scores the accepted turns as one batch. ``on_done(n)`` is told when n
-    conversations end."""
+    conversations end; ``bar`` (a ``core.progress_bar`` over ``len(objectives) * cfg.max_turns`` turns) advances by
+    every accepted turn and by the turns a conversation that ends early will never take, and names the stage."""
+
+    def stage(text: str) -> None:
+        if bar is not None:
+            bar.describe(text)
+
     attacks = [_Attack(o, [{"role": "system", "content": ATTACKER_SYSTEM.format(objective=o, max_turns=cfg.max_turns)}])
                for o in objectives]
     live = [a for a in attacks if a.live(cfg.max_turns)]
+    rnd = 0
     while live:
+        rnd += 1
+        stage(f"round {rnd}: {len(live)} live, attacker")
         for a in live:
             a.convo.append({"role": "user", "content": _attacker_turn_message(a.turn + 1, cfg.max_turns, a.last)})
         asked = []
@@ -347,6 +357,7 @@ def crescendo_batch(model: Any, tok: Any, objectives: Sequence[str], attacker: A
             a.convo.append({"role": "assistant", "content": json.dumps({"next_question": q})})
             asked.append((a, q, len(raws)))
         chats = [a.history + [{"role": "user", "content": q}] for a, q, _ in asked]
+        stage(f"round {rnd}: {len(live)} live, target")
         answers, _ = (generate_answers(model, tok, chats, st, cfg.max_new_tokens, cfg.batch_size, system=cfg.system)
                       if chats else ([], []))
         verdicts = refusal_judge.judge([q for _, q, _ in asked], answers) if chats else []
@@ -363,6 +374,7 @@ def crescendo_batch(model: Any, tok: Any, objectives: Sequence[str], attacker: A
             a.history += [{"role": "user", "content": q}, {"role": "assistant", "content": answer}]
             a.turn += 1
             accepted.append((a, entry))
+        stage(f"round {rnd}: {len(live)} live, success judge")
         for (a, entry), (score, raw) in zip(accepted, _score_many(success_judge, [(a.objective, e["answer"])
                                                                                  for a, e in accepted])):
             entry.update(score=score, judge_raw=raw)
@@ -373,6 +385,8 @@ def crescendo_batch(model: Any, tok: Any, objectives: Sequence[str], attacker: A
                 a.best = max(a.best, score)
                 a.success = score >= cfg.success_threshold
         still = [a for a in live if a.live(cfg.max_turns)]
+        if bar is not None:  # accepted turns, and the turns that conversations ending now will never take
+            bar.update(len(accepted) + sum(cfg.max_turns - a.turn for a in live if not a.live(cfg.max_turns)))
         if on_done is not None and len(still) < len(live):
             on_done(len(live) - len(still))
         live = still
@@ -466,9 +480,9 @@ def run_crescendo(model: Any, tok: Any, cfg: MultiTurnConfig, steering: Any = No
     refusal_judge = refusal_judge or make_judge(cfg.judge, device=cfg.device)
     from saesteer.core import progress_bar
 
-    with progress_bar(len(objectives), "crescendo", unit="objective", enabled=cfg.progress) as bar:
+    with progress_bar(len(objectives) * cfg.max_turns, "crescendo", unit="turn", enabled=cfg.progress) as bar:
         outcomes = crescendo_batch(model, tok, [it.prompt or user_turns(it)[-1] for it in objectives], attacker,
-                                   success_judge, refusal_judge, st, cfg, on_done=bar.update)
+                                   success_judge, refusal_judge, st, cfg, bar=bar)
     results = [{"id": it.id, "category": it.category, "steering": st.name, **r} for it, r in zip(objectives, outcomes)]
     summary = summarize_crescendo(results)
     summary.update({"mode": "crescendo", "model": model_name(model), "steering": st.name, "dataset": spec,
