@@ -154,7 +154,8 @@ def test_windows_policy_errors_and_round_trip(tiny):
 def test_fit_with_windows_calibrates_on_the_window_maximum(tiny, tmp_path):
     model, tok = tiny
     rows = [{"prompt": p, "label": "harmful"} for p in (NOTE, "how to steal a car", "hack a bank")]
-    rows += [{"prompt": p, "label": "harmless"} for p in ("bake a cake", "capital of france", "write a haiku")]
+    rows += [{"prompt": p, "label": "harmless"} for p in ("bake a cake", "capital of france", _doc("write a haiku"))]
+    rows += [{"prompt": _doc(), "label": "harmful"}]
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     val = [{"prompt": _doc("tell me about the old mill"), "label": "harmless"},
            {"prompt": "tell me a joke", "label": "harmless"}, {"prompt": _doc(), "label": "harmful"}]
@@ -168,6 +169,20 @@ def test_fit_with_windows_calibrates_on_the_window_maximum(tiny, tmp_path):
         pols[read] = fit_policy(model, tok, cfg, progress=False)
     pol = pols["windows"]
     assert pol.gate_read == "windows" and (pol.gate_window.size, pol.gate_window.stride) == (16, 8)
+    # the harmless long training text's windows are harmless training examples; the harmful one's are not used
+    n_views = len(pol.gate_window.views(_ids(tok, _doc("write a haiku"))))
+    assert n_views > 2 and pol.meta["train"]["n_harmless_windows"] == n_views
+    assert "n_harmless_windows" not in pols["turns"].meta["train"]
+    P = post_instruction_positions(tok)
+    cast = CastGate(layer=1, positions=P)  # the same fit by hand: the windows on the harmless side
+    h = collect_gate_inputs(model, tok, [r["prompt"] for r in rows if r["label"] == "harmful"], 1, P, progress=False)
+    b = collect_gate_inputs(model, tok, [r["prompt"] for r in rows if r["label"] == "harmless"]
+                            + pol.gate_window.views(_ids(tok, _doc("write a haiku"))), 1, P, progress=False)
+    cast.fit(h, b)
+    assert torch.allclose(cast.score(b), pol.gate.score(b), atol=1e-5)
+    without = CastGate(layer=1, positions=P)
+    without.fit(h, b[:3])  # the harmless prompts alone: another gate, so the windows did count
+    assert not torch.allclose(without.score(b), pol.gate.score(b), atol=1e-3)
     benign = [v["prompt"] for v in val if v["label"] == "harmless"]
     ref = _reference(model, tok, pol.gate, pol.gate_window, benign)
     assert pol.gate.threshold == pytest.approx(float(ref.max()), abs=1e-4)

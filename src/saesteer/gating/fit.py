@@ -153,7 +153,9 @@ class PolicyFitConfig:
     ``turns`` = the highest score over those after every user turn (a request made turns earlier still fires the
     gate). Validation and held-out scores use the same maximum, scoring each conversation cut after each user turn;
     ``windows`` = ``turns`` and overlapping windows of every user message longer than ``window`` tokens, each read
-    as its own one-turn request (``gating.windows``: a harmful sentence inside a long document)."""
+    as its own one-turn request (``gating.windows``: a harmful sentence inside a long document). The windows of the
+    harmless training prompts are harmless training examples too (a window of a benign text is a benign request); a
+    harmful prompt's windows are not (which of them holds the harm is unknown)."""
     window: int = 96
     """``read="windows"``: window length in tokens."""
     window_stride: int = 48
@@ -161,6 +163,12 @@ class PolicyFitConfig:
     inside one window)."""
     match_strengths: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0])
     """Multipliers of the steering's strength tried by ``match`` (an ``add`` of alpha 1: the alphas)."""
+
+
+def _conversation_ids(tok: Any, prompts: Sequence[Any], system: str | None) -> list[list[int]]:
+    """Each prompt's token ids as generation encodes it (chat template, the policy's system prompt)."""
+    return [tok(models.format_chat(tok, p, system_prefix=system), add_special_tokens=False)["input_ids"]
+            for p in prompts]
 
 
 def template_ids(tok: Any, positions: int) -> list[int]:
@@ -381,9 +389,8 @@ def fit_policy(model: nn.Module, tok: Any, cfg: PolicyFitConfig, progress: bool 
             return gate.score(inputs(prompts, desc))
         cuts = [(i, c) for i, p in enumerate(prompts) for c in turn_prefixes(p)]
         if pol.gate_window is not None:  # and the windows of long user messages, as token ids
-            conv = [tok(models.format_chat(tok, p, system_prefix=system), add_special_tokens=False)["input_ids"]
-                    for p in prompts]
-            cuts += [(i, v) for i, c in enumerate(conv) for v in pol.gate_window.views(c)]
+            cuts += [(i, v) for i, c in enumerate(_conversation_ids(tok, prompts, system))
+                     for v in pol.gate_window.views(c)]
         s = gate.score(inputs([c for _, c in cuts], desc)).float()
         owner = torch.tensor([i for i, _ in cuts])
         return torch.full((len(prompts),), float("-inf")).scatter_reduce(0, owner, s, reduce="amax")
@@ -395,9 +402,19 @@ def fit_policy(model: nn.Module, tok: Any, cfg: PolicyFitConfig, progress: bool 
         ensure(cfg.gate == "probe", f"per-set weights (@W) apply to probe gates only, not {cfg.gate!r}")
         for lab in ("harmful", "harmless"):
             weights[f"{lab}_weight"] = torch.cat([torch.full((u[f"n_{lab}"],), u["weight"]) for u in used])
-    gate.fit(inputs(th, "gate train harmful"), inputs(ts, "gate train harmless"), **weights)
+    benign = inputs(ts, "gate train harmless")
+    n_win = 0
+    if pol.gate_window is not None:  # a window of a harmless text is a harmless request: train on those too
+        views = [(i, v) for i, c in enumerate(_conversation_ids(tok, ts, system)) for v in pol.gate_window.views(c)]
+        n_win = len(views)
+        if views:
+            benign = torch.cat([benign, inputs([v for _, v in views], "gate train harmless windows")])
+            if "harmless_weight" in weights:  # each window weighs what its prompt weighs
+                w = weights["harmless_weight"]
+                weights["harmless_weight"] = torch.cat([w, w[torch.tensor([i for i, _ in views])]])
+    gate.fit(inputs(th, "gate train harmful"), benign, **weights)
     meta["train"] = {"sets": [{k: v for k, v in u.items() if k != "keys"} for u in used], "n_harmful": len(th),
-                     "n_harmless": len(ts)}
+                     "n_harmless": len(ts), **({"n_harmless_windows": n_win} if pol.gate_window is not None else {})}
     ensure(len(vs) > 0, "validation sets hold no harmless prompts: the FPR cap needs benign scores")
     ensure(cfg.fpr_cap in ("pooled", "per-set"), f"fpr_cap must be pooled or per-set, got {cfg.fpr_cap!r}")
     hs = scores(vh, "gate val harmful") if vh else None
