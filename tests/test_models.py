@@ -227,3 +227,10 @@ def test_builtin_bf16_load_equals_cast_fp32(smollm):
     assert s32.keys() == s16.keys()
     for k in s32:
         assert s16[k].dtype == torch.bfloat16 and torch.equal(s16[k], s32[k].bfloat16()), k
+
+
+def test_left_pad_right_aligns_each_sequence():
+    from saesteer.models import left_pad
+
+    ids, mask = left_pad([[5, 6, 7], [8]], pad=1)
+    assert ids.tolist() == [[5, 6, 7], [1, 1, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]

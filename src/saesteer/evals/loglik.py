@@ -97,12 +97,9 @@ def count_sequences(tok: Any, requests: Sequence[Request], max_len: int = 10**9,
 
 
 def _left_pad(batch: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    T = max(len(ids) for ids in batch)
-    inp = torch.full((len(batch), T), pad, dtype=torch.long)
-    mask = torch.zeros((len(batch), T), dtype=torch.long)
-    for i, ids in enumerate(batch):
-        inp[i, T - len(ids):] = torch.tensor(ids)
-        mask[i, T - len(ids):] = 1
+    from saesteer.models import left_pad
+
+    inp, mask = left_pad(batch, pad)
     return inp, mask, (mask.cumsum(-1) - 1).clamp(min=0)
 
 

@@ -36,6 +36,7 @@ from torch import nn
 
 from saesteer import models
 from saesteer.core import SaesteerError, atomic_write_bytes, ensure, rate_summary
+from saesteer.generation import encode_prompts
 from saesteer.steering import SteeringSpec, load_sae_cached
 
 from .policy import SAFETY_SYSTEM_PROMPT, Policy, check_same_tokenizer, load_gate_model, load_policy
@@ -163,12 +164,6 @@ class PolicyFitConfig:
     inside one window)."""
     match_strengths: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0])
     """Multipliers of the steering's strength tried by ``match`` (an ``add`` of alpha 1: the alphas)."""
-
-
-def _conversation_ids(tok: Any, prompts: Sequence[Any], system: str | None) -> list[list[int]]:
-    """Each prompt's token ids as generation encodes it (chat template, the policy's system prompt)."""
-    return [tok(models.format_chat(tok, p, system_prefix=system), add_special_tokens=False)["input_ids"]
-            for p in prompts]
 
 
 def template_ids(tok: Any, positions: int) -> list[int]:
@@ -389,7 +384,7 @@ def fit_policy(model: nn.Module, tok: Any, cfg: PolicyFitConfig, progress: bool 
             return gate.score(inputs(prompts, desc))
         cuts = [(i, c) for i, p in enumerate(prompts) for c in turn_prefixes(p)]
         if pol.gate_window is not None:  # and the windows of long user messages, as token ids
-            cuts += [(i, v) for i, c in enumerate(_conversation_ids(tok, prompts, system))
+            cuts += [(i, v) for i, c in enumerate(encode_prompts(tok, prompts, system_prefix=system))
                      for v in pol.gate_window.views(c)]
         s = gate.score(inputs([c for _, c in cuts], desc)).float()
         owner = torch.tensor([i for i, _ in cuts])
@@ -405,7 +400,8 @@ def fit_policy(model: nn.Module, tok: Any, cfg: PolicyFitConfig, progress: bool 
     benign = inputs(ts, "gate train harmless")
     n_win = 0
     if pol.gate_window is not None:  # a window of a harmless text is a harmless request: train on those too
-        views = [(i, v) for i, c in enumerate(_conversation_ids(tok, ts, system)) for v in pol.gate_window.views(c)]
+        views = [(i, v) for i, c in enumerate(encode_prompts(tok, ts, system_prefix=system))
+                 for v in pol.gate_window.views(c)]
         n_win = len(views)
         if views:
             benign = torch.cat([benign, inputs([v for _, v in views], "gate train harmless windows")])

@@ -203,12 +203,7 @@ class PolicyRun:
         recs: list[dict[str, Any]] = []
         try:
             for j in range(0, len(prompt_ids), batch_size):
-                chunk = [list(map(int, p)) for p in prompt_ids[j:j + batch_size]]
-                T = max(len(p) for p in chunk)
-                ids = torch.zeros(len(chunk), T, dtype=torch.long)
-                mask = torch.zeros(len(chunk), T, dtype=torch.long)
-                for r, p in enumerate(chunk):
-                    ids[r, T - len(p):], mask[r, T - len(p):] = torch.as_tensor(p), 1
+                ids, mask = models.left_pad(prompt_ids[j:j + batch_size])
                 self._ids, self._mask = ids.to(dev), mask.to(dev)
                 judged = self._lookahead_judge(reader)
                 for r, rec in enumerate(self._records(*judged)):
@@ -243,12 +238,7 @@ class PolicyRun:
         s = []
         for j in range(0, len(views), batch_size):
             chunk = views[j:j + batch_size]
-            T = max(len(v) for v in chunk)
-            vid = torch.zeros(len(chunk), T, dtype=torch.long)
-            vmask = torch.zeros(len(chunk), T, dtype=torch.long)
-            for r, v in enumerate(chunk):  # left padding, as every prompt the gate reads
-                vid[r, T - len(v):] = torch.as_tensor(v)
-                vmask[r, T - len(v):] = 1
+            vid, vmask = models.left_pad(chunk)  # left padding, as every prompt the gate reads
             off = torch.zeros(len(chunk), device=dev)
             for iv in self.interventions + self.low:
                 iv.set_row_scale(off)  # the windows are read unsteered
@@ -266,8 +256,9 @@ class PolicyRun:
 
     def _judge(self, h: torch.Tensor | None, rows: torch.Tensor | None = None, ids: torch.Tensor | None = None,
                read_mask: torch.Tensor | None = None, extra: torch.Tensor | None = None) -> tuple:
-        """The gate's verdict on the batch from residuals ``h``: ``(scores, fired, strength, mask, chat, low)``; with ``rows``, ``h`` holds only those rows of the batch (the chat
-        rows: the others are never steered, their score is logged as None). ``ids`` / ``read_mask``: the token ids and
+        """The gate's verdict on the batch from residuals ``h``: ``(scores, fired, strength, mask, chat, low)``; with
+        ``rows``, ``h`` holds only those rows of the batch (the chat rows: the others are never steered, their score
+        is logged as None). ``ids`` / ``read_mask``: the token ids and
         mask ``h`` was computed from, when not the prefill's own (the lookahead's rows); ``extra``: further scores per
         read row that the gate's score is the maximum with (a windows read's)."""
         P = self.gate.positions

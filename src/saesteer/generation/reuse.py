@@ -148,8 +148,11 @@ def reusable_rows(model: Any, rows: Sequence[Any], settings: str | None, batch_s
     serving = stores(model, "serve")
     if settings is None or not serving:
         return []
-    cand = [(i, a) for i, r in enumerate(rows) if (a := next((s.get(r.prompt_ids, settings) for s in serving
-                                                              if s.get(r.prompt_ids, settings)), None))]
+    cand = []
+    for i, r in enumerate(rows):
+        a = next(filter(None, (s.get(r.prompt_ids, settings) for s in serving)), None)
+        if a is not None:
+            cand.append((i, a))
     if not cand:
         return []
     sets = [hs for hs in model_hooks.hook_sets(model) if not isinstance(hs.owner, AnswerStore)]

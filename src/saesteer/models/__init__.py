@@ -5,6 +5,7 @@ and tiny random models of each architecture for tests.
 """
 
 from . import hooks  # noqa: F401,E402  (the registry of saesteer-installed hooks: models.hooks)
+from .batch import left_pad  # noqa: F401
 from .builtin import (  # noqa: F401
     BUILTIN_MODELS,
     DEFAULT_MODEL,
