@@ -100,6 +100,46 @@ def test_system_prompt_policy_is_in_the_chat_input_and_survives_save_load(tiny, 
     assert answers == ref
 
 
+def test_unconditional_policy_prefills_its_shared_system_prompt_once(tiny, monkeypatch):
+    """A gate-always policy (system prompt + steering) is position-wise: the decoder prefills the rows' common prefix
+    (template + system prompt) once, the tokens equal a full prefill of every row, and each row is logged once as fired
+    (from the decoder's prompt ids) even as finished rows leave the batch; a gated policy still prefills every row."""
+    from saesteer.gating import make_gate
+    from saesteer.generation import kvprefill
+
+    model, tok = tiny
+    infos = []
+    real = kvprefill.prefill
+    monkeypatch.setattr(kvprefill, "prefill", lambda *a, **k: infos.append((out := real(*a, **k))[4]) or out)
+    pol = Policy(gate=AlwaysGate(layer=1), steering=[SteeringSpec(kind="add", direction="unused", layer=1)],
+                 system=SYS, name="sys+add")
+    want = encode_prompts(tok, PROMPTS, system_prefix=SYS)
+    got = {}
+    for share in (True, False):
+        cfg = GenerationConfig(max_new_tokens=6, batch_size=4, eos_ids=[], share_prefix=share,
+                               stop_when=lambda t: len(t) > 6)  # rows finish at different steps
+        with pol.apply(model, [Add(vector=_vec(model, 4.0), alpha=1.0, layer=1)]) as run:
+            got[share] = [r.out_ids for r in generate_rows(model, tok, PROMPTS, cfg)]
+        assert sorted(d["key"] for d in run.decisions) == sorted(prompt_key(w) for w in want)
+        assert len(run.decisions) == len(PROMPTS) and run.fire_rate() == 1.0
+        assert all(d["n_tokens"] == len(w) for d, w in zip(sorted(run.decisions, key=lambda d: d["key"]),
+                                                           sorted(want, key=prompt_key)))
+        assert infos[-1]["shared"] >= len(tok(SYS)["input_ids"]) if share else infos[-1]["shared"] == 0
+    assert got[True] == got[False]
+    with pol.apply(model, [Add(vector=_vec(model, 4.0), alpha=1.0, layer=1)]):
+        plain_steer = [r.out_ids for r in generate_rows(model, tok, PROMPTS, GenerationConfig(
+            max_new_tokens=6, batch_size=4, eos_ids=[], share_prefix=False))]
+    with steer(model, [Add(vector=_vec(model, 4.0), alpha=1.0, layer=1)]):  # the same as plain steering + system text
+        ref = [r.out_ids for r in generate_rows(model, tok, PROMPTS, GenerationConfig(
+            max_new_tokens=6, batch_size=4, eos_ids=[], system=SYS))]
+    assert plain_steer == ref
+    gated = Policy(gate=make_gate("probe", layer=1, positions=1), steering=[], system=SYS)
+    gated.gate.fit(torch.randn(4, 1, models.d_model(model)) + 1, torch.randn(4, 1, models.d_model(model)) - 1)
+    with gated.apply(model) as run:
+        generate_rows(model, tok, PROMPTS, GenerationConfig(max_new_tokens=2, batch_size=4, eos_ids=[]))
+    assert infos[-1]["shared"] == 0 and len(run.decisions) == len(PROMPTS)
+
+
 def test_system_prefix_goes_before_a_conversations_own_system_message(tiny):
     from saesteer.models import to_messages
 

@@ -111,6 +111,8 @@ class PolicyRun:
                  low: Sequence[Intervention] = (), low_threshold: float | None = None,
                  system_prefix: str | None = None, read: str = "last", window: WindowRead | None = None) -> None:
         self.gate, self.interventions = gate, interventions
+        self._always = isinstance(gate, AlwaysGate)
+        self._told = False  # inside a decoder prefill whose rows were logged by begin_prefill (gate always)
         ensure(read in GATE_READS, f"unknown gate read {read!r} (choose from {', '.join(GATE_READS)})")
         ensure(read == "last" or template_ids, "a gate that reads every user turn needs the template's token ids")
         ensure((read == "windows") == (window is not None), "a windows read needs its WindowRead (and only it has one)")
@@ -247,7 +249,7 @@ class PolicyRun:
         return out.scatter_reduce(0, torch.as_tensor(owner), torch.cat(s), reduce="amax")
     # the gate hook ---------------------------------------------------------------------------------------------------
     def gate_hook(self, _mod: nn.Module, _inp: Any, out: Any) -> None:
-        if not self._prefill or self._nested or self._decided:
+        if not self._prefill or self._nested or self._decided or self._told:
             return None
         judged = self._judge(models.layer_output(out))
         self._apply(*judged)
@@ -372,6 +374,30 @@ class PolicyRun:
                 d.update(key=prompt_key(real.tolist()), n_tokens=int(real.numel()))
             rows.append(d)
         return rows
+
+    # an unconditional policy under the decoder's prefill (models.hooks.prefilling) --------------------------------------
+    def prefix_safe(self) -> bool:
+        """An unconditional policy (gate ``always``) decides nothing per row and logs its rows from the decoder's prompt
+        ids (:meth:`begin_prefill`), so the decoder may prefill a shared prefix once (a system prompt's tokens); a gate
+        reads each row's whole prompt, so a gated policy is not position-wise."""
+        return self._always and self.lookahead is None and self.low_threshold is None
+
+    def begin_prefill(self, prompts: Sequence[Sequence[int]]) -> None:
+        """Log every row of the coming prefill as fired at full strength (gate ``always``), from its real token ids,
+        as the gate hook would; the steering runs unscaled (position-wise). Gated policies ignore this."""
+        if not self.prefix_safe():
+            return
+        self._told = True
+        for iv in self.interventions:
+            iv.set_row_scale(None)
+        rows = [{"score": 1.0, "fired": True, "strength": 1.0, "key": prompt_key(p), "n_tokens": len(p)}
+                for p in prompts]
+        self.last = rows
+        self.decisions.extend(rows)
+        self.live = torch.arange(len(rows))
+
+    def end_prefill(self) -> None:
+        self._told = False
 
     # row bookkeeping, called through models.hooks.select_rows ----------------------------------------------------------------
     def select_rows(self, index: torch.Tensor) -> None:

@@ -15,7 +15,8 @@ sees the same tokens at the same positions as a plain left-padded prefill, so gr
 
 Sharing and grouping are used only where it cannot change what hooks see (:func:`saesteer.models.hooks.prefix_shareable`):
 every forward hook on the model was registered in :mod:`saesteer.models.hooks` by an owner that declares itself
-position-wise (steering without per-row scales; a policy gate reads each row's whole prompt and is not). The owners are
+position-wise (steering without per-row scales, an unconditional policy, which logs its rows from the prompt ids it is
+told of, :func:`saesteer.models.hooks.prefilling`; a policy gate reads each row's whole prompt and is not). The owners are
 told the full prompt length (:func:`~saesteer.models.hooks.set_prompt_len`), so ``positions="prompt"`` and
 ``"generated"`` edit the same positions as with one prefill.
 """
@@ -89,6 +90,12 @@ def prefill(
 
     ``info``: ``shared`` (prefix tokens computed once) and ``groups`` (forwards of the rest of the prompts).
     """
+    with model_hooks.prefilling(model, prompts):  # owners hear of the rows first (an unconditional policy logs them)
+        return _prefill(forward, model, prompts, pad, device, share)
+
+
+def _prefill(forward: Callable[..., Any], model: torch.nn.Module, prompts: Sequence[Sequence[int]], pad: int,
+             device: torch.device, share: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any, dict]:
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)

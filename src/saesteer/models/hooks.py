@@ -7,19 +7,22 @@ knowing either of them:
 - keeps per-row state aligned when finished rows leave the batch (:func:`select_rows` → ``owner.select_rows``);
 - tells position-aware owners where a prompt fed in several forwards ends (:func:`set_prompt_len`);
 - prefills a shared prompt prefix once only when every hook on the model is registered here and its owner says that
-  is exact (:func:`prefix_shareable` → ``owner.prefix_safe()``).
+  is exact (:func:`prefix_shareable` → ``owner.prefix_safe()``);
+- tells owners which rows a prefill is for, whatever split of forwards computes it (:func:`prefilling` →
+  ``owner.begin_prefill(prompts)`` / ``owner.end_prefill()``: an unconditional policy logs its rows there).
 
-An owner implements any of ``select_rows(index)``, ``set_prompt_len(n)`` and ``prefix_safe() -> bool`` (absent:
-no per-row state / not position-aware / not safe). Hooks installed by other code are counted by
+An owner implements any of ``select_rows(index)``, ``set_prompt_len(n)``, ``prefix_safe() -> bool`` and
+``begin_prefill`` / ``end_prefill`` (absent: no per-row state / not position-aware / not safe / not interested). Hooks installed by other code are counted by
 :func:`unregistered_hooks` — torch has no public listing of a module's hooks, so that one function reads its hook
 dictionaries — and they turn prefix sharing off.
 """
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -92,6 +95,25 @@ def set_prompt_len(model: nn.Module, n: int) -> None:
         fn = getattr(hs.owner, "set_prompt_len", None)
         if fn is not None:
             fn(int(n))
+
+
+@contextlib.contextmanager
+def prefilling(model: nn.Module, prompts: Sequence[Sequence[int]]) -> Iterator[None]:
+    """The decoder prefills ``prompts`` (each row's real token ids, in batch order) inside this block, in one forward
+    or several (a shared prefix, length groups): owners with ``begin_prefill(prompts)`` hear of it first, and of its
+    end through ``end_prefill()``."""
+    owners = [hs.owner for hs in hook_sets(model)]
+    begun = []
+    try:
+        for o in owners:
+            fn = getattr(o, "begin_prefill", None)
+            if fn is not None:
+                fn(prompts)
+                begun.append(o)
+        yield
+    finally:
+        for o in begun:
+            o.end_prefill()
 
 
 def system_prefix(model: nn.Module) -> str | None:
