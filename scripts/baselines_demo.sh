@@ -5,6 +5,7 @@
 # test items exclude everything a fit saw.
 #
 #   scripts/baselines_demo.sh runs/s6b/demo runs/s6b/baselines
+#   COMPARE=0 scripts/baselines_demo.sh ...   # the policies only (scripts/headline.sh: compare_full.sh compares them)
 set -euo pipefail
 RUN=${1:?demo run folder}; OUT=${2:?output folder}
 S=${SAESTEER:-.venv/bin/saesteer}
@@ -27,6 +28,7 @@ printf '{"kind": "ablate_direction", "direction": "%s"}\n' "$(realpath "$D")" > 
 [ -f "$P/two-sided-probe.json" ] || $S policy fit --model $M --sae "$RUN/sae" --selection "$SEL" --gate probe \
    --gate-layer 12 --fpr 0.02 --steer-low "$P/ablate-direction.json" --low-rate 0.02 --train "$TRAIN" --val "$VAL" \
    --limit 128 --cache "$RUN/gate-cache" --name two-sided-probe --out "$P/two-sided-probe.json"
+[ "${COMPARE:-1}" = 0 ] && exit 0
 $S compare --model $M --policies "$RUN/policies/clamp.json,$P/system-prompt.json,$P/system-prompt+clamp.json,$P/direction+always.json,$P/direction+probe.json,$RUN/policies/clamp+cast.json,$RUN/policies/clamp+probe.json,$P/two-sided-probe.json" \
    --limit 24 --capability humaneval,gsm8k_chat --gsm8k-limit 16 --multiturn-limit 8 --max-turns 3 \
    --exclude "$SEL" --out "$OUT/compare"

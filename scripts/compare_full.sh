@@ -14,7 +14,7 @@ RUN=${1:?demo run folder}; BASE=${2:?baselines folder (scripts/baselines_demo.sh
 S=${SAESTEER:-.venv/bin/saesteer}
 P=$BASE/policies
 $S compare --model qwen2.5-coder-0.5b-instruct \
-   --policies "$RUN/policies/clamp.json,$P/system-prompt.json,$P/two-sided-probe.json,$RUN/policies/clamp+probe.json,$P/direction+probe.json,$RUN/policies/clamp+cast.json,$P/system-prompt+clamp.json,$P/direction+always.json" \
+   --policies "$RUN/policies/clamp.json,$P/system-prompt.json,$P/system-prompt+clamp.json,$P/direction+always.json,$P/two-sided-probe.json,$RUN/policies/clamp+probe.json,$P/direction+probe.json,$RUN/policies/clamp+cast.json" \
    --limit 0 --capability humaneval,gsm8k_chat --gsm8k-limit 64 --judge prefix \
    --judges model:hf:qwen2.5-coder-1.5b-instruct --judges-limit 16 --broken --long-check 24 --long-tokens 256 \
    --multiturn-limit 24 --max-turns 3 --batch-size 64 --exclude "$RUN/features/selection.json" --out "$OUT"
