@@ -8,7 +8,8 @@ cache rows are sliced, and every live hook owner is told through ``models.hooks.
 
 Prefill (``saesteer.generation.kvprefill``): the batch's common token prefix (chat template + system prompt: 24 of ~40 tokens
 of a Qwen2.5 chat prompt) is computed once and its KV cache repeated over the rows, and the rest is prefilled in
-groups of similar length; both only when every hook on the model is a steering hook without per-row scales.
+groups of similar length; both only when every hook on the model is a steering hook without per-row scales or an
+unconditional policy (gate ``always``: a system prompt's tokens are then prefilled once per batch, not once per row).
 
 Greedy decoding gives the same tokens as ``model.generate`` on the same batch: the arithmetic per row is the same;
 a row can differ only when a different matmul shape (dropped rows, shared prefix, padding) flips a near-tied argmax
