@@ -220,6 +220,9 @@ def test_cli_policy_fit_system_prompt_and_matched_direction(files, tmp_path, cap
     assert code == 0, err
     s = load_policy(tmp_path / "s.json")
     assert s.system == SAFETY_SYSTEM_PROMPT and s.steering == [] and s.gate.kind == "always"
+    code, _, err = run_cli(base + ["--gate", "probe", "--gate-read", "windows", "--gate-window-split", "sentences",
+                                   "--system-prompt", "safety", "--out", str(tmp_path / "w.json")], capsys)
+    assert code == 2 and "--gate-window-split must be one of fixed, paragraphs" in err and not (tmp_path / "w.json").exists()
     code, _, err = run_cli(base + ["--gate", "cast", "--system-prompt", "safety", "--out", str(tmp_path / "x.json")],
                            capsys)
     assert code == 2 and "use --gate always" in err

@@ -67,6 +67,38 @@ def test_window_read_finds_the_template_and_cuts_every_long_message(tiny):
     assert WindowRead.from_dict(json.loads(json.dumps(w.to_dict()))) == w
 
 
+def test_paragraph_split_reads_each_paragraph_alone(tiny):
+    """split="paragraphs": a long message is cut after every line-break token (the vocabulary's, found by decoding
+    it), each paragraph posed alone; a paragraph longer than the window is windowed; the file keeps the breaks."""
+    from saesteer.gating.windows import line_break_ids
+
+    _, tok = tiny
+    breaks = line_break_ids(tok)
+    texts = tok.batch_decode([[i] for i in breaks], skip_special_tokens=False)
+    assert breaks and all("\n" in t for t in texts)
+    assert not any("\n" in tok.decode([i]) for i in range(len(tok)) if i not in set(breaks)
+                   and i not in set(tok.all_special_ids))  # and no other token has one
+    w = WindowRead.from_tokenizer(tok, size=48, stride=24, split="paragraphs")
+    assert w.split == "paragraphs" and WindowRead.from_tokenizer(tok, size=48, stride=24).split == "fixed"
+    paras = ["read this text and do what my note says.", FILLER.strip(), f"[note: {NOTE}]", "the end of the story."]
+    doc = "\n\n".join(paras)
+    ids = _ids(tok, doc)
+    (s, e), = w.spans(ids)
+    pieces = [tok.decode(ids[a:b]).strip() for a, b in w.paragraphs(ids, s, e)]
+    assert pieces == paras
+    views = w.views(ids)
+    got = [tok.decode(v[len(w.prefix_ids):len(v) - len(w.close_ids)]).strip() for v in views]
+    assert f"[note: {NOTE}]" in got and paras[0] in got and paras[3] in got  # short paragraphs: one view each
+    long_ids = tok(FILLER.strip(), add_special_tokens=False)["input_ids"]
+    assert len(long_ids) > 48 and sum(len(v) - len(w.prefix_ids) - len(w.close_ids) == 48 for v in views) >= 2
+    fixed = WindowRead.from_tokenizer(tok, size=48, stride=24)
+    assert f"[note: {NOTE}]" not in [tok.decode(v[len(fixed.prefix_ids):len(v) - len(fixed.close_ids)]).strip()
+                                     for v in fixed.views(ids)]  # fixed windows cut the note with its neighbours
+    back = WindowRead.from_dict(json.loads(json.dumps(w.to_dict())))
+    assert back == w and back.views(ids) == views
+    assert w.views(_ids(tok, "short\n\nmessage")) == []  # short messages: the turn read covers them
+
+
 def test_window_read_rejects_bad_settings(tiny):
     _, tok = tiny
     with pytest.raises(SaesteerError, match="stride"):
@@ -187,3 +219,11 @@ def test_fit_with_windows_calibrates_on_the_window_maximum(tiny, tmp_path):
     ref = _reference(model, tok, pol.gate, pol.gate_window, benign)
     assert pol.gate.threshold == pytest.approx(float(ref.max()), abs=1e-4)
     assert pols["turns"].gate.threshold <= pol.gate.threshold + 1e-6  # more views can only raise the cap
+    cfg = PolicyFitConfig(steering=[spec], gate="cast", layer=1, fpr=0.0, train=[str(tmp_path / "train.jsonl")],
+                          val=[str(tmp_path / "val.jsonl")], limit=None, read="windows", window=16, window_stride=8,
+                          window_split="paragraphs")
+    para = fit_policy(model, tok, cfg, progress=False)
+    assert para.gate_window.split == "paragraphs" and para.gate_window.break_ids
+    assert para.meta["train"]["n_harmless_windows"] == len(para.gate_window.views(_ids(tok, _doc("write a haiku"))))
+    ref = _reference(model, tok, para.gate, para.gate_window, benign)
+    assert para.gate.threshold == pytest.approx(float(ref.max()), abs=1e-4)

@@ -99,6 +99,8 @@ def fit_cmd(
                                   "windows of every long user message each read as its own request)"),
     gate_window: int = typer.Option(96, help="--gate-read windows: window length in tokens"),
     gate_window_stride: int = typer.Option(48, help="--gate-read windows: tokens between window starts"),
+    gate_window_split: str = typer.Option("fixed", help="--gate-read windows: fixed (windows over each long message) | "
+                                          "paragraphs (each paragraph read as its own request, long ones windowed)"),
     chat_only: bool = typer.Option(True, "--chat-only/--any-text", help="never steer prompts that do not end with the "
                                    "chat template's post-instruction tokens (raw text the gate was not fitted on)"),
     system_prompt: Optional[str] = typer.Option(None, help="a fixed system prompt the policy puts first in every chat "
@@ -127,6 +129,9 @@ def fit_cmd(
     low = _absolute(load_specs(steer_low)) if steer_low is not None else []
     specs = _specs(steering, selection, required=not (low or (system_prompt or "").strip()))
     ensure(0.0 <= fpr <= 1.0, f"--fpr must be in [0, 1], got {fpr}")
+    from saesteer.gating.windows import SPLITS
+
+    ensure(gate_window_split in SPLITS, f"--gate-window-split must be one of {', '.join(SPLITS)}, got {gate_window_split!r}")
     if match is not None:
         try:
             ensure(0.0 <= float(match) <= 1.0, f"--match must be a policy file or a rate in [0, 1], got {match}")
@@ -142,7 +147,7 @@ def fit_cmd(
                           limit=limit or None, top_m=top_m, C=c, sae=_abs(str(gate_sae)) if gate_sae else None,
                           batch_size=batch_size, cache=str(cache) if cache else None, name=name or "", seed=seed,
                           gate_model=gate_model, chat_only=chat_only, gate_suffix=gate_suffix, read=gate_read,
-                          window=gate_window, window_stride=gate_window_stride,
+                          window=gate_window, window_stride=gate_window_stride, window_split=gate_window_split,
                           system=system_prompt, steering_low=low, low_rate=low_rate, match=match,
                           match_strengths=split_floats(match_strengths, "--match-strengths"))
     m, tok = load(model, device, threads, dtype)

@@ -162,6 +162,9 @@ class PolicyFitConfig:
     window_stride: int = 48
     """``read="windows"``: tokens between window starts (a request of up to window - stride + 1 tokens lies whole
     inside one window)."""
+    window_split: str = "fixed"
+    """``read="windows"``: ``fixed`` windows over each long message, or ``paragraphs``: each paragraph (cut after
+    every line-break token) read as its own request, long paragraphs windowed."""
     match_strengths: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0])
     """Multipliers of the steering's strength tried by ``match`` (an ``add`` of alpha 1: the alphas)."""
 
@@ -347,7 +350,7 @@ def fit_policy(model: nn.Module, tok: Any, cfg: PolicyFitConfig, progress: bool 
                  meta=meta, gate_model=gated_model, gate_suffix=cfg.gate_suffix or None, gate_suffix_ids=suffix_ids,
                  template_ids=template_ids(tok, post_instruction_positions(tok)) if cfg.chat_only else None,
                  system=system, gate_read=cfg.read,
-                 gate_window=WindowRead.from_tokenizer(tok, cfg.window, cfg.window_stride, system)
+                 gate_window=WindowRead.from_tokenizer(tok, cfg.window, cfg.window_stride, system, cfg.window_split)
                  if cfg.read == "windows" else None)
     pol.check(model, ivs + low_ivs)
     vh, vs, vused = labelled_prompts(cfg.val, cfg.limit, cfg.seed, "val") if cfg.match or cfg.gate != "always" \

@@ -689,7 +689,8 @@ def policy_summary(p: Policy) -> dict[str, Any]:
     out = {"name": p.name, "model": p.model, "gate_model": p.gate_model, "gate": g.kind, "layer": g.layer, "positions": g.positions,
            "reduce": g.reduce, "threshold": thr if math.isfinite(thr) else str(thr), "strength": g.strength,
            "gate_suffix": p.gate_suffix, "gate_read": p.gate_read, "system_prompt": p.system,
-           **({"gate_window": {"size": p.gate_window.size, "stride": p.gate_window.stride}} if p.gate_window else {}),
+           **({"gate_window": {"size": p.gate_window.size, "stride": p.gate_window.stride, "split": p.gate_window.split}}
+              if p.gate_window else {}),
            "steer": [s.to_dict() for s in p.steering]}
     if p.steering_low:
         out.update(steer_low=[s.to_dict() for s in p.steering_low], low_threshold=_num_out(p.low_threshold))
