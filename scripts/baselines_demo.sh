@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 15's baselines and a two-sided policy on a finished `saesteer demo` run, at the demo's scale (n = 24 per
 # refusal set, 16 HumanEval / 16 GSM8K-chat problems, 8 replayed conversations): a first look at the acceptance line
-# before the full comparison (scripts/reproduce_default.sh step 11). Gates train / calibrate on the demo's sets; the
+# before the full comparison (scripts/reproduce_default.sh step 11). The two-sided policy reads every user turn
+# (--gate-read turns, session 11): a conversation is steered low only when no turn of it scores harmful. Gates train / calibrate on the demo's sets; the
 # test items exclude everything a fit saw.
 #
 #   scripts/baselines_demo.sh runs/s6b/demo runs/s6b/baselines
@@ -26,7 +27,7 @@ printf '{"kind": "ablate_direction", "direction": "%s"}\n' "$(realpath "$D")" > 
    --fpr 0.02 --match "$RUN/policies/clamp.json" --match-strengths 0.25,0.5,1,2,4,8 --train "$TRAIN" --val "$VAL" \
    --limit 128 --cache "$RUN/gate-cache" --out "$P/direction+{gate}.json"
 [ -f "$P/two-sided-probe.json" ] || $S policy fit --model $M --sae "$RUN/sae" --selection "$SEL" --gate probe \
-   --gate-layer 12 --fpr 0.02 --steer-low "$P/ablate-direction.json" --low-rate 0.02 --train "$TRAIN" --val "$VAL" \
+   --gate-layer 12 --gate-read turns --fpr 0.02 --steer-low "$P/ablate-direction.json" --low-rate 0.02 --train "$TRAIN" --val "$VAL" \
    --limit 128 --cache "$RUN/gate-cache" --name two-sided-probe --out "$P/two-sided-probe.json"
 [ "${COMPARE:-1}" = 0 ] && exit 0
 $S compare --model $M --policies "$RUN/policies/clamp.json,$P/system-prompt.json,$P/system-prompt+clamp.json,$P/direction+always.json,$P/direction+probe.json,$RUN/policies/clamp+cast.json,$RUN/policies/clamp+probe.json,$P/two-sided-probe.json" \

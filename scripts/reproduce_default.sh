@@ -108,9 +108,10 @@ $S policy fit --model $M --direction $D --gate always,probe --gate-layer 12 --fp
    --match-strengths 0.25,0.5,1,2,4,8 --train "$TRAIN" --val "$VAL" --limit 200 --cache runs/lead/gate-cache \
    --out "$P/direction+{gate}.json"
 #     two-sided: the clamp above the probe's threshold, the refusal direction ablated below a low threshold (at most 2 %
-#     of the harmful validation prompts steered low)
+#     of the harmful validation prompts steered low), the gate reading every user turn (a conversation is steered low
+#     only when none of its turns scores harmful)
 $S policy fit --model $M --sae runs/sae-qwen-l12 --feature 1647 --clamp 12.9207 --gate probe --gate-layer 12 --fpr 0.02 \
-   --steer-low $P/ablate-direction.json --low-rate 0.02 --train "$TRAIN" --val "$VAL" --limit 200 \
+   --gate-read turns --steer-low $P/ablate-direction.json --low-rate 0.02 --train "$TRAIN" --val "$VAL" --limit 200 \
    --cache runs/lead/gate-cache --name two-sided-probe --out $P/two-sided-probe.json
 FULL=runs/lead/compare-full
 $S compare --model $M --policies $P/clamp.json,$P/system-prompt.json,$P/system-prompt+clamp.json,$P/direction+always.json,$P/direction+probe.json,$P/clamp+cast.json,$P/clamp+probe.json,$P/clamp+probe-1.5b-perset.json,$P/two-sided-probe.json \

@@ -12,7 +12,8 @@
 # (probe-turns, --gate-read turns), a probe also trained and calibrated on the spread-out shapes of its own
 # train / val prompts (probe-spread, reading every turn), and both probes reading windows of long messages as well
 # (--gate-read windows: every user message longer than 96 tokens is also read as 96-token windows every 48 tokens,
-# each posed as its own request; probe-windows, probe-spread-windows).
+# each posed as its own request; probe-windows, probe-spread-windows), and both probes reading each paragraph of a long
+# message as its own request (--gate-window-split paragraphs, session 11; probe-paragraphs, probe-spread-paragraphs).
 #
 #   scripts/spread_gates.sh runs/s9/spread
 set -euo pipefail
@@ -46,8 +47,14 @@ echo "direction alpha (matched to 90 % validation refusal): $ALPHA"
 [ -f "$P/probe-spread-windows.json" ] || $S policy fit "${COMMON[@]}" --direction "$D" --alpha "$ALPHA" --gate probe \
    --gate-read windows --train "$SPREAD_TRAIN" --val "$SPREAD_VAL" --name probe-spread-windows \
    --out "$P/probe-spread-windows.json"
+[ -f "$P/probe-spread-paragraphs.json" ] || $S policy fit "${COMMON[@]}" --direction "$D" --alpha "$ALPHA" --gate probe \
+   --gate-read windows --gate-window-split paragraphs --train "$SPREAD_TRAIN" --val "$SPREAD_VAL" \
+   --name probe-spread-paragraphs --out "$P/probe-spread-paragraphs.json"
+[ -f "$P/probe-paragraphs.json" ] || $S policy fit "${COMMON[@]}" --direction "$D" --alpha "$ALPHA" --gate probe \
+   --gate-read windows --gate-window-split paragraphs --train "$TRAIN" --val "$VAL" \
+   --name probe-paragraphs --out "$P/probe-paragraphs.json"
 POLICIES="$P/direction.json,$P/probe-last.json,$P/probe-turns.json,$P/probe-spread.json"
-POLICIES+=",$P/probe-windows.json,$P/probe-spread-windows.json"
+POLICIES+=",$P/probe-windows.json,$P/probe-spread-windows.json,$P/probe-spread-paragraphs.json,$P/probe-paragraphs.json"
 $S compare --model $M --policies "$POLICIES" \
    --unsafe "jbb-harmful,turns:jbb-harmful,embedded:jbb-harmful" --safe "jbb-benign,turns:jbb-benign,embedded:jbb-benign" \
    --limit "$LIMIT" --capability "" --no-multiturn --batch-size 32 --out "$OUT/compare"
