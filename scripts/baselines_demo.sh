@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Issue 15's baselines and a two-sided policy on a finished `saesteer demo` run, at the demo's scale (n = 24 per
 # refusal set, 16 HumanEval / 16 GSM8K-chat problems, 8 replayed conversations): a first look at the acceptance line
-# before the full comparison (scripts/reproduce_default.sh step 11). The two-sided policy reads every user turn
-# (--gate-read turns, session 11): a conversation is steered low only when no turn of it scores harmful. Gates train / calibrate on the demo's sets; the
-# test items exclude everything a fit saw.
+# before the full comparison (scripts/reproduce_default.sh step 11). Gates train / calibrate on the demo's sets; the
+# test items exclude everything a fit saw. The two-sided policy reads every user turn (--gate-read turns, session 11):
+# a conversation is steered low only when none of its turns scores harmful.
 #
 #   scripts/baselines_demo.sh runs/s6b/demo runs/s6b/baselines
 #   COMPARE=0 scripts/baselines_demo.sh ...   # the policies only (scripts/headline.sh: compare_full.sh compares them)
