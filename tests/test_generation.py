@@ -386,6 +386,29 @@ def test_prefix_sharing_off_for_foreign_hooks_and_row_scales(lively, spy_prefill
     assert spy_prefill[-1]["shared"] == 0
 
 
+def test_prefix_sharing_survives_transformers_output_capturing_hooks(spy_prefill):
+    """transformers installs read-only output-capturing hooks on the first output_hidden_states call and keeps them;
+    they must not turn prefix sharing off for the rest of the process (they did: every later batch prefilled in full)."""
+    from saesteer.models import tiny_model
+    from saesteer.models.hooks import prefix_shareable, unregistered_hooks
+
+    model, tok = tiny_model("llama", weight_std=0.15)
+    before = generate(model, tok, PROMPTS[:5], max_new_tokens=6, eos_ids=[])
+    assert spy_prefill[-1]["shared"] > 0
+    ids = torch.tensor([encode_prompts(tok, PROMPTS[:1])[0]])
+    model(input_ids=ids, output_hidden_states=True)
+    mods = {getattr(f, "__module__", "") for m in model.modules() for f in m._forward_hooks.values()}
+    assert "transformers.utils.output_capturing" in mods  # the hooks transformers leaves behind
+    assert unregistered_hooks(model) == 0 and prefix_shareable(model)
+    assert generate(model, tok, PROMPTS[:5], max_new_tokens=6, eos_ids=[]) == before
+    assert spy_prefill[-1]["shared"] > 0
+    h = model.model.layers[0].register_forward_hook(lambda m, i, o: None)  # any other hook still counts
+    try:
+        assert unregistered_hooks(model) == 1 and not prefix_shareable(model)
+    finally:
+        h.remove()
+
+
 def test_length_groups_partition_and_cost():
     from saesteer.generation import length_groups, shared_prefix_len
 

@@ -123,8 +123,15 @@ def system_prefix(model: nn.Module) -> str | None:
     return "\n\n".join(dict.fromkeys(parts)) or None
 
 
+READ_ONLY_HOOK_MODULES = ("transformers.utils.output_capturing",)
+"""Modules whose forward hooks only read outputs: transformers installs its output-capturing hooks on the first
+``output_hidden_states`` / ``output_attentions`` call and keeps them; they return None (never change an output), so
+they do not count against prefix sharing."""
+
+
 def unregistered_hooks(model: nn.Module) -> int:
-    """Forward (pre-)hooks on ``model``'s modules, or global ones, that no registered hook set installed."""
+    """Forward (pre-)hooks on ``model``'s modules, or global ones, that no registered hook set installed (read-only
+    hooks of :data:`READ_ONLY_HOOK_MODULES` not counted)."""
     from torch.nn.modules import module as nn_module
 
     known = {id(f) for hs in hook_sets(model) for f in hs.fns}
@@ -133,7 +140,7 @@ def unregistered_hooks(model: nn.Module) -> int:
         fns += list(getattr(nn_module, name, {}).values())
     for mod in model.modules():
         fns += list(getattr(mod, "_forward_hooks", {}).values()) + list(getattr(mod, "_forward_pre_hooks", {}).values())
-    return sum(id(f) not in known for f in fns)
+    return sum(id(f) not in known and getattr(f, "__module__", None) not in READ_ONLY_HOOK_MODULES for f in fns)
 
 
 def prefix_shareable(model: nn.Module) -> bool:
