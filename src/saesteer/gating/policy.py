@@ -349,15 +349,18 @@ class PolicyRun:
         return (ids[:, -t.numel():].cpu() == t).all(dim=1)
 
     def _log(self, scores: torch.Tensor, fired: torch.Tensor, strength: torch.Tensor, mask: torch.Tensor | None,
-             chat: torch.Tensor | None = None, low: torch.Tensor | None = None) -> None:
-        rows = self._records(scores, fired, strength, mask, chat, low)
+             chat: torch.Tensor | None = None, low: torch.Tensor | None = None,
+             real: Sequence[Sequence[int]] | None = None) -> None:
+        rows = self._records(scores, fired, strength, mask, chat, low, real)
         self.last = rows
         self.decisions.extend(rows)
         self.live = torch.arange(len(rows))
 
     def _records(self, scores: torch.Tensor, fired: torch.Tensor, strength: torch.Tensor, mask: torch.Tensor | None,
-                 chat: torch.Tensor | None = None, low: torch.Tensor | None = None) -> list[dict[str, Any]]:
-        """One decision record per row (see the module docstring)."""
+                 chat: torch.Tensor | None = None, low: torch.Tensor | None = None,
+                 real: Sequence[Sequence[int]] | None = None) -> list[dict[str, Any]]:
+        """One decision record per row (see the module docstring); ``real``: each row's real token ids, when they are
+        not the prefill's own (``self._ids`` without padding)."""
         ids = self._ids if isinstance(self._ids, torch.Tensor) and self._ids.ndim == 2 else None
         rows = []
         for i in range(scores.shape[0]):
@@ -369,9 +372,11 @@ class PolicyRun:
             if low is not None:  # two-sided: which side fired (None: neither, the row is untouched)
                 d["low"] = bool(low[i])
                 d["side"] = "high" if d["fired"] else "low" if d["low"] else None
-            if ids is not None and ids.shape[0] == scores.shape[0]:
-                real = ids[i] if mask is None else ids[i][mask[i].bool()]
-                d.update(key=prompt_key(real.tolist()), n_tokens=int(real.numel()))
+            if real is not None:
+                d.update(key=prompt_key(real[i]), n_tokens=len(real[i]))
+            elif ids is not None and ids.shape[0] == scores.shape[0]:
+                row = ids[i] if mask is None else ids[i][mask[i].bool()]
+                d.update(key=prompt_key(row.tolist()), n_tokens=int(row.numel()))
             rows.append(d)
         return rows
 
@@ -390,11 +395,8 @@ class PolicyRun:
         self._told = True
         for iv in self.interventions:
             iv.set_row_scale(None)
-        rows = [{"score": 1.0, "fired": True, "strength": 1.0, "key": prompt_key(p), "n_tokens": len(p)}
-                for p in prompts]
-        self.last = rows
-        self.decisions.extend(rows)
-        self.live = torch.arange(len(rows))
+        n = len(prompts)
+        self._log(torch.ones(n), torch.ones(n, dtype=torch.bool), torch.ones(n), None, real=prompts)
 
     def end_prefill(self) -> None:
         self._told = False
