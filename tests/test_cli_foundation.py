@@ -138,3 +138,25 @@ def test_cli_subprocess_error_is_one_line(tmp_path):
     r = run_cli("data", "show", str(tmp_path / "missing.csv"))
     assert r.returncode == 2 and "data file not found" in one_error_line(r.stderr)
     assert models.DEFAULT_MODEL == "qwen2.5-coder-0.5b-instruct"
+
+
+def test_cli_warning_is_one_line(monkeypatch):
+    """A SaesteerWarning from a command is one 'saesteer: warning:' line and the command still succeeds; Python's
+    default display is restored after the call."""
+    import warnings
+
+    import saesteer.steering as steering
+    from saesteer.core import SaesteerWarning
+
+    real = steering.list_presets
+
+    def warn_then_list():
+        warnings.warn("the SAE was trained on the base model 'x'", SaesteerWarning, stacklevel=2)
+        return real()
+
+    shown = warnings.showwarning
+    monkeypatch.setattr(steering, "list_presets", warn_then_list)
+    code, out, err = in_process("presets", "--json")
+    assert code == 0 and json.loads(out)
+    assert err.strip() == "saesteer: warning: the SAE was trained on the base model 'x'"
+    assert warnings.showwarning is shown

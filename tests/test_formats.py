@@ -157,6 +157,14 @@ def test_check_compatible(sae, tiny, monkeypatch):
     monkeypatch.setattr(model, "saesteer_name", "another-model")
     with pytest.raises(SaesteerError, match="trained on model 'tiny-llama'"):
         check_compatible(sae, model, 1)
+    # a base-model SAE on the chat fine-tune of that model passes, with a warning; the other way round does not
+    monkeypatch.setattr(model, "saesteer_name", "org/tiny-llama-Instruct")
+    with pytest.warns(UserWarning, match="base model 'tiny-llama' .* chat fine-tune 'org/tiny-llama-Instruct'"):
+        check_compatible(sae, model, 1)
+    chat_sae = TopKSAE(SAEConfig(d_in=sae.d_in, num_latents=sae.num_latents, k=sae.k, layer=1, model="tiny-llama-it"))
+    monkeypatch.setattr(model, "saesteer_name", "tiny-llama")
+    with pytest.raises(SaesteerError, match="trained on model 'tiny-llama-it', not 'tiny-llama'"):
+        check_compatible(chat_sae, model, 1)
 
 
 def test_cli_export_import(sae, x, tmp_path):

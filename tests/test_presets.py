@@ -9,6 +9,7 @@ model has ``preset.layer + 2`` layers, so the index is the real one), a clamp ch
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ import torch
 from typer.testing import CliRunner
 
 from saesteer.cli import app, main
-from saesteer.core import SaesteerError
+from saesteer.core import SaesteerError, SaesteerWarning
 from saesteer.models import get_layers, hook_module, hook_state, tiny_model
 from saesteer.sae import load_sae
 from saesteer.steering import PRESETS, Clamp, get_preset, resolve_sae, steer
@@ -100,7 +101,14 @@ def test_preset_on_tiny_model(name, models, tmp_path, monkeypatch):
     sae = load_sae(path)
     layer = check_model(p, model)
     assert layer == p.layer
-    check_sae(p, sae, model, layer)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        check_sae(p, sae, model, layer)
+    # Gemma Scope 2B has no chat-model SAEs: its preset runs the base-model SAE on gemma-2-2b-it, with a warning
+    base_sae = "-pt-" in p.sae_source
+    assert [str(w.message) for w in seen if w.category is SaesteerWarning] == (
+        [f"the SAE was trained on the base model {p.model.removesuffix('-it')!r} and is applied to its chat fine-tune "
+         f"{p.model!r}: check its reconstruction on chat data (saesteer sae-eval)"] if base_sae else [])
     assert sae.d_in == D and sae.cfg.layer == p.layer
     # the hook lands on decoder layer p.layer, and only there
     assert hook_module(model, layer) is get_layers(model)[p.layer]

@@ -13,7 +13,7 @@ import torch
 
 from saesteer.core import SaesteerError
 from saesteer.sae import check_compatible, load_sae
-from saesteer.sae.archs import ArchConfig, layer_from_hookpoint, make_sae, same_model
+from saesteer.sae.archs import ArchConfig, base_of, layer_from_hookpoint, make_sae, same_model
 from saesteer.steering import Clamp, SteeringSpec, build_all, steer
 
 D, N = 16, 48
@@ -70,6 +70,14 @@ def test_hookpoint_rejects_non_residual(name):
 
 def test_same_model():
     assert same_model("gemma-2-2b", "google/gemma-2-2b") and not same_model("gemma-2-2b", "google/gemma-2-2b-it")
+
+
+def test_base_of():
+    assert base_of("google/gemma-2-2b", "google/gemma-2-2b-it") and base_of("Llama-3.1-8B", "meta-llama/Llama-3.1-8B-Instruct")
+    assert base_of("Qwen/Qwen2.5-7B", "qwen/qwen2.5-7b-instruct") and base_of("Mistral-7B-v0.1", "x/mistral-7b-v0.1-chat")
+    # not a chat fine-tune of it: the other way round, another size, the same model, an unrelated suffix
+    assert not base_of("google/gemma-2-2b-it", "google/gemma-2-2b") and not base_of("gemma-2-2b", "gemma-2-27b-it")
+    assert not base_of("gemma-2-2b", "gemma-2-2b") and not base_of("gemma-2-2b", "gemma-2-2b-sft-it2")
 
 
 # --------------------------------------------------------------------------------------------- SAELens

@@ -2,7 +2,8 @@
 
 Every failure a user can cause or meet ends as one ``saesteer: error: …`` line on stderr and exit code 2 — a
 :class:`~saesteer.core.SaesteerError` with its own message, anything else with its type, first line and what to do.
-``SAESTEER_DEBUG=1`` or ``saesteer --debug COMMAND`` shows the traceback instead.
+``SAESTEER_DEBUG=1`` or ``saesteer --debug COMMAND`` shows the traceback instead. A
+:class:`~saesteer.core.SaesteerWarning` (the run goes on) is one ``saesteer: warning: …`` line.
 """
 
 from __future__ import annotations
@@ -10,10 +11,12 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import warnings
+from typing import Any
 
 import typer
 
-from saesteer.core import SaesteerError
+from saesteer.core import SaesteerError, SaesteerWarning
 
 from ._app import app, eval_app  # noqa: F401
 
@@ -51,11 +54,25 @@ def describe_error(e: BaseException) -> str:
             "and report it)")
 
 
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
+                  line: str | None = None) -> None:
+    """Our warnings as one ``saesteer: warning: …`` line; others as Python prints them."""
+    if issubclass(category, SaesteerWarning):
+        print(f"saesteer: warning: {message}", file=sys.stderr)
+    else:
+        _PY_SHOWWARNING(message, category, filename, lineno, file, line)
+
+
+_PY_SHOWWARNING = warnings.showwarning
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI. Returns 0 on success; exits with typer's code on usage errors and with 2 on any error."""
     _debug_flag[0] = False
     try:
-        rv = app(args=argv, standalone_mode=False)  # usage errors and Ctrl-C come back as click exceptions
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            rv = app(args=argv, standalone_mode=False)  # usage errors and Ctrl-C come back as click exceptions
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         if code:

@@ -2,7 +2,7 @@
 devices (``runtime``), interval statistics (``stats``), progress bars (``progress``), and the process-group helpers of distributed collection /
 training (``dist``). Depends on nothing else in saesteer."""
 
-from .errors import SaesteerError, ensure, require_package
+from .errors import SaesteerError, SaesteerWarning, ensure, require_package
 from .io import (
     atomic_dir,
     atomic_write_bytes,
@@ -24,7 +24,7 @@ from .stats import (
 )
 
 __all__ = [
-    "MODEL_DTYPES", "SaesteerError", "atomic_dir", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "auroc",
+    "MODEL_DTYPES", "SaesteerError", "SaesteerWarning", "atomic_dir", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "auroc",
     "Bar", "progress_bar", "check_output_path", "cpu_has_bf16", "default_dtype", "diff_interval", "ensure",
     "mcnemar_exact", "paired_diff_interval", "paired_summary", "rate_summary", "read_json", "require_package",
     "resolve_device", "resolve_dtype", "set_threads", "wilson_interval",

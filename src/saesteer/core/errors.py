@@ -7,6 +7,10 @@ class SaesteerError(Exception):
     """A user-facing error: bad input, a missing file, a mismatch. Printed as one line, never as a traceback."""
 
 
+class SaesteerWarning(UserWarning):
+    """A user-facing warning (the run goes on): printed by the CLI as one ``saesteer: warning: …`` line."""
+
+
 def ensure(cond: bool, msg: str) -> None:
     """Raise :class:`SaesteerError` with ``msg`` unless ``cond`` holds."""
     if not cond:

@@ -12,12 +12,21 @@ scale into the biases so that the other libraries see raw residual units and enc
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from saesteer.core import SaesteerError, atomic_dir, atomic_write_bytes, atomic_write_json, ensure, read_json
+from saesteer.core import (
+    SaesteerError,
+    SaesteerWarning,
+    atomic_dir,
+    atomic_write_bytes,
+    atomic_write_json,
+    ensure,
+    read_json,
+)
 
 from .model import SAEConfig, TopKSAE
 
@@ -119,7 +128,8 @@ def export_sparsify(sae: TopKSAE, out: str | os.PathLike) -> Path:
 
 
 def check_compatible(sae: Any, model: Any, layer: int) -> None:
-    """Raise SaesteerError when the SAE was trained on another model, layer or residual width."""
+    """Raise SaesteerError when the SAE was trained on another model, layer or residual width. A base-model SAE on
+    the model's chat fine-tune (by hub name, ``hookpoints.base_of``) passes with a warning."""
     from saesteer.models import check_layer, d_model, model_name, n_layers
 
     width = d_model(model)
@@ -132,6 +142,11 @@ def check_compatible(sae: Any, model: Any, layer: int) -> None:
         ensure(sae.cfg.layer == layer, f"the SAE was trained on layer {sae.cfg.layer}, not layer {layer}")
     name = model_name(model)
     if sae.cfg.model and name and name != "unknown":
-        from saesteer.sae.archs.hookpoints import same_model
+        from saesteer.sae.archs.hookpoints import base_of, same_model
 
+        if base_of(sae.cfg.model, name):  # a base-model SAE on its chat fine-tune (Gemma Scope 2B, Llama Scope)
+            warnings.warn(f"the SAE was trained on the base model {sae.cfg.model!r} and is applied to its chat "
+                          f"fine-tune {name!r}: check its reconstruction on chat data (saesteer sae-eval)", SaesteerWarning,
+                          stacklevel=2)
+            return
         ensure(same_model(sae.cfg.model, name), f"the SAE was trained on model {sae.cfg.model!r}, not {name!r}")

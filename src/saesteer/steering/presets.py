@@ -98,6 +98,18 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
         notes="Gemma Scope residual SAE trained on the chat model itself (gemma-2-9b-it). Clamp grid: a starting "
               "grid (choose with saesteer features)."),
     Preset(
+        name="gemma2-2b-it-gemmascope", model="google/gemma-2-2b-it", arch="gemma2", n_layers=26, d_model=2304,
+        layer=12, hook_point="blocks.12.hook_resid_post",
+        sae_source="hf://google/gemma-scope-2b-pt-res/layer_12/width_16k/average_l0_82", sae_layout="gemmascope",
+        sae_arch="jumprelu", width=16_384, clamps=(20.0, 40.0, 80.0), dtype="bfloat16", model_licence=_GEMMA_LIC,
+        sae_licence="CC-BY-4.0", citation=_GEMMASCOPE,
+        saelens=("gemma-scope-2b-pt-res-canonical", "layer_12/width_16k/canonical"),
+        notes="The smallest public-SAE setting (fits a 16 GB GPU in bf16). Gemma Scope released no residual SAEs of "
+              "gemma-2-2b-it: this one was trained on the base model (gemma-2-2b), which Gemma Scope reports "
+              "transfers to the chat model; check its reconstruction on chat data (saesteer sae-eval) first. Layer "
+              "12 of 26, the middle, as for the default model. Clamp grid: a starting grid (choose with saesteer "
+              "features)."),
+    Preset(
         name="llama3.1-8b-it-andyrdt", model="meta-llama/Llama-3.1-8B-Instruct", arch="llama", n_layers=32,
         d_model=4096, layer=19, hook_point="resid_post_layer_19",
         sae_source="hf://andyrdt/saes-llama-3.1-8b-instruct/resid_post_layer_19/trainer_1",

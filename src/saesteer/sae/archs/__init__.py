@@ -12,6 +12,7 @@ from .base import (
 )
 from .batchtopk import BatchTopKSAE
 from .hookpoints import (
+    base_of,
     layer_from_hookpoint,
     sae_path_exists,
     same_model,
@@ -22,5 +23,5 @@ from .loaders import detect_format, load_any, load_sae, resolve
 from .relu import ReLUSAE
 from .topk import TopKDecSAE
 
-__all__ = ["ARCHS", "ArchConfig", "BaseSAE", "BatchTopKSAE", "detect_format", "load_sae", "JumpReLUSAE", "ReLUSAE", "TopKDecSAE", "layer_from_hookpoint",
+__all__ = ["ARCHS", "ArchConfig", "BaseSAE", "BatchTopKSAE", "base_of", "detect_format", "load_sae", "JumpReLUSAE", "ReLUSAE", "TopKDecSAE", "layer_from_hookpoint",
     "load_any", "make_sae", "register_arch", "resolve", "sae_info", "sae_path_exists", "same_model", "split_hookpoint"]

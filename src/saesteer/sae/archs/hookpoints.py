@@ -72,10 +72,24 @@ def model_from_gemmascope_path(path: str) -> str:
 
 def same_model(a: str, b: str) -> bool:
     """Model names match up to the hub organisation and case (``gemma-2-2b`` = ``google/gemma-2-2b``)."""
-    def norm(s: str) -> str:
-        return s.strip().rstrip("/").split("/")[-1].lower()
+    return _bare_name(a) == _bare_name(b)
 
-    return norm(a) == norm(b)
+
+def _bare_name(s: str) -> str:
+    """A hub model name without its organisation, in lower case."""
+    return s.strip().rstrip("/").split("/")[-1].lower()
+
+
+CHAT_SUFFIXES = ("-it", "-instruct", "-chat")
+"""Hub name endings of a chat fine-tune of a pre-trained model (``gemma-2-2b-it``, ``Llama-3.1-8B-Instruct``)."""
+
+
+def base_of(base: str, chat: str) -> bool:
+    """``chat`` is named as the chat fine-tune of ``base`` (``gemma-2-2b`` → ``google/gemma-2-2b-it``,
+    ``Llama-3.1-8B`` → ``meta-llama/Llama-3.1-8B-Instruct``), up to the hub organisation and case. Public SAEs are
+    often trained on the base model and applied to its chat model (Gemma Scope 2B, Llama Scope)."""
+    b, c = _bare_name(base), _bare_name(chat)
+    return any(c == b + suffix for suffix in CHAT_SUFFIXES)
 
 
 def split_hookpoint(path: str | os.PathLike, hookpoint: str | None = None) -> tuple[Path, str | None]:
