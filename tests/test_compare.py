@@ -118,13 +118,33 @@ def test_run_compare_resumes_per_condition_and_group(tmp_path, data_root):
                     ("paper", "unsafe"), ("paper", "safe"), ("paper", "capability"), ("gated", "unsafe")}
     calls.clear()
     boom["on"] = False
-    rows = run_compare(None, None, cfg, runner=runner, say=lambda s: None)
+    said = []
+    rows = run_compare(None, None, cfg, runner=runner, say=said.append)
     assert calls == [("gated", "safe"), ("gated", "capability")]
+    # where the run stands among its 3 conditions x 3 groups, with the time left from the finished groups
+    starts = [m for m in said if m.endswith(")") and " … (group " in m]
+    assert [m.split(" … ")[0] for m in starts] == ["[compare] gated / safe", "[compare] gated / capability"]
+    assert "(group 8 of 9 · 0:00:0" in starts[0] and "left)" in starts[0]
     assert len(rows) == 3 * 6
     assert (tmp_path / "cmp" / "table.md").exists() and (tmp_path / "cmp" / "pareto.png").exists()
     # duplicate names are refused
     with pytest.raises(SaesteerError, match="duplicate"):
         run_compare(None, None, CompareConfig(policies=[pols[0], pols[0]], out=str(tmp_path / "c2")), runner=runner)
+
+
+def test_overall_progress_estimates_the_time_left_from_finished_groups():
+    from saesteer.experiments.compare import overall_progress
+
+    units = [(c, g) for c in ("unsteered", "clamp", "gated") for g in ("unsafe", "capability", "long-check")]
+    rows = [{"condition": "unsteered", "group": "unsafe", "seconds_group": 100.0},
+            {"condition": "unsteered", "group": "unsafe", "seconds_group": 100.0},  # one unit, several rows
+            {"condition": "unsteered", "group": "capability", "seconds_group": 600.0},
+            {"condition": "unsteered", "group": "long-check"},  # finished in an older run: no seconds
+            {"condition": "clamp", "group": "unsafe", "seconds_group": 300.0}]
+    # left: clamp capability 600 + clamp long-check (no long-check timing: the mean 1000/3) + gated unsafe (mean of
+    # 100 and 300 = 200) + gated capability 600 + gated long-check 1000/3 -> 2066.67 s
+    assert overall_progress(rows, units, 3725.0) == "(group 5 of 9 · 1:02:05 this run · ~0:34:27 left)"
+    assert overall_progress([], units, 0.0) == "(group 1 of 9 · 0:00:00 this run)"  # nothing finished: no estimate
 
 
 def _tiny_gate_inputs(model, tok, tmp_path):

@@ -304,13 +304,15 @@ def run_compare(model: Any, tok: Any, cfg: CompareConfig, runner: Runner | None 
         from saesteer.generation import AnswerStore
 
         store = AnswerStore(out / "answers_unsteered.jsonl")
+    units = [(c["condition"], g) for c in conds for g in groups + (["long-check"] if cfg.long_check > 0 else [])]
+    t_run = time.perf_counter()
     for cond in conds:
         for group in groups:
             if any(r["condition"] == cond["condition"] and r["group"] == group for r in rows):
                 say(f"[compare] {cond['condition']} / {group}: done already, skipped")
                 continue
             t0 = time.perf_counter()
-            say(f"[compare] {cond['condition']} / {group} …")
+            say(f"[compare] {cond['condition']} / {group} … {overall_progress(rows, units, t0 - t_run)}")
             with reuse_context(store, model, cond) as served:
                 new = runner(model, tok, cfg, cond, group, out)
             for r in new:
@@ -320,14 +322,44 @@ def run_compare(model: Any, tok: Any, cfg: CompareConfig, runner: Runner | None 
             rows = rows + new
             write_results(out, rows)
         if cfg.long_check > 0 and not any(r["condition"] == cond["condition"] and r["group"] == "long-check" for r in rows):
-            say(f"[compare] {cond['condition']} / long-answer verdict check …")
+            t0 = time.perf_counter()
+            say(f"[compare] {cond['condition']} / long-answer verdict check … "
+                f"{overall_progress(rows, units, t0 - t_run)}")
             with reuse_context(store, model, cond):
-                rows = rows + _long_check(model, tok, cfg, cond, out)
+                checked = _long_check(model, tok, cfg, cond, out)
+            rows = rows + [{**r, "seconds_group": round(time.perf_counter() - t0, 1)} for r in checked]
             write_results(out, rows)
     rows = annotate_rows(rows, cfg, out)
     write_results(out, rows)
     write_report(rows, out)
     return rows
+
+
+def overall_progress(rows: Sequence[dict], units: Sequence[tuple[str, str]], elapsed: float) -> str:
+    """``(group 7 of 36 · 0:41:10 this run · ~1:52:00 left)``: where a comparison stands among its (condition,
+    group) units (``group`` ``long-check`` included), with the time left estimated from the finished units' own
+    ``seconds_group`` — the mean of the same group over the finished conditions, else of every finished unit; no
+    estimate before a unit has finished. The judges' pass at the end is not counted."""
+    seen: dict[tuple[str, str], float] = {}
+    for r in rows:
+        if r.get("seconds_group") is not None:
+            seen[(r["condition"], r["group"])] = float(r["seconds_group"])
+    done = [u for u in units if u in seen or any(r["condition"] == u[0] and r["group"] == u[1] for r in rows)]
+    todo = [u for u in units if u not in done]
+    text = f"(group {len(done) + 1} of {len(units)} · {_clock(elapsed)} this run"
+    if seen and todo:
+        mean = sum(seen.values()) / len(seen)
+        by_group: dict[str, list[float]] = {}
+        for (_, g), sec in seen.items():
+            by_group.setdefault(g, []).append(sec)
+        left = sum(sum(by_group[g]) / len(by_group[g]) if g in by_group else mean for _, g in todo)
+        text += f" · ~{_clock(left)} left"
+    return text + ")"
+
+
+def _clock(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 @contextlib.contextmanager
