@@ -91,6 +91,18 @@ def test_likelihood_flags_gibberish_not_normal_text(fluent):
     assert thr is None and not any(lab["broken"] for lab in labs)
 
 
+def test_likelihood_scoring_shows_progress_and_the_same_numbers(fluent, capsys):
+    model, tok, prompts = fluent
+    answers = NORMAL + [""]  # an empty answer is not scored (and not counted by the bar)
+    chats = [prompts[0]] * len(answers)
+    quiet = mean_logliks(model, tok, chats, answers, batch_size=2)
+    capsys.readouterr()
+    shown = mean_logliks(model, tok, chats, answers, batch_size=2, progress=True)
+    err = capsys.readouterr().err
+    assert shown == quiet and quiet[-1] == (None, 0)
+    assert "broken label: likelihood" in err and f"/{len(NORMAL)} [" in err and "answer/s" in err
+
+
 def test_outcome_rates_partition():
     rows = [{"label": True, "broken": False}, {"label": True, "broken": True}, {"label": False, "broken": True},
             {"label": False, "broken": False}, {"label": False, "broken": False}, {"label": None, "broken": True}]

@@ -76,9 +76,11 @@ def robust_threshold(scores: Sequence[float | None], c: float, min_reference: in
 
 
 def mean_logliks(model: Any, tok: Any, chats: Sequence[Any], answers: Sequence[str], system: str | None = None,
-                 batch_size: int = 8) -> list[tuple[float | None, int]]:
+                 batch_size: int = 8, progress: bool = False) -> list[tuple[float | None, int]]:
     """``(mean log p per answer token, number of tokens)`` of each answer after its chat-formatted prompt, under the
-    model as it is now (call it with steering off); ``(None, 0)`` for an empty answer."""
+    model as it is now (call it with steering off); ``(None, 0)`` for an empty answer. ``progress``: a bar with
+    rate and ETA on stderr."""
+    from saesteer.core import progress_bar
     from saesteer.generation import encode_prompts
 
     from .loglik import continuation_logprobs
@@ -87,7 +89,9 @@ def mean_logliks(model: Any, tok: Any, chats: Sequence[Any], answers: Sequence[s
     ctx = encode_prompts(tok, list(chats), system=system)
     conts = [list(tok(a, add_special_tokens=False)["input_ids"]) if a else [] for a in answers]
     todo = [i for i, c in enumerate(conts) if c]
-    lps = continuation_logprobs(model, tok, [(ctx[i], conts[i]) for i in todo], batch_size=batch_size)
+    with progress_bar(len(todo), "broken label: likelihood", unit="answer", enabled=progress) as bar:
+        lps = continuation_logprobs(model, tok, [(ctx[i], conts[i]) for i in todo], batch_size=batch_size,
+                                    progress=bar.update)
     out: list[tuple[float | None, int]] = [(None, 0)] * len(answers)
     for i, lp in zip(todo, lps):
         out[i] = (sum(lp) / len(lp), len(lp))
@@ -112,11 +116,11 @@ def broken_labels(answers: Sequence[str], logliks: Sequence[tuple[float | None, 
 
 def label_broken(model: Any, tok: Any, chats: Sequence[Any], answers: Sequence[str],
                  reference: Sequence[float | None] | None, cfg: BrokenConfig, system: str | None = None,
-                 batch_size: int = 8) -> tuple[list[dict[str, Any]], float | None]:
+                 batch_size: int = 8, progress: bool = False) -> tuple[list[dict[str, Any]], float | None]:
     """Score ``answers`` with the model as it is now (unsteered) and label them; ``reference``: the unsteered model's
     mean log-likelihoods of its own answers (None: these answers are that reference). Returns the labels and the
     likelihood threshold used (None: that test was off)."""
-    lls = mean_logliks(model, tok, chats, answers, system=system, batch_size=batch_size)
+    lls = mean_logliks(model, tok, chats, answers, system=system, batch_size=batch_size, progress=progress)
     ref = [ll for ll, n in lls if n >= cfg.min_tokens] if reference is None else list(reference)
     thr = robust_threshold(ref, cfg.mad_c, cfg.min_reference, cfg.min_spread)
     return broken_labels(answers, lls, thr, cfg), thr

@@ -202,10 +202,11 @@ def loglikelihoods(
 @torch.inference_mode()
 def continuation_logprobs(
     model: Any, tok: Any, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int = 8,
+    progress: Callable[[int], None] | None = None,
 ) -> list[list[float]]:
     """Per-token ``log p(cont[t] | ctx, cont[:t])`` for token-id pairs ``(ctx, cont)`` (both non-empty), through the
     engine of plan 3 (one left-padded sequence per pair, longest first; an input longer than the model's context
-    keeps its last positions)."""
+    keeps its last positions). ``progress(n)`` is called after each batch of n pairs."""
     max_len = max_length(model, tok)
     seqs = []
     for r, (ctx, cont) in enumerate(pairs):
@@ -215,5 +216,5 @@ def continuation_logprobs(
     out: list[list[Any]] = [[None] for _ in pairs]
     body = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    _run_sequences(model, body, seqs, batch_size, pad, out, None, score=_token_logprobs)
+    _run_sequences(model, body, seqs, batch_size, pad, out, progress, score=_token_logprobs)
     return [o[0] for o in out]

@@ -256,14 +256,15 @@ def _label_broken(model: Any, tok: Any, cfg: RefusalEvalConfig, st: Steering, ch
     source = "given"
     if reference is None and (st.specs or st.interventions or st.policy is not None):
         plain, _ = generate_answers(model, tok, chats, as_steering(None), max_new, cfg.batch_size, stop_when=stop_when,
-                                    system=cfg.system)  # the same budget and early stop as the answers
-        ref_labels, _ = label_broken(model, tok, chats, plain, None, bcfg, system=cfg.system, batch_size=cfg.batch_size)
+                                    system=cfg.system, progress=cfg.progress)  # the answers' budget and early stop
+        ref_labels, _ = label_broken(model, tok, chats, plain, None, bcfg, system=cfg.system, batch_size=cfg.batch_size,
+                                     progress=cfg.progress)
         reference = [r["loglik"] for r in ref_labels if r["n_tokens"] >= bcfg.min_tokens]
         source = "unsteered answers generated for the reference"
     elif reference is None:
         source = "these (unsteered) answers"
     labels, thr = label_broken(model, tok, chats, [it["answer"] for it in items], reference, bcfg, system=cfg.system,
-                               batch_size=cfg.batch_size)
+                               batch_size=cfg.batch_size, progress=cfg.progress)
     for it, lab in zip(items, labels):
         it.update(broken=lab["broken"], broken_why=lab["why"], loglik=lab["loglik"], n_tokens=lab["n_tokens"],
                   repeat=lab["repeat"])
