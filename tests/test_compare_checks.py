@@ -61,7 +61,9 @@ def test_paired_and_second_judge_on_stored_answers(tmp_path):
     rows = [_row("unsteered", base), _row("gated", gated), _row("judged", prim)]
     j = MarkedJudge()
     cfg = CompareConfig(judge="prefix", judges=["prefix", "marked"])
-    out = annotate_rows(rows, cfg, tmp_path, make=lambda spec: j)
+    said = []
+    out = annotate_rows(rows, cfg, tmp_path, make=lambda spec: j, say=said.append)
+    assert said == [f"[compare] judge marked: {c} / {SPEC}, 12 answers …" for c in ("unsteered", "gated", "judged")]
     p = out[1]["paired"]
     assert (p["a"], p["b"], p["c"], p["d"], p["n"]) == (3, 6, 1, 2, 12)
     assert (p["diff"], p["ci_low"], p["ci_high"]) == pytest.approx(paired_diff_interval(3, 6, 1, 2))
@@ -73,8 +75,9 @@ def test_paired_and_second_judge_on_stored_answers(tmp_path):
     # judged once per eval folder, stored beside items.jsonl: a re-run judges nothing again
     assert (tmp_path / "conditions" / "judged" / SPEC / "judged_marked.jsonl").exists()
     n_seen = len(j.seen)
-    annotate_rows(rows, cfg, tmp_path, make=lambda spec: j)
-    assert len(j.seen) == n_seen == 36
+    said.clear()
+    annotate_rows(rows, cfg, tmp_path, make=lambda spec: j, say=said.append)
+    assert len(j.seen) == n_seen == 36 and said == []
     md = detail_table(out)
     assert "| gated | jbb-harmful | 12 |" in md and "41.7 [" in md and f"{mcnemar_exact(6, 1):.3g}" in md
     assert "marked: refusal % · κ · agreement %" in md and "0.40 · 70.0 (n=10)" in md

@@ -329,7 +329,7 @@ def run_compare(model: Any, tok: Any, cfg: CompareConfig, runner: Runner | None 
                 checked = _long_check(model, tok, cfg, cond, out)
             rows = rows + [{**r, "seconds_group": round(time.perf_counter() - t0, 1)} for r in checked]
             write_results(out, rows)
-    rows = annotate_rows(rows, cfg, out)
+    rows = annotate_rows(rows, cfg, out, say=say)
     write_results(out, rows)
     write_report(rows, out)
     return rows
@@ -612,7 +612,7 @@ def _eval_items(out: Path, condition: str, spec: str) -> list[dict]:
 
 
 def _judged(out: Path, condition: str, spec: str, judge_spec: str, built: dict, make: Callable,
-            limit: int | None = None, seed: int = 0) -> dict:
+            limit: int | None = None, seed: int = 0, say: Callable[[str], None] | None = None) -> dict:
     """``{(subset, id): label}`` of a further judge on one eval's stored answers (judged once, kept in
     ``judged_<judge>[_n<limit>].jsonl`` beside ``items.jsonl``), and the judge's name. With ``limit``, the judge reads
     a seeded sample of that many answers (the same ids for every condition, as every condition answers the same
@@ -630,6 +630,8 @@ def _judged(out: Path, condition: str, spec: str, judge_spec: str, built: dict, 
         if judge_spec not in built:
             built[judge_spec] = make(judge_spec)
         j = built[judge_spec]
+        if say is not None:
+            say(f"[compare] judge {judge_spec}: {condition} / {spec}, {len(items)} answers …")
         vs = j.judge([stored_request(i["prompt"]) for i in items], [i["answer"] for i in items]) if items else []
         atomic_write_text(path, "".join(json.dumps({"id": i["id"], "subset": i["subset"], "label": v.label,
                                                     "error": v.error, "judge": j.name}) + "\n"
@@ -667,11 +669,13 @@ def _capability_pairs(out: Path, row: dict, cache: dict) -> list[tuple[bool, boo
             if k[0] == task and it.get(key) is not None and base.get(k, {}).get(key) is not None]
 
 
-def annotate_rows(rows: Sequence[dict], cfg: CompareConfig, out: str | Path, make: Callable | None = None) -> list[dict]:
+def annotate_rows(rows: Sequence[dict], cfg: CompareConfig, out: str | Path, make: Callable | None = None,
+                  say: Callable[[str], None] | None = None) -> list[dict]:
     """Each refusal row (unsafe / safe) gets, from the per-prompt verdicts stored in its eval folder: ``paired`` —
     the condition minus unsteered on the same prompts (``core.paired_summary``: Newcombe paired interval, exact
     McNemar p) — and ``judges`` — per further judge of ``cfg.judges``, its refusal rate on the very same answers,
-    Cohen's kappa and raw agreement with ``cfg.judge`` (over the prompts both decided). Capability rows with
+    Cohen's kappa and raw agreement with ``cfg.judge`` (over the prompts both decided); ``say`` announces each set
+    a further judge reads. Capability rows with
     per-question outcomes (:data:`CAP_OUTCOME`) get ``paired`` from the stored ``capability_*.jsonl`` the same way."""
     from saesteer.core import paired_summary
     from saesteer.evals import cohen_kappa
@@ -699,7 +703,7 @@ def annotate_rows(rows: Sequence[dict], cfg: CompareConfig, out: str | Path, mak
                     r["paired"] = {"vs": "unsteered", **paired_summary([a for a, _ in pairs], [b for _, b in pairs])}
             judged = {}
             for spec in extra if mine else []:
-                other = _judged(out, r["condition"], r["dataset"], spec, built, make, cfg.judges_limit, cfg.seed)
+                other = _judged(out, r["condition"], r["dataset"], spec, built, make, cfg.judges_limit, cfg.seed, say)
                 keys = [k for k in mine if k in other["labels"]]
                 theirs = [other["labels"][k] for k in keys]
                 both = [(mine[k], b) for k, b in zip(keys, theirs) if mine[k] is not None and b is not None]
