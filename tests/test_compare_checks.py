@@ -11,7 +11,7 @@ import pytest
 from saesteer.core import mcnemar_exact, paired_diff_interval, rate_summary
 from saesteer.evals import Verdict
 from saesteer.experiments import CompareConfig
-from saesteer.experiments.compare import _long_check, annotate_rows, detail_table, write_report
+from saesteer.experiments.compare import _long_check, annotate_rows, detail_table, judges_pooled, write_report
 
 SPEC = "jbb-harmful"
 
@@ -72,6 +72,18 @@ def test_paired_and_second_judge_on_stored_answers(tmp_path):
     k = out[2]["judges"]["marked"]
     assert k["kappa"] == pytest.approx(0.4) and k["agreement"] == pytest.approx(0.7) and k["n_both"] == 10
     assert (k["k"], k["n"]) == (7, 12)  # the second judge's own refusal rate over everything it decided
+    assert k["cells"] == {"both": 4, "primary_only": 1, "judge_only": 2, "neither": 3}
+    # pooled per condition (one unsafe set here) and over every condition: the marked judge calls every "answer i"
+    # compliance, so unsteered adds 4 primary-only + 8 neither and gated 9 + 3 to the judged condition's cells
+    pooled = {p["condition"]: p for p in judges_pooled(out)}
+    assert list(pooled) == ["unsteered", "gated", "judged", "all"]
+    pj = pooled["judged"]
+    assert (pj["unsafe"], pj["safe"]["n"]) == ({"n": 10, "primary": 0.5, "judge": 0.6}, 0)
+    assert pj["kappa"] == pytest.approx(0.4) and pj["agreement"] == pytest.approx(0.7)
+    a = pooled["all"]
+    po, pa, pb = 18 / 34, 18 / 34, 6 / 34  # cells both 4, primary only 14, judge only 2, neither 14
+    pe = pa * pb + (1 - pa) * (1 - pb)
+    assert a["n"] == 34 and a["kappa"] == pytest.approx((po - pe) / (1 - pe)) and a["agreement"] == pytest.approx(po)
     # judged once per eval folder, stored beside items.jsonl: a re-run judges nothing again
     assert (tmp_path / "conditions" / "judged" / SPEC / "judged_marked.jsonl").exists()
     n_seen = len(j.seen)
@@ -81,6 +93,7 @@ def test_paired_and_second_judge_on_stored_answers(tmp_path):
     md = detail_table(out)
     assert "| gated | jbb-harmful | 12 |" in md and "41.7 [" in md and f"{mcnemar_exact(6, 1):.3g}" in md
     assert "marked: refusal % · κ · agreement %" in md and "0.40 · 70.0 (n=10)" in md
+    assert "| judged | marked | 10 | 50.0 · 60.0 | 0 | – · – | 0.40 | 70.0 |" in md
     # the report's table.md carries the detail table under the main one
     paths = write_report(out, tmp_path / "report")
     assert "McNemar p" in paths["table.md"].read_text()

@@ -712,7 +712,10 @@ def annotate_rows(rows: Sequence[dict], cfg: CompareConfig, out: str | Path, mak
                     **rate_summary(sum(decided), len(decided)),
                     "n_failed": len(theirs) - len(decided), "n_both": len(both),
                     "kappa": cohen_kappa([a for a, _ in both], [b for _, b in both]),
-                    "agreement": rate_summary(sum(a == b for a, b in both), len(both))["rate"]}
+                    "agreement": rate_summary(sum(a == b for a, b in both), len(both))["rate"],
+                    "cells": {"both": sum(a and b for a, b in both), "primary_only": sum(a and not b for a, b in both),
+                              "judge_only": sum(b and not a for a, b in both),
+                              "neither": sum(not a and not b for a, b in both)}}
             if judged:
                 r["judges"] = judged
         res.append(r)
@@ -743,6 +746,42 @@ def _pct(x: float | None, digits: int = 1) -> str:
     return "–" if x is None or x != x else f"{100 * x:.{digits}f}"
 
 
+def judges_pooled(rows: Sequence[dict]) -> list[dict[str, Any]]:
+    """Per condition and further judge, its 2x2 cells against the primary judge (``row["judges"][name]["cells"]``)
+    summed over the condition's unsafe sets and over its safe sets: each side's n and refusal rate by either judge,
+    and kappa and raw agreement over both sides; then the same over every condition (condition ``all``). Rows
+    judged before cells were stored are skipped."""
+    from saesteer.evals import cohen_kappa
+
+    acc: dict[tuple[str, str], dict[str, list[int]]] = {}
+    for r in rows:
+        if r.get("group") not in ("unsafe", "safe"):
+            continue
+        for name, j in (r.get("judges") or {}).items():
+            c = j.get("cells")
+            if not c:
+                continue
+            for cond in (r["condition"], "all"):
+                side = acc.setdefault((cond, name), {"unsafe": [0, 0, 0, 0], "safe": [0, 0, 0, 0]})[r["group"]]
+                for i, k in enumerate(("both", "primary_only", "judge_only", "neither")):
+                    side[i] += int(c[k])
+    out = []
+    for (cond, name), sides in sorted(acc.items(), key=lambda kv: kv[0][0] == "all"):  # stable: first-seen order
+        tot = [sum(x) for x in zip(sides["unsafe"], sides["safe"])]
+        a, b, c, d = tot
+        prim = [True] * a + [True] * b + [False] * c + [False] * d
+        other = [True] * a + [False] * b + [True] * c + [False] * d
+
+        def side(cells: list[int]) -> dict[str, Any]:
+            n = sum(cells)
+            return {"n": n, "primary": (cells[0] + cells[1]) / n if n else None,
+                    "judge": (cells[0] + cells[2]) / n if n else None}
+
+        out.append({"condition": cond, "judge": name, "unsafe": side(sides["unsafe"]), "safe": side(sides["safe"]),
+                    "n": sum(tot), "kappa": cohen_kappa(prim, other), "agreement": (a + d) / sum(tot) if sum(tot) else None})
+    return out
+
+
 def detail_table(rows: Sequence[dict]) -> str:
     """Markdown: per condition and refusal set, the refusal / compliance / broken split, the paired difference vs
     unsteered (pp, Newcombe 95 % interval, exact McNemar p) and each further judge (refusal %, kappa, agreement);
@@ -770,6 +809,17 @@ def detail_table(rows: Sequence[dict]) -> str:
                 js.append(f"{_pct(r.get('gate_fire_rate'), 0)} · {_pct(r.get('gate_low_rate'), 0)}")
             lines.append("| " + " | ".join([r["condition"], r["metric"], str(r.get("n")), _pct(r.get("rate")), split, diff,
                                              mp] + js) + " |")
+    pooled = judges_pooled(rows)
+    if pooled:
+        lines += ["", "Further judges on the same answers, pooled over each condition's refusal sets (the answers both "
+                      "judges decided): refusal % by the primary judge · by this judge.", "",
+                  "| condition | judge | n unsafe | unsafe refusal % | n safe | safe refusal % | κ | agreement % |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for p in pooled:
+            u, sf = p["unsafe"], p["safe"]
+            lines.append(f"| {p['condition']} | {p['judge']} | {u['n']} | {_pct(u['primary'])} · {_pct(u['judge'])} | "
+                         f"{sf['n']} | {_pct(sf['primary'])} · {_pct(sf['judge'])} | {p['kappa']:.2f} | "
+                         f"{_pct(p['agreement'])} |")
     checks = [r for r in rows if r.get("group") == "long-check"]
     if checks:
         lines += ["", "| condition | judge | verdict changed at long answers, % [95 % CI] | refusal→compliance | "
