@@ -142,7 +142,7 @@ def test_cli_subprocess_error_is_one_line(tmp_path):
 
 def test_cli_warning_is_one_line(monkeypatch):
     """A SaesteerWarning from a command is one 'saesteer: warning:' line and the command still succeeds; Python's
-    default display is restored after the call."""
+    warning format is restored after the call."""
     import warnings
 
     import saesteer.steering as steering
@@ -154,9 +154,18 @@ def test_cli_warning_is_one_line(monkeypatch):
         warnings.warn("the SAE was trained on the base model 'x'", SaesteerWarning, stacklevel=2)
         return real()
 
-    shown = warnings.showwarning
+    fmt = warnings.formatwarning
     monkeypatch.setattr(steering, "list_presets", warn_then_list)
-    code, out, err = in_process("presets", "--json")
+    with warnings.catch_warnings():  # shown as Python shows them outside pytest (which records them instead)
+        warnings.simplefilter("default")
+        warnings.showwarning = lambda m, c, f, n, file=None, line=None: sys.stderr.write(
+            warnings.formatwarning(m, c, f, n, line))
+        code, out, err = in_process("presets", "--json")
     assert code == 0 and json.loads(out)
     assert err.strip() == "saesteer: warning: the SAE was trained on the base model 'x'"
-    assert warnings.showwarning is shown
+    assert warnings.formatwarning is fmt
+    with warnings.catch_warnings(record=True) as seen:  # other warnings keep Python's format; pytest still records
+        warnings.simplefilter("always")
+        monkeypatch.setattr(steering, "list_presets", lambda: [warnings.warn("plain", UserWarning, stacklevel=2), real()][1])
+        code, _, err = in_process("presets", "--json")
+    assert code == 0 and err == "" and [str(w.message) for w in seen] == ["plain"]

@@ -12,7 +12,7 @@ import importlib
 import os
 import sys
 import warnings
-from typing import Any
+from typing import Callable
 
 import typer
 
@@ -54,25 +54,23 @@ def describe_error(e: BaseException) -> str:
             "and report it)")
 
 
-def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
-                  line: str | None = None) -> None:
-    """Our warnings as one ``saesteer: warning: …`` line; others as Python prints them."""
-    if issubclass(category, SaesteerWarning):
-        print(f"saesteer: warning: {message}", file=sys.stderr)
-    else:
-        _PY_SHOWWARNING(message, category, filename, lineno, file, line)
+def _warning_line(fallback: Callable[..., str]) -> Callable[..., str]:
+    """A ``warnings.formatwarning``: our warnings as one ``saesteer: warning: …`` line, others by ``fallback``."""
+    def fmt(message: Warning | str, category: type[Warning], filename: str, lineno: int, line: str | None = None) -> str:
+        if issubclass(category, SaesteerWarning):
+            return f"saesteer: warning: {message}\n"
+        return fallback(message, category, filename, lineno, line)
 
-
-_PY_SHOWWARNING = warnings.showwarning
+    return fmt
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI. Returns 0 on success; exits with typer's code on usage errors and with 2 on any error."""
     _debug_flag[0] = False
+    fmt = warnings.formatwarning
+    warnings.formatwarning = _warning_line(fmt)
     try:
-        with warnings.catch_warnings():
-            warnings.showwarning = _show_warning
-            rv = app(args=argv, standalone_mode=False)  # usage errors and Ctrl-C come back as click exceptions
+        rv = app(args=argv, standalone_mode=False)  # usage errors and Ctrl-C come back as click exceptions
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         if code:
@@ -98,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"saesteer: error: {describe_error(e)}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        warnings.formatwarning = fmt
     if isinstance(rv, int) and rv:  # typer returns Ctrl-C as exit code 130 when not in standalone mode
         if rv == 130:
             print("saesteer: interrupted", file=sys.stderr)
