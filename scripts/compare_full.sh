@@ -9,12 +9,18 @@
 #
 #   make setup-gate-model   # the 1.5B judge
 #   scripts/compare_full.sh runs/s6b/demo runs/s6b/baselines runs/s7/compare-full
+#
+# JUDGES="" leaves out the further judge (its pass runs last and takes ~45 min in fp32 here; each set it judged is
+# kept, so a later run with the judge resumes it).
 set -euo pipefail
 RUN=${1:?demo run folder}; BASE=${2:?baselines folder (scripts/baselines_demo.sh)}; OUT=${3:?output folder}
 S=${SAESTEER:-.venv/bin/saesteer}
 P=$BASE/policies
+JUDGES=${JUDGES-model:hf:qwen2.5-coder-1.5b-instruct}
+JUDGE_ARGS=()
+[ -z "$JUDGES" ] || JUDGE_ARGS=(--judges "$JUDGES" --judges-limit 16)
 $S compare --model qwen2.5-coder-0.5b-instruct \
    --policies "$RUN/policies/clamp.json,$P/system-prompt.json,$P/system-prompt+clamp.json,$P/direction+always.json,$P/two-sided-probe.json,$RUN/policies/clamp+probe.json,$P/direction+probe.json,$RUN/policies/clamp+cast.json" \
    --limit 0 --capability humaneval,gsm8k_chat --gsm8k-limit 64 --judge prefix \
-   --judges model:hf:qwen2.5-coder-1.5b-instruct --judges-limit 16 --broken --long-check 24 --long-tokens 256 \
+   ${JUDGE_ARGS[@]+"${JUDGE_ARGS[@]}"} --broken --long-check 24 --long-tokens 256 \
    --multiturn-limit 24 --max-turns 3 --batch-size 64 --exclude "$RUN/features/selection.json" --out "$OUT"
