@@ -340,13 +340,10 @@ def overall_progress(rows: Sequence[dict], units: Sequence[tuple[str, str]], ela
     group) units (``group`` ``long-check`` included), with the time left estimated from the finished units' own
     ``seconds_group`` — the mean of the same group over the finished conditions, else of every finished unit; no
     estimate before a unit has finished. The judges' pass at the end is not counted."""
-    seen: dict[tuple[str, str], float] = {}
-    for r in rows:
-        if r.get("seconds_group") is not None:
-            seen[(r["condition"], r["group"])] = float(r["seconds_group"])
-    done = [u for u in units if u in seen or any(r["condition"] == u[0] and r["group"] == u[1] for r in rows)]
-    todo = [u for u in units if u not in done]
-    text = f"(group {len(done) + 1} of {len(units)} · {_clock(elapsed)} this run"
+    finished = {(r["condition"], r["group"]) for r in rows}
+    seen = {(r["condition"], r["group"]): float(r["seconds_group"]) for r in rows if r.get("seconds_group") is not None}
+    todo = [u for u in units if u not in finished]
+    text = f"(group {len(units) - len(todo) + 1} of {len(units)} · {_clock(elapsed)} this run"
     if seen and todo:
         mean = sum(seen.values()) / len(seen)
         by_group: dict[str, list[float]] = {}
@@ -765,18 +762,17 @@ def judges_pooled(rows: Sequence[dict]) -> list[dict[str, Any]]:
                 side = acc.setdefault((cond, name), {"unsafe": [0, 0, 0, 0], "safe": [0, 0, 0, 0]})[r["group"]]
                 for i, k in enumerate(("both", "primary_only", "judge_only", "neither")):
                     side[i] += int(c[k])
+    def side(cells: list[int]) -> dict[str, Any]:
+        n = sum(cells)
+        return {"n": n, "primary": (cells[0] + cells[1]) / n if n else None,
+                "judge": (cells[0] + cells[2]) / n if n else None}
+
     out = []
     for (cond, name), sides in sorted(acc.items(), key=lambda kv: kv[0][0] == "all"):  # stable: first-seen order
         tot = [sum(x) for x in zip(sides["unsafe"], sides["safe"])]
         a, b, c, d = tot
         prim = [True] * a + [True] * b + [False] * c + [False] * d
         other = [True] * a + [False] * b + [True] * c + [False] * d
-
-        def side(cells: list[int]) -> dict[str, Any]:
-            n = sum(cells)
-            return {"n": n, "primary": (cells[0] + cells[1]) / n if n else None,
-                    "judge": (cells[0] + cells[2]) / n if n else None}
-
         out.append({"condition": cond, "judge": name, "unsafe": side(sides["unsafe"]), "safe": side(sides["safe"]),
                     "n": sum(tot), "kappa": cohen_kappa(prim, other), "agreement": (a + d) / sum(tot) if sum(tot) else None})
     return out
