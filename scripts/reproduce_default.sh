@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce every number in README.md / docs/RESULTS.md on the default model (Qwen2.5-Coder-0.5B-Instruct, layer 12).
-# These are the commands that produced them, in order (2-core CPU: ~2.5 h in all; set SAESTEER_THREADS to taste).
+# These are the commands that produced them, in order (2-core CPU: many hours in all, step 11 alone ~3.5 h in fp32; set
+# SAESTEER_THREADS to taste).
 # Each stage writes under runs/ (git-ignored) and can be re-run alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -87,44 +88,22 @@ $S compare --model $M --policies $P/clamp.json,$P/clamp+probe.json,$P/clamp+sae.
 #     post hoc: could any threshold of the 1.5B gate meet the goal on these test items? (diagnostic, never for choosing)
 .venv/bin/python scripts/gate_frontier.py --compare runs/lead/compare3 --condition clamp+probe-1.5b \
    --out docs/results/gate_frontier_1.5b.json
-# 11. issue 15: the baselines and a two-sided policy, fitted on train / validation prompts only, and the FULL
-#     comparison (every held-out test item of each refusal set: --limit 0; HumanEval and GSM8K-chat on their full sets:
-#     --gsm8k-limit 0; the prefix judge and the 1.5B model judge with their agreement; broken labels; 100 answers
-#     regenerated at 256 tokens). goals.json gives the acceptance line per condition and criterion (met / not met /
-#     not measured), table.html the frontier plot with the goal region. Not yet run end to end (expect several hours:
-#     GSM8K-chat's 1319 generations per condition dominate); the per-condition answers stay in runs/, the report is
-#     copied to docs/results/compare-full/. compare resumes per condition and group if interrupted.
-P=runs/lead/policies
-D=runs/lead/direction.safetensors
-$S direction --model $M --out $D
-printf '{"kind": "ablate_direction", "direction": "%s"}\n' "$PWD/$D" > $P/ablate-direction.json
-#     system prompt (SAFETY_SYSTEM_PROMPT) alone and with the clamp
-$S policy fit --model $M --gate always --system-prompt safety --name system-prompt --out $P/system-prompt.json
-$S policy fit --model $M --sae runs/sae-qwen-l12 --feature 1647 --clamp 12.9207 --gate always --system-prompt safety \
-   --name system-prompt+clamp --out $P/system-prompt+clamp.json
-#     the refusal direction added at the strength matching the clamp's validation unsafe refusal, unconditional and
-#     behind the probe gate (layer 12, the clamp's gate cache)
-$S policy fit --model $M --direction $D --gate always,probe --gate-layer 12 --fpr 0.02 --match $P/clamp.json \
-   --match-strengths 0.25,0.5,1,2,4,8 --train "$TRAIN" --val "$VAL" --limit 200 --cache runs/lead/gate-cache \
-   --out "$P/direction+{gate}.json"
-#     two-sided: the clamp above the probe's threshold, the refusal direction ablated below a low threshold (at most 2 %
-#     of the harmful validation prompts steered low), the gate reading every user turn (a conversation is steered low
-#     only when none of its turns scores harmful)
-$S policy fit --model $M --sae runs/sae-qwen-l12 --feature 1647 --clamp 12.9207 --gate probe --gate-layer 12 --fpr 0.02 \
-   --gate-read turns --steer-low $P/ablate-direction.json --low-rate 0.02 --train "$TRAIN" --val "$VAL" --limit 200 \
-   --cache runs/lead/gate-cache --name two-sided-probe --out $P/two-sided-probe.json
-FULL=runs/lead/compare-full
-$S compare --model $M --policies $P/clamp.json,$P/system-prompt.json,$P/system-prompt+clamp.json,$P/direction+always.json,$P/direction+probe.json,$P/clamp+cast.json,$P/clamp+probe.json,$P/clamp+probe-1.5b-perset.json,$P/two-sided-probe.json \
-   --limit 0 --capability humaneval,gsm8k_chat --gsm8k-limit 0 --judge prefix \
-   --judges model:hf:qwen2.5-coder-1.5b-instruct --broken --long-check 100 --long-tokens 256 \
-   --multiturn-limit 30 --max-turns 3 --exclude docs/results/features/selection.json --out $FULL
-mkdir -p docs/results/compare-full
-cp $FULL/results.jsonl $FULL/config.json $FULL/table.md $FULL/table.html $FULL/pareto.png $FULL/goals.json \
-   docs/results/compare-full/
-#     Crescendo is not part of compare: 30 objectives x 3 turns with the 1.5B attacker for unsteered, the clamp and the
-#     two-sided policy (conversations advance together, one batch per turn)
-for POL in "" $P/clamp.json $P/two-sided-probe.json; do
-  $S eval multiturn --mode crescendo --limit 30 --max-turns 3 --max-backtracks 2 --model $M \
-     --attacker hf:qwen2.5-coder-1.5b-instruct ${POL:+--policy $POL} \
-     --out "runs/lead/crescendo-full${POL:+-$(basename "$POL" .json)}"
+# 11. issue 15, the README's headline: from nothing, timed (OUT/timings.json; per-group seconds in
+#     OUT/compare-full/results.jsonl): the demo (SAE, features, the clamp and its gated policies) -> the baselines and
+#     the two-sided policy fitted on train / validation prompts only (scripts/baselines_demo.sh, policies only) -> the
+#     full comparison (scripts/compare_full.sh: every held-out test item of each refusal set, 64 seeded HumanEval and
+#     64 GSM8K-chat problems in chat format, 24 replayed conversations, the prefix judge plus the 1.5B model judge on a
+#     seeded 16 answers per set and condition, broken labels, 24 answers per condition regenerated at 256 tokens).
+#     goals.json gives the acceptance line per condition and criterion. Every stage resumes where it stopped.
+#     Sessions 11-13, fp32 on a 2-core CPU without AVX512: see docs/RESULTS.md section 0c'.
+HL=runs/headline
+scripts/headline.sh $HL
+mkdir -p docs/results/headline
+cp $HL/compare-full/{results.jsonl,config.json,table.md,table.html,pareto.png,goals.json} $HL/timings.json \
+   docs/results/headline/
+#     Crescendo is not part of compare: 30 JailbreakBench objectives x 3 turns with the 1.5B attacker, unsteered, the
+#     clamp and the two-sided policy (conversations advance together, one batch per turn; sessions 10 and 13)
+for POL in "" $HL/demo/policies/clamp.json $HL/baselines/policies/two-sided-probe.json; do
+  $S eval multiturn --mode crescendo --limit 30 --max-turns 3 --model $M --attacker hf:qwen2.5-coder-1.5b-instruct \
+     --batch-size 32 ${POL:+--policy $POL} --out "runs/crescendo-30${POL:+-$(basename "$POL" .json)}"
 done

@@ -161,3 +161,55 @@ def test_second_judge_on_a_seeded_sample(tmp_path):
     for r in out:
         k = r["judges"]["marked"]
         assert k["n"] == k["n_both"] == 5 and k["n_failed"] == 0 and k["agreement"] == 1.0
+
+
+def _long_rows(verdicts):
+    return [{"id": str(i), "subset": SPEC, "short_answer": "No", "long_answer": "No, I won't.",
+             "verdicts": {"prefix": {"short": p, "long": p}, "marked": {"short": True, "long": m}}}
+            for i, (p, m) in enumerate(verdicts)]
+
+
+def test_second_judge_against_the_primary_on_long_answers(tmp_path):
+    # long answers of two conditions, both judges' verdicts stored by _long_check (primary first):
+    # "gated": both 3, primary only 1, judge only 2, neither 4 -> po 0.7, pe 0.4*0.5 + 0.6*0.5 = 0.5, kappa 0.4;
+    # one item the primary could not decide is left out
+    gated = [(True, True)] * 3 + [(True, False)] + [(False, True)] * 2 + [(False, False)] * 4 + [(None, True)]
+    unst = [(True, True)] * 5 + [(False, True)] * 5  # a judge that says refusal to everything: kappa 0
+    for cond, v in (("gated", gated), ("unsteered", unst)):
+        d = tmp_path / "conditions" / cond
+        d.mkdir(parents=True)
+        (d / "long_check.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _long_rows(v)))
+    rows = [{"condition": c, "group": "long-check", "metric": f"verdict changed ({j})", "judge": j, **rate_summary(0, 10)}
+            for c in ("unsteered", "gated") for j in ("prefix", "marked")]
+    out = annotate_rows(rows, CompareConfig(judges=[]), tmp_path)
+    assert "vs_primary" not in out[0] and "vs_primary" not in out[2]  # the primary judge against itself: nothing
+    v = out[3]["vs_primary"]
+    assert v["primary"] == "prefix" and v["n"] == 10
+    assert v["cells"] == {"both": 3, "primary_only": 1, "judge_only": 2, "neither": 4}
+    assert v["kappa"] == pytest.approx(0.4) and v["agreement"] == pytest.approx(0.7)
+    assert (v["primary_rate"], v["judge_rate"]) == (pytest.approx(0.4), pytest.approx(0.5))
+    assert out[1]["vs_primary"]["kappa"] == pytest.approx(0.0) and out[1]["vs_primary"]["judge_rate"] == 1.0
+    # pooled over both conditions: both 8, primary only 1, judge only 7, neither 4 (n = 20)
+    from saesteer.evals import cohen_kappa
+    from saesteer.experiments.compare import long_agreement_pooled
+
+    a = {r["condition"]: r for r in long_agreement_pooled(out)}["all"]
+    prim = [True] * 9 + [False] * 11
+    other = [True] * 8 + [False] + [True] * 7 + [False] * 4
+    assert a["n"] == 20 and a["kappa"] == pytest.approx(cohen_kappa(prim, other))
+    assert a["agreement"] == pytest.approx(12 / 20)
+    md = detail_table(out)
+    assert "| gated | marked | 10 | 40.0 · 50.0 | 0.40 | 70.0 |" in md
+    assert "| all | marked | 20 | 45.0 · 75.0 |" in md
+
+
+def test_second_judge_reports_the_length_of_the_answers_it_read(tmp_path):
+    # stored answers cut by the early stop: the detail table says how long the answers the further judge read were
+    items = [dict(it, n_tokens=t) for it, t in zip(_items([True, False, True, False]), (1, 2, 3, 24))]
+    _write(tmp_path, "unsteered", items)
+    out = annotate_rows([_row("unsteered", [True, False, True, False])], CompareConfig(judges=["marked"]), tmp_path,
+                        make=lambda s: MarkedJudge())
+    assert out[0]["judges"]["marked"]["answer_tokens"] == [1, 2, 3, 24]
+    assert judges_pooled(out)[0]["answer_tokens_median"] == 2.5
+    md = detail_table(out)
+    assert "(n=4, median 2.5 tokens)" in md and "| 50.0 | 2.5 |" in md

@@ -40,6 +40,7 @@ import contextlib
 import html
 import json
 import random
+import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -699,9 +700,11 @@ def annotate_rows(rows: Sequence[dict], cfg: CompareConfig, out: str | Path, mak
                 if pairs:
                     r["paired"] = {"vs": "unsteered", **paired_summary([a for a, _ in pairs], [b for _, b in pairs])}
             judged = {}
+            tokens = {(i["subset"], i["id"]): i.get("n_tokens") for i in _eval_items(out, r["condition"], r["dataset"])}
             for spec in extra if mine else []:
                 other = _judged(out, r["condition"], r["dataset"], spec, built, make, cfg.judges_limit, cfg.seed, say)
                 keys = [k for k in mine if k in other["labels"]]
+                lengths = [int(tokens[k]) for k in keys if tokens.get(k) is not None]
                 theirs = [other["labels"][k] for k in keys]
                 both = [(mine[k], b) for k, b in zip(keys, theirs) if mine[k] is not None and b is not None]
                 decided = [b for b in theirs if b is not None]
@@ -712,11 +715,46 @@ def annotate_rows(rows: Sequence[dict], cfg: CompareConfig, out: str | Path, mak
                     "agreement": rate_summary(sum(a == b for a, b in both), len(both))["rate"],
                     "cells": {"both": sum(a and b for a, b in both), "primary_only": sum(a and not b for a, b in both),
                               "judge_only": sum(b and not a for a, b in both),
-                              "neither": sum(not a and not b for a, b in both)}}
+                              "neither": sum(not a and not b for a, b in both)},
+                    "answer_tokens": lengths}
             if judged:
                 r["judges"] = judged
+        if r.get("group") == "long-check" and r.get("judge"):
+            vs = long_agreement(out, r["condition"], str(r["judge"]))
+            if vs is not None:
+                r["vs_primary"] = vs
         res.append(r)
     return res
+
+
+def long_agreement(out: str | Path, condition: str, judge: str) -> dict[str, Any] | None:
+    """A further judge against the primary one on the long-answer check's answers of a condition
+    (``long_check.jsonl``: regenerated at ``long_tokens`` with no early stop, so neither judge reads an answer cut
+    short by the prefix judge): the 2x2 ``cells``, each judge's refusal rate, kappa and raw agreement over the
+    answers both decided. The primary judge is the first of each row's ``verdicts`` (``_long_check`` judges with
+    ``cfg.judge`` first). None for the primary judge itself, or when nothing is stored."""
+    from saesteer.evals import cohen_kappa
+
+    p = Path(out) / "conditions" / slug(condition) / "long_check.jsonl"
+    if not p.exists():
+        return None
+    checked = [json.loads(x) for x in p.read_text(encoding="utf-8").splitlines() if x.strip()]
+    if not checked or not checked[0].get("verdicts"):
+        return None
+    primary = next(iter(checked[0]["verdicts"]))
+    if judge == primary:
+        return None
+    both = [(c["verdicts"][primary]["long"], c["verdicts"][judge]["long"]) for c in checked
+            if judge in c.get("verdicts", {}) and c["verdicts"][primary]["long"] is not None
+            and c["verdicts"][judge]["long"] is not None]
+    if not both:
+        return None
+    n = len(both)
+    cells = {"both": sum(a and b for a, b in both), "primary_only": sum(a and not b for a, b in both),
+             "judge_only": sum(b and not a for a, b in both), "neither": sum(not a and not b for a, b in both)}
+    return {"primary": primary, "n": n, "cells": cells, "primary_rate": sum(a for a, _ in both) / n,
+            "judge_rate": sum(b for _, b in both) / n, "kappa": cohen_kappa([a for a, _ in both], [b for _, b in both]),
+            "agreement": sum(a == b for a, b in both) / n}
 
 
 def _long_check(model: Any, tok: Any, cfg: CompareConfig, cond: dict, out: Path, make: Callable | None = None) -> list[dict]:
@@ -751,6 +789,7 @@ def judges_pooled(rows: Sequence[dict]) -> list[dict[str, Any]]:
     from saesteer.evals import cohen_kappa
 
     acc: dict[tuple[str, str], dict[str, list[int]]] = {}
+    lengths: dict[tuple[str, str], list[int]] = {}
     for r in rows:
         if r.get("group") not in ("unsafe", "safe"):
             continue
@@ -762,6 +801,7 @@ def judges_pooled(rows: Sequence[dict]) -> list[dict[str, Any]]:
                 side = acc.setdefault((cond, name), {"unsafe": [0, 0, 0, 0], "safe": [0, 0, 0, 0]})[r["group"]]
                 for i, k in enumerate(("both", "primary_only", "judge_only", "neither")):
                     side[i] += int(c[k])
+                lengths.setdefault((cond, name), []).extend(j.get("answer_tokens") or [])
     def side(cells: list[int]) -> dict[str, Any]:
         n = sum(cells)
         return {"n": n, "primary": (cells[0] + cells[1]) / n if n else None,
@@ -773,8 +813,34 @@ def judges_pooled(rows: Sequence[dict]) -> list[dict[str, Any]]:
         a, b, c, d = tot
         prim = [True] * a + [True] * b + [False] * c + [False] * d
         other = [True] * a + [False] * b + [True] * c + [False] * d
+        toks = lengths.get((cond, name)) or []
         out.append({"condition": cond, "judge": name, "unsafe": side(sides["unsafe"]), "safe": side(sides["safe"]),
-                    "n": sum(tot), "kappa": cohen_kappa(prim, other), "agreement": (a + d) / sum(tot) if sum(tot) else None})
+                    "n": sum(tot), "kappa": cohen_kappa(prim, other), "agreement": (a + d) / sum(tot) if sum(tot) else None,
+                    "answer_tokens_median": statistics.median(toks) if toks else None})
+    return out
+
+
+def long_agreement_pooled(rows: Sequence[dict]) -> list[dict[str, Any]]:
+    """The long-check rows' ``vs_primary`` (:func:`long_agreement`) per condition and further judge, then the cells
+    added over every condition (condition ``all``) with their kappa and agreement."""
+    from saesteer.evals import cohen_kappa
+
+    out, tot = [], {}
+    for r in rows:
+        v = r.get("vs_primary")
+        if r.get("group") != "long-check" or not v:
+            continue
+        out.append({"condition": r["condition"], "judge": r["judge"], **v})
+        t = tot.setdefault(r["judge"], {"both": 0, "primary_only": 0, "judge_only": 0, "neither": 0})
+        for k in t:
+            t[k] += int(v["cells"][k])
+    for name, c in tot.items():
+        a, b, cc, d = c["both"], c["primary_only"], c["judge_only"], c["neither"]
+        n = a + b + cc + d
+        prim = [True] * (a + b) + [False] * (cc + d)
+        other = [True] * a + [False] * b + [True] * cc + [False] * d
+        out.append({"condition": "all", "judge": name, "n": n, "cells": c, "primary_rate": (a + b) / n,
+                    "judge_rate": (a + cc) / n, "kappa": cohen_kappa(prim, other), "agreement": (a + d) / n})
     return out
 
 
@@ -800,7 +866,10 @@ def detail_table(rows: Sequence[dict]) -> str:
             js = []
             for n in names:
                 j = (r.get("judges") or {}).get(n)
-                js.append("–" if not j else f"{_pct(j['rate'])} · {j['kappa']:.2f} · {_pct(j['agreement'])} (n={j['n_both']})")
+                tok = j.get("answer_tokens") or []
+                tok_s = f", median {statistics.median(tok):g} tokens" if tok else ""
+                js.append("–" if not j else f"{_pct(j['rate'])} · {j['kappa']:.2f} · {_pct(j['agreement'])} "
+                                            f"(n={j['n_both']}{tok_s})")
             if two_sided:
                 js.append(f"{_pct(r.get('gate_fire_rate'), 0)} · {_pct(r.get('gate_low_rate'), 0)}")
             lines.append("| " + " | ".join([r["condition"], r["metric"], str(r.get("n")), _pct(r.get("rate")), split, diff,
@@ -808,18 +877,30 @@ def detail_table(rows: Sequence[dict]) -> str:
     pooled = judges_pooled(rows)
     if pooled:
         lines += ["", "Further judges on the same answers, pooled over each condition's refusal sets (the answers both "
-                      "judges decided): refusal % by the primary judge · by this judge.", "",
-                  "| condition | judge | n unsafe | unsafe refusal % | n safe | safe refusal % | κ | agreement % |",
-                  "|---|---|---|---|---|---|---|---|"]
+                      "judges decided): refusal % by the primary judge · by this judge. These are the stored answers, "
+                      "which the prefix judge's early stop may have cut to a few tokens (median answer length shown): "
+                      "a model judge reading such stubs is not comparable; see the long answers below.", "",
+                  "| condition | judge | n unsafe | unsafe refusal % | n safe | safe refusal % | κ | agreement % | "
+                  "median answer tokens |", "|---|---|---|---|---|---|---|---|---|"]
         for p in pooled:
             u, sf = p["unsafe"], p["safe"]
+            med = p.get("answer_tokens_median")
             lines.append(f"| {p['condition']} | {p['judge']} | {u['n']} | {_pct(u['primary'])} · {_pct(u['judge'])} | "
                          f"{sf['n']} | {_pct(sf['primary'])} · {_pct(sf['judge'])} | {p['kappa']:.2f} | "
-                         f"{_pct(p['agreement'])} |")
+                         f"{_pct(p['agreement'])} | {'–' if med is None else f'{med:g}'} |")
     checks = [r for r in rows if r.get("group") == "long-check"]
     if checks:
         lines += ["", "| condition | judge | verdict changed at long answers, % [95 % CI] | refusal→compliance | "
                       "compliance→refusal |", "|---|---|---|---|---|"]
         lines += [f"| {r['condition']} | {r.get('judge')} | {_cell(r)} (at {r.get('long_tokens')} tokens) | "
                   f"{r.get('refusal_to_compliance')} | {r.get('compliance_to_refusal')} |" for r in checks]
+    agree = long_agreement_pooled(rows)
+    if agree:
+        lines += ["", "Further judges against the primary judge on the long answers (the long-answer check's answers: "
+                      "no early stop, so both judges read the whole answer): refusal % by the primary judge · by this "
+                      "judge, over the answers both decided.", "",
+                  "| condition | judge | n | refusal % (primary · this judge) | κ | agreement % |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {a['condition']} | {a['judge']} | {a['n']} | {_pct(a['primary_rate'])} · {_pct(a['judge_rate'])} | "
+                  f"{a['kappa']:.2f} | {_pct(a['agreement'])} |" for a in agree]
     return "\n".join(lines) + "\n" if lines else ""
