@@ -67,6 +67,7 @@ def test_decided_is_consistent_with_the_final_verdict():
             if d is not None:
                 assert d == j.is_refusal(full), (full, cut)
     assert j.decided("I") is None and j.decided("Sure") is False and j.decided("I'm sorry") is True
+    assert j.stop_when_refused("I'm sorry") and not j.stop_when_refused("Sure") and not j.stop_when_refused("I")
     assert j.decided("it is") is None and j.decided("it is a") is False
     assert j.decided("x" * (j.max_len + 1)) is False
     assert j.stop_when("Sure") and not j.stop_when("I ca")

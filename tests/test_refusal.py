@@ -80,6 +80,35 @@ def test_prefix_judge_stops_rows_once_decided(tiny, prompts_file):
         assert a["label"] == b["label"]
 
 
+
+def test_with_the_broken_label_only_refusals_stop_early(prompts_file):
+    # the broken label reads an answer's text, so under --broken a compliance verdict (known after a token or two)
+    # no longer stops the row; a refusal still does
+    from saesteer.evals.judges import normalize_answer
+    from saesteer.models import tiny_model
+
+    model, tok = tiny_model("phi3")  # its random answers differ between prompts (the llama's are all newlines)
+    full = run_refusal_eval(model, tok, RefusalEvalConfig(datasets=[prompts_file], max_new_tokens=10, early_stop=False,
+                                                          progress=False))
+    starts = [normalize_answer(r["answer"])[:4] for r in full["_items"]]
+    j = PrefixJudge(prefixes=[next(x for x in starts if len(x) == 4 and starts.count(x) < len(starts))])
+    s = run_refusal_eval(model, tok, RefusalEvalConfig(datasets=[prompts_file], max_new_tokens=10, broken=True,
+                                                       progress=False), judge=j)
+    assert s["early_stop"] == "refusals only"
+    labels = [r["label"] for r in s["_items"]]
+    assert any(labels) and not all(labels)
+    for a, b in zip(s["_items"], full["_items"]):
+        assert a["label"] == j.is_refusal(b["answer"])
+        if a["label"]:  # stopped once it matched the prefix
+            assert b["answer"].startswith(a["answer"]) and len(a["answer"]) < len(b["answer"])
+        else:  # the whole budget, as without early stop
+            assert a["answer"] == b["answer"]
+    plain = run_refusal_eval(model, tok, RefusalEvalConfig(datasets=[prompts_file], max_new_tokens=10, progress=False),
+                             judge=j)
+    assert plain["early_stop"] is True
+    assert sum(len(r["answer"]) for r in plain["_items"]) < sum(len(r["answer"]) for r in s["_items"])
+
+
 def test_steering_changes_answers_and_is_recorded(tiny, prompts_file):
     from saesteer.steering import Add
 

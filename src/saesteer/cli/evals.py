@@ -43,7 +43,7 @@ def refusal_cmd(
     judge_base_url: Optional[str] = typer.Option(None, help="base URL of an OpenAI-compatible judge endpoint"),
     judge_api_key_env: str = typer.Option("OPENAI_API_KEY", help="env var holding the judge endpoint's API key"),
     max_new_tokens: Optional[int] = typer.Option(None, help="answer budget (default 24 with the prefix judge, else 160)"),
-    early_stop: bool = typer.Option(True, help="prefix judge: stop each answer once its verdict is known"),
+    early_stop: bool = typer.Option(True, help="prefix judge: stop each answer once its verdict is known (with --broken: refusals only)"),
     batch_size: int = typer.Option(16, help="prompts decoded together"),
     system: Optional[str] = typer.Option(None, help="system prompt (default: the chat template's)"),
     exclude: Optional[Path] = typer.Option(None, help=EXCLUDE_HELP),

@@ -145,6 +145,11 @@ class PrefixJudge:
         """``GenerationConfig.stop_when`` callback: stop a row as soon as its verdict is known."""
         return self.decided(text) is not None
 
+    def stop_when_refused(self, text: str) -> bool:
+        """``GenerationConfig.stop_when`` callback that stops only refusals: an answer judged not a refusal runs to
+        its token budget, so that a label reading the answer's text (the broken label) sees more than a first word."""
+        return self.decided(text) is True
+
     def judge(self, prompts: Sequence[str], answers: Sequence[str]) -> list[Verdict]:
         out = []
         for a in answers:

@@ -53,7 +53,8 @@ class RefusalEvalConfig:
     max_new_tokens: int | None = None
     """Answer budget; None = 24 for the prefix judge (it decides within the first words), 160 for other judges."""
     early_stop: bool = True
-    """With the prefix judge, stop each row once its verdict is known (answers are then truncated there)."""
+    """With the prefix judge, stop each row once its verdict is known (answers are then truncated there); with
+    ``broken``, only refusals stop early (the broken label reads the text of the others)."""
     batch_size: int = 16
     """Prompts decoded together."""
     system: str | None = None
@@ -205,7 +206,9 @@ def run_refusal_eval(model: Any, tok: Any, cfg: RefusalEvalConfig, steering: Any
     is_prefix = isinstance(judge, PrefixJudge)
     max_new = cfg.max_new_tokens if cfg.max_new_tokens is not None else (24 if is_prefix else 160)
     ensure(max_new >= 1, f"max_new_tokens must be >= 1, got {max_new}")
-    stop_when = judge.stop_when if (is_prefix and cfg.early_stop) else None
+    # with the broken label, only refusals stop early: a compliance verdict comes after one or two tokens ("Title"),
+    # and the broken label needs the answer's text (at least BrokenConfig.min_tokens tokens / min_ngrams n-grams)
+    stop_when = None if not (is_prefix and cfg.early_stop) else judge.stop_when_refused if cfg.broken else judge.stop_when
 
     flat = [(name, it) for name, items in subsets.items() for it in items]
     t0 = time.perf_counter()
@@ -237,7 +240,8 @@ def run_refusal_eval(model: Any, tok: Any, cfg: RefusalEvalConfig, steering: Any
         summary["long_check"]["rows"] = long_rows
     summary.update({
         "model": model_name(model), "steering": st.name, "judge": judge.name, "datasets": list(cfg.datasets),
-        "limit": cfg.limit, "seed": cfg.seed, "max_new_tokens": max_new, "early_stop": bool(stop_when),
+        "limit": cfg.limit, "seed": cfg.seed, "max_new_tokens": max_new,
+        "early_stop": False if stop_when is None else "refusals only" if cfg.broken else True,
         "n_items": len(items), "seconds_generate": round(t_gen, 2), "seconds_judge": round(t_judge, 2),
         "config": dataclasses.asdict(cfg),
     })
