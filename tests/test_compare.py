@@ -172,10 +172,16 @@ def test_run_compare_with_real_eval_modules_on_tiny_model(tiny, tmp_path, data_r
     Policy(gate=gate, steering=[SteeringSpec(kind="add", direction=str(dpath), alpha=1.0)], name="gated").save(pol)
     cfg = CompareConfig(policies=[str(pol)], out=str(tmp_path / "cmp"), unsafe=["advbench:test"], safe=["jbb-benign"],
                         limit=3, max_new_tokens=6, multiturn_limit=2, max_turns=2, capability=["mmlu"],
-                        capability_limit=2, batch_size=4, progress=False)
+                        capability_limit=2, batch_size=4, progress=False, long_check=2, long_tokens=8)
     rows = run_compare(model, tok, cfg, say=lambda s: None)
     by = {(r["condition"], r["metric"]): r for r in rows}
     assert by[("unsteered", "advbench-test")]["n"] == 3 and by[("gated", "jbb-benign")]["n"] == 3
+    # the long-answer check's answers get the broken label once per condition, also when the run is resumed
+    from saesteer.experiments.compare import LONG_BROKEN
+
+    assert by[("unsteered", LONG_BROKEN)]["n"] == by[("gated", LONG_BROKEN)]["n"] == 2
+    again = run_compare(model, tok, cfg, say=lambda s: None)
+    assert sum(r.get("metric") == LONG_BROKEN for r in again) == 2 and len(again) == len(rows)
     assert by[("gated", "mmlu")]["n"] == 2 and by[("gated", "multiturn-asr")]["n"] == 2
     for m in ("advbench-test", "jbb-benign", "multiturn-refusal", "mmlu"):
         fr = by[("gated", m)]["gate_fire_rate"]

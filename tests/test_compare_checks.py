@@ -213,3 +213,33 @@ def test_second_judge_reports_the_length_of_the_answers_it_read(tmp_path):
     assert judges_pooled(out)[0]["answer_tokens_median"] == 2.5
     md = detail_table(out)
     assert "(n=4, median 2.5 tokens)" in md and "| 50.0 | 2.5 |" in md
+
+
+def test_broken_label_of_the_long_answers(tiny, tmp_path):
+    # the long-check answers (no early stop) get the broken label: scored by the unsteered model against the
+    # unsteered condition's own long answers; a degenerate repetition is broken whatever its likelihood
+    from saesteer.experiments.compare import LONG_BROKEN, _long_broken
+
+    model, tok = tiny
+    texts = ["Sure, here is a short plan for the trip.", "I can help with that: first, check the map.",
+             "Here are three ideas for the party.", "The answer depends on the size of the room.",
+             "You can start by reading the manual.", "A good first step is to ask a friend."]
+    rep = "the plan the plan the plan the plan the plan the plan the plan the plan"
+    for cond, answers in (("unsteered", texts), ("clamp", texts[:5] + [rep])):
+        _write(tmp_path, cond, [dict(it, prompt=f"question {i}") for i, it in enumerate(_items([False] * 6))])
+        rows = [{"id": str(i), "subset": SPEC, "short_answer": a[:4], "long_answer": a, "verdicts": {}}
+                for i, a in enumerate(answers)]
+        (tmp_path / "conditions" / cond / "long_check.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = CompareConfig(unsafe=[SPEC], safe=[], long_check=6, long_tokens=64)
+    conds = {c: {"condition": c, "gate": "none", "steer": "", "policy": None} for c in ("unsteered", "clamp")}
+    base = _long_broken(model, tok, cfg, conds["unsteered"], tmp_path)
+    steered = _long_broken(model, tok, cfg, conds["clamp"], tmp_path)
+    assert base[0]["metric"] == steered[0]["metric"] == LONG_BROKEN and base[0]["n"] == steered[0]["n"] == 6
+    stored = [json.loads(x) for x in (tmp_path / "conditions" / "clamp" / "long_check.jsonl").read_text().splitlines()]
+    assert all("broken" in c and c["n_tokens"] > 0 for c in stored)
+    assert stored[5]["broken"] and "repetition" in stored[5]["broken_why"]
+    assert steered[0]["k"] == sum(c["broken"] for c in stored) and steered[0]["broken_why"]["repetition"] == 1
+    assert steered[0]["loglik_threshold"] is not None  # six reference answers of the unsteered condition
+    md = detail_table(steered)
+    assert "broken at long answers" in md and "| clamp | " in md and "verdict changed" not in md
+    assert _long_broken(model, tok, cfg, {**conds["clamp"], "condition": "none-stored"}, tmp_path) == []

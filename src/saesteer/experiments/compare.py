@@ -330,6 +330,12 @@ def run_compare(model: Any, tok: Any, cfg: CompareConfig, runner: Runner | None 
                 checked = _long_check(model, tok, cfg, cond, out)
             rows = rows + [{**r, "seconds_group": round(time.perf_counter() - t0, 1)} for r in checked]
             write_results(out, rows)
+        if cfg.broken and cfg.long_check > 0 and model is not None and not any(
+                r["condition"] == cond["condition"] and r.get("metric") == LONG_BROKEN for r in rows):
+            t0 = time.perf_counter()
+            new = _long_broken(model, tok, cfg, cond, out)
+            rows = rows + [{**r, "seconds_group": round(time.perf_counter() - t0, 1)} for r in new]
+            write_results(out, rows)
     rows = annotate_rows(rows, cfg, out, say=say)
     write_results(out, rows)
     write_report(rows, out)
@@ -777,6 +783,45 @@ def _long_check(model: Any, tok: Any, cfg: CompareConfig, cond: dict, out: Path,
                  n_failed=v["n_failed"]) for name, v in summ["judges"].items()]
 
 
+LONG_BROKEN = "broken (long answers)"
+"""Metric of the long-check row that holds the broken label of the long answers."""
+
+
+def _long_broken(model: Any, tok: Any, cfg: CompareConfig, cond: dict, out: Path) -> list[dict]:
+    """The broken label (``evals.broken``) of a condition's long-check answers, which no early stop cut: scored by
+    the unsteered model (call it with no policy installed) against the unsteered condition's own long answers (for
+    the unsteered condition: these answers). Writes ``broken`` / ``broken_why`` / ``loglik`` / ``n_tokens`` /
+    ``repeat`` into ``long_check.jsonl`` and returns one row (metric :data:`LONG_BROKEN`); [] without long answers."""
+    from collections import Counter
+
+    from saesteer.evals.broken import BrokenConfig, label_broken
+    from saesteer.evals.refusal import stored_chat
+
+    path = Path(out) / "conditions" / slug(cond["condition"]) / "long_check.jsonl"
+    checked = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()] if path.exists() else []
+    if not checked:
+        return []
+    bcfg = BrokenConfig(mad_c=cfg.broken_mad, max_repeat=cfg.broken_repeat)
+    ref = None
+    if cond["condition"] != "unsteered":
+        p0 = Path(out) / "conditions" / slug("unsteered") / "long_check.jsonl"
+        base = [json.loads(x) for x in p0.read_text(encoding="utf-8").splitlines() if x.strip()] if p0.exists() else []
+        ref = [c.get("loglik") for c in base if (c.get("n_tokens") or 0) >= bcfg.min_tokens]  # []: that test off
+    prompts = {(i["subset"], str(i["id"])): i["prompt"] for spec in list(cfg.unsafe) + list(cfg.safe)
+               for i in _eval_items(out, cond["condition"], spec)}
+    chats = [stored_chat(prompts[(c["subset"], str(c["id"]))]) for c in checked]
+    labels, thr = label_broken(model, tok, chats, [c["long_answer"] for c in checked], ref, bcfg,
+                               batch_size=cfg.batch_size)
+    for c, lab in zip(checked, labels):
+        c.update(broken=lab["broken"], broken_why=lab["why"], loglik=lab["loglik"], n_tokens=lab["n_tokens"],
+                 repeat=lab["repeat"])
+    atomic_write_text(path, "".join(json.dumps(c, default=str) + "\n" for c in checked))
+    k = sum(lab["broken"] for lab in labels)
+    why = Counter(w for lab in labels for w in lab["why"])
+    return [_row(cond, "long-check", LONG_BROKEN, rate_summary(k, len(labels)), long_tokens=cfg.long_tokens,
+                 broken_why=dict(why), loglik_threshold=thr)]
+
+
 def _pct(x: float | None, digits: int = 1) -> str:
     return "–" if x is None or x != x else f"{100 * x:.{digits}f}"
 
@@ -888,7 +933,15 @@ def detail_table(rows: Sequence[dict]) -> str:
             lines.append(f"| {p['condition']} | {p['judge']} | {u['n']} | {_pct(u['primary'])} · {_pct(u['judge'])} | "
                          f"{sf['n']} | {_pct(sf['primary'])} · {_pct(sf['judge'])} | {p['kappa']:.2f} | "
                          f"{_pct(p['agreement'])} | {'–' if med is None else f'{med:g}'} |")
-    checks = [r for r in rows if r.get("group") == "long-check"]
+    checks = [r for r in rows if r.get("group") == "long-check" and r.get("metric") != LONG_BROKEN]
+    broken = [r for r in rows if r.get("group") == "long-check" and r.get("metric") == LONG_BROKEN]
+    if broken:
+        lines += ["", "Broken answers among the long-answer check's answers (no early stop; the unsteered model's "
+                      "likelihood against its own long answers, and repetition):", "",
+                  "| condition | broken at long answers, % [95 % CI] | why (unlikely / repetition) |", "|---|---|---|"]
+        lines += [f"| {r['condition']} | {_cell(r)} (at {r.get('long_tokens')} tokens) | "
+                  f"{(r.get('broken_why') or {}).get('unlikely', 0)} / {(r.get('broken_why') or {}).get('repetition', 0)} |"
+                  for r in broken]
     if checks:
         lines += ["", "| condition | judge | verdict changed at long answers, % [95 % CI] | refusal→compliance | "
                       "compliance→refusal |", "|---|---|---|---|---|"]
