@@ -333,6 +333,7 @@ def run_compare(model: Any, tok: Any, cfg: CompareConfig, runner: Runner | None 
         if cfg.broken and cfg.long_check > 0 and model is not None and not any(
                 r["condition"] == cond["condition"] and r.get("metric") == LONG_BROKEN for r in rows):
             t0 = time.perf_counter()
+            say(f"[compare] {cond['condition']} / broken label of the long answers …")
             new = _long_broken(model, tok, cfg, cond, out)
             rows = rows + [{**r, "seconds_group": round(time.perf_counter() - t0, 1)} for r in new]
             write_results(out, rows)
@@ -811,7 +812,7 @@ def _long_broken(model: Any, tok: Any, cfg: CompareConfig, cond: dict, out: Path
                for i in _eval_items(out, cond["condition"], spec)}
     chats = [stored_chat(prompts[(c["subset"], str(c["id"]))]) for c in checked]
     labels, thr = label_broken(model, tok, chats, [c["long_answer"] for c in checked], ref, bcfg,
-                               batch_size=cfg.batch_size)
+                               batch_size=cfg.batch_size, progress=cfg.progress)
     for c, lab in zip(checked, labels):
         c.update(broken=lab["broken"], broken_why=lab["why"], loglik=lab["loglik"], n_tokens=lab["n_tokens"],
                  repeat=lab["repeat"])
