@@ -2,7 +2,8 @@
 # Issue 15 §5: the whole headline comparison from nothing, timed: `saesteer demo` (SAE, features, clamp and gated
 # policies) → the baselines and the two-sided policy (scripts/baselines_demo.sh, policies only) → the full-scale
 # comparison (scripts/compare_full.sh). Writes OUT/timings.json (seconds per stage, dtype, threads, CPU, load);
-# every stage resumes where it stopped, so a cut run continues when started again (its timings then add up).
+# every stage resumes where it stopped, so a cut run continues when started again (its timings then add up), and
+# scripts/headline_timing.py adds the per-group seconds that compare stores (they survive resumes) as compare_groups.
 #
 #   scripts/headline.sh runs/headline
 set -euo pipefail
@@ -39,3 +40,4 @@ PY
 [ -f "$OUT/demo/policies/clamp+cast.json" ] || stage demo "$S" demo --model qwen2.5-coder-0.5b-instruct --out "$OUT/demo"
 stage baselines env COMPARE=0 scripts/baselines_demo.sh "$OUT/demo" "$OUT/baselines"
 stage compare scripts/compare_full.sh "$OUT/demo" "$OUT/baselines" "$OUT/compare-full"
+"$PY" scripts/headline_timing.py "$OUT/compare-full" --into "$OUT/timings.json"
