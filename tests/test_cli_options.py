@@ -40,7 +40,7 @@ def test_every_command_has_its_recorded_options():
     assert diff == {}, f"options (missing, new) per command: {diff}"
 
 
-@pytest.mark.parametrize("name", ["reproduce_default.sh", "baselines_demo.sh", "compare_full.sh"])
+@pytest.mark.parametrize("name", ["reproduce_default.sh", "baselines_demo.sh", "compare_full.sh", "broken_clamps.sh"])
 def test_reproduce_script_runs_existing_commands_and_options(name):
     """A dry run of the result scripts (scripts/reproduce_default.sh takes hours, so its options must not rot unseen):
     every ``$S <command> --option`` they run names a command and options that exist."""
@@ -59,10 +59,12 @@ def test_reproduce_script_runs_existing_commands_and_options(name):
         unknown = sorted(set(opts) - set(recorded[cmd]))
         assert not unknown, f"`saesteer {cmd}` has no option {unknown} ({line.strip()[:120]})"
         runs.append(cmd)
-    if name == "reproduce_default.sh":
-        assert runs.count("compare") >= 4 and "direction" in runs and "eval multiturn" in runs
+    if name == "reproduce_default.sh":  # the headline's own commands are in baselines_demo.sh / compare_full.sh
+        assert runs.count("compare") >= 3 and "eval multiturn" in runs and "scripts/headline.sh" in text
     elif name == "compare_full.sh":
         assert runs == ["compare"]
+    elif name == "broken_clamps.sh":
+        assert runs == ["eval refusal"]
     else:
         assert runs.count("policy fit") == 4 and runs.count("compare") == 1 and "direction" in runs
 
