@@ -612,8 +612,17 @@ def _eval_dir(out: Path, condition: str, spec: str) -> Path:
 
 def _eval_items(out: Path, condition: str, spec: str) -> list[dict]:
     """The stored items (prompt, answer, verdict per prompt) of one condition's refusal eval on ``spec``."""
-    p = _eval_dir(out, condition, spec) / "items.jsonl"
-    return [json.loads(x) for x in p.read_text(encoding="utf-8").splitlines() if x.strip()] if p.exists() else []
+    return _jsonl(_eval_dir(out, condition, spec) / "items.jsonl")
+
+
+def _jsonl(path: Path) -> list[dict]:
+    """The rows of one of compare's own JSONL files; [] when it does not exist (not run yet)."""
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()] if path.exists() else []
+
+
+def _long_path(out: str | Path, condition: str) -> Path:
+    """A condition's long-answer check (``long_check.jsonl``, written by :func:`_long_check`)."""
+    return Path(out) / "conditions" / slug(condition) / "long_check.jsonl"
 
 
 def _judged(out: Path, condition: str, spec: str, judge_spec: str, built: dict, make: Callable,
@@ -641,7 +650,7 @@ def _judged(out: Path, condition: str, spec: str, judge_spec: str, built: dict, 
         atomic_write_text(path, "".join(json.dumps({"id": i["id"], "subset": i["subset"], "label": v.label,
                                                     "error": v.error, "judge": j.name}) + "\n"
                                         for i, v in zip(items, vs)))
-    rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+    rows = _jsonl(path)
     return {"name": rows[0]["judge"] if rows else judge_spec, "labels": {(r["subset"], r["id"]): r["label"] for r in rows}}
 
 
@@ -699,15 +708,15 @@ def annotate_rows(rows: Sequence[dict], cfg: CompareConfig, out: str | Path, mak
             if pairs:
                 r["paired"] = {"vs": "unsteered", **paired_summary([a for a, _ in pairs], [b for _, b in pairs])}
         if r.get("group") in ("unsafe", "safe") and r.get("dataset"):
-            mine = {(i["subset"], i["id"]): i["label"] for i in _eval_items(out, r["condition"], r["dataset"])
-                    if i["subset"] == r["metric"]}
+            items = [i for i in _eval_items(out, r["condition"], r["dataset"]) if i["subset"] == r["metric"]]
+            mine = {(i["subset"], i["id"]): i["label"] for i in items}
             if r["condition"] != "unsteered" and mine:
                 base = {(i["subset"], i["id"]): i["label"] for i in _eval_items(out, "unsteered", r["dataset"])}
                 pairs = [(v, base[k]) for k, v in mine.items() if v is not None and base.get(k) is not None]
                 if pairs:
                     r["paired"] = {"vs": "unsteered", **paired_summary([a for a, _ in pairs], [b for _, b in pairs])}
             judged = {}
-            tokens = {(i["subset"], i["id"]): i.get("n_tokens") for i in _eval_items(out, r["condition"], r["dataset"])}
+            tokens = {(i["subset"], i["id"]): i.get("n_tokens") for i in items}
             for spec in extra if mine else []:
                 other = _judged(out, r["condition"], r["dataset"], spec, built, make, cfg.judges_limit, cfg.seed, say)
                 keys = [k for k in mine if k in other["labels"]]
@@ -720,10 +729,7 @@ def annotate_rows(rows: Sequence[dict], cfg: CompareConfig, out: str | Path, mak
                     "n_failed": len(theirs) - len(decided), "n_both": len(both),
                     "kappa": cohen_kappa([a for a, _ in both], [b for _, b in both]),
                     "agreement": rate_summary(sum(a == b for a, b in both), len(both))["rate"],
-                    "cells": {"both": sum(a and b for a, b in both), "primary_only": sum(a and not b for a, b in both),
-                              "judge_only": sum(b and not a for a, b in both),
-                              "neither": sum(not a and not b for a, b in both)},
-                    "answer_tokens": lengths}
+                    "cells": _cells(both), "answer_tokens": lengths}
             if judged:
                 r["judges"] = judged
         if r.get("group") == "long-check" and r.get("judge"):
@@ -740,12 +746,7 @@ def long_agreement(out: str | Path, condition: str, judge: str) -> dict[str, Any
     short by the prefix judge): the 2x2 ``cells``, each judge's refusal rate, kappa and raw agreement over the
     answers both decided. The primary judge is the first of each row's ``verdicts`` (``_long_check`` judges with
     ``cfg.judge`` first). None for the primary judge itself, or when nothing is stored."""
-    from saesteer.evals import cohen_kappa
-
-    p = Path(out) / "conditions" / slug(condition) / "long_check.jsonl"
-    if not p.exists():
-        return None
-    checked = [json.loads(x) for x in p.read_text(encoding="utf-8").splitlines() if x.strip()]
+    checked = _jsonl(_long_path(out, condition))
     if not checked or not checked[0].get("verdicts"):
         return None
     primary = next(iter(checked[0]["verdicts"]))
@@ -756,12 +757,25 @@ def long_agreement(out: str | Path, condition: str, judge: str) -> dict[str, Any
             and c["verdicts"][judge]["long"] is not None]
     if not both:
         return None
-    n = len(both)
-    cells = {"both": sum(a and b for a, b in both), "primary_only": sum(a and not b for a, b in both),
-             "judge_only": sum(b and not a for a, b in both), "neither": sum(not a and not b for a, b in both)}
-    return {"primary": primary, "n": n, "cells": cells, "primary_rate": sum(a for a, _ in both) / n,
-            "judge_rate": sum(b for _, b in both) / n, "kappa": cohen_kappa([a for a, _ in both], [b for _, b in both]),
-            "agreement": sum(a == b for a, b in both) / n}
+    return {"primary": primary, **_cells_summary(_cells(both))}
+
+
+def _cells(pairs: Sequence[tuple[bool, bool]]) -> dict[str, int]:
+    """The 2x2 of (primary judge, further judge) verdicts."""
+    return {"both": sum(a and b for a, b in pairs), "primary_only": sum(a and not b for a, b in pairs),
+            "judge_only": sum(b and not a for a, b in pairs), "neither": sum(not a and not b for a, b in pairs)}
+
+
+def _cells_summary(cells: dict[str, int]) -> dict[str, Any]:
+    """n, each judge's refusal rate, Cohen's kappa and raw agreement of a 2x2 (:func:`_cells`; n > 0)."""
+    from saesteer.evals import cohen_kappa
+
+    a, b, c, d = cells["both"], cells["primary_only"], cells["judge_only"], cells["neither"]
+    n = a + b + c + d
+    prim = [True] * (a + b) + [False] * (c + d)
+    other = [True] * a + [False] * b + [True] * c + [False] * d
+    return {"n": n, "cells": dict(cells), "primary_rate": (a + b) / n, "judge_rate": (a + c) / n,
+            "kappa": cohen_kappa(prim, other), "agreement": (a + d) / n}
 
 
 def _long_check(model: Any, tok: Any, cfg: CompareConfig, cond: dict, out: Path, make: Callable | None = None) -> list[dict]:
@@ -777,7 +791,7 @@ def _long_check(model: Any, tok: Any, cfg: CompareConfig, cond: dict, out: Path,
     judges = [make(s) for s in dict.fromkeys([cfg.judge, *cfg.judges])]
     summ, checked = verdict_stability(model, tok, items, cond["policy"], judges, n=cfg.long_check, seed=cfg.seed,
                                       max_new_tokens=cfg.long_tokens, batch_size=cfg.batch_size)
-    atomic_write_text(Path(out) / "conditions" / slug(cond["condition"]) / "long_check.jsonl",
+    atomic_write_text(_long_path(out, cond["condition"]),
                       "".join(json.dumps(c, default=str) + "\n" for c in checked))
     return [_row(cond, "long-check", f"verdict changed ({name})", v["changed"], judge=name, long_tokens=cfg.long_tokens,
                  refusal_to_compliance=v["refusal_to_compliance"], compliance_to_refusal=v["compliance_to_refusal"],
@@ -798,16 +812,15 @@ def _long_broken(model: Any, tok: Any, cfg: CompareConfig, cond: dict, out: Path
     from saesteer.evals.broken import BrokenConfig, label_broken
     from saesteer.evals.refusal import stored_chat
 
-    path = Path(out) / "conditions" / slug(cond["condition"]) / "long_check.jsonl"
-    checked = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()] if path.exists() else []
+    path = _long_path(out, cond["condition"])
+    checked = _jsonl(path)
     if not checked:
         return []
     bcfg = BrokenConfig(mad_c=cfg.broken_mad, max_repeat=cfg.broken_repeat)
     ref = None
     if cond["condition"] != "unsteered":
-        p0 = Path(out) / "conditions" / slug("unsteered") / "long_check.jsonl"
-        base = [json.loads(x) for x in p0.read_text(encoding="utf-8").splitlines() if x.strip()] if p0.exists() else []
-        ref = [c.get("loglik") for c in base if (c.get("n_tokens") or 0) >= bcfg.min_tokens]  # []: that test off
+        ref = [c.get("loglik") for c in _jsonl(_long_path(out, "unsteered"))
+               if (c.get("n_tokens") or 0) >= bcfg.min_tokens]  # []: that test off
     prompts = {(i["subset"], str(i["id"])): i["prompt"] for spec in list(cfg.unsafe) + list(cfg.safe)
                for i in _eval_items(out, cond["condition"], spec)}
     chats = [stored_chat(prompts[(c["subset"], str(c["id"]))]) for c in checked]
@@ -832,8 +845,6 @@ def judges_pooled(rows: Sequence[dict]) -> list[dict[str, Any]]:
     summed over the condition's unsafe sets and over its safe sets: each side's n and refusal rate by either judge,
     and kappa and raw agreement over both sides; then the same over every condition (condition ``all``). Rows
     judged before cells were stored are skipped."""
-    from saesteer.evals import cohen_kappa
-
     acc: dict[tuple[str, str], dict[str, list[int]]] = {}
     lengths: dict[tuple[str, str], list[int]] = {}
     for r in rows:
@@ -856,12 +867,10 @@ def judges_pooled(rows: Sequence[dict]) -> list[dict[str, Any]]:
     out = []
     for (cond, name), sides in sorted(acc.items(), key=lambda kv: kv[0][0] == "all"):  # stable: first-seen order
         tot = [sum(x) for x in zip(sides["unsafe"], sides["safe"])]
-        a, b, c, d = tot
-        prim = [True] * a + [True] * b + [False] * c + [False] * d
-        other = [True] * a + [False] * b + [True] * c + [False] * d
+        both = _cells_summary(dict(zip(("both", "primary_only", "judge_only", "neither"), tot))) if sum(tot) else {}
         toks = lengths.get((cond, name)) or []
         out.append({"condition": cond, "judge": name, "unsafe": side(sides["unsafe"]), "safe": side(sides["safe"]),
-                    "n": sum(tot), "kappa": cohen_kappa(prim, other), "agreement": (a + d) / sum(tot) if sum(tot) else None,
+                    "n": sum(tot), "kappa": both.get("kappa", float("nan")), "agreement": both.get("agreement"),
                     "answer_tokens_median": statistics.median(toks) if toks else None})
     return out
 
@@ -869,8 +878,6 @@ def judges_pooled(rows: Sequence[dict]) -> list[dict[str, Any]]:
 def long_agreement_pooled(rows: Sequence[dict]) -> list[dict[str, Any]]:
     """The long-check rows' ``vs_primary`` (:func:`long_agreement`) per condition and further judge, then the cells
     added over every condition (condition ``all``) with their kappa and agreement."""
-    from saesteer.evals import cohen_kappa
-
     out, tot = [], {}
     for r in rows:
         v = r.get("vs_primary")
@@ -880,13 +887,7 @@ def long_agreement_pooled(rows: Sequence[dict]) -> list[dict[str, Any]]:
         t = tot.setdefault(r["judge"], {"both": 0, "primary_only": 0, "judge_only": 0, "neither": 0})
         for k in t:
             t[k] += int(v["cells"][k])
-    for name, c in tot.items():
-        a, b, cc, d = c["both"], c["primary_only"], c["judge_only"], c["neither"]
-        n = a + b + cc + d
-        prim = [True] * (a + b) + [False] * (cc + d)
-        other = [True] * a + [False] * b + [True] * cc + [False] * d
-        out.append({"condition": "all", "judge": name, "n": n, "cells": c, "primary_rate": (a + b) / n,
-                    "judge_rate": (a + cc) / n, "kappa": cohen_kappa(prim, other), "agreement": (a + d) / n})
+    out += [{"condition": "all", "judge": name, **_cells_summary(c)} for name, c in tot.items()]
     return out
 
 
