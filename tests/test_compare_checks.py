@@ -213,6 +213,10 @@ def test_second_judge_reports_the_length_of_the_answers_it_read(tmp_path):
     assert judges_pooled(out)[0]["answer_tokens_median"] == 2.5
     md = detail_table(out)
     assert "(n=4, median 2.5 tokens)" in md and "| 50.0 | 2.5 |" in md
+    # a set the further judge did not read gets a dash in its column (it used to raise)
+    o = {"refusal": rate_summary(1, 2), "compliance": rate_summary(1, 2), "broken": rate_summary(0, 2)}
+    md = detail_table(out + [dict(_row("clamp", [True, False]), outcomes=o)])
+    assert "| clamp | jbb-harmful | 2 | 50.0 | 50.0 / 50.0 / 0.0 | – | – | – |" in md
 
 
 def test_broken_label_of_the_long_answers(tiny, tmp_path):

@@ -913,10 +913,12 @@ def detail_table(rows: Sequence[dict]) -> str:
             js = []
             for n in names:
                 j = (r.get("judges") or {}).get(n)
+                if not j:
+                    js.append("–")
+                    continue
                 tok = j.get("answer_tokens") or []
                 tok_s = f", median {statistics.median(tok):g} tokens" if tok else ""
-                js.append("–" if not j else f"{_pct(j['rate'])} · {j['kappa']:.2f} · {_pct(j['agreement'])} "
-                                            f"(n={j['n_both']}{tok_s})")
+                js.append(f"{_pct(j['rate'])} · {j['kappa']:.2f} · {_pct(j['agreement'])} (n={j['n_both']}{tok_s})")
             if two_sided:
                 js.append(f"{_pct(r.get('gate_fire_rate'), 0)} · {_pct(r.get('gate_low_rate'), 0)}")
             lines.append("| " + " | ".join([r["condition"], r["metric"], str(r.get("n")), _pct(r.get("rate")), split, diff,
