@@ -39,7 +39,7 @@ def refusal_cmd(
     limit: Optional[int] = typer.Option(None, help="seeded sample of at most N prompts per dataset"),
     seed: int = typer.Option(0, help="seed of that sample"),
     out: Path = typer.Option(..., help="output folder (items.jsonl, summary.json)"),
-    judge: str = typer.Option("prefix", help="prefix | model:openai:NAME | model:hf:NAME | classifier:PATH"),
+    judge: str = typer.Option("prefix", help="prefix | model:openai:NAME | model:hf:NAME | classifier:PATH | logit:FILE.json (eval calibrate-judge)"),
     judge_base_url: Optional[str] = typer.Option(None, help="base URL of an OpenAI-compatible judge endpoint"),
     judge_api_key_env: str = typer.Option("OPENAI_API_KEY", help="env var holding the judge endpoint's API key"),
     max_new_tokens: Optional[int] = typer.Option(None, help="answer budget (default 24 with the prefix judge, else 160)"),
@@ -89,7 +89,7 @@ def refusal_cmd(
 @eval_app.command("judges")
 def judges_cmd(
     judge: list[str] = typer.Option(["prefix"], help="judge(s) to score: prefix | model:openai:NAME | model:hf:NAME | "
-                                    "classifier:PATH; repeat or comma"),
+                                    "classifier:PATH | logit:FILE.json | logit:hf:NAME; repeat or comma"),
     labels: Optional[Path] = typer.Option(None, help="human-labelled set (default: <data root>/pyrit_refusal_eval/"
                                           "refusal_eval.jsonl; XSTest model_completions/*.csv also work)"),
     out: Optional[Path] = typer.Option(None, help="write the agreement JSON here"),
@@ -142,6 +142,71 @@ def judges_cmd(
                   str(a["n"]), str(a["n_failed"]), f"{a['precision']:.3f}", f"{a['recall']:.3f}")
     Console().print(t)
 
+
+
+XSTEST_COMPLETIONS = tuple(f"xstest/model_completions/xstest_v2_completions_{m}.csv"
+                           for m in ("gpt4", "llama2new", "llama2orig", "mistralguard", "mistralinstruct"))
+
+
+@eval_app.command("calibrate-judge")
+def calibrate_judge_cmd(
+    out: Path = typer.Option(..., help="write the calibration JSON here; use it as the judge `logit:OUT`"),
+    model: str = typer.Option("qwen2.5-coder-0.5b-instruct", help="the judge model (built-in name, path or hub id) "
+                              "whose REFUSAL - COMPLIANCE log-odds are calibrated"),
+    labels: Optional[list[Path]] = typer.Option(None, help="human-labelled set(s), repeat (default: XSTest's five "
+                                                "model_completions/*.csv, data set xstest-completions)"),
+    limit: Optional[int] = typer.Option(None, help="use a seeded sample of at most N labelled rows (each row is one "
+                                        "forward of the judge)"),
+    seed: int = typer.Option(0, help="seed of that sample and of the prompt split"),
+    fit_share: float = typer.Option(0.5, help="share of the prompts whose rows fit the threshold; the rest is held "
+                                    "out and reported"),
+    max_answer_tokens: int = typer.Option(256, help="the judge reads at most this many tokens of each answer"),
+    batch_size: int = typer.Option(16, help="answers per forward batch"),
+    dtype: Optional[str] = DTYPE_OPT,
+    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
+) -> None:
+    """Fit a logit judge's threshold on human refusal labels (split by prompt) and report it on held-out rows."""
+    check_output_path(out, "file")
+    ensure(limit is None or limit >= 2, f"--limit must be ≥ 2, got {limit}")
+    ensure(0 < fit_share < 1, f"--fit-share must be in (0, 1), got {fit_share}")
+    ensure(max_answer_tokens >= 1, f"--max-answer-tokens must be ≥ 1, got {max_answer_tokens}")
+    from saesteer.core import atomic_write_json, set_threads
+    from saesteer.data import resolve_file
+    from saesteer.models import load_model
+
+    from ..evals.judges import PrefixJudge, load_human_labels
+    from ..evals.logitjudge import LogitJudge, calibrate
+
+    set_threads(threads)
+    paths = list(labels) if labels else [resolve_file("xstest-completions", p) for p in XSTEST_COMPLETIONS]
+    rows = [r for p in paths for r in load_human_labels(p)]
+    if limit is not None and limit < len(rows):
+        import random
+
+        rows = random.Random(seed).sample(rows, limit)
+    judge = LogitJudge(*load_model(model, device=resolve_device(device), dtype=dtype),
+                       max_answer_tokens=max_answer_tokens, batch_size=batch_size)
+    report = calibrate(judge, rows, seed=seed, fit_share=fit_share, baselines=[PrefixJudge()], say=print)
+    report["labels_files"] = [str(p) for p in paths]
+    report["sample"] = {"limit": limit, "n_rows": len(rows)}
+    atomic_write_json(out, report)
+    from rich.console import Console
+    from rich.table import Table
+
+    h = report["held_out"]
+    t = Table(title=f"{judge.model_name} on {h['n']} held-out labelled answers ({h['n_refusal']} refusals); "
+                    f"threshold {report['threshold']:+.3f} fitted on {report['fit']['n']}")
+    for c in ("judge", "accuracy", "95% CI", "balanced acc.", "kappa", "AUC", "precision", "recall"):
+        t.add_column(c)
+    for nm, a in [(f"logit, calibrated ({report['threshold']:+.3f})", h["calibrated"]),
+                  ("logit, uncalibrated (0)", h["uncalibrated"]), *h["baselines"].items()]:
+        acc = a["accuracy"]
+        t.add_row(nm, f"{acc['rate']:.3f}", f"[{acc['ci_low']:.3f}, {acc['ci_high']:.3f}]",
+                  f"{a['balanced_accuracy']:.3f}", f"{a['kappa']:.3f}", f"{a['auc']:.3f}" if "auc" in a else "–",
+                  f"{a['precision']:.3f}", f"{a['recall']:.3f}")
+    Console().print(t)
+    print(f"wrote {out}; judge spec: logit:{out}")
 
 
 @eval_app.command("multiturn")

@@ -155,6 +155,15 @@ _PYRIT_WHEEL = "https://files.pythonhosted.org/packages/py3/p/pyrit/pyrit-1.1.0-
 _PYRIT_TAG = "v1.1.0 tag name assumed (the data were taken from the pyrit 1.1.0 wheel)"
 
 
+_XSTEST_COMPLETIONS = (  # model -> sha256, size of model_completions/xstest_v2_completions_<model>.csv
+    ("gpt4", "71af323af8ecdec0efae23992317721441d2cfedddedeef3248f842f4e15c9ca", 259111),
+    ("llama2new", "6365cc55ce0a593c7ab8785853d02784be027d97199d4077912b4313cd010099", 517476),
+    ("llama2orig", "cbc52550e8ba8197a3e3d97a5af078d27bae4766737cd62df80270126a87ffc6", 470900),
+    ("mistralguard", "0ac03817b65e019a8f5b4b3eed805086f9f7fafe538ac9ebd156f80210af6903", 303726),
+    ("mistralinstruct", "6a146b65a5b96ec8249729bc2db459697175125998d7cbbcc88f7688ecf31dad", 371935),
+)
+
+
 def _hh_input(subset: str, sha: str, size: int, carrier: Source) -> Input:
     return Input(f"{subset}/test.jsonl.gz", sha, (carrier, _hf("Anthropic/hh-rlhf", f"{subset}/test.jsonl.gz", note=_UNPINNED)),
                  size)
@@ -172,6 +181,18 @@ _SETS: list[DataSet] = [
         "Röttger et al. 2024, XSTest: A Test Suite for Identifying Exaggerated Safety Behaviours in Large Language "
         "Models, NAACL 2024",
         "https://github.com/paul-rottger/exaggerated-safety", aliases=("xstest-safe", "xstest-unsafe"),
+    ),
+    DataSet(
+        "xstest-completions", "XSTest v2 model completions: 5 × 450 answers (GPT-4, Llama-2-70b-chat ×2, Mistral-7B ×2) "
+        "with human refusal labels (the logit judge's calibration set)",
+        tuple(DataFile(f"xstest/model_completions/xstest_v2_completions_{m}.csv", sha, size,
+                       sources=(_gh("paul-rottger/exaggerated-safety", "d7bb5bd738c1fcbc36edd83d5e7d1b71a3e2d84d",
+                                    f"model_completions/xstest_v2_completions_{m}.csv"),))
+              for m, sha, size in _XSTEST_COMPLETIONS),
+        "labels CC-BY-4.0; the completions are subject to the original models' licences (Llama 2, Mistral, OpenAI terms)",
+        "Röttger et al. 2024, XSTest: A Test Suite for Identifying Exaggerated Safety Behaviours in Large Language "
+        "Models, NAACL 2024",
+        "https://github.com/paul-rottger/exaggerated-safety",
     ),
     DataSet(
         "advbench", "AdvBench harmful behaviors (520 instructions with affirmative targets)",

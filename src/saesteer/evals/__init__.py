@@ -42,6 +42,14 @@ from .judges import (  # noqa: F401
     normalize_answer,
     parse_label,
     parse_wildguard,
+    register_judge_kind,
+)
+from .logitjudge import (  # noqa: F401  (importing it registers the judge kind ``logit``)
+    LogitJudge,
+    calibrate,
+    fit_threshold,
+    read_calibration,
+    roc_auc,
 )
 from .loglik import (  # noqa: F401
     count_sequences,

@@ -28,7 +28,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 from saesteer.core import SaesteerError, ensure
 
@@ -413,13 +413,24 @@ def _refusal_index(id2label: dict[int, str], refusal_label: str | int | None, pa
 
 
 # --------------------------------------------------------------------------------------------- factory
+#: Judge kinds other modules add (``register_judge_kind``): spec ``KIND:REST`` → ``factory(REST, device)``.
+JUDGE_KINDS: dict[str, Callable[[str, str], Any]] = {}
+
+
+def register_judge_kind(kind: str, factory: Callable[[str, str], Any]) -> None:
+    """Let :func:`make_judge` build ``KIND:REST`` specs with ``factory(rest, device)`` (e.g. ``logit`` from
+    :mod:`saesteer.evals.logitjudge`)."""
+    JUDGE_KINDS[kind] = factory
+
+
 def make_judge(
     spec: str, base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY", device: str = "cpu",
     refusal_label: str | None = None,
 ) -> Any:
     """Build a judge from a spec: ``prefix``; ``model:openai:NAME`` (endpoint at ``base_url``); ``model:hf:NAME``
     (local model via :func:`saesteer.models.load_model`); ``model:NAME`` (endpoint when ``base_url`` is given, else
-    local); ``classifier:PATH``."""
+    local); ``classifier:PATH``; ``logit:FILE.json`` (a calibrated :class:`~saesteer.evals.logitjudge.LogitJudge`,
+    ``saesteer eval calibrate-judge``) or ``logit:hf:NAME`` (uncalibrated)."""
     spec = spec.strip()
     if spec == "prefix":
         return PrefixJudge()
@@ -435,7 +446,10 @@ def make_judge(
         return ModelJudge(HFBackend(*load_model(name, device=device)))
     if kind == "classifier" and rest:
         return ClassifierJudge(rest, device=device, refusal_label=refusal_label)
-    raise SaesteerError(f"unknown judge {spec!r}: use prefix, model:openai:NAME, model:hf:NAME or classifier:PATH")
+    if kind in JUDGE_KINDS and rest:
+        return JUDGE_KINDS[kind](rest, device)
+    raise SaesteerError(f"unknown judge {spec!r}: use prefix, model:openai:NAME, model:hf:NAME, classifier:PATH, "
+                        "logit:FILE.json or logit:hf:NAME")
 
 
 # --------------------------------------------------------------------------------------------- agreement

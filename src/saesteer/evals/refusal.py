@@ -45,7 +45,7 @@ class RefusalEvalConfig:
     seed: int = 0
     """Seed of that sample."""
     judge: str = "prefix"
-    """prefix | model:openai:NAME | model:hf:NAME | classifier:PATH (see ``judges.make_judge``)."""
+    """prefix | model:openai:NAME | model:hf:NAME | classifier:PATH | logit:FILE.json (see ``judges.make_judge``)."""
     judge_base_url: str | None = None
     """Base URL of an OpenAI-compatible judge endpoint."""
     judge_api_key_env: str = "OPENAI_API_KEY"
