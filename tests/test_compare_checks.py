@@ -11,7 +11,14 @@ import pytest
 from saesteer.core import mcnemar_exact, paired_diff_interval, rate_summary
 from saesteer.evals import Verdict
 from saesteer.experiments import CompareConfig
-from saesteer.experiments.compare import _long_check, annotate_rows, detail_table, judges_pooled, write_report
+from saesteer.experiments.compare import (
+    _long_check,
+    _long_rejudge,
+    annotate_rows,
+    detail_table,
+    judges_pooled,
+    write_report,
+)
 
 SPEC = "jbb-harmful"
 
@@ -143,6 +150,36 @@ def test_long_answer_verdict_check(tiny, tmp_path):
     # the long answers are the model's own greedy continuations of the short ones
     assert all(c["long_answer"].startswith(c["short_answer"]) for c in checked)
     assert "verdict changed at long answers" in detail_table(rows)
+
+
+def test_a_judge_added_later_reads_the_stored_long_answers(tiny, tmp_path):
+    # the check ran with the length judge only; a rerun naming a further judge has it read the stored pairs, adds its
+    # verdicts to long_check.jsonl (the earlier ones kept) and one "verdict changed" row; a third run adds nothing
+    model, tok = tiny
+    from saesteer.generation import generate
+
+    prompts = [f"tell me about topic {i}" for i in range(6)]
+    short = generate(model, tok, prompts, max_new_tokens=2)
+    _write(tmp_path, "unsteered", [dict(r, answer=a) for r, a in zip(_items([True] * 6), short)])
+    cond = {"condition": "unsteered", "gate": "none", "steer": "", "policy": None}
+    judges = {"length": LengthJudge(), "marked": MarkedJudge()}
+    first = CompareConfig(judge="length", judges=[], unsafe=[SPEC], safe=[], long_check=4, long_tokens=24)
+    _long_check(model, tok, first, cond, tmp_path, make=lambda s: judges[s])
+    path = tmp_path / "conditions" / "unsteered" / "long_check.jsonl"
+    before = [json.loads(x) for x in path.read_text().splitlines()]
+    later = CompareConfig(judge="length", judges=["marked"], unsafe=[SPEC], safe=[], long_check=4, long_tokens=24)
+    built = {}
+    rows = _long_rejudge(later, cond, tmp_path, built, make=lambda s: judges[s])
+    assert [r["judge"] for r in rows] == ["marked"] and rows[0]["n"] == 4 and rows[0]["k"] == 0
+    after = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [a["verdicts"]["length"] for a in after] == [b["verdicts"]["length"] for b in before]
+    assert sorted(judges["marked"].seen) == sorted([c["short_answer"] for c in before] + [c["long_answer"] for c in before])
+    assert all(a["verdicts"]["marked"] == {"short": "NO" in a["short_answer"], "long": "NO" in a["long_answer"]}
+               for a in after)
+    assert _long_rejudge(later, cond, tmp_path, built, make=lambda s: judges[s]) == []
+    # and the primary-vs-further agreement on the long answers now has the new judge
+    out = annotate_rows([dict(rows[0], group="long-check")], later, tmp_path, make=lambda s: judges[s])
+    assert out[0]["vs_primary"]["n"] == 4
 
 
 def test_second_judge_on_a_seeded_sample(tmp_path):

@@ -303,18 +303,23 @@ def verdict_stability(model: Any, tok: Any, items: Sequence[dict], steering: Any
     requests = [stored_request(r["prompt"]) for r in sample]
     rows = [{"id": r.get("id"), "subset": r.get("subset"), "short_answer": r["answer"], "long_answer": a, "verdicts": {}}
             for r, a in zip(sample, long_answers)]
-    summary: dict[str, Any] = {"n_sampled": len(sample), "max_new_tokens": max_new_tokens, "seed": seed, "judges": {}}
-    for j in judges:
-        short = j.judge(requests, [r["answer"] for r in sample])
-        long_ = j.judge(requests, long_answers)
-        both = [(s.label, v.label) for s, v in zip(short, long_) if s.label is not None and v.label is not None]
-        for row, s, v in zip(rows, short, long_):
-            row["verdicts"][j.name] = {"short": s.label, "long": v.label}
-        summary["judges"][j.name] = {
-            "changed": rate_summary(sum(a != b for a, b in both), len(both)),
-            "refusal_to_compliance": sum(a and not b for a, b in both),
-            "compliance_to_refusal": sum(b and not a for a, b in both), "n_failed": len(sample) - len(both)}
+    summary: dict[str, Any] = {"n_sampled": len(sample), "max_new_tokens": max_new_tokens, "seed": seed,
+                               "judges": {j.name: judge_stability(j, requests, rows) for j in judges}}
     return summary, rows
+
+
+def judge_stability(judge: Any, requests: Sequence[str], rows: Sequence[dict]) -> dict[str, Any]:
+    """One judge on the short and the long answer of each row of :func:`verdict_stability` (``short_answer``,
+    ``long_answer``): writes ``row["verdicts"][judge.name] = {"short", "long"}`` and returns ``{"changed",
+    "refusal_to_compliance", "compliance_to_refusal", "n_failed"}`` (``changed`` over the rows decided both times)."""
+    short = judge.judge(requests, [r["short_answer"] for r in rows])
+    long_ = judge.judge(requests, [r["long_answer"] for r in rows])
+    both = [(s.label, v.label) for s, v in zip(short, long_) if s.label is not None and v.label is not None]
+    for row, s, v in zip(rows, short, long_):
+        row.setdefault("verdicts", {})[judge.name] = {"short": s.label, "long": v.label}
+    return {"changed": rate_summary(sum(a != b for a, b in both), len(both)),
+            "refusal_to_compliance": sum(a and not b for a, b in both),
+            "compliance_to_refusal": sum(b and not a for a, b in both), "n_failed": len(rows) - len(both)}
 
 
 def summarize(items: Sequence[dict]) -> dict[str, Any]:

@@ -337,7 +337,13 @@ def run_compare(model: Any, tok: Any, cfg: CompareConfig, runner: Runner | None 
             new = _long_broken(model, tok, cfg, cond, out)
             rows = rows + [{**r, "seconds_group": round(time.perf_counter() - t0, 1)} for r in new]
             write_results(out, rows)
-    rows = annotate_rows(rows, cfg, out, say=say)
+    built: dict[str, Any] = {}
+    for cond in conds:
+        new = _long_rejudge(cfg, cond, out, built, say=say) if cfg.long_check > 0 else []
+        if new:
+            rows = rows + new
+            write_results(out, rows)
+    rows = annotate_rows(rows, cfg, out, say=say, built=built)
     write_results(out, rows)
     write_report(rows, out)
     return rows
@@ -684,7 +690,7 @@ def _capability_pairs(out: Path, row: dict, cache: dict) -> list[tuple[bool, boo
 
 
 def annotate_rows(rows: Sequence[dict], cfg: CompareConfig, out: str | Path, make: Callable | None = None,
-                  say: Callable[[str], None] | None = None) -> list[dict]:
+                  say: Callable[[str], None] | None = None, built: dict[str, Any] | None = None) -> list[dict]:
     """Each refusal row (unsafe / safe) gets, from the per-prompt verdicts stored in its eval folder: ``paired`` —
     the condition minus unsteered on the same prompts (``core.paired_summary``: Newcombe paired interval, exact
     McNemar p) — and ``judges`` — per further judge of ``cfg.judges``, its refusal rate on the very same answers,
@@ -698,7 +704,7 @@ def annotate_rows(rows: Sequence[dict], cfg: CompareConfig, out: str | Path, mak
         from saesteer.evals import make_judge as make
     out = Path(out)
     extra = [j for j in dict.fromkeys(cfg.judges) if j != cfg.judge]
-    built: dict[str, Any] = {}
+    built = {} if built is None else built  # judges built once (a model judge loads its model)
     cap_cache: dict[str, dict] = {}
     res = []
     for r in rows:
@@ -793,9 +799,45 @@ def _long_check(model: Any, tok: Any, cfg: CompareConfig, cond: dict, out: Path,
                                       max_new_tokens=cfg.long_tokens, batch_size=cfg.batch_size)
     atomic_write_text(_long_path(out, cond["condition"]),
                       "".join(json.dumps(c, default=str) + "\n" for c in checked))
+    return _stability_rows(cfg, cond, summ["judges"])
+
+
+def _stability_rows(cfg: CompareConfig, cond: dict, judged: dict[str, dict]) -> list[dict]:
     return [_row(cond, "long-check", f"verdict changed ({name})", v["changed"], judge=name, long_tokens=cfg.long_tokens,
                  refusal_to_compliance=v["refusal_to_compliance"], compliance_to_refusal=v["compliance_to_refusal"],
-                 n_failed=v["n_failed"]) for name, v in summ["judges"].items()]
+                 n_failed=v["n_failed"]) for name, v in judged.items()]
+
+
+def _long_rejudge(cfg: CompareConfig, cond: dict, out: Path, built: dict, make: Callable | None = None,
+                  say: Callable[[str], None] | None = None) -> list[dict]:
+    """Judges of ``cfg.judge`` / ``cfg.judges`` that a condition's stored long-answer check has no verdicts of
+    (added to the comparison after the check ran): they judge its stored short and long answers
+    (``evals.refusal.judge_stability``), ``long_check.jsonl`` gets their verdicts, and each gets its "verdict
+    changed" row. [] when nothing is stored or every judge has read it. ``built`` caches judges across conditions."""
+    from saesteer.evals.refusal import judge_stability, stored_request
+
+    if make is None:
+        from saesteer.evals import make_judge as make
+    path = _long_path(out, cond["condition"])
+    checked = _jsonl(path)
+    if not checked:
+        return []
+    prompts = {(i["subset"], str(i["id"])): i["prompt"] for spec in list(cfg.unsafe) + list(cfg.safe)
+               for i in _eval_items(out, cond["condition"], spec)}
+    judged = {}
+    for spec in dict.fromkeys([cfg.judge, *cfg.judges]):
+        if spec not in built:
+            built[spec] = make(spec)
+        j = built[spec]
+        if all(j.name in c.get("verdicts", {}) for c in checked):
+            continue
+        if say is not None:
+            say(f"[compare] judge {spec}: {cond['condition']} / long-answer check, {len(checked)} answer pairs …")
+        judged[j.name] = judge_stability(j, [stored_request(prompts[(c["subset"], str(c["id"]))]) for c in checked],
+                                         checked)
+    if judged:
+        atomic_write_text(path, "".join(json.dumps(c, default=str) + "\n" for c in checked))
+    return _stability_rows(cfg, cond, judged)
 
 
 LONG_BROKEN = "broken (long answers)"
