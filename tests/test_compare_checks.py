@@ -15,6 +15,7 @@ from saesteer.experiments.compare import (
     _long_check,
     _long_rejudge,
     annotate_rows,
+    broken_pooled,
     detail_table,
     judges_pooled,
     write_report,
@@ -111,6 +112,34 @@ def test_detail_table_outcome_split():
     md = detail_table([dict(_row("clamp", [True] * 7 + [False] * 3), outcomes=o)])
     assert "| clamp | jbb-harmful | 10 | 70.0 | 50.0 / 30.0 / 20.0 |" in md
     assert detail_table([_row("clamp", [True])]) == ""
+
+
+def test_broken_pooled_per_condition(tmp_path):
+    # clamp: unsafe sets 1/10 and 2/5 broken, safe 0/4; scored counts come from the stored items (n_tokens >= 4)
+    def row(group, spec, k, n, judged_refusal=0):
+        o = {"refusal": rate_summary(0, n), "compliance": rate_summary(n - k, n), "broken": rate_summary(k, n),
+             "broken_judged_refusal": judged_refusal}
+        return {"condition": "clamp", "gate": "none", "steer": "", "group": group, "metric": spec, "dataset": spec,
+                **rate_summary(0, n), "outcomes": o}
+
+    rows = [row("unsafe", "a", 1, 10, 1), row("unsafe", "b", 2, 5), row("safe", "c", 0, 4)]
+    for r, toks in zip(rows, ([3] * 6 + [10] * 4, [24] * 5, [3, 3, 3, 3])):
+        d = tmp_path / "conditions" / "clamp" / r["dataset"]
+        d.mkdir(parents=True)
+        items = [{"id": str(i), "subset": r["metric"], "prompt": "p", "answer": "a", "label": False, "n_tokens": t,
+                  "broken": False} for i, t in enumerate(toks)]
+        (d / "items.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
+    out = annotate_rows(rows, CompareConfig(judges=[]), tmp_path)
+    assert [r["broken_scored"] for r in out] == [4, 5, 0]
+    (b,) = broken_pooled(out)
+    assert (b["unsafe"]["k"], b["unsafe"]["n"], b["unsafe"]["scored"]) == (3, 15, 9)
+    assert (b["safe"]["k"], b["safe"]["n"], b["safe"]["scored"]) == (0, 4, 0) and b["judged_refusal"] == 1
+    md = detail_table(out)
+    assert "| clamp | 20.0 [7, 45] n=15 | 9 / 15 | 0.0 [0, 49] n=4 | 0 / 4 | 1 |" in md
+    # rows from before the scored count: the pooled rate still shows, the scored column says unknown
+    (b2,) = broken_pooled(rows)
+    assert b2["unsafe"]["k"] == 3 and b2["unsafe"]["scored"] is None
+    assert broken_pooled([_row("clamp", [True])]) == []
 
 
 class LengthJudge:

@@ -721,6 +721,11 @@ def annotate_rows(rows: Sequence[dict], cfg: CompareConfig, out: str | Path, mak
                 pairs = [(v, base[k]) for k, v in mine.items() if v is not None and base.get(k) is not None]
                 if pairs:
                     r["paired"] = {"vs": "unsteered", **paired_summary([a for a, _ in pairs], [b for _, b in pairs])}
+            if items and all("broken" in i for i in items):
+                from saesteer.evals.broken import BrokenConfig
+
+                r["broken_scored"] = sum((i.get("n_tokens") or 0) >= BrokenConfig.min_tokens for i in items
+                                         if i["label"] is not None)
             judged = {}
             tokens = {(i["subset"], i["id"]): i.get("n_tokens") for i in items}
             for spec in extra if mine else []:
@@ -882,6 +887,38 @@ def _pct(x: float | None, digits: int = 1) -> str:
     return "–" if x is None or x != x else f"{100 * x:.{digits}f}"
 
 
+def broken_pooled(rows: Sequence[dict]) -> list[dict[str, Any]]:
+    """Per condition, the broken label's counts (``outcomes["broken"]``) summed over its unsafe and over its safe
+    refusal sets: ``rate_summary`` plus ``scored`` (answers long enough to score, from :func:`annotate_rows`; None when
+    not known) per side, and ``judged_refusal``. [] when no row carries a broken label."""
+    acc: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        o = r.get("outcomes") or {}
+        if r.get("group") not in ("unsafe", "safe") or "broken" not in o:
+            continue
+        c = acc.setdefault(r["condition"], {"unsafe": [0, 0, 0, True], "safe": [0, 0, 0, True], "judged_refusal": 0})
+        side = c[r["group"]]
+        side[0] += o["broken"]["k"]
+        side[1] += o["broken"]["n"]
+        if r.get("broken_scored") is None:
+            side[3] = False
+        else:
+            side[2] += r["broken_scored"]
+        c["judged_refusal"] += o.get("broken_judged_refusal", 0)
+    out = []
+    for cond, c in acc.items():
+        sides = {g: ({**rate_summary(k, n), "scored": sc if known else None} if n else None)
+                 for g, (k, n, sc, known) in ((g, c[g]) for g in ("unsafe", "safe"))}
+        out.append({"condition": cond, **sides, "judged_refusal": c["judged_refusal"]})
+    return out
+
+
+def _scored(side: dict | None) -> str:
+    if not side or side.get("scored") is None:
+        return "–"
+    return f"{side['scored']} / {side['n']}"
+
+
 def judges_pooled(rows: Sequence[dict]) -> list[dict[str, Any]]:
     """Per condition and further judge, its 2x2 cells against the primary judge (``row["judges"][name]["cells"]``)
     summed over the condition's unsafe sets and over its safe sets: each side's n and refusal rate by either judge,
@@ -965,6 +1002,18 @@ def detail_table(rows: Sequence[dict]) -> str:
                 js.append(f"{_pct(r.get('gate_fire_rate'), 0)} · {_pct(r.get('gate_low_rate'), 0)}")
             lines.append("| " + " | ".join([r["condition"], r["metric"], str(r.get("n")), _pct(r.get("rate")), split, diff,
                                              mp] + js) + " |")
+    brk = broken_pooled(rows)
+    if brk:
+        lines += ["", "Broken answers in these rows, pooled per condition over its unsafe and over its safe sets: broken "
+                      "% [95 % CI] (k / n; scored = answers of ≥ 4 tokens, which the label can read: with `--broken` "
+                      "only refusals stop early, so every answer judged compliance is scored). A broken answer is never "
+                      "counted as compliance; the last column counts those the judge had called refusals.", "",
+                  "| condition | unsafe broken % | unsafe scored | safe broken % | safe scored | broken, judged refusal |",
+                  "|---|---|---|---|---|---|"]
+        for b in brk:
+            u, sf = b["unsafe"], b["safe"]
+            lines.append(f"| {b['condition']} | {_cell(u) if u else '–'} | {_scored(u)} | {_cell(sf) if sf else '–'} | "
+                         f"{_scored(sf)} | {b['judged_refusal']} |")
     pooled = judges_pooled(rows)
     if pooled:
         lines += ["", "Further judges on the same answers, pooled over each condition's refusal sets (the answers both "
