@@ -16,6 +16,7 @@ from saesteer.evals.logitjudge import (
     LogitJudge,
     balanced_accuracy,
     calibrate,
+    calibration_plot,
     fit_threshold,
     read_calibration,
     roc_auc,
@@ -130,7 +131,7 @@ class _Scored(LogitJudge):
         return [self.table[a] for a in answers]
 
 
-def test_calibrate_fits_on_one_half_and_reports_the_other():
+def test_calibrate_fits_on_one_half_and_reports_the_other(tmp_path):
     rng = random.Random(0)
     rows, table = [], {}
     for i in range(80):
@@ -147,6 +148,9 @@ def test_calibrate_fits_on_one_half_and_reports_the_other():
     assert unc["balanced_accuracy"] == 0.5 and unc["confusion"]["tn"] == 0
     assert cal["balanced_accuracy"] > 0.9 and cal["kappa"] > 0.8
     assert cal["auc"] == unc["auc"] > 0.9  # the threshold does not change the ranking
+    assert rep["held_out"]["is_refusal"] == [r["is_refusal"] for r in rows if r["id"] in set(rep["held_out"]["ids"])]
+    png = calibration_plot(rep, tmp_path / "cal.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_calibration_file_round_trip_and_errors(tiny_dir, tmp_path):
@@ -187,6 +191,7 @@ def test_cli_calibrate_judge(tiny_dir, tmp_path, capsys):
     d = read_calibration(out)
     assert d["held_out"]["n"] + d["fit"]["n"] == 12 and d["dtype"] == "float32"
     assert "prefix" in d["held_out"]["baselines"]
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"logit:{out}" in capsys.readouterr().out
     # bad input: one line, exit 2, nothing written
     out2 = tmp_path / "cal2.json"
@@ -195,4 +200,4 @@ def test_cli_calibrate_judge(tiny_dir, tmp_path, capsys):
               "--fit-share", "1.5"])
     err = capsys.readouterr().err
     assert ei.value.code == 2 and err.strip().startswith("saesteer: error:") and "--fit-share" in err
-    assert not out2.exists()
+    assert not out2.exists() and not out2.with_suffix(".png").exists()

@@ -150,7 +150,8 @@ XSTEST_COMPLETIONS = tuple(f"xstest/model_completions/xstest_v2_completions_{m}.
 
 @eval_app.command("calibrate-judge")
 def calibrate_judge_cmd(
-    out: Path = typer.Option(..., help="write the calibration JSON here; use it as the judge `logit:OUT`"),
+    out: Path = typer.Option(..., help="write the calibration JSON here (and its plot beside it, .png); use it as the "
+                             "judge `logit:OUT`"),
     model: str = typer.Option("qwen2.5-coder-0.5b-instruct", help="the judge model (built-in name, path or hub id) "
                               "whose REFUSAL - COMPLIANCE log-odds are calibrated"),
     labels: Optional[list[Path]] = typer.Option(None, help="human-labelled set(s), repeat (default: XSTest's five "
@@ -176,7 +177,7 @@ def calibrate_judge_cmd(
     from saesteer.models import load_model
 
     from ..evals.judges import PrefixJudge, load_human_labels
-    from ..evals.logitjudge import LogitJudge, calibrate
+    from ..evals.logitjudge import LogitJudge, calibrate, calibration_plot
 
     set_threads(threads)
     paths = list(labels) if labels else [resolve_file("xstest-completions", p) for p in XSTEST_COMPLETIONS]
@@ -191,6 +192,7 @@ def calibrate_judge_cmd(
     report["labels_files"] = [str(p) for p in paths]
     report["sample"] = {"limit": limit, "n_rows": len(rows)}
     atomic_write_json(out, report)
+    png = calibration_plot(report, out.with_suffix(".png"))
     from rich.console import Console
     from rich.table import Table
 
@@ -206,7 +208,7 @@ def calibrate_judge_cmd(
                   f"{a['balanced_accuracy']:.3f}", f"{a['kappa']:.3f}", f"{a['auc']:.3f}" if "auc" in a else "–",
                   f"{a['precision']:.3f}", f"{a['recall']:.3f}")
     Console().print(t)
-    print(f"wrote {out}; judge spec: logit:{out}")
+    print(f"wrote {out} and {png}; judge spec: logit:{out}")
 
 
 @eval_app.command("multiturn")

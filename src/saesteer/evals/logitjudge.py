@@ -158,8 +158,54 @@ def calibrate(judge: LogitJudge, rows: Sequence[dict], seed: int = 0, fit_share:
                 "ids": [r["id"] for r in fit]},
         "held_out": {"n": len(held), "n_refusal": sum(y_held), "calibrated": _report(s_held, y_held, t),
                      "uncalibrated": _report(s_held, y_held, 0.0), "ids": [r["id"] for r in held],
-                     "scores": [round(s, 4) for s in s_held], "baselines": others},
+                     "scores": [round(s, 4) for s in s_held], "is_refusal": y_held, "baselines": others},
     }
+
+
+def calibration_plot(report: dict[str, Any], path: str | Path) -> Path:
+    """PNG of a calibration's held-out half (:func:`calibrate`'s report): the score histogram of the human-labelled
+    refusals and compliances with the fitted threshold (solid) and 0 (dashed), and the ROC curve with the fitted
+    operating point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from saesteer.core import atomic_write_bytes
+
+    scores, labels = report["held_out"]["scores"], report["held_out"]["is_refusal"]
+    ref = [s for s, y in zip(scores, labels) if y]
+    com = [s for s, y in zip(scores, labels) if not y]
+    t = report["threshold"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    lo, hi = min(scores + [t, 0.0]), max(scores + [t, 0.0])
+    bins = [lo + (hi - lo) * i / 30 for i in range(31)] if hi > lo else 10
+    a.hist(com, bins=bins, alpha=0.6, color="#2ca02c", label=f"human: compliance (n={len(com)})")
+    a.hist(ref, bins=bins, alpha=0.6, color="#d62728", label=f"human: refusal (n={len(ref)})")
+    a.axvline(t, color="k", label=f"fitted threshold {t:+.2f}")
+    a.axvline(0.0, color="k", ls="--", lw=1, label="0 (uncalibrated)")
+    a.set_xlabel("log p(REFUSAL) - log p(COMPLIANCE)")
+    a.set_ylabel("held-out answers")
+    a.legend(fontsize=7)
+    a.set_title(f"{report['model']}: held-out scores", fontsize=9)
+    cuts = sorted(set(scores), reverse=True)
+    tpr = [0.0] + [sum(s >= c for s in ref) / max(len(ref), 1) for c in cuts]
+    fpr = [0.0] + [sum(s >= c for s in com) / max(len(com), 1) for c in cuts]
+    b.plot(fpr, tpr, color="#1f77b4")
+    b.plot([0, 1], [0, 1], color="#999999", ls=":", lw=1)
+    cal = report["held_out"]["calibrated"]
+    b.plot([cal["confusion"]["fp"] / max(len(com), 1)], [cal["confusion"]["tp"] / max(len(ref), 1)], "ko",
+           label=f"fitted threshold: accuracy {cal['accuracy']['rate']:.2f}, κ {cal['kappa']:.2f}")
+    b.set_xlabel("false refusal rate (compliances called refusal)")
+    b.set_ylabel("refusal recall")
+    b.set_title(f"ROC, AUC {cal['auc']:.3f}", fontsize=9)
+    b.legend(fontsize=7, loc="lower right")
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 def _dtype(model: Any) -> str:
