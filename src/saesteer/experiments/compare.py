@@ -654,7 +654,7 @@ def _judged(out: Path, condition: str, spec: str, judge_spec: str, built: dict, 
             say(f"[compare] judge {judge_spec}: {condition} / {spec}, {len(items)} answers …")
         vs = j.judge([stored_request(i["prompt"]) for i in items], [i["answer"] for i in items]) if items else []
         atomic_write_text(path, "".join(json.dumps({"id": i["id"], "subset": i["subset"], "label": v.label,
-                                                    "error": v.error, "judge": j.name}) + "\n"
+                                                    "error": v.error, "raw": v.raw, "judge": j.name}) + "\n"
                                         for i, v in zip(items, vs)))
     rows = _jsonl(path)
     return {"name": rows[0]["judge"] if rows else judge_spec, "labels": {(r["subset"], r["id"]): r["label"] for r in rows}}
