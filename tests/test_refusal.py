@@ -65,7 +65,7 @@ def test_prefix_judge_stops_rows_once_decided(tiny, prompts_file):
     cfg = RefusalEvalConfig(datasets=[prompts_file], max_new_tokens=12, progress=False)
     s = run_refusal_eval(model, tok, cfg)
     j = PrefixJudge()
-    assert s["early_stop"] and s["judge"] == "prefix"
+    assert s["early_stop"] == "every answer" and s["judge"] == "prefix"
     for r in s["_items"]:
         n_tok = len(tok(r["answer"], add_special_tokens=False)["input_ids"])
         # a row ends when its verdict is known, at EOS, or at the budget -- and the verdict is the prefix judge's
@@ -75,6 +75,7 @@ def test_prefix_judge_stops_rows_once_decided(tiny, prompts_file):
             assert j.decided(tok.decode(tok(r["answer"], add_special_tokens=False)["input_ids"][:-1])) is None
     full = run_refusal_eval(model, tok, RefusalEvalConfig(datasets=[prompts_file], max_new_tokens=12,
                                                           early_stop=False, progress=False))
+    assert full["early_stop"] == "off"
     for a, b in zip(s["_items"], full["_items"]):  # greedy: the early-stopped answer is a prefix of the full one
         assert b["answer"].startswith(a["answer"])
         assert a["label"] == b["label"]
@@ -105,7 +106,7 @@ def test_with_the_broken_label_only_refusals_stop_early(prompts_file):
             assert a["answer"] == b["answer"]
     plain = run_refusal_eval(model, tok, RefusalEvalConfig(datasets=[prompts_file], max_new_tokens=10, progress=False),
                              judge=j)
-    assert plain["early_stop"] is True
+    assert plain["early_stop"] == "every answer"
     assert sum(len(r["answer"]) for r in plain["_items"]) < sum(len(r["answer"]) for r in s["_items"])
 
 

@@ -241,7 +241,7 @@ def run_refusal_eval(model: Any, tok: Any, cfg: RefusalEvalConfig, steering: Any
     summary.update({
         "model": model_name(model), "steering": st.name, "judge": judge.name, "datasets": list(cfg.datasets),
         "limit": cfg.limit, "seed": cfg.seed, "max_new_tokens": max_new,
-        "early_stop": False if stop_when is None else "refusals only" if cfg.broken else True,
+        "early_stop": "off" if stop_when is None else "refusals only" if cfg.broken else "every answer",
         "n_items": len(items), "seconds_generate": round(t_gen, 2), "seconds_judge": round(t_judge, 2),
         "config": dataclasses.asdict(cfg),
     })
