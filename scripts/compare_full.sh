@@ -2,21 +2,28 @@
 # Issue 15's comparison at full refusal-set scale on a finished `saesteer demo` run and its baselines
 # (scripts/baselines_demo.sh): every held-out test item of each refusal set (--limit 0: n = 95 / 219 / 40 unsafe,
 # 137 / 40 safe; the rest of each set trained or calibrated a gate), 24 replayed conversations, 64 seeded HumanEval
-# and 64 seeded GSM8K-chat problems, the prefix judge plus the 1.5B model judge on a seeded 16 answers per set and
+# and 64 seeded GSM8K-chat problems, the prefix judge plus a calibrated model judge on a seeded 16 answers per set and
 # condition, broken labels, and 24 answers per condition regenerated at 256 tokens. ~12 min per condition on 2 cores
 # in bf16 (the unconditional ones longer: steered replies run to the 512-token HumanEval budget); compare resumes per
 # condition and group, in the order of --policies.
 #
-#   make setup-gate-model   # the 1.5B judge
 #   scripts/compare_full.sh runs/s6b/demo runs/s6b/baselines runs/s7/compare-full
 #
-# JUDGES="" leaves out the further judge (its pass runs last and takes ~45 min in fp32 here; each set it judged is
-# kept, so a later run with the judge resumes it).
+# The further judge is the default model's calibrated log-odds judge (session 14): calibrated once on 400 of XSTest's
+# human-labelled answers (`saesteer eval calibrate-judge`, ~11 min in fp32; JUDGE_CAL names the file) and applied to a
+# seeded 16 answers per set and condition and to the long answers (~21 min). JUDGES="" leaves it out (each set it
+# judged is kept, so a later run with a judge resumes it; a judge added after a long-answer check ran reads the stored
+# pairs); JUDGES=model:hf:qwen2.5-coder-1.5b-instruct is session 13's generative judge (κ 0.12 on the long answers).
 set -euo pipefail
 RUN=${1:?demo run folder}; BASE=${2:?baselines folder (scripts/baselines_demo.sh)}; OUT=${3:?output folder}
 S=${SAESTEER:-.venv/bin/saesteer}
 P=$BASE/policies
-JUDGES=${JUDGES-model:hf:qwen2.5-coder-1.5b-instruct}
+CAL=${JUDGE_CAL:-$OUT/judge-0.5b.json}
+JUDGES=${JUDGES-logit:$CAL}
+if [[ ",$JUDGES," == *",logit:$CAL,"* && ! -f "$CAL" ]]; then
+  mkdir -p "$(dirname "$CAL")"
+  $S eval calibrate-judge --model qwen2.5-coder-0.5b-instruct --limit 400 --seed 0 --out "$CAL"
+fi
 JUDGE_ARGS=()
 [ -z "$JUDGES" ] || JUDGE_ARGS=(--judges "$JUDGES" --judges-limit 16)
 $S compare --model qwen2.5-coder-0.5b-instruct \
