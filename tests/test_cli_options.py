@@ -61,8 +61,8 @@ def test_reproduce_script_runs_existing_commands_and_options(name):
         runs.append(cmd)
     if name == "reproduce_default.sh":  # the headline's own commands are in baselines_demo.sh / compare_full.sh
         assert runs.count("compare") >= 3 and "eval multiturn" in runs and "scripts/headline.sh" in text
-    elif name == "compare_full.sh":
-        assert runs == ["compare"]
+    elif name == "compare_full.sh":  # its second judge is calibrated first (once)
+        assert runs == ["eval calibrate-judge", "compare"]
     elif name == "broken_clamps.sh":
         assert runs == ["eval refusal"]
     else:
