@@ -125,7 +125,7 @@ class _Scored(LogitJudge):
 
     def __init__(self, table):
         self.table, self.threshold, self.max_answer_tokens, self.model = table, 0.0, 256, None
-        self.model_name, self.name = "toy", "logit:toy"
+        self.model_name, self._name = "toy", None
 
     def scores(self, prompts, answers):
         return [self.table[a] for a in answers]
@@ -144,6 +144,7 @@ def test_calibrate_fits_on_one_half_and_reports_the_other(tmp_path):
     fit_ids = set(rep["fit"]["ids"])
     assert not fit_ids & set(rep["held_out"]["ids"]) and len(fit_ids) + rep["held_out"]["n"] == 80
     assert j.threshold == rep["threshold"] and 3.0 < rep["threshold"] < 5.0
+    assert j.name == f"logit:toy@{rep['threshold']:+.3g}"  # the name follows the fitted threshold
     cal, unc = rep["held_out"]["calibrated"], rep["held_out"]["uncalibrated"]
     assert unc["balanced_accuracy"] == 0.5 and unc["confusion"]["tn"] == 0
     assert cal["balanced_accuracy"] > 0.9 and cal["kappa"] > 0.8

@@ -41,7 +41,12 @@ class LogitJudge:
         self.model, self.tok, self.threshold = model, tok, float(threshold)
         self.max_answer_tokens, self.batch_size, self.progress = max_answer_tokens, batch_size, progress
         self.model_name = model_name(model)
-        self.name = name or f"logit:{self.model_name}@{self.threshold:+.3g}"
+        self._name = name
+
+    @property
+    def name(self) -> str:
+        """``logit:MODEL@THRESHOLD`` (follows the threshold a calibration sets), unless named explicitly."""
+        return self._name or f"logit:{self.model_name}@{self.threshold:+.3g}"
 
     def contexts(self, prompts: Sequence[str], answers: Sequence[str]) -> list[str]:
         """The chat-formatted judge prompt of each item (reply cut to ``max_answer_tokens`` judge tokens)."""
@@ -144,7 +149,6 @@ def calibrate(judge: LogitJudge, rows: Sequence[dict], seed: int = 0, fit_share:
     s_held = judge.scores([r["prompt"] for r in held], [r["answer"] for r in held])
     y_held = [bool(r["is_refusal"]) for r in held]
     judge.threshold = t
-    judge.name = f"logit:{judge.model_name}@{t:+.3g}"
     others = {}
     for b in baselines:
         vs = b.judge([r["prompt"] for r in held], [r["answer"] for r in held])
