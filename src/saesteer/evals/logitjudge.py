@@ -50,7 +50,7 @@ class LogitJudge:
 
     def contexts(self, prompts: Sequence[str], answers: Sequence[str]) -> list[str]:
         """The chat-formatted judge prompt of each item (reply cut to ``max_answer_tokens`` judge tokens)."""
-        from saesteer.models.chat import format_chat
+        from saesteer.models import format_chat
 
         ensure(len(prompts) == len(answers), f"{len(prompts)} prompts but {len(answers)} answers")
         out = []
