@@ -175,7 +175,7 @@ def calibration_plot(report: dict[str, Any], path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from saesteer.core import atomic_write_bytes
+    from saesteer.core import atomic_write_bytes, figure_png
 
     scores, labels = report["held_out"]["scores"], report["held_out"]["is_refusal"]
     ref = [s for s, y in zip(scores, labels) if y]
@@ -204,12 +204,7 @@ def calibration_plot(report: dict[str, Any], path: str | Path) -> Path:
     b.set_ylabel("refusal recall")
     b.set_title(f"ROC, AUC {cal['auc']:.3f}", fontsize=9)
     b.legend(fontsize=7, loc="lower right")
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
+    return atomic_write_bytes(path, figure_png(fig, dpi=110, tight=True))
 
 
 def _dtype(model: Any) -> str:

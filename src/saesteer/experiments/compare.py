@@ -46,7 +46,15 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from saesteer.core import atomic_write_json, atomic_write_text, diff_interval, ensure, rate_summary
+from saesteer.core import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    diff_interval,
+    ensure,
+    figure_png,
+    rate_summary,
+)
 
 from .results import pooled, read_results, slug, write_results
 
@@ -557,11 +565,7 @@ def pareto_plot(rows: Sequence[dict], path: str | Path) -> Path | None:
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(path).with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-    return Path(path)
+    return atomic_write_bytes(path, figure_png(fig, dpi=120))
 
 
 def pareto_front(points: Sequence[tuple[str, float, float]]) -> set[str]:

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from saesteer.core import atomic_dir, ensure
+from saesteer.core import atomic_dir, ensure, figure_png
 
 from .results import pooled, read_results, slug
 
@@ -70,12 +69,7 @@ def _err(s: dict) -> tuple[list[float], list[float]]:
 
 
 def _png(fig: Any) -> bytes:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig, dpi=110, tight=True)
 
 
 def plot_tradeoff(rows: list[dict]) -> bytes | None:

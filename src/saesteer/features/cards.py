@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 import torch
 
-from saesteer.core import ensure
+from saesteer.core import ensure, figure_png
 
 from .latents import SeqLatents
 
@@ -96,10 +95,7 @@ def _hist_png(counts: list[float], edges: list[float], title: str) -> bytes:
     ax.set_xlabel("activation (non-zero)", fontsize=8)
     ax.tick_params(labelsize=7)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)
 
 
 def feature_cards(

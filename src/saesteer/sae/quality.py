@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from saesteer.core import atomic_write_bytes, atomic_write_json, ensure, progress_bar, set_threads
+from saesteer.core import atomic_write_bytes, atomic_write_json, ensure, figure_png, progress_bar, set_threads
 
 DENSE_THRESHOLD = 0.1
 """A latent firing on more than this fraction of tokens counts as dense."""
@@ -212,7 +212,6 @@ def evaluate_sae(model: Any, tok: Any, sae: Any, texts: list[str], layer: int, c
 
 def plot_density(density: torch.Tensor, path: str | os.PathLike, title: str = "") -> Path:
     """Histogram of log10 feature density (dead latents shown in a separate bar at the left) as a PNG."""
-    import io
 
     import matplotlib
 
@@ -228,11 +227,8 @@ def plot_density(density: torch.Tensor, path: str | os.PathLike, title: str = ""
     ax.set_ylabel("latents")
     ax.set_title(title or "SAE feature density")
     ax.legend()
-    buf = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
+    return atomic_write_bytes(path, figure_png(fig, dpi=110))
 
 
 def run_sae_eval(cfg: SAEEvalConfig) -> dict[str, Any]:
