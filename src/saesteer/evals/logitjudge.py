@@ -83,16 +83,16 @@ class LogitJudge:
 
 # --------------------------------------------------------------------------------------------- fitting
 def roc_auc(scores: Sequence[float], labels: Sequence[bool]) -> float:
-    """P(score of a random positive > score of a random negative), ties counting half (Mann-Whitney U / n+ n-);
-    nan when one class is missing."""
-    pos = sorted(s for s, y in zip(scores, labels) if y)
-    neg = sorted(s for s, y in zip(scores, labels) if not y)
-    if not pos or not neg:
-        return float("nan")
-    import bisect
+    """P(score of a random positive > score of a random negative), ties counting half (``core.auroc``); nan when one
+    class is missing."""
+    import torch
 
-    u = sum(bisect.bisect_left(neg, s) + 0.5 * (bisect.bisect_right(neg, s) - bisect.bisect_left(neg, s)) for s in pos)
-    return u / (len(pos) * len(neg))
+    from saesteer.core import auroc
+
+    def col(xs: list[float]) -> torch.Tensor:
+        return torch.tensor(xs, dtype=torch.float64).reshape(-1, 1)
+
+    return float(auroc(col([s for s, y in zip(scores, labels) if y]), col([s for s, y in zip(scores, labels) if not y]))[0])
 
 
 def balanced_accuracy(pred: Sequence[bool], labels: Sequence[bool]) -> float:
