@@ -703,6 +703,7 @@ def annotate_rows(rows: Sequence[dict], cfg: CompareConfig, out: str | Path, mak
     per-question outcomes (:data:`CAP_OUTCOME`) get ``paired`` from the stored ``capability_*.jsonl`` the same way."""
     from saesteer.core import paired_summary
     from saesteer.evals import cohen_kappa
+    from saesteer.evals.broken import BrokenConfig
 
     if make is None:
         from saesteer.evals import make_judge as make
@@ -726,8 +727,6 @@ def annotate_rows(rows: Sequence[dict], cfg: CompareConfig, out: str | Path, mak
                 if pairs:
                     r["paired"] = {"vs": "unsteered", **paired_summary([a for a, _ in pairs], [b for _, b in pairs])}
             if items and all("broken" in i for i in items):
-                from saesteer.evals.broken import BrokenConfig
-
                 r["broken_scored"] = sum((i.get("n_tokens") or 0) >= BrokenConfig.min_tokens for i in items
                                          if i["label"] is not None)
             judged = {}
@@ -793,6 +792,12 @@ def _cells_summary(cells: dict[str, int]) -> dict[str, Any]:
             "kappa": cohen_kappa(prim, other), "agreement": (a + d) / n}
 
 
+def _long_prompts(cfg: CompareConfig, out: Path, condition: str) -> dict[tuple[str, str], Any]:
+    """``{(subset, id): stored prompt}`` over a condition's refusal evals: the prompts of its long-check rows."""
+    return {(i["subset"], str(i["id"])): i["prompt"] for spec in list(cfg.unsafe) + list(cfg.safe)
+            for i in _eval_items(out, condition, spec)}
+
+
 def _long_check(model: Any, tok: Any, cfg: CompareConfig, cond: dict, out: Path, make: Callable | None = None) -> list[dict]:
     """Regenerate ``cfg.long_check`` seeded refusal prompts of the condition at ``cfg.long_tokens`` under its policy;
     one row per judge: how often the verdict changed from the stored short answer's."""
@@ -831,8 +836,7 @@ def _long_rejudge(cfg: CompareConfig, cond: dict, out: Path, built: dict, make: 
     checked = _jsonl(path)
     if not checked:
         return []
-    prompts = {(i["subset"], str(i["id"])): i["prompt"] for spec in list(cfg.unsafe) + list(cfg.safe)
-               for i in _eval_items(out, cond["condition"], spec)}
+    prompts = _long_prompts(cfg, out, cond["condition"])
     judged = {}
     for spec in dict.fromkeys([cfg.judge, *cfg.judges]):
         if spec not in built:
@@ -872,8 +876,7 @@ def _long_broken(model: Any, tok: Any, cfg: CompareConfig, cond: dict, out: Path
     if cond["condition"] != "unsteered":
         ref = [c.get("loglik") for c in _jsonl(_long_path(out, "unsteered"))
                if (c.get("n_tokens") or 0) >= bcfg.min_tokens]  # []: that test off
-    prompts = {(i["subset"], str(i["id"])): i["prompt"] for spec in list(cfg.unsafe) + list(cfg.safe)
-               for i in _eval_items(out, cond["condition"], spec)}
+    prompts = _long_prompts(cfg, out, cond["condition"])
     chats = [stored_chat(prompts[(c["subset"], str(c["id"]))]) for c in checked]
     labels, thr = label_broken(model, tok, chats, [c["long_answer"] for c in checked], ref, bcfg,
                                batch_size=cfg.batch_size, progress=cfg.progress)
@@ -895,26 +898,21 @@ def broken_pooled(rows: Sequence[dict]) -> list[dict[str, Any]]:
     """Per condition, the broken label's counts (``outcomes["broken"]``) summed over its unsafe and over its safe
     refusal sets: ``rate_summary`` plus ``scored`` (answers long enough to score, from :func:`annotate_rows`; None when
     not known) per side, and ``judged_refusal``. [] when no row carries a broken label."""
-    acc: dict[str, dict[str, Any]] = {}
+    by: dict[str, dict[str, list[dict]]] = {}
     for r in rows:
-        o = r.get("outcomes") or {}
-        if r.get("group") not in ("unsafe", "safe") or "broken" not in o:
-            continue
-        c = acc.setdefault(r["condition"], {"unsafe": [0, 0, 0, True], "safe": [0, 0, 0, True], "judged_refusal": 0})
-        side = c[r["group"]]
-        side[0] += o["broken"]["k"]
-        side[1] += o["broken"]["n"]
-        if r.get("broken_scored") is None:
-            side[3] = False
-        else:
-            side[2] += r["broken_scored"]
-        c["judged_refusal"] += o.get("broken_judged_refusal", 0)
-    out = []
-    for cond, c in acc.items():
-        sides = {g: ({**rate_summary(k, n), "scored": sc if known else None} if n else None)
-                 for g, (k, n, sc, known) in ((g, c[g]) for g in ("unsafe", "safe"))}
-        out.append({"condition": cond, **sides, "judged_refusal": c["judged_refusal"]})
-    return out
+        if r.get("group") in ("unsafe", "safe") and "broken" in (r.get("outcomes") or {}):
+            by.setdefault(r["condition"], {"unsafe": [], "safe": []})[r["group"]].append(r)
+
+    def side(rs: list[dict]) -> dict[str, Any] | None:
+        n = sum(r["outcomes"]["broken"]["n"] for r in rs)
+        if not n:
+            return None
+        scored = None if any(r.get("broken_scored") is None for r in rs) else sum(r["broken_scored"] for r in rs)
+        return {**rate_summary(sum(r["outcomes"]["broken"]["k"] for r in rs), n), "scored": scored}
+
+    return [{"condition": cond, "unsafe": side(g["unsafe"]), "safe": side(g["safe"]),
+             "judged_refusal": sum(r["outcomes"].get("broken_judged_refusal", 0) for rs in g.values() for r in rs)}
+            for cond, g in by.items()]
 
 
 def _scored(side: dict | None) -> str:
