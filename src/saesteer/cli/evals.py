@@ -144,10 +144,6 @@ def judges_cmd(
 
 
 
-XSTEST_COMPLETIONS = tuple(f"xstest/model_completions/xstest_v2_completions_{m}.csv"
-                           for m in ("gpt4", "llama2new", "llama2orig", "mistralguard", "mistralinstruct"))
-
-
 @eval_app.command("calibrate-judge")
 def calibrate_judge_cmd(
     out: Path = typer.Option(..., help="write the calibration JSON here (and its plot beside it, .png); use it as the "
@@ -173,14 +169,15 @@ def calibrate_judge_cmd(
     ensure(0 < fit_share < 1, f"--fit-share must be in (0, 1), got {fit_share}")
     ensure(max_answer_tokens >= 1, f"--max-answer-tokens must be ≥ 1, got {max_answer_tokens}")
     from saesteer.core import atomic_write_json, set_threads
-    from saesteer.data import resolve_file
+    from saesteer.data import get_set, resolve_file
     from saesteer.models import load_model
 
     from ..evals.judges import PrefixJudge, load_human_labels
     from ..evals.logitjudge import LogitJudge, calibrate, calibration_plot
 
     set_threads(threads)
-    paths = list(labels) if labels else [resolve_file("xstest-completions", p) for p in XSTEST_COMPLETIONS]
+    paths = list(labels) if labels else [resolve_file("xstest-completions", f.path)
+                                         for f in get_set("xstest-completions").files]
     rows = [r for p in paths for r in load_human_labels(p)]
     if limit is not None and limit < len(rows):
         import random
