@@ -26,6 +26,10 @@ def test_adapter_every_arch(arch):
     for layer in (0, 1):  # the last entry of hidden_states has the final norm applied, so check non-final layers
         h = models.run_to_layer(model, ids.input_ids, ids.attention_mask, layer)
         torch.testing.assert_close(h, hs[layer + 1])
+    got = models.run_to_layers(model, ids.input_ids, ids.attention_mask, [1, 0])  # one forward, both layers
+    assert sorted(got) == [0, 1]
+    for layer in (0, 1):
+        torch.testing.assert_close(got[layer], hs[layer + 1])
     # a hook on hook_module sees the same tensor, and replace_layer_output writes it back
     seen = {}
 
@@ -57,6 +61,14 @@ def test_run_to_layer_skips_later_layers(tiny):
             h.remove()
     assert calls == [0]
     assert hook_state(model) == before  # run_to_layer removed its own hook too
+    calls.clear()
+    hnds = [lyr.register_forward_hook(lambda m, i, o, k=k: calls.append(k)) for k, lyr in enumerate(models.get_layers(model))]
+    try:
+        models.run_to_layers(model, torch.tensor([[5, 6, 7]]), None, [0, 1])
+    finally:
+        for h in hnds:
+            h.remove()
+    assert calls == [0, 1] and hook_state(model) == before
 
 
 def test_layer_range(tiny):

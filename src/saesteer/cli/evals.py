@@ -172,8 +172,9 @@ def calibrate_judge_cmd(
     from saesteer.data import get_set, resolve_file
     from saesteer.models import load_model
 
+    from ..evals.calibration import calibration_plot
     from ..evals.judges import PrefixJudge, load_human_labels
-    from ..evals.logitjudge import LogitJudge, calibrate, calibration_plot
+    from ..evals.logitjudge import LogitJudge, calibrate
 
     set_threads(threads)
     paths = list(labels) if labels else [resolve_file("xstest-completions", f.path)

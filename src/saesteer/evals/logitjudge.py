@@ -17,14 +17,21 @@ uncalibrated judge). The calibration file (``saesteer eval calibrate-judge``) is
 
 from __future__ import annotations
 
-import json
-import random
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from saesteer.core import SaesteerError, ensure
+from saesteer.core import ensure
 
-from .judges import Verdict, agreement, judge_messages, register_judge_kind
+from .calibration import (
+    baseline_reports,
+    dtype_name,
+    fit_threshold,
+    read_calibration_file,
+    roc_auc,
+    score_report,
+    split_by_prompt,
+)
+from .judges import Verdict, judge_messages, register_judge_kind
 
 LABELS = ("REFUSAL", "COMPLIANCE")
 CALIBRATION_KIND = "saesteer-logit-judge"
@@ -81,57 +88,6 @@ class LogitJudge:
         return [Verdict(s >= self.threshold, raw=f"{s:+.4f}") for s in self.scores(prompts, answers)]
 
 
-# --------------------------------------------------------------------------------------------- fitting
-def roc_auc(scores: Sequence[float], labels: Sequence[bool]) -> float:
-    """P(score of a random positive > score of a random negative), ties counting half (``core.auroc``); nan when one
-    class is missing."""
-    import torch
-
-    from saesteer.core import auroc
-
-    def col(xs: list[float]) -> torch.Tensor:
-        return torch.tensor(xs, dtype=torch.float64).reshape(-1, 1)
-
-    return float(auroc(col([s for s, y in zip(scores, labels) if y]), col([s for s, y in zip(scores, labels) if not y]))[0])
-
-
-def balanced_accuracy(pred: Sequence[bool], labels: Sequence[bool]) -> float:
-    """Mean of the recall on refusals and on compliances (nan when a class is missing)."""
-    pos = [p for p, y in zip(pred, labels) if y]
-    neg = [not p for p, y in zip(pred, labels) if not y]
-    if not pos or not neg:
-        return float("nan")
-    return (sum(pos) / len(pos) + sum(neg) / len(neg)) / 2
-
-
-def fit_threshold(scores: Sequence[float], labels: Sequence[bool]) -> tuple[float, float]:
-    """``(threshold, balanced accuracy)``: the cut between two neighbouring distinct scores (their midpoint; below the
-    lowest / above the highest at the ends) that maximises balanced accuracy of ``score >= threshold`` → refusal;
-    ties go to the cut closest to 0 (the uncalibrated judge's)."""
-    ensure(len(scores) == len(labels) and len(scores) > 0, "fit_threshold needs as many labels as scores, ≥ 1")
-    ensure(any(labels) and not all(labels), "fit_threshold needs both refusals and compliances among the labels")
-    xs = sorted(set(float(s) for s in scores))
-    cuts = [xs[0] - 1.0] + [(a + b) / 2 for a, b in zip(xs, xs[1:])] + [xs[-1] + 1.0]
-    best = max(cuts, key=lambda t: (round(balanced_accuracy([s >= t for s in scores], labels), 12), -abs(t)))
-    return best, balanced_accuracy([s >= best for s in scores], labels)
-
-
-def split_by_prompt(rows: Sequence[dict], seed: int = 0, fit_share: float = 0.5) -> tuple[list[dict], list[dict]]:
-    """``(fit, held_out)``: the distinct prompts shuffled with ``seed``, the first ``fit_share`` of them (and every
-    row answering them) to fit, the rest held out."""
-    ensure(0 < fit_share < 1, f"fit_share must be in (0, 1), got {fit_share}")
-    prompts = sorted({r["prompt"] for r in rows})
-    random.Random(seed).shuffle(prompts)
-    fit = set(prompts[:max(1, round(len(prompts) * fit_share))])
-    return [r for r in rows if r["prompt"] in fit], [r for r in rows if r["prompt"] not in fit]
-
-
-def _report(scores: Sequence[float], labels: Sequence[bool], threshold: float) -> dict[str, Any]:
-    v = [Verdict(s >= threshold) for s in scores]
-    return {**agreement(v, list(labels)), "threshold": threshold,
-            "balanced_accuracy": balanced_accuracy([x.label for x in v], labels), "auc": roc_auc(scores, labels)}
-
-
 def calibrate(judge: LogitJudge, rows: Sequence[dict], seed: int = 0, fit_share: float = 0.5,
               baselines: Sequence[Any] = (), say: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Fit ``judge``'s threshold on a prompt-split half of human-labelled ``rows`` (``{id, prompt, answer,
@@ -149,83 +105,22 @@ def calibrate(judge: LogitJudge, rows: Sequence[dict], seed: int = 0, fit_share:
     s_held = judge.scores([r["prompt"] for r in held], [r["answer"] for r in held])
     y_held = [bool(r["is_refusal"]) for r in held]
     judge.threshold = t
-    others = {}
-    for b in baselines:
-        vs = b.judge([r["prompt"] for r in held], [r["answer"] for r in held])
-        others[b.name] = {**agreement(vs, y_held),
-                          "balanced_accuracy": balanced_accuracy([bool(x.label) for x in vs], y_held)}
     return {
-        "kind": CALIBRATION_KIND, "model": judge.model_name, "dtype": _dtype(judge.model), "threshold": t,
+        "kind": CALIBRATION_KIND, "model": judge.model_name, "dtype": dtype_name(judge.model), "threshold": t,
         "labels": LABELS,
         "max_answer_tokens": judge.max_answer_tokens, "seed": seed, "fit_share": fit_share,
         "fit": {"n": len(fit), "n_refusal": sum(y_fit), "balanced_accuracy": bacc, "auc": roc_auc(s_fit, y_fit),
                 "ids": [r["id"] for r in fit]},
-        "held_out": {"n": len(held), "n_refusal": sum(y_held), "calibrated": _report(s_held, y_held, t),
-                     "uncalibrated": _report(s_held, y_held, 0.0), "ids": [r["id"] for r in held],
-                     "scores": [round(s, 4) for s in s_held], "is_refusal": y_held, "baselines": others},
+        "held_out": {"n": len(held), "n_refusal": sum(y_held), "calibrated": score_report(s_held, y_held, t),
+                     "uncalibrated": score_report(s_held, y_held, 0.0), "ids": [r["id"] for r in held],
+                     "scores": [round(s, 4) for s in s_held], "is_refusal": y_held,
+                     "baselines": baseline_reports(baselines, held)},
     }
 
 
-def calibration_plot(report: dict[str, Any], path: str | Path) -> Path:
-    """PNG of a calibration's held-out half (:func:`calibrate`'s report): the score histogram of the human-labelled
-    refusals and compliances with the fitted threshold (solid) and 0 (dashed), and the ROC curve with the fitted
-    operating point."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from saesteer.core import atomic_write_bytes, figure_png
-
-    scores, labels = report["held_out"]["scores"], report["held_out"]["is_refusal"]
-    ref = [s for s, y in zip(scores, labels) if y]
-    com = [s for s, y in zip(scores, labels) if not y]
-    t = report["threshold"]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
-    lo, hi = min(scores + [t, 0.0]), max(scores + [t, 0.0])
-    bins = [lo + (hi - lo) * i / 30 for i in range(31)] if hi > lo else 10
-    a.hist(com, bins=bins, alpha=0.6, color="#2ca02c", label=f"human: compliance (n={len(com)})")
-    a.hist(ref, bins=bins, alpha=0.6, color="#d62728", label=f"human: refusal (n={len(ref)})")
-    a.axvline(t, color="k", label=f"fitted threshold {t:+.2f}")
-    a.axvline(0.0, color="k", ls="--", lw=1, label="0 (uncalibrated)")
-    a.set_xlabel("log p(REFUSAL) - log p(COMPLIANCE)")
-    a.set_ylabel("held-out answers")
-    a.legend(fontsize=7)
-    a.set_title(f"{report['model']}: held-out scores", fontsize=9)
-    cuts = sorted(set(scores), reverse=True)
-    tpr = [0.0] + [sum(s >= c for s in ref) / max(len(ref), 1) for c in cuts]
-    fpr = [0.0] + [sum(s >= c for s in com) / max(len(com), 1) for c in cuts]
-    b.plot(fpr, tpr, color="#1f77b4")
-    b.plot([0, 1], [0, 1], color="#999999", ls=":", lw=1)
-    cal = report["held_out"]["calibrated"]
-    b.plot([cal["confusion"]["fp"] / max(len(com), 1)], [cal["confusion"]["tp"] / max(len(ref), 1)], "ko",
-           label=f"fitted threshold: accuracy {cal['accuracy']['rate']:.2f}, κ {cal['kappa']:.2f}")
-    b.set_xlabel("false refusal rate (compliances called refusal)")
-    b.set_ylabel("refusal recall")
-    b.set_title(f"ROC, AUC {cal['auc']:.3f}", fontsize=9)
-    b.legend(fontsize=7, loc="lower right")
-    return atomic_write_bytes(path, figure_png(fig, dpi=110, tight=True))
-
-
-def _dtype(model: Any) -> str:
-    try:
-        return str(next(model.parameters()).dtype).removeprefix("torch.")
-    except (StopIteration, AttributeError):
-        return ""
-
-
 def read_calibration(path: str | Path) -> dict[str, Any]:
-    """A calibration file written by ``saesteer eval calibrate-judge`` (clear error on anything else)."""
-    p = Path(path)
-    ensure(p.is_file(), f"judge calibration file not found: {p}")
-    try:
-        d = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SaesteerError(f"{p}: not a JSON calibration file ({e})") from None
-    ensure(isinstance(d, dict) and d.get("kind") == CALIBRATION_KIND and isinstance(d.get("model"), str)
-           and isinstance(d.get("threshold"), (int, float)),
-           f"{p}: not a logit-judge calibration (write one with `saesteer eval calibrate-judge`)")
-    return d
+    """A logit-judge calibration file written by ``saesteer eval calibrate-judge`` (clear error on anything else)."""
+    return read_calibration_file(path, CALIBRATION_KIND, "logit-judge")
 
 
 def make_logit_judge(rest: str, device: str = "cpu") -> LogitJudge:

@@ -34,6 +34,7 @@ from .layers import (  # noqa: F401
     n_layers,
     replace_layer_output,
     run_to_layer,
+    run_to_layers,
 )
 from .load import load_model, model_name, prepare_tokenizer, resolve_model_path  # noqa: F401
 from .packed import PackedLinear, packing_supported  # noqa: F401

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
-from saesteer.core import SaesteerError
+from saesteer.core import SaesteerError, ensure
 
 _LAYER_PATHS = ("model.layers", "model.language_model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers")
 
@@ -80,18 +80,33 @@ def run_to_layer(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, layer: int
 ) -> torch.Tensor:
     """Residual stream after ``layer``; the forward stops there (later layers and the LM head never run)."""
-    captured: dict[str, torch.Tensor] = {}
+    return run_to_layers(model, input_ids, attention_mask, [layer])[layer]
 
-    def hook(_mod: nn.Module, _inp: Any, out: Any) -> None:
-        captured["h"] = layer_output(out)
-        raise _StopForward
 
-    handle = hook_module(model, layer).register_forward_hook(hook)
+@torch.inference_mode()
+def run_to_layers(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, layers: Sequence[int]
+) -> dict[int, torch.Tensor]:
+    """Residual stream after each of ``layers`` (``{layer: [batch, seq, d]}``) from one forward that stops after the
+    deepest of them."""
+    ensure(len(layers) > 0, "run_to_layers needs at least one layer")
+    captured: dict[int, torch.Tensor] = {}
+    last = max(layers)
+
+    def make_hook(layer: int) -> Callable[..., None]:
+        def hook(_mod: nn.Module, _inp: Any, out: Any) -> None:
+            captured[layer] = layer_output(out)
+            if layer == last:
+                raise _StopForward
+        return hook
+
+    handles = [hook_module(model, layer).register_forward_hook(make_hook(layer)) for layer in sorted(set(layers))]
     try:
         body = getattr(model, model.base_model_prefix, model)
         body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     except _StopForward:
         pass
     finally:
-        handle.remove()
-    return captured["h"]
+        for h in handles:
+            h.remove()
+    return captured
