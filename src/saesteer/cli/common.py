@@ -35,6 +35,16 @@ def split_floats(values: list[str] | str | None, what: str) -> list[float]:
         raise SaesteerError(f"{what} must be comma-separated numbers, got {values!r}") from None
 
 
+def split_ints(values: list[str] | str | None, what: str) -> list[int]:
+    """:func:`split_list` as integers; a bad one is a one-line error naming the option."""
+    from saesteer.core import SaesteerError
+
+    try:
+        return [int(v) for v in split_list(values)]
+    except ValueError:
+        raise SaesteerError(f"{what} must be comma-separated integers, got {values!r}") from None
+
+
 def print_rates(title: str, rows: list[tuple[str, dict]], extra: str = "") -> None:
     """A rich table of rates with their k / n, 95 % interval and failed count."""
     from rich.console import Console

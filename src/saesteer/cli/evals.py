@@ -11,7 +11,7 @@ import typer
 from saesteer.core import SaesteerError, check_output_path, ensure, resolve_device
 
 from ._app import eval_app
-from .common import load, print_rates, split_list
+from .common import load, print_rates, split_ints, split_list
 from .options import (
     BROKEN_HELP,
     BROKEN_MAD_OPT,
@@ -147,34 +147,42 @@ def judges_cmd(
 @eval_app.command("calibrate-judge")
 def calibrate_judge_cmd(
     out: Path = typer.Option(..., help="write the calibration JSON here (and its plot beside it, .png); use it as the "
-                             "judge `logit:OUT`"),
-    model: str = typer.Option("qwen2.5-coder-0.5b-instruct", help="the judge model (built-in name, path or hub id) "
-                              "whose REFUSAL - COMPLIANCE log-odds are calibrated"),
+                             "judge `KIND:OUT` (logit:OUT or probe:OUT)"),
+    kind: str = typer.Option("logit", help="logit: fit a threshold on the model's REFUSAL - COMPLIANCE log-odds; "
+                             "probe: fit a logistic-regression probe on its residual stream at the judge chat's last "
+                             "token (layer and regularisation chosen by cross-validation over whole prompts)"),
+    model: str = typer.Option("qwen2.5-coder-0.5b-instruct", help="the judge model (built-in name, path or hub id)"),
     labels: Optional[list[Path]] = typer.Option(None, help="human-labelled set(s), repeat (default: XSTest's five "
                                                 "model_completions/*.csv, data set xstest-completions)"),
     limit: Optional[int] = typer.Option(None, help="use a seeded sample of at most N labelled rows (each row is one "
                                         "forward of the judge)"),
     seed: int = typer.Option(0, help="seed of that sample and of the prompt split"),
-    fit_share: float = typer.Option(0.5, help="share of the prompts whose rows fit the threshold; the rest is held "
+    fit_share: float = typer.Option(0.5, help="share of the prompts whose rows fit the judge; the rest is held "
                                     "out and reported"),
+    layers: Optional[str] = typer.Option(None, help="probe: candidate layers, comma-separated (default: 25, 37.5, 50, "
+                                         "62.5 and 75 % of the model's depth)"),
     max_answer_tokens: int = typer.Option(256, help="the judge reads at most this many tokens of each answer"),
     batch_size: int = typer.Option(16, help="answers per forward batch"),
     dtype: Optional[str] = DTYPE_OPT,
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
 ) -> None:
-    """Fit a logit judge's threshold on human refusal labels (split by prompt) and report it on held-out rows."""
+    """Fit a scoring judge (logit threshold or residual probe) on human refusal labels split by prompt, and report
+    it on the held-out rows beside the prefix judge."""
     check_output_path(out, "file")
+    ensure(kind in ("logit", "probe"), f"--kind must be logit or probe, got {kind!r}")
     ensure(limit is None or limit >= 2, f"--limit must be ≥ 2, got {limit}")
     ensure(0 < fit_share < 1, f"--fit-share must be in (0, 1), got {fit_share}")
     ensure(max_answer_tokens >= 1, f"--max-answer-tokens must be ≥ 1, got {max_answer_tokens}")
+    ensure(layers is None or kind == "probe", "--layers is for --kind probe")
+    layer_list = split_ints(layers, "--layers") if layers else None
     from saesteer.core import atomic_write_json, set_threads
     from saesteer.data import get_set, resolve_file
-    from saesteer.models import load_model
+    from saesteer.models import check_layer, load_model
 
+    from ..evals import logitjudge, probejudge
     from ..evals.calibration import calibration_plot
     from ..evals.judges import PrefixJudge, load_human_labels
-    from ..evals.logitjudge import LogitJudge, calibrate
 
     set_threads(threads)
     paths = list(labels) if labels else [resolve_file("xstest-completions", f.path)
@@ -184,9 +192,16 @@ def calibrate_judge_cmd(
         import random
 
         rows = random.Random(seed).sample(rows, limit)
-    judge = LogitJudge(*load_model(model, device=resolve_device(device), dtype=dtype),
-                       max_answer_tokens=max_answer_tokens, batch_size=batch_size)
-    report = calibrate(judge, rows, seed=seed, fit_share=fit_share, baselines=[PrefixJudge()], say=print)
+    m, tok = load_model(model, device=resolve_device(device), dtype=dtype)
+    if kind == "logit":
+        judge = logitjudge.LogitJudge(m, tok, max_answer_tokens=max_answer_tokens, batch_size=batch_size)
+        report = logitjudge.calibrate(judge, rows, seed=seed, fit_share=fit_share, baselines=[PrefixJudge()], say=print)
+    else:
+        for layer in layer_list or ():
+            check_layer(m, layer)
+        judge, report = probejudge.calibrate(m, tok, rows, layers=layer_list, seed=seed, fit_share=fit_share,
+                                             max_answer_tokens=max_answer_tokens, batch_size=batch_size,
+                                             baselines=[PrefixJudge()], say=print)
     report["labels_files"] = [str(p) for p in paths]
     report["sample"] = {"limit": limit, "n_rows": len(rows)}
     atomic_write_json(out, report)
@@ -195,18 +210,19 @@ def calibrate_judge_cmd(
     from rich.table import Table
 
     h = report["held_out"]
+    what = f"layer {report['layer']}, " if kind == "probe" else ""
     t = Table(title=f"{judge.model_name} on {h['n']} held-out labelled answers ({h['n_refusal']} refusals); "
-                    f"threshold {report['threshold']:+.3f} fitted on {report['fit']['n']}")
+                    f"{kind} judge ({what}threshold {report['threshold']:+.3f}) fitted on {report['fit']['n']}")
     for c in ("judge", "accuracy", "95% CI", "balanced acc.", "kappa", "AUC", "precision", "recall"):
         t.add_column(c)
-    for nm, a in [(f"logit, calibrated ({report['threshold']:+.3f})", h["calibrated"]),
-                  ("logit, uncalibrated (0)", h["uncalibrated"]), *h["baselines"].items()]:
+    for nm, a in [(f"{kind}, calibrated ({report['threshold']:+.3f})", h["calibrated"]),
+                  (f"{kind}, threshold 0", h["uncalibrated"]), *h["baselines"].items()]:
         acc = a["accuracy"]
         t.add_row(nm, f"{acc['rate']:.3f}", f"[{acc['ci_low']:.3f}, {acc['ci_high']:.3f}]",
                   f"{a['balanced_accuracy']:.3f}", f"{a['kappa']:.3f}", f"{a['auc']:.3f}" if "auc" in a else "–",
                   f"{a['precision']:.3f}", f"{a['recall']:.3f}")
     Console().print(t)
-    print(f"wrote {out} and {png}; judge spec: logit:{out}")
+    print(f"wrote {out} and {png}; judge spec: {kind}:{out}")
 
 
 @eval_app.command("multiturn")

@@ -8,26 +8,12 @@ from typing import Any, Optional
 
 import typer
 
-from saesteer.core import SaesteerError, check_output_path, ensure
+from saesteer.core import check_output_path, ensure
 
 from ._app import app
-from .common import load
+from .common import load, split_floats, split_ints
 from .options import DEVICE_HELP, THREADS_HELP, model_option
 from .presets import DTYPE_OPT, PRESET_OPT, from_preset
-
-
-def _floats(s: str, what: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(x) for x in s.split(",") if x.strip())
-    except ValueError:
-        raise SaesteerError(f"{what} must be comma-separated numbers, got {s!r}") from None
-
-
-def _ints(s: str, what: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in s.split(",") if x.strip())
-    except ValueError:
-        raise SaesteerError(f"{what} must be comma-separated integers, got {s!r}") from None
 
 
 def load_model_and_sae(model: str, sae: Path, device: str, threads: Optional[int], layer: Optional[int],
@@ -96,8 +82,8 @@ def features_cmd(
     cfg = DiscoveryConfig(
         harmful=harmful, harmless=harmless, discovery_split=discovery_split or None, val_split=val_split or None,
         n_archetypes=n_archetypes, n_contrast=n_contrast, discovery_tokens=discovery_tokens, n_grid=n_grid, n_grid_direction=n_grid_direction,
-        features=_ints(features, "--features"), clamps=_floats(clamps, "--clamps"),
-        clamp_multiples=_floats(clamp_multiples, "--clamp-multiples"), val_limit=val_limit, require_gain=require_gain,
+        features=tuple(split_ints(features, "--features")), clamps=tuple(split_floats(clamps, "--clamps")),
+        clamp_multiples=tuple(split_floats(clamp_multiples, "--clamp-multiples")), val_limit=val_limit, require_gain=require_gain,
         max_new_tokens=max_new_tokens, batch_size=batch_size, layer=layer, seed=seed, heldout=heldout,
         heldout_limit=heldout_limit)
     con = _console()
@@ -154,7 +140,7 @@ def inspect_cmd(
     from saesteer.data import item_text, load_prompts
     from saesteer.features import CardConfig, encode_sequences, feature_cards, write_cards
 
-    feats = _ints(features, "--features")
+    feats = tuple(split_ints(features, "--features"))
     items = load_prompts(data, limit=limit)
     ensure(len(items) > 0, f"{data}: no texts")
     m, tok, s, layer = load_model_and_sae(model, sae, device, threads, layer, dtype)

@@ -8,10 +8,10 @@ from typing import Any, List, Optional
 
 import typer
 
-from saesteer.core import SaesteerError, check_output_path, ensure
+from saesteer.core import check_output_path, ensure
 
 from ._app import app
-from .common import load
+from .common import load, split_ints
 from .options import DEVICE_HELP, THREADS_HELP, SteeringOptions, model_option, steering_options
 from .presets import DTYPE_OPT, PRESET_OPT, QUANTIZE_AUTO_OPT, QUANTIZE_OPT, from_preset
 
@@ -191,10 +191,7 @@ def direction_cmd(
     from saesteer.steering import DirectionConfig, fit_direction, save_direction
 
     ensure(n_train > 0 and n_val > 0, "--n-train and --n-val must be positive")
-    try:
-        cand = [int(x) for x in layers.split(",") if x.strip()] if layers else None
-    except ValueError:
-        raise SaesteerError(f"--layers must be comma-separated integers, got {layers!r}") from None
+    cand = split_ints(layers, "--layers") or None
     cfg = DirectionConfig(layers=cand, position=position, alpha=alpha, batch_size=batch_size)
     h_tr, h_val = _split_prompts(harmful, n_train, n_val, seed)
     s_tr, s_val = _split_prompts(harmless, n_train, n_val, seed)

@@ -10,18 +10,9 @@ import typer
 from saesteer.core import SaesteerError, check_output_path
 
 from ._app import app
-from .common import split_floats, split_list
+from .common import split_floats, split_ints, split_list
 from .options import DEVICE_HELP, THREADS_HELP, model_option
 from .presets import DTYPE_OPT
-
-
-def _ints(s: Optional[str], what: str) -> list[int]:
-    if s is None or not s.strip():
-        return []
-    try:
-        return [int(x) for x in s.split(",") if x.strip()]
-    except ValueError:
-        raise SaesteerError(f"{what} must be comma-separated integers, got {s!r}") from None
 
 
 @app.command("sweep")
@@ -66,7 +57,7 @@ def sweep_cmd(
         raise SaesteerError(f"SAE not found: {sae}")
     cfg = SweepConfig(
         out=str(out), model=model, sae=str(sae) if sae else None, features_dir=str(features_dir) if features_dir else None,
-        features=_ints(feature, "--feature"), clamps=split_floats(clamps, "--clamps"), relative_clamps=split_floats(relative, "--relative"),
+        features=split_ints(feature, "--feature"), clamps=split_floats(clamps, "--clamps"), relative_clamps=split_floats(relative, "--relative"),
         control=control, control_clamps=split_floats(control_clamps, "--control-clamps") if control_clamps else None,
         direction=str(direction) if direction else None, alphas=split_floats(alphas, "--alphas"),
         policy=str(policy) if policy else None, strengths=split_floats(strengths, "--strengths"),

@@ -3,6 +3,7 @@ and the lm-eval model.
 """
 
 from .broken import BrokenConfig, label_broken, outcome_rates, repeat_fraction, robust_threshold  # noqa: F401
+from .calibration import balanced_accuracy, fit_threshold, roc_auc, split_by_prompt  # noqa: F401
 from .capability import (  # noqa: F401
     GENERATIVE_TASKS,
     GSM8K_FLEX,
@@ -36,6 +37,7 @@ from .judges import (  # noqa: F401
     Verdict,
     agreement,
     cohen_kappa,
+    judge_chat_texts,
     judge_messages,
     load_human_labels,
     make_judge,
@@ -44,13 +46,7 @@ from .judges import (  # noqa: F401
     parse_wildguard,
     register_judge_kind,
 )
-from .logitjudge import (  # noqa: F401  (importing it registers the judge kind ``logit``)
-    LogitJudge,
-    calibrate,
-    fit_threshold,
-    read_calibration,
-    roc_auc,
-)
+from .logitjudge import LogitJudge, calibrate, read_calibration  # noqa: F401  (registers the judge kind ``logit``)
 from .loglik import (  # noqa: F401
     count_sequences,
     encode_pair,
@@ -72,6 +68,7 @@ from .multiturn import (  # noqa: F401
     summarize_replay,
     user_turns,
 )
+from .probejudge import ProbeJudge  # noqa: F401  (importing it registers the judge kind ``probe``)
 from .refusal import (  # noqa: F401
     RefusalEvalConfig,
     generate_answers,

@@ -180,6 +180,22 @@ def judge_messages(prompt: str, answer: str) -> list[dict[str, str]]:
     return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
 
 
+def judge_chat_texts(tok: Any, prompts: Sequence[str], answers: Sequence[str], max_answer_tokens: int) -> list[str]:
+    """The chat-formatted :func:`judge_messages` of each item (with the assistant turn's opening), the reply cut to
+    ``max_answer_tokens`` tokens of ``tok`` (``" [...]"`` marks a cut): what the scoring judges read."""
+    from saesteer.models import format_chat
+
+    ensure(len(prompts) == len(answers), f"{len(prompts)} prompts but {len(answers)} answers")
+    ensure(max_answer_tokens >= 1, f"max_answer_tokens must be ≥ 1, got {max_answer_tokens}")
+    out = []
+    for p, a in zip(prompts, answers):
+        ids = tok.encode(a, add_special_tokens=False)
+        if len(ids) > max_answer_tokens:
+            a = tok.decode(ids[:max_answer_tokens]) + " [...]"
+        out.append(format_chat(tok, judge_messages(p, a)))
+    return out
+
+
 _REFUSE_RE = re.compile(r"\bREFUS(?:AL|E|ED|ES|ING)\b")
 _COMPLY_RE = re.compile(r"\bCOMPL(?:IANCE|Y|IED|IES|IANT|YING)\b")
 
@@ -430,7 +446,8 @@ def make_judge(
     """Build a judge from a spec: ``prefix``; ``model:openai:NAME`` (endpoint at ``base_url``); ``model:hf:NAME``
     (local model via :func:`saesteer.models.load_model`); ``model:NAME`` (endpoint when ``base_url`` is given, else
     local); ``classifier:PATH``; ``logit:FILE.json`` (a calibrated :class:`~saesteer.evals.logitjudge.LogitJudge`,
-    ``saesteer eval calibrate-judge``) or ``logit:hf:NAME`` (uncalibrated)."""
+    ``saesteer eval calibrate-judge``) or ``logit:hf:NAME`` (uncalibrated); ``probe:FILE.json`` (a fitted
+    :class:`~saesteer.evals.probejudge.ProbeJudge`, ``saesteer eval calibrate-judge --kind probe``)."""
     spec = spec.strip()
     if spec == "prefix":
         return PrefixJudge()
@@ -449,7 +466,7 @@ def make_judge(
     if kind in JUDGE_KINDS and rest:
         return JUDGE_KINDS[kind](rest, device)
     raise SaesteerError(f"unknown judge {spec!r}: use prefix, model:openai:NAME, model:hf:NAME, classifier:PATH, "
-                        "logit:FILE.json or logit:hf:NAME")
+                        "logit:FILE.json, logit:hf:NAME or probe:FILE.json")
 
 
 # --------------------------------------------------------------------------------------------- agreement

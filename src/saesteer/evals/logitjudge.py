@@ -31,7 +31,7 @@ from .calibration import (
     score_report,
     split_by_prompt,
 )
-from .judges import Verdict, judge_messages, register_judge_kind
+from .judges import Verdict, judge_chat_texts, register_judge_kind
 
 LABELS = ("REFUSAL", "COMPLIANCE")
 CALIBRATION_KIND = "saesteer-logit-judge"
@@ -57,16 +57,7 @@ class LogitJudge:
 
     def contexts(self, prompts: Sequence[str], answers: Sequence[str]) -> list[str]:
         """The chat-formatted judge prompt of each item (reply cut to ``max_answer_tokens`` judge tokens)."""
-        from saesteer.models import format_chat
-
-        ensure(len(prompts) == len(answers), f"{len(prompts)} prompts but {len(answers)} answers")
-        out = []
-        for p, a in zip(prompts, answers):
-            ids = self.tok.encode(a, add_special_tokens=False)
-            if len(ids) > self.max_answer_tokens:
-                a = self.tok.decode(ids[:self.max_answer_tokens]) + " [...]"
-            out.append(format_chat(self.tok, judge_messages(p, a)))
-        return out
+        return judge_chat_texts(self.tok, prompts, answers, self.max_answer_tokens)
 
     def scores(self, prompts: Sequence[str], answers: Sequence[str]) -> list[float]:
         """``log p(REFUSAL) - log p(COMPLIANCE)`` per item, longest chats first in batches (progress with ETA)."""
