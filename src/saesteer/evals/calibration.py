@@ -17,7 +17,43 @@ from typing import Any, Sequence
 
 from saesteer.core import SaesteerError, ensure
 
-from .judges import Verdict, agreement
+from .judges import Verdict, agreement, judge_chat_texts
+
+
+class ScoringJudge:
+    """A judge that scores each answer with a local model reading the judge chat (:func:`~saesteer.evals.judges.
+    judge_chat_texts`, the reply cut to ``max_answer_tokens``) and calls ``score >= threshold`` a refusal. Subclasses
+    set ``kind`` and implement :meth:`scores`; ``name`` is ``KIND:MODEL<detail>@THRESHOLD`` (it follows the threshold
+    a calibration sets) unless named explicitly."""
+
+    kind = "score"
+
+    def __init__(self, model: Any, tok: Any, threshold: float = 0.0, max_answer_tokens: int = 256,
+                 batch_size: int = 16, progress: bool = True, name: str | None = None) -> None:
+        from saesteer.models import model_name
+
+        ensure(max_answer_tokens >= 1, f"max_answer_tokens must be ≥ 1, got {max_answer_tokens}")
+        self.model, self.tok, self.threshold = model, tok, float(threshold)
+        self.max_answer_tokens, self.batch_size, self.progress = max_answer_tokens, batch_size, progress
+        self.model_name = model_name(model)
+        self._name = name
+
+    def name_detail(self) -> str:
+        return ""
+
+    @property
+    def name(self) -> str:
+        return self._name or f"{self.kind}:{self.model_name}{self.name_detail()}@{self.threshold:+.3g}"
+
+    def contexts(self, prompts: Sequence[str], answers: Sequence[str]) -> list[str]:
+        """The chat-formatted judge prompt of each item (reply cut to ``max_answer_tokens`` judge tokens)."""
+        return judge_chat_texts(self.tok, prompts, answers, self.max_answer_tokens)
+
+    def scores(self, prompts: Sequence[str], answers: Sequence[str]) -> list[float]:
+        raise NotImplementedError
+
+    def judge(self, prompts: Sequence[str], answers: Sequence[str]) -> list[Verdict]:
+        return [Verdict(s >= self.threshold, raw=f"{s:+.4f}") for s in self.scores(prompts, answers)]
 
 
 def roc_auc(scores: Sequence[float], labels: Sequence[bool]) -> float:

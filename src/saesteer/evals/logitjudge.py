@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 from saesteer.core import ensure
 
 from .calibration import (
+    ScoringJudge,
     baseline_reports,
     dtype_name,
     fit_threshold,
@@ -31,33 +32,16 @@ from .calibration import (
     score_report,
     split_by_prompt,
 )
-from .judges import Verdict, judge_chat_texts, register_judge_kind
+from .judges import register_judge_kind
 
 LABELS = ("REFUSAL", "COMPLIANCE")
 CALIBRATION_KIND = "saesteer-logit-judge"
 
 
-class LogitJudge:
+class LogitJudge(ScoringJudge):
     """``score >= threshold`` → refusal, ``score`` the judge model's REFUSAL - COMPLIANCE log-likelihood."""
 
-    def __init__(self, model: Any, tok: Any, threshold: float = 0.0, max_answer_tokens: int = 256,
-                 batch_size: int = 16, progress: bool = True, name: str | None = None) -> None:
-        from saesteer.models import model_name
-
-        ensure(max_answer_tokens >= 1, f"max_answer_tokens must be ≥ 1, got {max_answer_tokens}")
-        self.model, self.tok, self.threshold = model, tok, float(threshold)
-        self.max_answer_tokens, self.batch_size, self.progress = max_answer_tokens, batch_size, progress
-        self.model_name = model_name(model)
-        self._name = name
-
-    @property
-    def name(self) -> str:
-        """``logit:MODEL@THRESHOLD`` (follows the threshold a calibration sets), unless named explicitly."""
-        return self._name or f"logit:{self.model_name}@{self.threshold:+.3g}"
-
-    def contexts(self, prompts: Sequence[str], answers: Sequence[str]) -> list[str]:
-        """The chat-formatted judge prompt of each item (reply cut to ``max_answer_tokens`` judge tokens)."""
-        return judge_chat_texts(self.tok, prompts, answers, self.max_answer_tokens)
+    kind = "logit"
 
     def scores(self, prompts: Sequence[str], answers: Sequence[str]) -> list[float]:
         """``log p(REFUSAL) - log p(COMPLIANCE)`` per item, longest chats first in batches (progress with ETA)."""
@@ -75,8 +59,6 @@ class LogitJudge:
             res = loglikelihoods(self.model, self.tok, reqs, batch_size=self.batch_size, progress=bar.update)
         return [r[0][0] - r[1][0] for r in res]
 
-    def judge(self, prompts: Sequence[str], answers: Sequence[str]) -> list[Verdict]:
-        return [Verdict(s >= self.threshold, raw=f"{s:+.4f}") for s in self.scores(prompts, answers)]
 
 
 def calibrate(judge: LogitJudge, rows: Sequence[dict], seed: int = 0, fit_share: float = 0.5,

@@ -28,6 +28,7 @@ import torch
 from saesteer.core import ensure
 
 from .calibration import (
+    ScoringJudge,
     baseline_reports,
     dtype_name,
     fit_threshold,
@@ -36,7 +37,7 @@ from .calibration import (
     score_report,
     split_by_prompt,
 )
-from .judges import Verdict, judge_chat_texts, register_judge_kind
+from .judges import judge_chat_texts, register_judge_kind
 
 CALIBRATION_KIND = "saesteer-probe-judge"
 #: Candidate layers as fractions of the model's depth (the residual after that decoder layer).
@@ -82,46 +83,40 @@ def last_token_residuals(model: Any, tok: Any, texts: Sequence[str], layers: Seq
     return {layer: torch.stack(rows[layer]) for layer in layers}
 
 
-class ProbeJudge:
+class ProbeJudge(ScoringJudge):
     """``score >= threshold`` → refusal; ``score`` a standardised logistic regression on the residual after
-    ``layer`` at the last token of the judge chat."""
+    ``layer`` at the last token of the judge chat. Named ``probe:MODEL/LLAYER@THRESHOLD``."""
+
+    kind = "probe"
 
     def __init__(self, model: Any, tok: Any, layer: int, coef: Sequence[float], intercept: float,
                  mean: Sequence[float], scale: Sequence[float], threshold: float = 0.0, max_answer_tokens: int = 256,
                  batch_size: int = 8, progress: bool = True, name: str | None = None) -> None:
-        from saesteer.models import check_layer, d_model, model_name
+        from saesteer.models import check_layer, d_model
 
-        self.model, self.tok, self.layer = model, tok, check_layer(model, layer)
+        super().__init__(model, tok, threshold, max_answer_tokens, batch_size, progress, name)
+        self.layer = check_layer(model, layer)
         self.coef = torch.as_tensor(coef, dtype=torch.float64)
         self.mean = torch.as_tensor(mean, dtype=torch.float64)
         self.scale = torch.as_tensor(scale, dtype=torch.float64)
+        self.intercept = float(intercept)
         d = d_model(model)
         ensure(self.coef.shape == self.mean.shape == self.scale.shape == (d,),
                f"the probe has {tuple(self.coef.shape)} weights but the model's residual width is {d}")
         ensure(bool((self.scale > 0).all()), "the probe's feature scales must be positive")
-        self.intercept, self.threshold = float(intercept), float(threshold)
-        ensure(max_answer_tokens >= 1, f"max_answer_tokens must be ≥ 1, got {max_answer_tokens}")
-        self.max_answer_tokens, self.batch_size, self.progress = max_answer_tokens, batch_size, progress
-        self.model_name = model_name(model)
-        self._name = name
 
-    @property
-    def name(self) -> str:
-        """``probe:MODEL/LLAYER@THRESHOLD``, unless named explicitly."""
-        return self._name or f"probe:{self.model_name}/L{self.layer}@{self.threshold:+.3g}"
+    def name_detail(self) -> str:
+        return f"/L{self.layer}"
 
     def scores_from(self, h: torch.Tensor) -> list[float]:
         """The probe's score of residual rows ``[n, d]``."""
         return (((h.double() - self.mean) / self.scale) @ self.coef + self.intercept).tolist()
 
     def scores(self, prompts: Sequence[str], answers: Sequence[str]) -> list[float]:
-        texts = judge_chat_texts(self.tok, prompts, answers, self.max_answer_tokens)
+        texts = self.contexts(prompts, answers)
         h = last_token_residuals(self.model, self.tok, texts, [self.layer], self.batch_size, self.progress,
                                  f"probe judge {self.model_name}")[self.layer]
         return self.scores_from(h) if len(texts) else []
-
-    def judge(self, prompts: Sequence[str], answers: Sequence[str]) -> list[Verdict]:
-        return [Verdict(s >= self.threshold, raw=f"{s:+.4f}") for s in self.scores(prompts, answers)]
 
 
 # --------------------------------------------------------------------------------------------- fitting
