@@ -135,7 +135,8 @@ def test_broken_pooled_per_condition(tmp_path):
     assert (b["unsafe"]["k"], b["unsafe"]["n"], b["unsafe"]["scored"]) == (3, 15, 9)
     assert (b["safe"]["k"], b["safe"]["n"], b["safe"]["scored"]) == (0, 4, 0) and b["judged_refusal"] == 1
     md = detail_table(out)
-    assert "| clamp | 20.0 [7, 45] n=15 | 9 / 15 | 0.0 [0, 49] n=4 | 0 / 4 | 1 |" in md
+    # the safe side scored no answer: no rate is claimed for it
+    assert "| clamp | 20.0 [7, 45] n=15 | 9 / 15 | not measured (0 scored) | 0 / 4 | 1 |" in md
     # rows from before the scored count: the pooled rate still shows, the scored column says unknown
     (b2,) = broken_pooled(rows)
     assert b2["unsafe"]["k"] == 3 and b2["unsafe"]["scored"] is None

@@ -915,6 +915,16 @@ def broken_pooled(rows: Sequence[dict]) -> list[dict[str, Any]]:
             for cond, g in by.items()]
 
 
+def _broken_rate(side: dict | None) -> str:
+    """A side's pooled broken rate, or why there is none: no label, or no answer long enough to read (rows generated
+    when every answer stopped at the judge's decision: a rate of 0 would claim what was never measured)."""
+    if not side:
+        return "–"
+    if side.get("scored") == 0:
+        return "not measured (0 scored)"
+    return _cell(side)
+
+
 def _scored(side: dict | None) -> str:
     if not side or side.get("scored") is None:
         return "–"
@@ -1014,8 +1024,8 @@ def detail_table(rows: Sequence[dict]) -> str:
                   "|---|---|---|---|---|---|"]
         for b in brk:
             u, sf = b["unsafe"], b["safe"]
-            lines.append(f"| {b['condition']} | {_cell(u) if u else '–'} | {_scored(u)} | {_cell(sf) if sf else '–'} | "
-                         f"{_scored(sf)} | {b['judged_refusal']} |")
+            lines.append(f"| {b['condition']} | {_broken_rate(u)} | {_scored(u)} | {_broken_rate(sf)} | {_scored(sf)} | "
+                         f"{b['judged_refusal']} |")
     pooled = judges_pooled(rows)
     if pooled:
         lines += ["", "Further judges on the same answers, pooled over each condition's refusal sets (the answers both "
