@@ -9,21 +9,26 @@
 #
 #   scripts/compare_full.sh runs/s6b/demo runs/s6b/baselines runs/s7/compare-full
 #
-# The further judge is the default model's calibrated log-odds judge (session 14): calibrated once on 400 of XSTest's
-# human-labelled answers (`saesteer eval calibrate-judge`, ~11 min in fp32; JUDGE_CAL names the file) and applied to a
-# seeded 16 answers per set and condition and to the long answers (~21 min). JUDGES="" leaves it out (each set it
-# judged is kept, so a later run with a judge resumes it; a judge added after a long-answer check ran reads the stored
-# pairs); JUDGES=model:hf:qwen2.5-coder-1.5b-instruct is session 13's generative judge (κ 0.12 on the long answers).
+# The further judges are two judges of the default model fitted once on the same 400 of XSTest's human-labelled
+# answers (`saesteer eval calibrate-judge`): the residual probe judge (session 15, --kind probe, ~10 min in fp32;
+# PROBE_CAL names the file; held out: κ 0.85) and the log-odds judge (session 14, ~11 min; JUDGE_CAL; κ 0.26); each
+# reads a seeded 16 answers per set and condition and the long answers. JUDGES="" leaves them out (each set a judge
+# read is kept, so a later run with it resumes; a judge added after a long-answer check ran reads the stored pairs);
+# JUDGES=model:hf:qwen2.5-coder-1.5b-instruct is session 13's generative judge (κ 0.12 on the long answers).
 set -euo pipefail
 RUN=${1:?demo run folder}; BASE=${2:?baselines folder (scripts/baselines_demo.sh)}; OUT=${3:?output folder}
 S=${SAESTEER:-.venv/bin/saesteer}
 P=$BASE/policies
 CAL=${JUDGE_CAL:-$OUT/judge-0.5b.json}
-JUDGES=${JUDGES-logit:$CAL}
-if [[ ",$JUDGES," == *",logit:$CAL,"* && ! -f "$CAL" ]]; then
-  mkdir -p "$(dirname "$CAL")"
-  $S eval calibrate-judge --model qwen2.5-coder-0.5b-instruct --limit 400 --seed 0 --out "$CAL"
-fi
+PCAL=${PROBE_CAL:-$OUT/judge-probe-0.5b.json}
+JUDGES=${JUDGES-probe:$PCAL,logit:$CAL}
+for kind in probe logit; do
+  f=$CAL; [ $kind = logit ] || f=$PCAL
+  if [[ ",$JUDGES," == *",$kind:$f,"* && ! -f "$f" ]]; then
+    mkdir -p "$(dirname "$f")"
+    $S eval calibrate-judge --kind $kind --model qwen2.5-coder-0.5b-instruct --limit 400 --seed 0 --out "$f"
+  fi
+done
 JUDGE_ARGS=()
 [ -z "$JUDGES" ] || JUDGE_ARGS=(--judges "$JUDGES" --judges-limit 16)
 $S compare --model qwen2.5-coder-0.5b-instruct \

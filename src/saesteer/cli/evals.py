@@ -193,6 +193,9 @@ def calibrate_judge_cmd(
 
         rows = random.Random(seed).sample(rows, limit)
     m, tok = load_model(model, device=resolve_device(device), dtype=dtype)
+    import time
+
+    t0 = time.perf_counter()
     if kind == "logit":
         judge = logitjudge.LogitJudge(m, tok, max_answer_tokens=max_answer_tokens, batch_size=batch_size)
         report = logitjudge.calibrate(judge, rows, seed=seed, fit_share=fit_share, baselines=[PrefixJudge()], say=print)
@@ -204,6 +207,7 @@ def calibrate_judge_cmd(
                                              baselines=[PrefixJudge()], say=print)
     report["labels_files"] = [str(p) for p in paths]
     report["sample"] = {"limit": limit, "n_rows": len(rows)}
+    report["seconds"] = round(time.perf_counter() - t0, 1)
     atomic_write_json(out, report)
     png = calibration_plot(report, out.with_suffix(".png"))
     from rich.console import Console
