@@ -39,7 +39,7 @@ def refusal_cmd(
     limit: Optional[int] = typer.Option(None, help="seeded sample of at most N prompts per dataset"),
     seed: int = typer.Option(0, help="seed of that sample"),
     out: Path = typer.Option(..., help="output folder (items.jsonl, summary.json)"),
-    judge: str = typer.Option("prefix", help="prefix | model:openai:NAME | model:hf:NAME | classifier:PATH | logit:FILE.json (eval calibrate-judge)"),
+    judge: str = typer.Option("prefix", help="prefix | model:openai:NAME | model:hf:NAME | classifier:PATH | logit:FILE.json | probe:FILE.json (eval calibrate-judge)"),
     judge_base_url: Optional[str] = typer.Option(None, help="base URL of an OpenAI-compatible judge endpoint"),
     judge_api_key_env: str = typer.Option("OPENAI_API_KEY", help="env var holding the judge endpoint's API key"),
     max_new_tokens: Optional[int] = typer.Option(None, help="answer budget (default 24 with the prefix judge, else 160)"),
@@ -89,7 +89,7 @@ def refusal_cmd(
 @eval_app.command("judges")
 def judges_cmd(
     judge: list[str] = typer.Option(["prefix"], help="judge(s) to score: prefix | model:openai:NAME | model:hf:NAME | "
-                                    "classifier:PATH | logit:FILE.json | logit:hf:NAME; repeat or comma"),
+                                    "classifier:PATH | logit:FILE.json | logit:hf:NAME | probe:FILE.json; repeat or comma"),
     labels: Optional[Path] = typer.Option(None, help="human-labelled set (default: <data root>/pyrit_refusal_eval/"
                                           "refusal_eval.jsonl; XSTest model_completions/*.csv also work)"),
     out: Optional[Path] = typer.Option(None, help="write the agreement JSON here"),

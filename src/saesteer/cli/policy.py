@@ -202,8 +202,8 @@ def compare_cmd(
     limit: Optional[int] = typer.Option(50, help="prompts per refusal set (0 = all)"),
     max_new_tokens: Optional[int] = typer.Option(None, help="answer budget (default: the judge's)"),
     judge: str = typer.Option("prefix", help="refusal judge"),
-    judges: List[str] = typer.Option([], help="further judges of the very same stored answers (e.g. prefix,model:hf:NAME): "
-                                     "refusal %, Cohen's kappa and agreement with --judge per set"),
+    judges: List[str] = typer.Option([], help="further judges of the very same stored answers (e.g. probe:FILE.json,model:hf:NAME; "
+                                     "fit probe / logit judges with eval calibrate-judge): refusal %, Cohen's kappa and agreement with --judge per set"),
     judges_limit: Optional[int] = typer.Option(None, help="further judges read a seeded sample of at most N answers per "
                                                "set and condition (0 / unset = all)"),
     broken: bool = typer.Option(True, help=BROKEN_HELP),
