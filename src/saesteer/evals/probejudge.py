@@ -68,19 +68,25 @@ def last_token_residuals(model: Any, tok: Any, texts: Sequence[str], layers: Seq
     device = next(model.parameters()).device
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-    rows: dict[int, list[torch.Tensor]] = {layer: [None] * len(ids) for layer in layers}  # type: ignore[list-item]
+    chunks: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     with torch.inference_mode(), progress_bar(len(ids), label, unit="answer", enabled=progress) as bar:
         for b0 in range(0, len(order), max(1, batch_size)):
             idx = order[b0:b0 + batch_size]
             inp, mask = pad_right([ids[i] for i in idx], pad)
             hs = run_to_layers(model, inp.to(device), mask.to(device), layers)
-            last = mask.sum(1) - 1
+            last = (mask.sum(1) - 1).to(device)
             for layer in layers:
-                h = hs[layer][torch.arange(len(idx)), last.to(device)].float().cpu()
-                for j, i in enumerate(idx):
-                    rows[layer][i] = h[j]
+                chunks[layer].append(hs[layer][torch.arange(len(idx), device=device), last].float().cpu())
             bar.update(len(idx))
-    return {layer: torch.stack(rows[layer]) for layer in layers}
+    back = torch.empty(len(order), dtype=torch.long)
+    back[torch.tensor(order)] = torch.arange(len(order))  # row i of the output is the text i, whatever its batch
+    return {layer: torch.cat(chunks[layer])[back] for layer in layers}
+
+
+def probe_scores(h: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor, coef: torch.Tensor,
+                 intercept: float) -> list[float]:
+    """``coef · (h - mean) / scale + intercept`` per row of ``h`` (float64)."""
+    return (((h.double() - mean) / scale) @ coef + intercept).tolist()
 
 
 class ProbeJudge(ScoringJudge):
@@ -110,7 +116,7 @@ class ProbeJudge(ScoringJudge):
 
     def scores_from(self, h: torch.Tensor) -> list[float]:
         """The probe's score of residual rows ``[n, d]``."""
-        return (((h.double() - self.mean) / self.scale) @ self.coef + self.intercept).tolist()
+        return probe_scores(h, self.mean, self.scale, self.coef, self.intercept)
 
     def scores(self, prompts: Sequence[str], answers: Sequence[str]) -> list[float]:
         texts = self.contexts(prompts, answers)
@@ -133,10 +139,6 @@ def _fit_lr(x: torch.Tensor, y: Sequence[bool], C: float, seed: int) -> dict[str
             "mean": mean, "scale": scale}
 
 
-def _apply(p: dict[str, Any], x: torch.Tensor) -> list[float]:
-    return (((x.double() - p["mean"]) / p["scale"]) @ p["coef"] + p["intercept"]).tolist()
-
-
 def out_of_fold_scores(x: torch.Tensor, y: Sequence[bool], groups: Sequence[str], C: float, folds: int = 5,
                        seed: int = 0) -> list[float]:
     """Each row's score from a probe fitted (standardisation included) on the folds without its group; groups (the
@@ -150,7 +152,7 @@ def out_of_fold_scores(x: torch.Tensor, y: Sequence[bool], groups: Sequence[str]
         ytr = [y[i] for i in tr]
         ensure(any(ytr) and not all(ytr), "a cross-validation fold has only one class; use more labelled rows")
         p = _fit_lr(x[torch.as_tensor(tr)], ytr, C, seed)
-        for i, s in zip(te, _apply(p, x[torch.as_tensor(te)])):
+        for i, s in zip(te, probe_scores(x[torch.as_tensor(te)], p["mean"], p["scale"], p["coef"], p["intercept"])):
             out[int(i)] = s
     return out
 
