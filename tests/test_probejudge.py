@@ -15,6 +15,7 @@ from saesteer.evals.judges import judge_chat_texts, make_judge
 from saesteer.evals.probejudge import (
     ProbeJudge,
     calibrate,
+    cut_rows,
     default_layers,
     last_token_residuals,
     out_of_fold_scores,
@@ -106,6 +107,35 @@ def _rows(n_prompts: int = 12) -> list[dict]:
     return rows
 
 
+def test_cut_rows(judge_model):
+    _, tok = judge_model
+    rows = [{"id": "a", "prompt": "p", "answer": "I'm sorry, but I can't help with that.", "is_refusal": True},
+            {"id": "b", "prompt": "q", "answer": "4", "is_refusal": False}]
+    n = len(tok.encode(rows[0]["answer"], add_special_tokens=False))
+    out = cut_rows(tok, rows, [3, 2, 3, n, n + 5])
+    assert [r["id"] for r in out] == ["a@2", "a@3"]  # sorted, distinct, only cuts shorter than the answer
+    assert out[1]["answer"] == tok.decode(tok.encode(rows[0]["answer"], add_special_tokens=False)[:3])
+    assert all(r["is_refusal"] and r["prompt"] == "p" for r in out) and out[0]["cut"] == 2
+    assert rows[0]["id"] == "a"  # the input rows are not changed
+
+
+def test_calibrate_with_cuts(tiny_dir):
+    from saesteer.models import load_model
+
+    model, tok = load_model(str(tiny_dir), dtype="float32")
+    from saesteer.evals.judges import PrefixJudge
+
+    judge, rep = calibrate(model, tok, _rows(), layers=[1], seed=0, folds=3, cuts=[2, 4], baselines=[PrefixJudge()],
+                           progress=False)
+    held = [r for r in _rows() if r["id"] in set(rep["held_out"]["ids"])]
+    assert rep["cuts"] == [2, 4] and set(rep["held_out_cuts"]) == {"2", "4"}
+    assert rep["held_out_cuts"]["2"]["n"] == len(cut_rows(tok, held, [2]))
+    assert rep["fit"]["n_cut"] == len(cut_rows(tok, [r for r in _rows() if r["id"] in set(rep["fit"]["ids"])], [2, 4]))
+    assert "prefix" in rep["held_out_cuts"]["4"]["baselines"]
+    with pytest.raises(SaesteerError, match="cuts"):
+        calibrate(model, tok, _rows(), layers=[1], cuts=[0], progress=False)
+
+
 def test_calibrate_and_file_round_trip(judge_model, tiny_dir, tmp_path):
     from saesteer.models import load_model
 
@@ -150,9 +180,11 @@ def test_cli_calibrate_probe_judge(tiny_dir, tmp_path, capsys):
         assert e.code in (0, None), capsys.readouterr().err
     d = read_calibration(out)
     assert d["fit"]["n"] + d["held_out"]["n"] == 20 and d["layers"] == [0, 1] and "prefix" in d["held_out"]["baselines"]
+    assert d["cuts"] == [3, 8, 24] and set(d["held_out_cuts"]) <= {"3", "8", "24"} and "3" in d["held_out_cuts"]
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"probe:{out}" in capsys.readouterr().out
     for bad, what in ((["--kind", "probe", "--layers", "0,x"], "--layers"), (["--kind", "nope"], "--kind"),
+                      (["--kind", "logit", "--cuts", "3"], "--cuts"), (["--kind", "probe", "--cuts", "0"], "--cuts"),
                       (["--kind", "probe", "--layers", "99"], "layer")):
         out2 = tmp_path / "probe2.json"
         with pytest.raises(SystemExit) as ei:

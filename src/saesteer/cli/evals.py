@@ -161,6 +161,9 @@ def calibrate_judge_cmd(
                                     "out and reported"),
     layers: Optional[str] = typer.Option(None, help="probe: candidate layers, comma-separated (default: 25, 37.5, 50, "
                                          "62.5 and 75 % of the model's depth)"),
+    cuts: Optional[str] = typer.Option(None, help="probe: also fit on (and report) each answer cut to its first K "
+                                       "tokens, comma-separated K (default 3,8,24: the stubs left where generation "
+                                       "stopped at the prefix judge's decision; '' for none)"),
     max_answer_tokens: int = typer.Option(256, help="the judge reads at most this many tokens of each answer"),
     batch_size: int = typer.Option(16, help="answers per forward batch"),
     dtype: Optional[str] = DTYPE_OPT,
@@ -175,7 +178,10 @@ def calibrate_judge_cmd(
     ensure(0 < fit_share < 1, f"--fit-share must be in (0, 1), got {fit_share}")
     ensure(max_answer_tokens >= 1, f"--max-answer-tokens must be ≥ 1, got {max_answer_tokens}")
     ensure(layers is None or kind == "probe", "--layers is for --kind probe")
+    ensure(cuts is None or kind == "probe", "--cuts is for --kind probe")
     layer_list = split_ints(layers, "--layers") if layers else None
+    cut_list = split_ints("3,8,24" if cuts is None else cuts, "--cuts")
+    ensure(all(k >= 1 for k in cut_list), f"--cuts must be positive token counts, got {cuts!r}")
     from saesteer.core import atomic_write_json, set_threads
     from saesteer.data import get_set, resolve_file
     from saesteer.models import check_layer, load_model
@@ -204,7 +210,7 @@ def calibrate_judge_cmd(
             check_layer(m, layer)
         judge, report = probejudge.calibrate(m, tok, rows, layers=layer_list, seed=seed, fit_share=fit_share,
                                              max_answer_tokens=max_answer_tokens, batch_size=batch_size,
-                                             baselines=[PrefixJudge()], say=print)
+                                             cuts=cut_list, baselines=[PrefixJudge()], say=print)
     report["labels_files"] = [str(p) for p in paths]
     report["sample"] = {"limit": limit, "n_rows": len(rows)}
     report["seconds"] = round(time.perf_counter() - t0, 1)
@@ -219,8 +225,10 @@ def calibrate_judge_cmd(
                     f"{kind} judge ({what}threshold {report['threshold']:+.3f}) fitted on {report['fit']['n']}")
     for c in ("judge", "accuracy", "95% CI", "balanced acc.", "kappa", "AUC", "precision", "recall"):
         t.add_column(c)
+    stub_rows = [(f"{nm}, answers cut to {k} tokens", a) for k, c in report.get("held_out_cuts", {}).items()
+                for nm, a in [(kind, c["calibrated"]), *c["baselines"].items()]]
     for nm, a in [(f"{kind}, calibrated ({report['threshold']:+.3f})", h["calibrated"]),
-                  (f"{kind}, threshold 0", h["uncalibrated"]), *h["baselines"].items()]:
+                  (f"{kind}, threshold 0", h["uncalibrated"]), *h["baselines"].items(), *stub_rows]:
         acc = a["accuracy"]
         t.add_row(nm, f"{acc['rate']:.3f}", f"[{acc['ci_low']:.3f}, {acc['ci_high']:.3f}]",
                   f"{a['balanced_accuracy']:.3f}", f"{a['kappa']:.3f}", f"{a['auc']:.3f}" if "auc" in a else "–",

@@ -14,7 +14,9 @@ and no LM head run. The score is a standardised logistic regression::
 :mod:`.calibration`): for each candidate layer and regularisation ``C``, a balanced logistic regression is scored by
 out-of-fold ROC AUC over folds of whole prompts; the best pair is refitted on the whole fit half, and the threshold is
 the best balanced accuracy over its out-of-fold scores (never over scores of rows it was trained on). The held-out
-half is reported as for the log-odds judge. The calibration file (``saesteer eval calibrate-judge --kind probe``)
+half is reported as for the log-odds judge. ``cuts`` adds each answer cut to its first k tokens, fitted and reported
+alike: the stubs a judge meets where generation stopped at the prefix judge's decision (a probe fitted on whole
+answers alone called most 3-token "I'm sorry" stubs compliance). The calibration file (``saesteer eval calibrate-judge --kind probe``)
 holds the probe's numbers (plain JSON, no pickle) and is the judge spec ``probe:FILE.json``.
 """
 
@@ -178,48 +180,81 @@ def select_probe(feats: dict[int, torch.Tensor], y: Sequence[bool], groups: Sequ
             "grid": grid}
 
 
+def cut_rows(tok: Any, rows: Sequence[dict], cuts: Sequence[int]) -> list[dict]:
+    """Each row again with its answer cut to its first ``k`` tokens of ``tok``, for each ``k`` of ``cuts`` shorter
+    than the answer (id ``ID@k``, ``cut`` = k, the same prompt and label): the stubs a judge meets when generation
+    stopped early (the prefix judge's early stop leaves ~3-24 tokens)."""
+    out = []
+    for r in rows:
+        ids = tok.encode(r["answer"], add_special_tokens=False)
+        for k in sorted(set(cuts)):
+            if 0 < k < len(ids):
+                out.append({**r, "id": f"{r['id']}@{k}", "answer": tok.decode(ids[:k]), "cut": k})
+    return out
+
+
 def calibrate(model: Any, tok: Any, rows: Sequence[dict], layers: Sequence[int] | None = None, seed: int = 0,
               fit_share: float = 0.5, max_answer_tokens: int = 256, batch_size: int = 8, Cs: Sequence[float] = C_GRID,
-              folds: int = 5, baselines: Sequence[Any] = (), progress: bool = True,
+              folds: int = 5, cuts: Sequence[int] = (), baselines: Sequence[Any] = (), progress: bool = True,
               say: Callable[[str], None] | None = None) -> tuple[ProbeJudge, dict[str, Any]]:
     """Fit a probe judge on a prompt-split half of human-labelled ``rows`` (``{id, prompt, answer, is_refusal}``) and
     report it on the other half (as :func:`saesteer.evals.logitjudge.calibrate`, plus the layer / C grid of
-    out-of-fold AUCs). Returns the judge and the calibration report (the file ``probe:FILE.json`` reads)."""
+    out-of-fold AUCs). With ``cuts``, the fit half also holds each answer cut to its first k tokens (:func:`cut_rows`,
+    same label, same prompt fold), and the report adds the held-out half cut the same way (``held_out_cuts``, per k,
+    with the baselines on those stubs). Returns the judge and the calibration report (the file ``probe:FILE.json``
+    reads)."""
     from saesteer.models import model_name, n_layers
 
     layers = list(layers) if layers else default_layers(n_layers(model))
+    ensure(all(int(k) >= 1 for k in cuts), f"answer cuts must be ≥ 1 token, got {list(cuts)}")
     fit, held = split_by_prompt(rows, seed, fit_share)
     ensure(bool(fit) and bool(held), f"{len(rows)} labelled rows are too few to split into a fit and a held-out half")
+    fit_cut, held_cut = cut_rows(tok, fit, cuts), cut_rows(tok, held, cuts)
+    fit_all = fit + fit_cut
     if say:
-        say(f"[calibrate] probe on {model_name(model)} layers {layers}: {len(fit)} rows to fit, {len(held)} held out")
-    texts = judge_chat_texts(tok, [r["prompt"] for r in rows], [r["answer"] for r in rows], max_answer_tokens)
-    where = {id(r): i for i, r in enumerate(rows)}
+        say(f"[calibrate] probe on {model_name(model)} layers {layers}: {len(fit)} rows to fit (+{len(fit_cut)} cut "
+            f"to {list(cuts)} tokens), {len(held)} held out (+{len(held_cut)} cut)")
+    every = fit_all + held + held_cut
+    texts = judge_chat_texts(tok, [r["prompt"] for r in every], [r["answer"] for r in every], max_answer_tokens)
     feats = last_token_residuals(model, tok, texts, layers, batch_size, progress, f"probe judge {model_name(model)}")
-    fi = torch.tensor([where[id(r)] for r in fit])
-    hi = torch.tensor([where[id(r)] for r in held])
-    y_fit = [bool(r["is_refusal"]) for r in fit]
+    nf, nh = len(fit_all), len(held)
+    fi, hi, ci = torch.arange(nf), torch.arange(nf, nf + nh), torch.arange(nf + nh, len(every))
+    y_fit = [bool(r["is_refusal"]) for r in fit_all]
     y_held = [bool(r["is_refusal"]) for r in held]
-    sel = select_probe({k: v[fi] for k, v in feats.items()}, y_fit, [r["prompt"] for r in fit], Cs, folds, seed)
+    sel = select_probe({k: v[fi] for k, v in feats.items()}, y_fit, [r["prompt"] for r in fit_all], Cs, folds, seed)
     p = _fit_lr(feats[sel["layer"]][fi], y_fit, sel["C"], seed)
     judge = ProbeJudge(model, tok, sel["layer"], p["coef"], p["intercept"], p["mean"], p["scale"],
                        threshold=sel["threshold"], max_answer_tokens=max_answer_tokens, batch_size=batch_size,
                        progress=progress)
     s_held = judge.scores_from(feats[sel["layer"]][hi])
+    s_cut = judge.scores_from(feats[sel["layer"]][ci]) if len(held_cut) else []
     if say:
         say(f"[calibrate] chose layer {sel['layer']}, C {sel['C']} (out-of-fold AUC {sel['auc']:.3f}), threshold "
             f"{sel['threshold']:+.3f}")
+    by_cut: dict[str, Any] = {}
+    for k in sorted(set(cuts)):
+        pos = [i for i, r in enumerate(held_cut) if r["cut"] == k]
+        if pos:
+            rs = [held_cut[i] for i in pos]
+            ys = [bool(r["is_refusal"]) for r in rs]
+            by_cut[str(k)] = {"n": len(rs), "n_refusal": sum(ys),
+                              "calibrated": score_report([s_cut[i] for i in pos], ys, sel["threshold"]),
+                              "baselines": baseline_reports(baselines, rs)}
     report = {
         "kind": CALIBRATION_KIND, "model": judge.model_name, "dtype": dtype_name(model), "threshold": sel["threshold"],
         "layer": sel["layer"], "C": sel["C"], "layers": layers, "Cs": list(Cs), "folds": folds,
+        "cuts": sorted(set(int(k) for k in cuts)),
         "max_answer_tokens": max_answer_tokens, "seed": seed, "fit_share": fit_share, "score_label": SCORE_LABEL,
-        "fit": {"n": len(fit), "n_refusal": sum(y_fit), "balanced_accuracy": sel["balanced_accuracy"],
-                "auc": sel["auc"], "out_of_fold": True, "ids": [r["id"] for r in fit],
+        "fit": {"n": len(fit), "n_cut": len(fit_cut), "n_refusal": sum(y_fit[:len(fit)]),
+                "balanced_accuracy": sel["balanced_accuracy"], "auc": sel["auc"], "out_of_fold": True,
+                "ids": [r["id"] for r in fit],
                 "grid_auc": {str(k): {str(c): a for c, a in v.items()} for k, v in sel["grid"].items()}},
         "held_out": {"n": len(held), "n_refusal": sum(y_held),
                      "calibrated": score_report(s_held, y_held, sel["threshold"]),
                      "uncalibrated": score_report(s_held, y_held, 0.0), "ids": [r["id"] for r in held],
                      "scores": [round(s, 4) for s in s_held], "is_refusal": y_held,
                      "baselines": baseline_reports(baselines, held)},
+        "held_out_cuts": by_cut,
         "probe": {"coef": p["coef"].tolist(), "intercept": p["intercept"], "mean": p["mean"].tolist(),
                   "scale": p["scale"].tolist()},
     }
