@@ -10,8 +10,9 @@
 #   scripts/compare_full.sh runs/s6b/demo runs/s6b/baselines runs/s7/compare-full
 #
 # The further judges are two judges of the default model fitted once on the same 400 of XSTest's human-labelled
-# answers (`saesteer eval calibrate-judge`): the residual probe judge (session 15, --kind probe, ~10 min in fp32;
-# PROBE_CAL names the file; held out: κ 0.85) and the log-odds judge (session 14, ~11 min; JUDGE_CAL; κ 0.26); each
+# answers (`saesteer eval calibrate-judge`): the residual probe judge (session 15, --kind probe, fitted on whole answers
+# and on their first 3 / 8 / 24 tokens, so that it reads the early-stop stubs too; ~16 min in fp32; PROBE_CAL names the
+# file) and the log-odds judge (session 14, ~11 min; JUDGE_CAL; κ 0.26); each
 # reads a seeded 16 answers per set and condition and the long answers. JUDGES="" leaves them out (each set a judge
 # read is kept, so a later run with it resumes; a judge added after a long-answer check ran reads the stored pairs);
 # JUDGES=model:hf:qwen2.5-coder-1.5b-instruct is session 13's generative judge (κ 0.12 on the long answers).
@@ -20,7 +21,7 @@ RUN=${1:?demo run folder}; BASE=${2:?baselines folder (scripts/baselines_demo.sh
 S=${SAESTEER:-.venv/bin/saesteer}
 P=$BASE/policies
 CAL=${JUDGE_CAL:-$OUT/judge-0.5b.json}
-PCAL=${PROBE_CAL:-$OUT/judge-probe-0.5b.json}
+PCAL=${PROBE_CAL:-$OUT/judge-probe-cuts-0.5b.json}
 JUDGES=${JUDGES-probe:$PCAL,logit:$CAL}
 for kind in probe logit; do
   f=$CAL; [ $kind = logit ] || f=$PCAL
