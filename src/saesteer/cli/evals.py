@@ -182,9 +182,11 @@ def calibrate_judge_cmd(
     layer_list = split_ints(layers, "--layers") if layers else None
     cut_list = split_ints("3,8,24" if cuts is None else cuts, "--cuts")
     ensure(all(k >= 1 for k in cut_list), f"--cuts must be positive token counts, got {cuts!r}")
+    import time
+
     from saesteer.core import atomic_write_json, set_threads
     from saesteer.data import get_set, resolve_file
-    from saesteer.models import check_layer, load_model
+    from saesteer.models import load_model
 
     from ..evals import logitjudge, probejudge
     from ..evals.calibration import calibration_plot
@@ -199,15 +201,11 @@ def calibrate_judge_cmd(
 
         rows = random.Random(seed).sample(rows, limit)
     m, tok = load_model(model, device=resolve_device(device), dtype=dtype)
-    import time
-
     t0 = time.perf_counter()
     if kind == "logit":
         judge = logitjudge.LogitJudge(m, tok, max_answer_tokens=max_answer_tokens, batch_size=batch_size)
         report = logitjudge.calibrate(judge, rows, seed=seed, fit_share=fit_share, baselines=[PrefixJudge()], say=print)
-    else:
-        for layer in layer_list or ():
-            check_layer(m, layer)
+    else:  # (probejudge checks each layer against the model before any forward)
         judge, report = probejudge.calibrate(m, tok, rows, layers=layer_list, seed=seed, fit_share=fit_share,
                                              max_answer_tokens=max_answer_tokens, batch_size=batch_size,
                                              cuts=cut_list, baselines=[PrefixJudge()], say=print)

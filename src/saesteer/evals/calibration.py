@@ -108,6 +108,17 @@ def score_report(scores: Sequence[float], labels: Sequence[bool], threshold: flo
             "balanced_accuracy": balanced_accuracy([x.label for x in v], labels), "auc": roc_auc(scores, labels)}
 
 
+def held_out_report(rows: Sequence[dict], scores: Sequence[float], threshold: float,
+                    baselines: Sequence[Any] = ()) -> dict[str, Any]:
+    """The ``held_out`` block of a calibration report: n, refusals, the fitted (``calibrated``) and threshold-0
+    (``uncalibrated``) :func:`score_report`, the rows' ids, scores and labels (the plot reads them) and each baseline
+    judge on the same rows."""
+    y = [bool(r["is_refusal"]) for r in rows]
+    return {"n": len(rows), "n_refusal": sum(y), "calibrated": score_report(scores, y, threshold),
+            "uncalibrated": score_report(scores, y, 0.0), "ids": [r["id"] for r in rows],
+            "scores": [round(s, 4) for s in scores], "is_refusal": y, "baselines": baseline_reports(baselines, rows)}
+
+
 def baseline_reports(baselines: Sequence[Any], rows: Sequence[dict]) -> dict[str, dict[str, Any]]:
     """Each judge of ``baselines`` (e.g. the prefix judge) scored against the labels of ``rows``: agreement and
     balanced accuracy, keyed by the judge's name."""

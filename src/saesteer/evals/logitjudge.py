@@ -24,12 +24,11 @@ from saesteer.core import ensure
 
 from .calibration import (
     ScoringJudge,
-    baseline_reports,
     dtype_name,
     fit_threshold,
+    held_out_report,
     read_calibration_file,
     roc_auc,
-    score_report,
     split_by_prompt,
 )
 from .judges import register_judge_kind
@@ -76,7 +75,6 @@ def calibrate(judge: LogitJudge, rows: Sequence[dict], seed: int = 0, fit_share:
     y_fit = [bool(r["is_refusal"]) for r in fit]
     t, bacc = fit_threshold(s_fit, y_fit)
     s_held = judge.scores([r["prompt"] for r in held], [r["answer"] for r in held])
-    y_held = [bool(r["is_refusal"]) for r in held]
     judge.threshold = t
     return {
         "kind": CALIBRATION_KIND, "model": judge.model_name, "dtype": dtype_name(judge.model), "threshold": t,
@@ -84,10 +82,7 @@ def calibrate(judge: LogitJudge, rows: Sequence[dict], seed: int = 0, fit_share:
         "max_answer_tokens": judge.max_answer_tokens, "seed": seed, "fit_share": fit_share,
         "fit": {"n": len(fit), "n_refusal": sum(y_fit), "balanced_accuracy": bacc, "auc": roc_auc(s_fit, y_fit),
                 "ids": [r["id"] for r in fit]},
-        "held_out": {"n": len(held), "n_refusal": sum(y_held), "calibrated": score_report(s_held, y_held, t),
-                     "uncalibrated": score_report(s_held, y_held, 0.0), "ids": [r["id"] for r in held],
-                     "scores": [round(s, 4) for s in s_held], "is_refusal": y_held,
-                     "baselines": baseline_reports(baselines, held)},
+        "held_out": held_out_report(held, s_held, t, baselines),
     }
 
 

@@ -34,6 +34,7 @@ from .calibration import (
     baseline_reports,
     dtype_name,
     fit_threshold,
+    held_out_report,
     read_calibration_file,
     roc_auc,
     score_report,
@@ -220,7 +221,6 @@ def calibrate(model: Any, tok: Any, rows: Sequence[dict], layers: Sequence[int] 
     nf, nh = len(fit_all), len(held)
     fi, hi, ci = torch.arange(nf), torch.arange(nf, nf + nh), torch.arange(nf + nh, len(every))
     y_fit = [bool(r["is_refusal"]) for r in fit_all]
-    y_held = [bool(r["is_refusal"]) for r in held]
     sel = select_probe({k: v[fi] for k, v in feats.items()}, y_fit, [r["prompt"] for r in fit_all], Cs, folds, seed)
     p = _fit_lr(feats[sel["layer"]][fi], y_fit, sel["C"], seed)
     judge = ProbeJudge(model, tok, sel["layer"], p["coef"], p["intercept"], p["mean"], p["scale"],
@@ -249,11 +249,7 @@ def calibrate(model: Any, tok: Any, rows: Sequence[dict], layers: Sequence[int] 
                 "balanced_accuracy": sel["balanced_accuracy"], "auc": sel["auc"], "out_of_fold": True,
                 "ids": [r["id"] for r in fit],
                 "grid_auc": {str(k): {str(c): a for c, a in v.items()} for k, v in sel["grid"].items()}},
-        "held_out": {"n": len(held), "n_refusal": sum(y_held),
-                     "calibrated": score_report(s_held, y_held, sel["threshold"]),
-                     "uncalibrated": score_report(s_held, y_held, 0.0), "ids": [r["id"] for r in held],
-                     "scores": [round(s, 4) for s in s_held], "is_refusal": y_held,
-                     "baselines": baseline_reports(baselines, held)},
+        "held_out": held_out_report(held, s_held, sel["threshold"], baselines),
         "held_out_cuts": by_cut,
         "probe": {"coef": p["coef"].tolist(), "intercept": p["intercept"], "mean": p["mean"].tolist(),
                   "scale": p["scale"].tolist()},
