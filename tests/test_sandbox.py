@@ -15,7 +15,9 @@ from saesteer.data import benchmarks as bench
 from saesteer.evals import capability as cap
 from saesteer.evals.sandbox import SandboxLimits, available_isolation, run_python
 
-FAST = SandboxLimits(timeout=2.0, memory_mb=512)
+# The timeout is not what these tests check (the looping test checks it with its own): it is generous so that a slow
+# or loaded machine (page-faulting 512 MiB on a CI VM took > 2 s once) cannot turn a MemoryError into a timeout.
+LIMITS = SandboxLimits(timeout=30.0, memory_mb=512)
 MODES = sorted({available_isolation(), "guard"})  # the best one here, and the guard alone
 
 
@@ -41,15 +43,15 @@ def test_pass_at_1_on_hand_written_solutions(monkeypatch):
     right = f"Here it is:\n```python\n{probs[0]['prompt']}{probs[0]['canonical_solution']}```\nHope it helps."
     wrong = "    return None\n"
     loop = f"```python\ndef {probs[2]['entry_point']}(*args):\n    while True:\n        pass\n```"
-    res = cap.humaneval_pass(probs, [right, wrong, loop], timeout=2.0)
+    res = cap.humaneval_pass(probs, [right, wrong, loop], timeout=5.0)
     assert [r["status"] for r in res] == ["passed", "failed", "timeout"]
-    assert "AssertionError" in res[1]["reason"] and res[2]["seconds"] < 6
+    assert "AssertionError" in res[1]["reason"] and res[2]["seconds"] < 15
 
     # the same through run_capability (the model's replies stubbed): pass@1 = 1 of 3
     monkeypatch.setattr(cap, "load_humaneval", lambda limit, seed: probs)
     monkeypatch.setattr(cap, "_chat", lambda model, tok, cfg, msgs, n: [right, wrong, loop])
     summ, items = cap.run_capability(None, None, cap.CapabilityConfig(tasks=("humaneval",), limit=3,
-                                                                      humaneval_timeout=2.0, progress=False))
+                                                                      humaneval_timeout=5.0, progress=False))
     assert (summ["humaneval"]["k"], summ["humaneval"]["n"]) == (1, 3)
     assert [i["passed"] for i in items] == [True, False, False] and items[0]["reply"] == right
 
@@ -94,7 +96,7 @@ def test_process_group_is_killed_with_the_child():
 @pytest.mark.parametrize("code", ["x = bytearray(8 * 1024 ** 3)\n",
                                   "chunks = []\nwhile True:\n    chunks.append(bytearray(64 * 2 ** 20))\n"])
 def test_memory_bomb_hits_the_limit(mode, code):
-    r = run_python(code, FAST, isolation=mode)
+    r = run_python(code, LIMITS, isolation=mode)
     assert r.status == "failed" and "MemoryError" in r.reason
 
 
@@ -109,7 +111,7 @@ def test_deleting_completion_leaves_the_sentinel(tmp_path, mode):
             "    try:\n        f()\n    except OSError as e:\n        print(type(e).__name__)\n"
             "open('mine.txt', 'w').write('ok')\nos.remove('mine.txt')\n"  # its own temp dir stays writable
             "shutil.rmtree(S)\n")
-    r = run_python(code, FAST, isolation=mode)
+    r = run_python(code, LIMITS, isolation=mode)
     assert r.status == "failed"
     assert (sentinel / "keep.txt").read_text() == "precious" and (sentinel / "sub").is_dir()
     assert r.stdout.split() and all(w in ("PermissionError", "FileNotFoundError", "OSError") for w in r.stdout.split())
@@ -128,7 +130,7 @@ def test_bwrap_contains_without_the_guard(tmp_path):
             "    try:\n        shutil.rmtree(p)\n    except OSError as e:\n        print('rm', e.errno)\n"
             "try:\n    socket.create_connection(('1.1.1.1', 80), timeout=2)\nexcept OSError as e:\n    print('net', e.errno)\n"
             "assert os.listdir('/tmp') == [os.getcwd().split('/')[2]], os.listdir('/tmp')\n")
-    r = run_python(code, FAST, isolation="bwrap", guard=False)
+    r = run_python(code, LIMITS, isolation="bwrap", guard=False)
     assert r.passed, r.stderr
     assert (sentinel / "keep.txt").read_text() == "precious" and (outside / "cli_options.json").exists()
     assert r.stdout.count("rm ") == 2 and "net " in r.stdout
@@ -141,7 +143,7 @@ def test_no_network_minimal_env_and_no_forks(mode, monkeypatch):
             "assert 'SAESTEER_TEST_SECRET' not in os.environ and 'HTTP_PROXY' not in os.environ\n"
             "for f in (lambda: socket.socket(), lambda: os.system('true'), lambda: os.fork()):\n"
             "    try:\n        f()\n        print('ALLOWED')\n    except OSError as e:\n        print(type(e).__name__)\n")
-    r = run_python(code, FAST, isolation=mode)
+    r = run_python(code, LIMITS, isolation=mode)
     assert r.passed, r.stderr
     assert "ALLOWED" not in r.stdout and r.stdout.split() == ["PermissionError"] * 3
 
