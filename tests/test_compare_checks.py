@@ -137,6 +137,10 @@ def test_broken_pooled_per_condition(tmp_path):
     md = detail_table(out)
     # the safe side scored no answer: no rate is claimed for it
     assert "| clamp | 20.0 [7, 45] n=15 | 9 / 15 | not measured (0 scored) | 0 / 4 | 1 |" in md
+    # and the per-row split says the same of that row's broken share, while the scored rows keep theirs
+    split = {line.split(" | ")[1]: line.split(" | ")[4] for line in md.splitlines() if line.startswith("| clamp | ")
+             and len(line.split(" | ")) > 6}
+    assert split == {"a": "0.0 / 90.0 / 10.0", "b": "0.0 / 60.0 / 40.0", "c": "0.0 / 100.0 / not measured"}, split
     # rows from before the scored count: the pooled rate still shows, the scored column says unknown
     (b2,) = broken_pooled(rows)
     assert b2["unsafe"]["k"] == 3 and b2["unsafe"]["scored"] is None

@@ -52,3 +52,22 @@ def test_paired_summary_cells():
     assert s["diff"] == pytest.approx(-10 / 161) and s["mcnemar_p"] == pytest.approx(mcnemar_exact(6, 16))
     with pytest.raises(SaesteerError):
         paired_summary([True], [True, False])
+
+
+def test_standardise_fit_matches_sklearn_standard_scaler():
+    """Population std, and a constant column scaled by 1 (it standardises to 0), as scikit-learn's StandardScaler."""
+    import torch
+    from sklearn.preprocessing import StandardScaler
+
+    from saesteer.core import standardise_fit
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 4, generator=g, dtype=torch.float64) * torch.tensor([1.0, 3.0, 0.5, 1.0], dtype=torch.float64)
+    x[:, 3] = 7.0  # constant
+    mean, scale = standardise_fit(x)
+    ref = StandardScaler().fit(x.numpy())
+    assert torch.allclose(mean, torch.from_numpy(ref.mean_)) and torch.allclose(scale, torch.from_numpy(ref.scale_))
+    assert scale[3] == 1.0 and torch.allclose((x - mean) / scale, torch.from_numpy(ref.transform(x.numpy())))
+    # a column below eps counts as constant; above it keeps its own scale
+    y = torch.stack([torch.arange(4.0) * 1e-7, torch.arange(4.0)], 1)
+    assert standardise_fit(y)[1][0] == 1.0 and standardise_fit(y, eps=1e-9)[1][0] < 1e-6

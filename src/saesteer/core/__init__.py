@@ -21,6 +21,7 @@ from .stats import (
     paired_diff_interval,
     paired_summary,
     rate_summary,
+    standardise_fit,
     wilson_interval,
 )
 
@@ -28,5 +29,5 @@ __all__ = [
     "MODEL_DTYPES", "SaesteerError", "SaesteerWarning", "atomic_dir", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "auroc",
     "Bar", "progress_bar", "check_output_path", "figure_png", "cpu_has_bf16", "default_dtype", "diff_interval", "ensure",
     "mcnemar_exact", "paired_diff_interval", "paired_summary", "rate_summary", "read_json", "require_package",
-    "resolve_device", "resolve_dtype", "set_threads", "wilson_interval",
+    "resolve_device", "resolve_dtype", "set_threads", "standardise_fit", "wilson_interval",
 ]

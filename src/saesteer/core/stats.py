@@ -98,3 +98,12 @@ def auroc(pos, neg):
     x = torch.cat([pos, neg]).double().cpu().numpy()
     ranks = torch.from_numpy(rankdata(x, axis=0, method="average"))
     return (ranks[:n1].sum(0) - n1 * (n1 + 1) / 2) / (n1 * n0)
+
+
+def standardise_fit(x, eps: float = 1e-6):
+    """Column means and population standard deviations of a 2-D tensor ``x`` ``[n, m]``, for ``(x - mean) / scale``;
+    a scale ≤ ``eps`` (a constant column) becomes 1, so that column standardises to 0 instead of dividing by ~0.
+    The gates and the probe judge both standardise their features with it."""
+    mean = x.mean(0)
+    std = x.std(0, unbiased=False)
+    return mean, std.masked_fill(std <= eps, 1.0)

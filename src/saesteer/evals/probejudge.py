@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from saesteer.core import ensure
+from saesteer.core import ensure, standardise_fit
 
 from .calibration import (
     ScoringJudge,
@@ -134,8 +134,7 @@ def _fit_lr(x: torch.Tensor, y: Sequence[bool], C: float, seed: int) -> dict[str
     from sklearn.linear_model import LogisticRegression
 
     x = x.double()
-    mean, std = x.mean(0), x.std(0, unbiased=False)
-    scale = torch.where(std > 1e-8, std, torch.ones_like(std))
+    mean, scale = standardise_fit(x, eps=1e-8)
     clf = LogisticRegression(C=C, class_weight="balanced", max_iter=5000, random_state=seed)
     clf.fit(((x - mean) / scale).numpy(), [int(v) for v in y])
     return {"coef": torch.from_numpy(clf.coef_[0]).double(), "intercept": float(clf.intercept_[0]),

@@ -999,6 +999,8 @@ def detail_table(rows: Sequence[dict]) -> str:
         for r in ref:
             o, p = r.get("outcomes"), r.get("paired")
             split = "–" if not o else " / ".join(_pct(o[k]["rate"]) for k in ("refusal", "compliance", "broken"))
+            if o and r.get("broken_scored") == 0:  # no answer long enough for the label: its 0 % was never measured
+                split = " / ".join(_pct(o[k]["rate"]) for k in ("refusal", "compliance")) + " / not measured"
             diff = "–" if not p else f"{_pct(p['diff'])} [{_pct(p['ci_low'])}, {_pct(p['ci_high'])}] n={p['n']}"
             mp = "–" if not p else f"{p['mcnemar_p']:.3g}"
             js = []

@@ -28,7 +28,7 @@ from typing import Any, Sequence
 
 import torch
 
-from saesteer.core import SaesteerError, auroc, ensure
+from saesteer.core import SaesteerError, auroc, ensure, standardise_fit
 
 STRENGTH_MODES = ("hard", "linear", "sigmoid")
 REDUCE_MODES = ("mean", "last")
@@ -197,12 +197,6 @@ class AlwaysGate(Gate):
         return torch.ones(n), torch.ones(n, dtype=torch.bool), torch.ones(n)
 
 
-def _standardise_fit(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    mean = x.mean(0)
-    std = x.std(0, unbiased=False)
-    return mean, torch.where(std > 1e-6, std, torch.ones_like(std))
-
-
 def _logistic(x: torch.Tensor, y: torch.Tensor, C: float, seed: int = 0,
               weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     from sklearn.linear_model import LogisticRegression
@@ -248,7 +242,7 @@ class ProbeGate(Gate):
             w = torch.cat([hw, sw])
             ensure(bool(torch.isfinite(w).all() and (w >= 0).all() and (w > 0).any()),
                    "gate sample weights must be finite, non-negative and not all zero")
-        self.mean, self.std = _standardise_fit(x)
+        self.mean, self.std = standardise_fit(x)
         self.coef, self.intercept = _logistic((x - self.mean) / self.std, y, self.C, weight=w)
         self.fitted = True
         return self
@@ -331,7 +325,7 @@ class SAEFeatureGate(Gate):
         self.auroc = auc[self.features].float()
         x = torch.cat([ah, ab])[:, self.features]
         y = torch.cat([torch.ones(ah.shape[0]), torch.zeros(ab.shape[0])]).long()
-        self.mean, self.std = _standardise_fit(x)
+        self.mean, self.std = standardise_fit(x)
         self.coef, self.intercept = _logistic((x - self.mean) / self.std, y, self.C)
         self.fitted = True
         return self
