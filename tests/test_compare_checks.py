@@ -211,6 +211,19 @@ def test_a_judge_added_later_reads_the_stored_long_answers(tiny, tmp_path):
     assert all(a["verdicts"]["marked"] == {"short": "NO" in a["short_answer"], "long": "NO" in a["long_answer"]}
                for a in after)
     assert _long_rejudge(later, cond, tmp_path, built, make=lambda s: judges[s]) == []
+    assert all(a["judged_specs"] == ["length", "marked"] for a in after)
+    # a report-only rerun (a new process: nothing built) builds no judge: every spec has read the check
+
+    def no_build(spec):
+        raise AssertionError(f"built {spec}")
+
+    assert _long_rejudge(later, cond, tmp_path, {}, make=no_build) == []
+    # a check stored before the specs were recorded: each judge is built once, finds its verdicts, and the specs are
+    # recorded, so the next rerun builds none
+    path.write_text("".join(json.dumps({k: v for k, v in a.items() if k != "judged_specs"}) + "\n" for a in after))
+    made = []
+    assert _long_rejudge(later, cond, tmp_path, {}, make=lambda s: made.append(s) or judges[s]) == []
+    assert made == ["length", "marked"] and _long_rejudge(later, cond, tmp_path, {}, make=no_build) == []
     # and the primary-vs-further agreement on the long answers now has the new judge
     out = annotate_rows([dict(rows[0], group="long-check")], later, tmp_path, make=lambda s: judges[s])
     assert out[0]["vs_primary"]["n"] == 4

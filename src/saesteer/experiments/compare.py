@@ -808,9 +808,12 @@ def _long_check(model: Any, tok: Any, cfg: CompareConfig, cond: dict, out: Path,
     items = [i for spec in list(cfg.unsafe) + list(cfg.safe) for i in _eval_items(out, cond["condition"], spec)]
     if not items:
         return []
-    judges = [make(s) for s in dict.fromkeys([cfg.judge, *cfg.judges])]
+    specs = list(dict.fromkeys([cfg.judge, *cfg.judges]))
+    judges = [make(s) for s in specs]
     summ, checked = verdict_stability(model, tok, items, cond["policy"], judges, n=cfg.long_check, seed=cfg.seed,
                                       max_new_tokens=cfg.long_tokens, batch_size=cfg.batch_size)
+    for c in checked:
+        c["judged_specs"] = specs
     atomic_write_text(_long_path(out, cond["condition"]),
                       "".join(json.dumps(c, default=str) + "\n" for c in checked))
     return _stability_rows(cfg, cond, summ["judges"])
@@ -827,7 +830,9 @@ def _long_rejudge(cfg: CompareConfig, cond: dict, out: Path, built: dict, make: 
     """Judges of ``cfg.judge`` / ``cfg.judges`` that a condition's stored long-answer check has no verdicts of
     (added to the comparison after the check ran): they judge its stored short and long answers
     (``evals.refusal.judge_stability``), ``long_check.jsonl`` gets their verdicts, and each gets its "verdict
-    changed" row. [] when nothing is stored or every judge has read it. ``built`` caches judges across conditions."""
+    changed" row. [] when nothing is stored or every judge has read it. ``built`` caches judges across conditions.
+    Each pair records the judge specs that read it (``judged_specs``, as the further judges' files are keyed by spec),
+    so a rerun whose judges have all read the check builds none of them (a model judge loads its model)."""
     from saesteer.evals.refusal import judge_stability, stored_request
 
     if make is None:
@@ -837,18 +842,22 @@ def _long_rejudge(cfg: CompareConfig, cond: dict, out: Path, built: dict, make: 
     if not checked:
         return []
     prompts = _long_prompts(cfg, out, cond["condition"])
-    judged = {}
+    judged, recorded = {}, False
     for spec in dict.fromkeys([cfg.judge, *cfg.judges]):
+        if all(spec in c.get("judged_specs", ()) for c in checked):
+            continue
         if spec not in built:
             built[spec] = make(spec)
         j = built[spec]
-        if all(j.name in c.get("verdicts", {}) for c in checked):
-            continue
-        if say is not None:
-            say(f"[compare] judge {spec}: {cond['condition']} / long-answer check, {len(checked)} answer pairs …")
-        judged[j.name] = judge_stability(j, [stored_request(prompts[(c["subset"], str(c["id"]))]) for c in checked],
-                                         checked)
-    if judged:
+        if not all(j.name in c.get("verdicts", {}) for c in checked):
+            if say is not None:
+                say(f"[compare] judge {spec}: {cond['condition']} / long-answer check, {len(checked)} answer pairs …")
+            judged[j.name] = judge_stability(j, [stored_request(prompts[(c["subset"], str(c["id"]))])
+                                                 for c in checked], checked)
+        for c in checked:
+            c["judged_specs"] = [*c.get("judged_specs", ()), spec]
+        recorded = True
+    if recorded:
         atomic_write_text(path, "".join(json.dumps(c, default=str) + "\n" for c in checked))
     return _stability_rows(cfg, cond, judged)
 
