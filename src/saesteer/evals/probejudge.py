@@ -207,6 +207,7 @@ def calibrate(model: Any, tok: Any, rows: Sequence[dict], layers: Sequence[int] 
 
     layers = list(layers) if layers else default_layers(n_layers(model))
     ensure(all(int(k) >= 1 for k in cuts), f"answer cuts must be ≥ 1 token, got {list(cuts)}")
+    cuts = sorted({int(k) for k in cuts})
     fit, held = split_by_prompt(rows, seed, fit_share)
     ensure(bool(fit) and bool(held), f"{len(rows)} labelled rows are too few to split into a fit and a held-out half")
     fit_cut, held_cut = cut_rows(tok, fit, cuts), cut_rows(tok, held, cuts)
@@ -231,7 +232,7 @@ def calibrate(model: Any, tok: Any, rows: Sequence[dict], layers: Sequence[int] 
         say(f"[calibrate] chose layer {sel['layer']}, C {sel['C']} (out-of-fold AUC {sel['auc']:.3f}), threshold "
             f"{sel['threshold']:+.3f}")
     by_cut: dict[str, Any] = {}
-    for k in sorted(set(cuts)):
+    for k in cuts:
         pos = [i for i, r in enumerate(held_cut) if r["cut"] == k]
         if pos:
             rs = [held_cut[i] for i in pos]
@@ -242,7 +243,7 @@ def calibrate(model: Any, tok: Any, rows: Sequence[dict], layers: Sequence[int] 
     report = {
         "kind": CALIBRATION_KIND, "model": judge.model_name, "dtype": dtype_name(model), "threshold": sel["threshold"],
         "layer": sel["layer"], "C": sel["C"], "layers": layers, "Cs": list(Cs), "folds": folds,
-        "cuts": sorted(set(int(k) for k in cuts)),
+        "cuts": cuts,
         "max_answer_tokens": max_answer_tokens, "seed": seed, "fit_share": fit_share, "score_label": SCORE_LABEL,
         "fit": {"n": len(fit), "n_cut": len(fit_cut), "n_refusal": sum(y_fit[:len(fit)]),
                 "balanced_accuracy": sel["balanced_accuracy"], "auc": sel["auc"], "out_of_fold": True,

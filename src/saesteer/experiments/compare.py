@@ -798,6 +798,11 @@ def _long_prompts(cfg: CompareConfig, out: Path, condition: str) -> dict[tuple[s
             for i in _eval_items(out, condition, spec)}
 
 
+def _judge_specs(cfg: CompareConfig) -> list[str]:
+    """The judges that read the long-answer check: the primary judge, then each further judge, once each."""
+    return list(dict.fromkeys([cfg.judge, *cfg.judges]))
+
+
 def _long_check(model: Any, tok: Any, cfg: CompareConfig, cond: dict, out: Path, make: Callable | None = None) -> list[dict]:
     """Regenerate ``cfg.long_check`` seeded refusal prompts of the condition at ``cfg.long_tokens`` under its policy;
     one row per judge: how often the verdict changed from the stored short answer's."""
@@ -808,7 +813,7 @@ def _long_check(model: Any, tok: Any, cfg: CompareConfig, cond: dict, out: Path,
     items = [i for spec in list(cfg.unsafe) + list(cfg.safe) for i in _eval_items(out, cond["condition"], spec)]
     if not items:
         return []
-    specs = list(dict.fromkeys([cfg.judge, *cfg.judges]))
+    specs = _judge_specs(cfg)
     judges = [make(s) for s in specs]
     summ, checked = verdict_stability(model, tok, items, cond["policy"], judges, n=cfg.long_check, seed=cfg.seed,
                                       max_new_tokens=cfg.long_tokens, batch_size=cfg.batch_size)
@@ -843,7 +848,7 @@ def _long_rejudge(cfg: CompareConfig, cond: dict, out: Path, built: dict, make: 
         return []
     prompts = _long_prompts(cfg, out, cond["condition"])
     judged, recorded = {}, False
-    for spec in dict.fromkeys([cfg.judge, *cfg.judges]):
+    for spec in _judge_specs(cfg):
         if all(spec in c.get("judged_specs", ()) for c in checked):
             continue
         if spec not in built:
